@@ -1,0 +1,16 @@
+//! Shared by the ws-guard kernel programs and userspace: the `#[repr(C)]` map types and the pure
+//! decision logic (packet parsing, key masking, the rate window, the RST reply). Everything here
+//! is `no_std` so the eBPF program compiles exactly the code the host tests exercise.
+#![no_std]
+
+pub mod checksum;
+pub mod key;
+pub mod maps;
+pub mod names;
+pub mod parse;
+pub mod rate;
+pub mod rst;
+pub mod tracepoint;
+
+#[cfg(test)]
+extern crate std;

@@ -1,0 +1,264 @@
+//! `#[repr(C)]` types stored in the maps. Sizes are asserted at compile time: no implicit
+//! padding, so kernel and userspace agree byte for byte.
+
+use core::mem::size_of;
+
+/// `AF_INET`, as the kernel spells it.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`, as the kernel spells it.
+pub const AF_INET6: u16 = 10;
+
+/// Drop the SYN silently.
+pub const ACTION_DROP: u32 = 0;
+/// Answer the SYN with a TCP RST sent back with XDP_TX.
+pub const ACTION_REJECT: u32 = 1;
+
+/// The most attempts the rate window can remember; `new_connections` is at most this.
+pub const RATE_SLOTS: usize = 32;
+
+/// Who a limit applies to: a source address masked to the configured prefix, per protected port.
+/// IPv4 addresses use the first four bytes of `addr`; the rest is zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceKey {
+    pub addr: [u8; 16],
+    /// Protected (server) port, host byte order.
+    pub port: u16,
+    pub family: u16,
+}
+
+/// One TCP connection as the server sees it. IPv4 addresses use the first four bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub client: [u8; 16],
+    pub server: [u8; 16],
+    /// Host byte order.
+    pub client_port: u16,
+    /// Host byte order.
+    pub server_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// What a tracked connection is charged to, and since when it is tracked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub source: SourceKey,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` when the entry was made.
+    pub since_ns: u64,
+}
+
+/// Limits of one protected port. A zero limit means "no limit of this kind".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortConfig {
+    /// Non-zero when the port is protected.
+    pub enabled: u32,
+    /// Concurrent connections (half-open included) per source key.
+    pub max_connections: u32,
+    /// [`ACTION_DROP`] or [`ACTION_REJECT`] for attempts over `max_connections`.
+    pub conn_action: u32,
+    /// [`ACTION_DROP`] or [`ACTION_REJECT`] for attempts over the rate.
+    pub rate_action: u32,
+    /// New connections per `rate_window_ns` per source key, at most [`RATE_SLOTS`].
+    pub rate_limit: u32,
+    pub _pad: u32,
+    pub rate_window_ns: u64,
+}
+
+/// Settings that apply to every port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GlobalConfig {
+    /// Non-zero: count what would be blocked, block nothing.
+    pub monitor: u32,
+    /// Prefix length of IPv4 source keys (0..=32).
+    pub ipv4_prefix: u32,
+    /// Prefix length of IPv6 source keys (0..=128).
+    pub ipv6_prefix: u32,
+    pub _pad: u32,
+}
+
+impl Default for GlobalConfig {
+    fn default() -> Self {
+        Self {
+            monitor: 0,
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            _pad: 0,
+        }
+    }
+}
+
+/// Recent new-connection attempts of one source key: a ring of timestamps indexed by a
+/// sequence number that every attempt claims (see [`crate::rate`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateState {
+    /// Sequence number the next attempt claims.
+    pub next: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of attempt `seq` at `seq % RATE_SLOTS`; zero when never used.
+    pub stamps: [u64; RATE_SLOTS],
+}
+
+impl Default for RateState {
+    fn default() -> Self {
+        Self {
+            next: 0,
+            _pad: 0,
+            stamps: [0; RATE_SLOTS],
+        }
+    }
+}
+
+/// Index of each per-CPU decision counter in the stats map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Every frame the XDP program saw.
+    Packets = 0,
+    /// Not IP, not TCP, or TCP to a port that is not protected.
+    NotProtected,
+    /// IP fragments (passed: only the first carries the TCP header).
+    Fragments,
+    /// Frames whose headers are truncated or inconsistent (passed untouched).
+    Malformed,
+    /// TCP segments to a protected port that are not a new attempt (ACK, data, FIN, RST...).
+    ProtectedOther,
+    /// A SYN of an attempt already admitted, sent again.
+    SynRetransmits,
+    /// New connection attempts admitted.
+    Admitted,
+    /// Attempts refused because the source was at `max_connections`.
+    ConnLimited,
+    /// Attempts refused by the new-connection rate.
+    RateLimited,
+    /// Attempts that would have been refused, passed because monitor mode is on.
+    MonitorWouldBlock,
+    /// RSTs sent back for refused attempts.
+    RstSent,
+    /// Rejects that fell back to a drop (IPv6 with extension headers).
+    RejectAsDrop,
+    /// Attempts passed without tracking because a map was full.
+    MapFull,
+    /// Connections the kernel established.
+    Established,
+    /// Tracked connections released because the kernel closed the socket.
+    Closed,
+    /// Connections counted that the XDP program had not seen (adopted from the kernel).
+    Adopted,
+    /// Half-open attempts released by userspace's sweep (the kernel had no socket for them).
+    Expired,
+}
+
+impl Counter {
+    /// Number of counters; the size of the stats map.
+    pub const COUNT: u32 = Counter::Expired as u32 + 1;
+    /// Every counter, in index order.
+    pub const ALL: [Counter; Counter::COUNT as usize] = [
+        Counter::Packets,
+        Counter::NotProtected,
+        Counter::Fragments,
+        Counter::Malformed,
+        Counter::ProtectedOther,
+        Counter::SynRetransmits,
+        Counter::Admitted,
+        Counter::ConnLimited,
+        Counter::RateLimited,
+        Counter::MonitorWouldBlock,
+        Counter::RstSent,
+        Counter::RejectAsDrop,
+        Counter::MapFull,
+        Counter::Established,
+        Counter::Closed,
+        Counter::Adopted,
+        Counter::Expired,
+    ];
+
+    /// A stable snake_case name for logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Packets => "packets",
+            Counter::NotProtected => "not_protected",
+            Counter::Fragments => "fragments",
+            Counter::Malformed => "malformed",
+            Counter::ProtectedOther => "protected_other",
+            Counter::SynRetransmits => "syn_retransmits",
+            Counter::Admitted => "admitted",
+            Counter::ConnLimited => "conn_limited",
+            Counter::RateLimited => "rate_limited",
+            Counter::MonitorWouldBlock => "monitor_would_block",
+            Counter::RstSent => "rst_sent",
+            Counter::RejectAsDrop => "reject_as_drop",
+            Counter::MapFull => "map_full",
+            Counter::Established => "established",
+            Counter::Closed => "closed",
+            Counter::Adopted => "adopted",
+            Counter::Expired => "expired",
+        }
+    }
+}
+
+/// Release a half-open attempt the kernel no longer has a socket for.
+pub const OP_EXPIRE_PENDING: u32 = 1;
+/// Release an established connection the kernel no longer has a socket for.
+pub const OP_RELEASE_OWNED: u32 = 2;
+/// Count an established connection the programs have not seen (e.g. older than ws-guard).
+pub const OP_ADOPT: u32 = 3;
+
+/// A request to the control program, passed as its "packet" through BPF_PROG_TEST_RUN, so the
+/// change happens in the kernel with the same atomic operations the other programs use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ControlOp {
+    pub op: u32,
+    pub _pad: u32,
+    pub flow: FlowKey,
+    pub source: SourceKey,
+    pub _pad2: u32,
+}
+
+/// Control program answer: the request changed state.
+pub const CONTROL_DONE: u32 = 2;
+/// Control program answer: nothing to do (already released, already counted...).
+pub const CONTROL_NOOP: u32 = 1;
+
+const _: () = {
+    assert!(size_of::<SourceKey>() == 20);
+    assert!(size_of::<FlowKey>() == 40);
+    assert!(size_of::<FlowValue>() == 32);
+    assert!(size_of::<PortConfig>() == 32);
+    assert!(size_of::<GlobalConfig>() == 16);
+    assert!(size_of::<RateState>() == 8 + 8 * RATE_SLOTS);
+    assert!(size_of::<ControlOp>() == 72);
+    assert!(Counter::ALL.len() == Counter::COUNT as usize);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `#[repr(C)]` data without padding (sizes asserted above).
+    unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for PortConfig {}
+    unsafe impl aya::Pod for GlobalConfig {}
+    unsafe impl aya::Pod for RateState {}
+    unsafe impl aya::Pod for ControlOp {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_indexed_in_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{}", c.name());
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! Kernel object names. The kernel keeps only the first 15 bytes of a map or program name, so
+//! every name is checked here at compile time and against the built object by a test.
+
+/// The XDP program that enforces the limits on ingress.
+pub const PROG_XDP: &str = "wsg_xdp";
+/// The `sock:inet_sock_set_state` tracepoint program that learns connection state.
+pub const PROG_SOCK_STATE: &str = "wsg_sock_state";
+/// An XDP program never attached, run by userspace with BPF_PROG_TEST_RUN to change accounting
+/// state atomically inside the kernel (see [`crate::maps::ControlOp`]).
+pub const PROG_CONTROL: &str = "wsg_control";
+
+/// Per-port limits, an array indexed by TCP port.
+pub const MAP_PORTS: &str = "WSG_PORTS";
+/// Global settings (prefix lengths, monitor mode), a one-element array.
+pub const MAP_GLOBAL: &str = "WSG_GLOBAL";
+/// Live connection count per source key.
+pub const MAP_CONNS: &str = "WSG_CONNS";
+/// Recent attempts per source key, for the new-connection rate limit.
+pub const MAP_RATE: &str = "WSG_RATE";
+/// Admitted attempts whose handshake has not completed yet.
+pub const MAP_PENDING: &str = "WSG_PENDING";
+/// Connections the kernel has established.
+pub const MAP_OWNED: &str = "WSG_OWNED";
+/// One all-zero rate state: the initial value of new entries (too large for the BPF stack).
+pub const MAP_RATE_ZERO: &str = "WSG_RATE_ZERO";
+/// Per-CPU decision counters, indexed by [`crate::maps::Counter`].
+pub const MAP_STATS: &str = "WSG_STATS";
+
+/// Every program name.
+pub const PROGRAMS: [&str; 3] = [PROG_XDP, PROG_SOCK_STATE, PROG_CONTROL];
+/// Every map name the program defines (the aya-log map excluded).
+pub const MAPS: [&str; 8] = [
+    MAP_PORTS,
+    MAP_RATE_ZERO,
+    MAP_GLOBAL,
+    MAP_CONNS,
+    MAP_RATE,
+    MAP_PENDING,
+    MAP_OWNED,
+    MAP_STATS,
+];
+
+/// The kernel's limit on object names (BPF_OBJ_NAME_LEN - 1).
+pub const MAX_NAME_LEN: usize = 15;
+
+const fn all_fit(names: &[&str]) -> bool {
+    let mut i = 0;
+    while i < names.len() {
+        if names[i].len() > MAX_NAME_LEN {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+const _: () = assert!(all_fit(&PROGRAMS) && all_fit(&MAPS));
+
+/// Version of the map layouts; part of the pin directory so a daemon never adopts maps whose
+/// layout it does not know.
+pub const LAYOUT_VERSION: u32 = 1;

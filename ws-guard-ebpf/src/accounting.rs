@@ -1,0 +1,84 @@
+//! Connection accounting shared by the tracepoint and the control program. Every transition of
+//! a flow between "half-open" (WSG_PENDING), "established" (WSG_OWNED) and "gone" is decided by
+//! a map delete, which succeeds for exactly one contender, so a slot is given back exactly once.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::maps::HashMap;
+use ws_guard_common::{
+    key::flow_source,
+    maps::{Counter, FlowKey, FlowValue},
+};
+
+use crate::maps::{self, WSG_OWNED, WSG_PENDING, count};
+
+/// The kernel established `flow`: move it from half-open to established, or count it if the
+/// XDP program never saw it (another interface, loopback, older than ws-guard).
+#[inline(always)]
+pub fn established(flow: &FlowKey) {
+    // SAFETY: copied out before the delete.
+    if let Some(v) = unsafe { WSG_PENDING.get(flow) } {
+        let mut v = *v;
+        if WSG_PENDING.remove(flow).is_ok() {
+            v.since_ns = unsafe { bpf_ktime_get_ns() };
+            if WSG_OWNED.insert(flow, &v, 0).is_err() {
+                // Owned map full: the connection can no longer be tracked, free its slot.
+                maps::release(&v.source);
+                count(Counter::MapFull);
+            }
+            count(Counter::Established);
+            return;
+        }
+    }
+    if maps::port(flow.server_port).is_some() {
+        adopt(flow);
+    }
+}
+
+/// Counts an established connection the programs have not seen.
+#[inline(always)]
+pub fn adopt(flow: &FlowKey) -> bool {
+    let source = flow_source(flow, &maps::global());
+    let value = FlowValue {
+        source,
+        _pad: 0,
+        since_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if WSG_OWNED.insert(flow, &value, BPF_NOEXIST as u64).is_err() {
+        return false;
+    }
+    match maps::conns_counter(&source) {
+        Some(c) => {
+            maps::take_slot(c);
+            count(Counter::Adopted);
+            true
+        }
+        None => {
+            let _ = WSG_OWNED.remove(flow);
+            count(Counter::MapFull);
+            false
+        }
+    }
+}
+
+/// The kernel closed `flow`: give its slot back, whichever state it was in.
+#[inline(always)]
+pub fn closed(flow: &FlowKey) {
+    if release_from(&WSG_OWNED, flow) || release_from(&WSG_PENDING, flow) {
+        count(Counter::Closed);
+    }
+}
+
+/// Removes `flow` from `map` and gives its slot back; false if it was not there (or another
+/// CPU removed it first).
+#[inline(always)]
+pub fn release_from(map: &HashMap<FlowKey, FlowValue>, flow: &FlowKey) -> bool {
+    let Some(v) = (unsafe { map.get(flow) }) else {
+        return false;
+    };
+    let source = v.source;
+    if map.remove(flow).is_err() {
+        return false;
+    }
+    maps::release(&source);
+    true
+}

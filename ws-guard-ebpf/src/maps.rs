@@ -1,0 +1,109 @@
+//! The maps, and the atomic operations on their values. Map names are the statics' names and
+//! must equal the constants in `ws_guard_common::names` (a userspace test checks the object).
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use ws_guard_common::maps::{
+    Counter, FlowKey, FlowValue, GlobalConfig, PortConfig, RateState, SourceKey,
+};
+
+// Capacities of the hash maps are defaults; userspace sets them from the config at load time.
+#[map]
+pub static WSG_PORTS: Array<PortConfig> = Array::with_max_entries(65536, 0);
+#[map]
+pub static WSG_GLOBAL: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+// A plain hash, never LRU: a flood must not evict the count of a source with live connections.
+#[map]
+pub static WSG_CONNS: HashMap<SourceKey, u32> = HashMap::with_max_entries(65536, 0);
+#[map]
+pub static WSG_RATE: LruHashMap<SourceKey, RateState> = LruHashMap::with_max_entries(65536, 0);
+#[map]
+pub static WSG_PENDING: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(262144, 0);
+#[map]
+pub static WSG_OWNED: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(262144, 0);
+/// All zeros, never written: the initial rate state, too large to build on the 512-byte stack.
+#[map]
+pub static WSG_RATE_ZERO: Array<RateState> = Array::with_max_entries(1, 0);
+#[map]
+pub static WSG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[inline(always)]
+pub fn count(c: Counter) {
+    if let Some(p) = WSG_STATS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn global() -> GlobalConfig {
+    match WSG_GLOBAL.get(0) {
+        Some(g) => *g,
+        None => GlobalConfig::default(),
+    }
+}
+
+#[inline(always)]
+pub fn port(port: u16) -> Option<&'static PortConfig> {
+    WSG_PORTS.get(port as u32).filter(|p| p.enabled != 0)
+}
+
+/// The live-connection counter of `key`, created at zero if absent; `None` when the map is full.
+#[inline(always)]
+pub fn conns_counter(key: &SourceKey) -> Option<*mut u32> {
+    if let Some(p) = WSG_CONNS.get_ptr_mut(key) {
+        return Some(p);
+    }
+    // Another CPU may insert first: NOEXIST then makes ours a no-op and the lookup finds theirs.
+    let _ = WSG_CONNS.insert(key, &0, BPF_NOEXIST as u64);
+    WSG_CONNS.get_ptr_mut(key)
+}
+
+/// Takes one connection slot; returns how many were taken before.
+#[inline(always)]
+pub fn take_slot(c: *mut u32) -> u32 {
+    // SAFETY: `c` points into a live map value.
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(c, 1) }
+}
+
+/// Gives one slot back, never below zero.
+#[inline(always)]
+pub fn give_slot(c: *mut u32) {
+    // SAFETY: `c` points into a live map value.
+    unsafe {
+        if atomic_xsub::<u32, u32, { AtomicOrdering::Relaxed }>(c, 1) == 0 {
+            atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(c, 1);
+        }
+    }
+}
+
+/// Gives back the slot of `key`, if it has a counter.
+#[inline(always)]
+pub fn release(key: &SourceKey) {
+    if let Some(p) = WSG_CONNS.get_ptr_mut(key) {
+        give_slot(p);
+    }
+}
+
+/// The rate state of `key`, created if absent (LRU: creation only fails under extreme churn).
+#[inline(always)]
+pub fn rate_state(key: &SourceKey) -> Option<*mut RateState> {
+    if let Some(p) = WSG_RATE.get_ptr_mut(key) {
+        return Some(p);
+    }
+    let zero = WSG_RATE_ZERO.get(0)?;
+    let _ = WSG_RATE.insert(key, zero, BPF_NOEXIST as u64);
+    WSG_RATE.get_ptr_mut(key)
+}
+
+/// Claims the next attempt number of a rate state.
+#[inline(always)]
+pub fn claim_attempt(state: *mut RateState) -> u32 {
+    // SAFETY: `next` is a u32 inside a live map value.
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(&raw mut (*state).next, 1) }
+}

@@ -1,0 +1,189 @@
+//! The XDP limiter: on a new connection attempt to a protected port, the concurrency limit, then
+//! the rate limit, then track the attempt as half-open. Everything else passes.
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, xdp_action},
+    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use aya_log_ebpf::debug;
+use ws_guard_common::{
+    key::source_key,
+    maps::{ACTION_REJECT, AF_INET, Counter, FlowKey, FlowValue, PortConfig},
+    parse::{self, Packet, Parsed, TcpSegment},
+    rst,
+};
+
+use crate::{
+    frame::Frame,
+    maps::{self, WSG_OWNED, WSG_PENDING, count},
+};
+
+enum Verdict {
+    Pass,
+    Refuse(u32),
+}
+
+#[inline(always)]
+pub fn enforce(ctx: &XdpContext) -> u32 {
+    let frame = Frame(ctx);
+    let seg = match parse::parse(&frame) {
+        Parsed::Tcp(seg) => seg,
+        Parsed::NotIp | Parsed::NotTcp => {
+            count(Counter::NotProtected);
+            return xdp_action::XDP_PASS;
+        }
+        Parsed::Fragment => {
+            count(Counter::Fragments);
+            return xdp_action::XDP_PASS;
+        }
+        Parsed::Malformed => {
+            count(Counter::Malformed);
+            return xdp_action::XDP_PASS;
+        }
+    };
+    let Some(port) = maps::port(seg.dport) else {
+        count(Counter::NotProtected);
+        return xdp_action::XDP_PASS;
+    };
+    if !seg.is_new_attempt() {
+        count(Counter::ProtectedOther);
+        return xdp_action::XDP_PASS;
+    }
+    match new_attempt(ctx, &frame, &seg, port) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Refuse(action) if action == ACTION_REJECT => reject(&frame, &seg),
+        Verdict::Refuse(_) => xdp_action::XDP_DROP,
+    }
+}
+
+#[inline(always)]
+fn new_attempt(ctx: &XdpContext, frame: &Frame, seg: &TcpSegment, port: &PortConfig) -> Verdict {
+    let Some((client, server)) = parse::addresses(frame, seg) else {
+        count(Counter::Malformed);
+        return Verdict::Pass;
+    };
+    let flow = FlowKey {
+        client,
+        server,
+        client_port: seg.sport,
+        server_port: seg.dport,
+        family: seg.family,
+        _pad: 0,
+    };
+    // SAFETY: lookups only compare presence.
+    if unsafe { WSG_PENDING.get(&flow).is_some() || WSG_OWNED.get(&flow).is_some() } {
+        count(Counter::SynRetransmits);
+        return Verdict::Pass;
+    }
+
+    let global = maps::global();
+    let monitor = global.monitor != 0;
+    let source = source_key(seg.family, client, seg.dport, &global);
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    let Some(slots) = maps::conns_counter(&source) else {
+        count(Counter::MapFull);
+        return Verdict::Pass;
+    };
+    let taken = maps::take_slot(slots);
+    if port.max_connections != 0 && taken >= port.max_connections {
+        if !monitor {
+            maps::give_slot(slots);
+            count(Counter::ConnLimited);
+            debug!(ctx, "port {} over max_connections ({})", seg.dport, taken);
+            return Verdict::Refuse(port.conn_action);
+        }
+        count(Counter::MonitorWouldBlock);
+    }
+
+    if port.rate_limit != 0 {
+        if let Some(state) = maps::rate_state(&source) {
+            let seq = maps::claim_attempt(state);
+            // SAFETY: a live map value; concurrent writers only race on distinct slots.
+            let state = unsafe { &mut *state };
+            let ok = state.admits(seq, now, port.rate_limit, port.rate_window_ns);
+            state.record(seq, now);
+            if !ok {
+                if !monitor {
+                    maps::give_slot(slots);
+                    count(Counter::RateLimited);
+                    debug!(ctx, "port {} over new_connections", seg.dport);
+                    return Verdict::Refuse(port.rate_action);
+                }
+                count(Counter::MonitorWouldBlock);
+            }
+        }
+    }
+
+    let value = FlowValue {
+        source,
+        _pad: 0,
+        since_ns: now,
+    };
+    match WSG_PENDING.insert(&flow, &value, BPF_NOEXIST as u64) {
+        Ok(()) => count(Counter::Admitted),
+        // EEXIST: the same SYN, retransmitted, won on another CPU; otherwise the map is full.
+        Err(e) => {
+            maps::give_slot(slots);
+            count(if e == -17 {
+                Counter::SynRetransmits
+            } else {
+                Counter::MapFull
+            });
+        }
+    }
+    Verdict::Pass
+}
+
+/// Turns the frame into the RST that answers it and sends it back out.
+#[inline(always)]
+fn reject(frame: &Frame, seg: &TcpSegment) -> u32 {
+    if !rst::can_reject(seg) {
+        count(Counter::RejectAsDrop);
+        return xdp_action::XDP_DROP;
+    }
+    match write_rst(frame, seg) {
+        Some(()) => {
+            count(Counter::RstSent);
+            xdp_action::XDP_TX
+        }
+        None => {
+            count(Counter::RejectAsDrop);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn write_rst(frame: &Frame, seg: &TcpSegment) -> Option<()> {
+    let macs = frame.load::<[u8; 12]>(0)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    let delta = rst::reply_len(seg) as i32 - frame.len() as i32;
+    if seg.family == AF_INET {
+        let ip = frame.load::<[u8; 20]>(seg.l3)?;
+        let (ip, tcp) = rst::ipv4(&ip, seg);
+        shrink(frame.0, delta)?;
+        frame.store(0, &swapped)?;
+        frame.store(seg.l3, &ip)?;
+        frame.store(seg.l4, &tcp)
+    } else {
+        let ip = frame.load::<[u8; 40]>(seg.l3)?;
+        let (ip, tcp) = rst::ipv6(&ip, seg);
+        shrink(frame.0, delta)?;
+        frame.store(0, &swapped)?;
+        frame.store(seg.l3, &ip)?;
+        frame.store(seg.l4, &tcp)
+    }
+}
+
+#[inline(always)]
+fn shrink(ctx: &XdpContext, delta: i32) -> Option<()> {
+    if delta == 0 {
+        return Some(());
+    }
+    // SAFETY: the helper only moves data_end; later accesses re-check bounds.
+    (unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } == 0).then_some(())
+}
