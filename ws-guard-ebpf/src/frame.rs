@@ -34,8 +34,10 @@ impl Frame<'_> {
         Some(())
     }
 
+    /// Frame length. From the helper: the verifier forbids arithmetic between packet pointers.
     #[inline(always)]
     pub fn len(&self) -> usize {
-        self.0.data_end() - self.0.data()
+        // SAFETY: the context pointer is the program's own.
+        unsafe { aya_ebpf::helpers::bpf_xdp_get_buff_len(self.0.ctx as *mut _) as usize }
     }
 }

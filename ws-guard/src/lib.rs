@@ -1,2 +1,8 @@
 //! ws-guard's userspace: configuration, loading and attaching the kernel programs, keeping the
-//! accounting honest, and the daemon around them.
+//! accounting in step with the kernel's sockets, and the daemon around them.
+
+pub mod config;
+pub mod daemon;
+pub mod guard;
+pub mod interfaces;
+pub mod sweep;

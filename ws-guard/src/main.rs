@@ -1,1 +1,65 @@
-fn main() {}
+//! The ws-guard command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use ws_guard::{
+    config::{Config, DEFAULT_CONFIG},
+    daemon,
+};
+
+/// Per-source connection limits for WebSocket servers, enforced in XDP.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the programs, attach them and enforce the configuration until SIGINT/SIGTERM.
+    Run {
+        /// TOML configuration; without it, the built-in default (port 9000, see README).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file and say what it would enforce.
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// Print the built-in default configuration.
+    DefaultConfig,
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => {
+            let cfg = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::parse(DEFAULT_CONFIG, "built-in default config")?,
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?
+                .block_on(daemon::run(cfg, config))
+        }
+        Command::CheckConfig { file } => {
+            let cfg = Config::load(&file)?;
+            println!("{}: valid", file.display());
+            for line in daemon::describe(&cfg) {
+                println!("  {line}");
+            }
+            Ok(())
+        }
+        Command::DefaultConfig => {
+            print!("{DEFAULT_CONFIG}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! The TOML configuration: parsing, defaults and validation. A config is checked whole before
+//! anything is applied; every error names the field and the problem.
+
+use std::{collections::BTreeSet, fmt, path::Path, str::FromStr, time::Duration};
+
+use serde::{Deserialize, Deserializer, de};
+use thiserror::Error;
+use ws_guard_common::maps::{
+    ACTION_DROP, ACTION_REJECT, GlobalConfig, PortConfig, RATE_SLOTS,
+};
+
+/// Why a configuration was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: String,
+        field: String,
+        message: String,
+    },
+}
+
+/// How to attach the XDP program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode, falling back to generic mode with a warning.
+    #[default]
+    Auto,
+    /// Native mode only; fail if the driver lacks it.
+    Native,
+    /// Generic (skb) mode.
+    Generic,
+}
+
+/// What to do with an attempt over a limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Drop the SYN silently; the client retries until it gives up.
+    Drop,
+    /// Send a TCP RST back from XDP; the client fails at once.
+    Reject,
+}
+
+impl Action {
+    fn code(self) -> u32 {
+        match self {
+            Action::Drop => ACTION_DROP,
+            Action::Reject => ACTION_REJECT,
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Drop => "drop",
+            Action::Reject => "reject",
+        })
+    }
+}
+
+/// `N/DURATION`: at most N new connections per source key in any window of DURATION.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub window: Duration,
+}
+
+impl FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (n, w) = s
+            .split_once('/')
+            .ok_or_else(|| format!("expected COUNT/WINDOW such as \"9/100s\", got {s:?}"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("count {n:?} is not a whole number"))?;
+        let window = humantime::parse_duration(w.trim())
+            .map_err(|e| format!("window {w:?} is not a duration ({e})"))?;
+        if count == 0 {
+            return Err("count must be at least 1 (leave new_connections out for no limit)".into());
+        }
+        if count as usize > RATE_SLOTS {
+            return Err(format!("count {count} is above the maximum of {RATE_SLOTS}"));
+        }
+        if window.is_zero() {
+            return Err("window must be longer than zero".into());
+        }
+        if window > Duration::from_secs(86_400 * 7) {
+            return Err("window must be at most 7 days".into());
+        }
+        Ok(Rate { count, window })
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.count, humantime::format_duration(self.window))
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| de::Error::custom(format!("{s:?}: {e}")))
+}
+
+/// Limits of one protected port.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortLimits {
+    /// TCP port, 1..=65535.
+    pub port: u32,
+    /// Concurrent connections per source key, half-open included. Omitted: no limit.
+    pub max_connections: Option<u32>,
+    /// What happens to an attempt over `max_connections`.
+    #[serde(default = "default_connection_action")]
+    pub connection_action: Action,
+    /// New connections per source key per window. Omitted: no limit.
+    pub new_connections: Option<Rate>,
+    /// What happens to an attempt over `new_connections`.
+    #[serde(default = "default_rate_action")]
+    pub rate_action: Action,
+}
+
+fn default_connection_action() -> Action {
+    Action::Reject
+}
+fn default_rate_action() -> Action {
+    Action::Drop
+}
+
+impl PortLimits {
+    /// The kernel's form of these limits.
+    pub fn to_kernel(&self) -> PortConfig {
+        PortConfig {
+            enabled: 1,
+            max_connections: self.max_connections.unwrap_or(0),
+            conn_action: self.connection_action.code(),
+            rate_action: self.rate_action.code(),
+            rate_limit: self.new_connections.map_or(0, |r| r.count),
+            _pad: 0,
+            rate_window_ns: self
+                .new_connections
+                .map_or(0, |r| r.window.as_nanos() as u64),
+        }
+    }
+}
+
+/// Sizes of the hash maps, fixed at load time.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Capacity {
+    /// Source keys tracked at once (connection counts and rate windows).
+    pub sources: u32,
+    /// Connections (half-open and established) tracked at once.
+    pub flows: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            sources: 65_536,
+            flows: 262_144,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Interfaces to attach to. Empty or omitted: the interface of the default route.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+    /// Count what would be refused, refuse nothing.
+    #[serde(default)]
+    pub monitor: bool,
+    /// Prefix length of IPv4 source keys.
+    #[serde(default = "default_ipv4_prefix")]
+    pub ipv4_prefix: u32,
+    /// Prefix length of IPv6 source keys.
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u32,
+    /// A half-open attempt that the kernel has no socket for is released after a second; one
+    /// whose handshake is still pending is released after this long.
+    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// How often the accounting is checked against the kernel's socket table.
+    #[serde(default = "default_sweep_interval", deserialize_with = "duration")]
+    pub sweep_interval: Duration,
+    /// Log level of the kernel programs' own logging (off, error, warn, info, debug).
+    #[serde(default = "default_kernel_log")]
+    pub kernel_log: String,
+    #[serde(default)]
+    pub capacity: Capacity,
+    /// Protected ports.
+    #[serde(rename = "port")]
+    pub ports: Vec<PortLimits>,
+}
+
+fn default_ipv4_prefix() -> u32 {
+    32
+}
+fn default_ipv6_prefix() -> u32 {
+    64
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_sweep_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_kernel_log() -> String {
+    "warn".into()
+}
+
+/// The kernel log levels, as aya-log numbers them.
+pub const KERNEL_LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates `text`; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            field,
+            message,
+        };
+        if self.ports.is_empty() {
+            return Err(invalid(
+                "port".into(),
+                "at least one [[port]] is needed: ws-guard protects nothing otherwise".into(),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            let field = |name: &str| format!("port[{i}].{name}");
+            if !(1..=65535).contains(&p.port) {
+                return Err(invalid(field("port"), format!("{} is not a TCP port (1-65535)", p.port)));
+            }
+            if !seen.insert(p.port) {
+                return Err(invalid(field("port"), format!("port {} is configured twice", p.port)));
+            }
+            if p.max_connections == Some(0) {
+                return Err(invalid(
+                    field("max_connections"),
+                    "0 would refuse every connection; leave it out for no limit".into(),
+                ));
+            }
+        }
+        if self.ipv4_prefix > 32 {
+            return Err(invalid("ipv4_prefix".into(), format!("{} is not 0-32", self.ipv4_prefix)));
+        }
+        if self.ipv6_prefix > 128 {
+            return Err(invalid("ipv6_prefix".into(), format!("{} is not 0-128", self.ipv6_prefix)));
+        }
+        if self.handshake_timeout < Duration::from_secs(1) {
+            return Err(invalid("handshake_timeout".into(), "must be at least 1s".into()));
+        }
+        if self.sweep_interval < Duration::from_millis(100) || self.sweep_interval > Duration::from_secs(60) {
+            return Err(invalid("sweep_interval".into(), "must be between 100ms and 60s".into()));
+        }
+        if !KERNEL_LOG_LEVELS.contains(&self.kernel_log.as_str()) {
+            return Err(invalid(
+                "kernel_log".into(),
+                format!("{:?} is not one of {}", self.kernel_log, KERNEL_LOG_LEVELS.join(", ")),
+            ));
+        }
+        for (name, v) in [("capacity.sources", self.capacity.sources), ("capacity.flows", self.capacity.flows)] {
+            if !(64..=16_777_216).contains(&v) {
+                return Err(invalid(name.into(), format!("{v} is not between 64 and 16777216")));
+            }
+        }
+        let mut names = BTreeSet::new();
+        for (i, name) in self.interfaces.iter().enumerate() {
+            if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace) {
+                return Err(invalid(format!("interfaces[{i}]"), format!("{name:?} is not an interface name")));
+            }
+            if !names.insert(name) {
+                return Err(invalid(format!("interfaces[{i}]"), format!("{name:?} is listed twice")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel's form of the global settings.
+    pub fn global(&self) -> GlobalConfig {
+        GlobalConfig {
+            monitor: self.monitor as u32,
+            ipv4_prefix: self.ipv4_prefix,
+            ipv6_prefix: self.ipv6_prefix,
+            _pad: 0,
+        }
+    }
+
+    /// aya-log's number for `kernel_log`.
+    pub fn kernel_log_level(&self) -> u8 {
+        KERNEL_LOG_LEVELS
+            .iter()
+            .position(|l| *l == self.kernel_log)
+            .unwrap_or(2) as u8
+    }
+}
+
+/// The configuration `ws-guard run` uses when given none: port 9000 on the default route's
+/// interface, 3 concurrent connections and 9 new connections per 100 s per source (the iptables
+/// recipe in the README).
+pub const DEFAULT_CONFIG: &str = include_str!("../../packaging/config.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, "test.toml")
+    }
+
+    #[test]
+    fn default_config_parses() {
+        let c = parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(c.ports[0].port, 9000);
+        assert_eq!(c.ports[0].max_connections, Some(3));
+        assert_eq!(
+            c.ports[0].new_connections,
+            Some(Rate { count: 9, window: Duration::from_secs(100) })
+        );
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse("[[port]]\nport = 8080\n").unwrap();
+        assert_eq!(c.ipv4_prefix, 32);
+        assert_eq!(c.ipv6_prefix, 64);
+        assert_eq!(c.xdp_mode, XdpMode::Auto);
+        assert!(!c.monitor);
+        assert_eq!(c.ports[0].connection_action, Action::Reject);
+        assert_eq!(c.ports[0].rate_action, Action::Drop);
+        let k = c.ports[0].to_kernel();
+        assert_eq!((k.enabled, k.max_connections, k.rate_limit), (1, 0, 0));
+    }
+
+    #[test]
+    fn rates() {
+        let r: Rate = "10/1m".parse().unwrap();
+        assert_eq!(r.window, Duration::from_secs(60));
+        assert_eq!(r.count, 10);
+        let r: Rate = " 3 / 500ms ".parse().unwrap();
+        assert_eq!(r.window, Duration::from_millis(500));
+        for bad in ["10", "0/1s", "x/1s", "3/0s", "3/abc", "33/1s", "1/8d"] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad}");
+        }
+    }
+
+    fn invalid_field(s: &str) -> String {
+        match parse(s) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        assert_eq!(invalid_field("[[port]]\nport = 0\n"), "port[0].port");
+        assert_eq!(invalid_field("[[port]]\nport = 70000\n"), "port[0].port");
+        assert_eq!(invalid_field("[[port]]\nport = 1\n[[port]]\nport = 1\n"), "port[1].port");
+        assert_eq!(invalid_field("[[port]]\nport = 1\nmax_connections = 0\n"), "port[0].max_connections");
+        assert_eq!(invalid_field("ipv4_prefix = 33\n[[port]]\nport = 1\n"), "ipv4_prefix");
+        assert_eq!(invalid_field("ipv6_prefix = 129\n[[port]]\nport = 1\n"), "ipv6_prefix");
+        assert_eq!(invalid_field("interfaces = [\"a b\"]\n[[port]]\nport = 1\n"), "interfaces[0]");
+        assert_eq!(invalid_field("kernel_log = \"loud\"\n[[port]]\nport = 1\n"), "kernel_log");
+        assert_eq!(invalid_field("[capacity]\nflows = 1\n[[port]]\nport = 1\n"), "capacity.flows");
+        assert_eq!(invalid_field("interfaces = []\n"), "port");
+    }
+
+    #[test]
+    fn syntax_and_type_errors_say_where() {
+        let e = parse("[[port]]\nport = \"9000\"\n").unwrap_err().to_string();
+        assert!(e.contains("test.toml") && e.contains("line 2"), "{e}");
+        let e = parse("[[port]]\nport = 9000\nmax_conections = 3\n").unwrap_err().to_string();
+        assert!(e.contains("max_conections"), "{e}");
+        let e = parse("[[port]]\nport = 9000\nnew_connections = \"5\"\n").unwrap_err().to_string();
+        assert!(e.contains("COUNT/WINDOW"), "{e}");
+        let e = parse("[[port]]\nport = 9000\nconnection_action = \"kill\"\n").unwrap_err().to_string();
+        assert!(e.contains("kill"), "{e}");
+    }
+}

@@ -1,0 +1,120 @@
+//! `ws-guard run`: load, attach, keep the accounting in step, reload on SIGHUP, detach on
+//! SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use log::{error, info, warn};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    config::Config,
+    guard::{Guard, LoadOptions},
+    interfaces, sweep,
+};
+
+/// Describes what a configuration enforces, one line per port.
+pub fn describe(cfg: &Config) -> Vec<String> {
+    let mut lines = Vec::new();
+    for p in &cfg.ports {
+        let conc = match p.max_connections {
+            Some(n) => format!("at most {n} concurrent connections (then {})", p.connection_action),
+            None => "no concurrency limit".into(),
+        };
+        let rate = match p.new_connections {
+            Some(r) => format!(
+                "at most {} new connections per {} (then {})",
+                r.count,
+                humantime::format_duration(r.window),
+                p.rate_action
+            ),
+            None => "no rate limit".into(),
+        };
+        lines.push(format!(
+            "port {}: per source (IPv4 /{}, IPv6 /{}): {conc}; {rate}",
+            p.port, cfg.ipv4_prefix, cfg.ipv6_prefix
+        ));
+    }
+    if cfg.monitor {
+        lines.push("monitor mode: nothing is refused, would-be refusals are counted".into());
+    }
+    lines
+}
+
+/// Loads, attaches and enforces `cfg` until SIGINT or SIGTERM; then detaches.
+pub async fn run(mut cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut guard = Guard::load(&LoadOptions::from_config(&cfg))?;
+    guard.apply(&cfg)?;
+    guard.attach_tracepoint()?;
+    // Before XDP sees a SYN: count the connections that already exist.
+    let first = sweep::sweep_now(&mut guard, cfg.handshake_timeout).context("counting existing connections")?;
+    info!("counted {} connections that existed before start-up", first.adopted);
+
+    let interfaces = if cfg.interfaces.is_empty() {
+        vec![interfaces::default_route_interface()?]
+    } else {
+        cfg.interfaces.clone()
+    };
+    for interface in &interfaces {
+        if let Err(e) = guard.attach_xdp(interface, cfg.xdp_mode) {
+            // Never leave some interfaces protected and others not.
+            if let Err(d) = guard.detach_all() {
+                error!("while undoing a failed attach: {d:#}");
+            }
+            return Err(e);
+        }
+    }
+    for line in describe(&cfg) {
+        info!("{line}");
+    }
+    for a in guard.attachments() {
+        info!("enforcing on {} ({} XDP)", a.interface, a.mode);
+    }
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut tick = tokio::time::interval(cfg.sweep_interval);
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: detaching"); break; }
+            _ = int.recv() => { info!("SIGINT: detaching"); break; }
+            _ = hup.recv() => reload(&mut guard, &mut cfg, config_path.as_deref()),
+            _ = tick.tick() => {
+                guard.flush_kernel_log();
+                match sweep::sweep_now(&mut guard, cfg.handshake_timeout) {
+                    Ok(r) if r.expired + r.released + r.adopted > 0 => log::debug!("sweep: {r:?}"),
+                    Ok(_) => {}
+                    Err(e) => warn!("sweep failed (accounting not checked this round): {e:#}"),
+                }
+            }
+        }
+    }
+    guard.detach_all()
+}
+
+/// SIGHUP: apply the file's limits and settings, or keep the running ones if it is invalid.
+fn reload(guard: &mut Guard, cfg: &mut Config, path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        warn!("SIGHUP ignored: running with the built-in default config, no file to reload");
+        return;
+    };
+    match Config::load(path) {
+        Ok(new) => {
+            if new.interfaces != cfg.interfaces || new.xdp_mode != cfg.xdp_mode || new.capacity != cfg.capacity {
+                warn!("interfaces, xdp_mode and capacity take effect on restart only");
+            }
+            match guard.apply(&new) {
+                Ok(()) => {
+                    info!("reloaded {}", path.display());
+                    for line in describe(&new) {
+                        info!("{line}");
+                    }
+                    *cfg = new;
+                }
+                Err(e) => error!("reload of {} failed while applying: {e:#}", path.display()),
+            }
+        }
+        Err(e) => error!("reload refused, the running limits stay: {e}"),
+    }
+}

@@ -1,0 +1,197 @@
+//! Keeps the accounting in step with the kernel's socket table. The tracepoint sees every
+//! established connection and every close; the sweep handles what no socket event reports:
+//! an admitted SYN that never became a socket (no listener, a backlog drop, a client that
+//! reset the handshake, SYN cookies), a request socket the kernel gave up on, connections that
+//! existed before ws-guard, and idle counters. Each change goes through the control program, so
+//! it is atomic with respect to the XDP program and the tracepoint.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use procfs::{
+    FromBufReadSI as _,
+    net::{TcpNetEntries, TcpState},
+};
+use ws_guard_common::maps::{
+    AF_INET, AF_INET6, ControlOp, FlowKey, OP_ADOPT, OP_EXPIRE_PENDING, OP_RELEASE_OWNED,
+};
+
+use crate::guard::Guard;
+
+/// A half-open attempt younger than this is left alone: its SYN may still be on its way up the
+/// stack, so the absence of a socket means nothing yet.
+pub const GRACE: Duration = Duration::from_secs(1);
+
+/// What one sweep changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Half-open attempts released.
+    pub expired: u32,
+    /// Established connections released because their socket was gone.
+    pub released: u32,
+    /// Connections counted that the programs had not seen.
+    pub adopted: u32,
+    /// Zero counters removed.
+    pub idle_removed: u32,
+}
+
+/// A socket of the table, keyed like the programs key flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketKind {
+    /// A request socket: the handshake is under way.
+    HalfOpen,
+    /// A full socket.
+    Connected,
+}
+
+/// The server-side TCP sockets on `ports` in the calling thread's network namespace.
+pub fn socket_table(ports: &HashSet<u16>) -> anyhow::Result<HashMap<FlowKey, SocketKind>> {
+    let mut out = HashMap::new();
+    let si = procfs::current_system_info();
+    // thread-self: the namespace of this thread, which is the one the daemon attached in.
+    for file in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+        let reader = match std::fs::File::open(file) {
+            Ok(f) => std::io::BufReader::new(f),
+            // No IPv6 in this kernel or namespace.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {file}")),
+        };
+        let entries = TcpNetEntries::from_buf_read(reader, si).with_context(|| format!("parsing {file}"))?;
+        for e in entries.0 {
+            if !ports.contains(&e.local_address.port()) {
+                continue;
+            }
+            let kind = match e.state {
+                TcpState::SynRecv | TcpState::NewSynRecv => SocketKind::HalfOpen,
+                // Released at CLOSE by the tracepoint, which comes before TIME_WAIT.
+                TcpState::Listen | TcpState::TimeWait | TcpState::Close => continue,
+                _ => SocketKind::Connected,
+            };
+            out.insert(flow_key(e.local_address, e.remote_address), kind);
+        }
+    }
+    Ok(out)
+}
+
+/// The flow key of a server socket, normalizing IPv4-mapped IPv6 to IPv4 as the XDP program
+/// sees it on the wire.
+pub fn flow_key(local: SocketAddr, remote: SocketAddr) -> FlowKey {
+    let (family, server) = addr_bytes(local);
+    let (_, client) = addr_bytes(remote);
+    FlowKey {
+        client,
+        server,
+        client_port: remote.port(),
+        server_port: local.port(),
+        family,
+        _pad: 0,
+    }
+}
+
+fn addr_bytes(a: SocketAddr) -> (u16, [u8; 16]) {
+    let ip = a.ip().to_canonical();
+    let mut out = [0u8; 16];
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            out[..4].copy_from_slice(&v4.octets());
+            (AF_INET, out)
+        }
+        std::net::IpAddr::V6(v6) => (AF_INET6, v6.octets()),
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Brings the maps in step with `sockets`, the socket table read just before.
+///
+/// - a half-open attempt at least [`GRACE`] old without any socket is released, and so is one
+///   older than `handshake_timeout` whatever the kernel still has;
+/// - an established connection at least [`GRACE`] old without a socket is released (its close
+///   was not seen, e.g. it ended while the programs were being replaced);
+/// - a connected socket the maps do not know is counted;
+/// - counters at zero are removed.
+pub fn sweep(
+    guard: &mut Guard,
+    sockets: &HashMap<FlowKey, SocketKind>,
+    handshake_timeout: Duration,
+) -> anyhow::Result<SweepReport> {
+    let now = monotonic_ns();
+    let grace = GRACE.as_nanos() as u64;
+    let timeout = handshake_timeout.as_nanos() as u64;
+    let mut report = SweepReport::default();
+    let pending = guard.pending()?;
+    let owned = guard.owned()?;
+
+    for (flow, v) in &pending {
+        let age = now.saturating_sub(v.since_ns);
+        let gone = age >= grace && !sockets.contains_key(flow);
+        if (gone || age >= timeout) && guard.control(op(OP_EXPIRE_PENDING, *flow))? {
+            report.expired += 1;
+        }
+    }
+    for (flow, v) in &owned {
+        let age = now.saturating_sub(v.since_ns);
+        if age >= grace && !sockets.contains_key(flow) && guard.control(op(OP_RELEASE_OWNED, *flow))? {
+            report.released += 1;
+        }
+    }
+    let known: HashSet<FlowKey> = pending.iter().chain(owned.iter()).map(|(k, _)| *k).collect();
+    for (flow, kind) in sockets {
+        if *kind == SocketKind::Connected && !known.contains(flow) && guard.control(op(OP_ADOPT, *flow))? {
+            report.adopted += 1;
+        }
+    }
+    for key in guard.idle_sources()? {
+        guard.remove_idle_source(&key)?;
+        report.idle_removed += 1;
+    }
+    Ok(report)
+}
+
+fn op(code: u32, flow: FlowKey) -> ControlOp {
+    ControlOp {
+        op: code,
+        flow,
+        ..Default::default()
+    }
+}
+
+/// Reads the socket table for the protected ports and sweeps.
+pub fn sweep_now(guard: &mut Guard, handshake_timeout: Duration) -> anyhow::Result<SweepReport> {
+    let ports: HashSet<u16> = guard.ports()?.into_iter().map(|(p, _)| p).collect();
+    let sockets = socket_table(&ports)?;
+    sweep(guard, &sockets, handshake_timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_mapped_sockets_key_as_ipv4() {
+        let local: SocketAddr = "[::ffff:198.18.0.1]:9000".parse().unwrap();
+        let remote: SocketAddr = "[::ffff:198.18.0.2]:40000".parse().unwrap();
+        let k = flow_key(local, remote);
+        assert_eq!(k.family, AF_INET);
+        assert_eq!(&k.server[..4], &[198, 18, 0, 1]);
+        assert_eq!(&k.client[..4], &[198, 18, 0, 2]);
+        assert_eq!(&k.client[4..], &[0; 12]);
+        assert_eq!((k.client_port, k.server_port), (40000, 9000));
+        let local: SocketAddr = "[2001:2::1]:9000".parse().unwrap();
+        let remote: SocketAddr = "[2001:2::2]:40000".parse().unwrap();
+        assert_eq!(flow_key(local, remote).family, AF_INET6);
+    }
+}
