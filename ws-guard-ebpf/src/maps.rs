@@ -1,6 +1,9 @@
 //! The maps, and the atomic operations on their values. Map names are the statics' names and
 //! must equal the constants in `ws_guard_common::names` (a userspace test checks the object).
 
+// SeqCst on purpose: LLVM lowers a *relaxed* fetch-and-add on BPF to an XADD that does not
+// return the old value (and then uses garbage); SeqCst gives BPF_FETCH, which needs ISA v3.
+// On BPF every atomic is a full barrier anyway.
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 
 use aya_ebpf::{
@@ -68,7 +71,7 @@ pub fn conns_counter(key: &SourceKey) -> Option<*mut u32> {
 #[inline(always)]
 pub fn take_slot(c: *mut u32) -> u32 {
     // SAFETY: `c` points into a live map value.
-    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(c, 1) }
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(c, 1) }
 }
 
 /// Gives one slot back, never below zero.
@@ -76,8 +79,8 @@ pub fn take_slot(c: *mut u32) -> u32 {
 pub fn give_slot(c: *mut u32) {
     // SAFETY: `c` points into a live map value.
     unsafe {
-        if atomic_xsub::<u32, u32, { AtomicOrdering::Relaxed }>(c, 1) == 0 {
-            atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(c, 1);
+        if atomic_xsub::<u32, u32, { AtomicOrdering::SeqCst }>(c, 1) == 0 {
+            atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(c, 1);
         }
     }
 }
@@ -105,5 +108,5 @@ pub fn rate_state(key: &SourceKey) -> Option<*mut RateState> {
 #[inline(always)]
 pub fn claim_attempt(state: *mut RateState) -> u32 {
     // SAFETY: `next` is a u32 inside a live map value.
-    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(&raw mut (*state).next, 1) }
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*state).next, 1) }
 }

@@ -420,6 +420,9 @@ const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 /// a kernel with another layout is refused with a clear error instead of miscounting.
 pub fn check_tracepoint_format() -> anyhow::Result<()> {
     let rel = "events/sock/inet_sock_set_state/format";
+    if !TRACEFS.iter().any(|d| Path::new(d).join("events").exists()) {
+        mount_tracefs();
+    }
     let text = TRACEFS
         .iter()
         .find_map(|d| std::fs::read_to_string(Path::new(d).join(rel)).ok())
@@ -430,6 +433,27 @@ pub fn check_tracepoint_format() -> anyhow::Result<()> {
             )
         })?;
     check_format_text(&text)
+}
+
+/// Mounts tracefs where it is missing (e.g. in a fresh mount namespace such as `ip netns exec`
+/// makes); failure is reported by the caller, which cannot find the format then.
+fn mount_tracefs() {
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: valid C strings; mount(2) has no memory-safety preconditions.
+    let rc = unsafe {
+        libc::mount(
+            c"tracefs".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        info!("mounted tracefs at /sys/kernel/tracing");
+    } else {
+        log::debug!("mounting tracefs: {}", std::io::Error::last_os_error());
+    }
 }
 
 /// The check of [`check_tracepoint_format`] on the format file's text.
