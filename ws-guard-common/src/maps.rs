@@ -115,14 +115,15 @@ impl Default for RateState {
     }
 }
 
-/// Index of each per-CPU decision counter in the stats map.
+/// Index of each per-CPU decision counter in the stats map. Every frame the XDP program sees
+/// adds to exactly one of the counters from `NotProtected` to `MapFull` except
+/// `MonitorWouldBlock`, `RstSent` and `RejectAsDrop`, which say more about a frame already
+/// counted; [`Counter::FRAME_OUTCOMES`] lists the ones that add up to all frames seen.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Every frame the XDP program saw.
-    Packets = 0,
     /// Not IP, not TCP, or TCP to a port that is not protected.
-    NotProtected,
+    NotProtected = 0,
     /// IP fragments (passed: only the first carries the TCP header).
     Fragments,
     /// Frames whose headers are truncated or inconsistent (passed untouched).
@@ -153,14 +154,15 @@ pub enum Counter {
     Adopted,
     /// Half-open attempts released by userspace's sweep (the kernel had no socket for them).
     Expired,
+    /// Established connections left untracked because a map was full (tracepoint side).
+    UntrackedFull,
 }
 
 impl Counter {
     /// Number of counters; the size of the stats map.
-    pub const COUNT: u32 = Counter::Expired as u32 + 1;
+    pub const COUNT: u32 = Counter::UntrackedFull as u32 + 1;
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
-        Counter::Packets,
         Counter::NotProtected,
         Counter::Fragments,
         Counter::Malformed,
@@ -177,12 +179,25 @@ impl Counter {
         Counter::Closed,
         Counter::Adopted,
         Counter::Expired,
+        Counter::UntrackedFull,
+    ];
+
+    /// The counters whose sum is the number of frames the XDP program saw.
+    pub const FRAME_OUTCOMES: [Counter; 9] = [
+        Counter::NotProtected,
+        Counter::Fragments,
+        Counter::Malformed,
+        Counter::ProtectedOther,
+        Counter::SynRetransmits,
+        Counter::Admitted,
+        Counter::ConnLimited,
+        Counter::RateLimited,
+        Counter::MapFull,
     ];
 
     /// A stable snake_case name for logs and metrics.
     pub const fn name(self) -> &'static str {
         match self {
-            Counter::Packets => "packets",
             Counter::NotProtected => "not_protected",
             Counter::Fragments => "fragments",
             Counter::Malformed => "malformed",
@@ -199,6 +214,7 @@ impl Counter {
             Counter::Closed => "closed",
             Counter::Adopted => "adopted",
             Counter::Expired => "expired",
+            Counter::UntrackedFull => "untracked_full",
         }
     }
 }

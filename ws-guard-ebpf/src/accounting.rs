@@ -2,14 +2,14 @@
 //! a flow between "half-open" (WSG_PENDING), "established" (WSG_OWNED) and "gone" is decided by
 //! a map delete, which succeeds for exactly one contender, so a slot is given back exactly once.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use aya_ebpf::maps::HashMap;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use ws_guard_common::{
     key::flow_source,
     maps::{Counter, FlowKey, FlowValue},
 };
 
-use crate::maps::{self, WSG_OWNED, WSG_PENDING, count};
+use crate::maps::{self, EEXIST, WSG_OWNED, WSG_PENDING, count};
 
 /// The kernel established `flow`: move it from half-open to established, or count it if the
 /// XDP program never saw it (another interface, loopback, older than ws-guard).
@@ -20,12 +20,17 @@ pub fn established(flow: &FlowKey) {
         let mut v = *v;
         if WSG_PENDING.remove(flow).is_ok() {
             v.since_ns = unsafe { bpf_ktime_get_ns() };
-            if WSG_OWNED.insert(flow, &v, 0).is_err() {
-                // Owned map full: the connection can no longer be tracked, free its slot.
-                maps::release(&v.source);
-                count(Counter::MapFull);
+            match WSG_OWNED.insert(flow, &v, BPF_NOEXIST as u64) {
+                Ok(()) => count(Counter::Established),
+                // The sweep adopted it a moment ago and took a slot of its own: give back the
+                // half-open one so the connection is counted once.
+                Err(EEXIST) => maps::release(&v.source),
+                // Map full: the connection can no longer be tracked; free its slot.
+                Err(_) => {
+                    maps::release(&v.source);
+                    count(Counter::UntrackedFull);
+                }
             }
-            count(Counter::Established);
             return;
         }
     }
@@ -54,7 +59,7 @@ pub fn adopt(flow: &FlowKey) -> bool {
         }
         None => {
             let _ = WSG_OWNED.remove(flow);
-            count(Counter::MapFull);
+            count(Counter::UntrackedFull);
             false
         }
     }

@@ -35,6 +35,9 @@ pub static WSG_RATE_ZERO: Array<RateState> = Array::with_max_entries(1, 0);
 #[map]
 pub static WSG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
+/// `-EEXIST`, as map updates with BPF_NOEXIST return it.
+pub const EEXIST: i32 = -17;
+
 #[inline(always)]
 pub fn count(c: Counter) {
     if let Some(p) = WSG_STATS.get_ptr_mut(c as u32) {

@@ -126,7 +126,7 @@ fn new_attempt(ctx: &XdpContext, frame: &Frame, seg: &TcpSegment, port: &PortCon
         // EEXIST: the same SYN, retransmitted, won on another CPU; otherwise the map is full.
         Err(e) => {
             maps::give_slot(slots);
-            count(if e == -17 {
+            count(if e == maps::EEXIST {
                 Counter::SynRetransmits
             } else {
                 Counter::MapFull
