@@ -36,14 +36,18 @@ fn check_prerequisites() -> anyhow::Result<()> {
         return Ok(());
     }
     const FIX: &str = "run `cargo xtask setup` to install it";
-    let nightly = Command::new("rustc").args(["+nightly", "--print", "sysroot"]).output();
+    let nightly = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output();
     let sysroot = match nightly {
         Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
         _ => return Err(anyhow!("the nightly Rust toolchain is missing: {FIX}")),
     };
     let src = std::path::Path::new(&sysroot).join("lib/rustlib/src/rust/library/core");
     if !src.exists() {
-        return Err(anyhow!("rust-src is missing from the nightly toolchain: {FIX}"));
+        return Err(anyhow!(
+            "rust-src is missing from the nightly toolchain: {FIX}"
+        ));
     }
     match Command::new("bpf-linker").arg("--version").output() {
         Ok(out) if out.status.success() => Ok(()),

@@ -36,7 +36,10 @@ mod tests {
 
     #[test]
     fn odd_length_pads_with_zero() {
-        assert_eq!(finish(add(0, &[0x12, 0x34, 0x56])), finish(add(0, &[0x12, 0x34, 0x56, 0])));
+        assert_eq!(
+            finish(add(0, &[0x12, 0x34, 0x56])),
+            finish(add(0, &[0x12, 0x34, 0x56, 0]))
+        );
     }
 
     #[test]

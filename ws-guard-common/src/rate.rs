@@ -93,10 +93,14 @@ mod tests {
         assert_eq!(run(&mut s, &[S, 2 * S], 2, 10 * S), [true, true]);
         // 11 s - 1 ns: the attempt at 1 s is still inside the window.
         assert!(!s.attempt(11 * S - 1, 2, 10 * S));
-        // The refused attempt counted: at 12 s the 2nd previous attempt is the one at 11 s - 1.
-        assert!(!s.attempt(12 * S, 2, 10 * S));
-        // Quiet until both of the last two attempts are a window old.
-        assert!(s.attempt(22 * S, 2, 10 * S));
+        // 12 s - 1 ns: the 2nd previous attempt is the one at 2 s, 1 ns short of a window.
+        assert!(!s.attempt(12 * S - 1, 2, 10 * S));
+        // Refused attempts count: at 21 s - 2 ns the 2nd previous attempt is the refused one at
+        // 11 s - 1 ns (1 ns short of a window), and at 22 s - 2 ns it is the one at 12 s - 1 ns.
+        assert!(!s.attempt(21 * S - 2, 2, 10 * S));
+        assert!(!s.attempt(22 * S - 2, 2, 10 * S));
+        // Quiet: once the last two attempts are a window old, admitted.
+        assert!(s.attempt(32 * S - 2, 2, 10 * S));
     }
 
     #[test]
@@ -164,7 +168,10 @@ mod tests {
             next: u32::MAX - 1,
             ..Default::default()
         };
-        assert_eq!(run(&mut s, &[S, S + 1, S + 2, S + 3], 3, 10 * S), [true, true, true, false]);
+        assert_eq!(
+            run(&mut s, &[S, S + 1, S + 2, S + 3], 3, 10 * S),
+            [true, true, true, false]
+        );
         // Limits above the ring are clamped to it, not wrapped.
         let mut s = RateState::default();
         let times: Vec<u64> = (1..=40).map(|i| i as u64).collect();

@@ -74,7 +74,10 @@ mod tests {
 
     #[test]
     fn transitions() {
-        assert_eq!(transition(TCP_SYN_RECV, TCP_ESTABLISHED), Transition::Established);
+        assert_eq!(
+            transition(TCP_SYN_RECV, TCP_ESTABLISHED),
+            Transition::Established
+        );
         // LISTEN -> SYN_RECV (child created, addresses not yet set) is ignored.
         assert_eq!(transition(10, TCP_SYN_RECV), Transition::Other);
         for old in [1, 3, 4, 5, 8, 9, 11] {

@@ -5,9 +5,7 @@ use std::{collections::BTreeSet, fmt, path::Path, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Deserializer, de};
 use thiserror::Error;
-use ws_guard_common::maps::{
-    ACTION_DROP, ACTION_REJECT, GlobalConfig, PortConfig, RATE_SLOTS,
-};
+use ws_guard_common::maps::{ACTION_DROP, ACTION_REJECT, GlobalConfig, PortConfig, RATE_SLOTS};
 
 /// Why a configuration was refused.
 #[derive(Debug, Error)]
@@ -92,7 +90,9 @@ impl FromStr for Rate {
             return Err("count must be at least 1 (leave new_connections out for no limit)".into());
         }
         if count as usize > RATE_SLOTS {
-            return Err(format!("count {count} is above the maximum of {RATE_SLOTS}"));
+            return Err(format!(
+                "count {count} is above the maximum of {RATE_SLOTS}"
+            ));
         }
         if window.is_zero() {
             return Err("window must be longer than zero".into());
@@ -106,7 +106,12 @@ impl FromStr for Rate {
 
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.count, humantime::format_duration(self.window))
+        write!(
+            f,
+            "{}/{}",
+            self.count,
+            humantime::format_duration(self.window)
+        )
     }
 }
 
@@ -273,10 +278,16 @@ impl Config {
         for (i, p) in self.ports.iter().enumerate() {
             let field = |name: &str| format!("port[{i}].{name}");
             if !(1..=65535).contains(&p.port) {
-                return Err(invalid(field("port"), format!("{} is not a TCP port (1-65535)", p.port)));
+                return Err(invalid(
+                    field("port"),
+                    format!("{} is not a TCP port (1-65535)", p.port),
+                ));
             }
             if !seen.insert(p.port) {
-                return Err(invalid(field("port"), format!("port {} is configured twice", p.port)));
+                return Err(invalid(
+                    field("port"),
+                    format!("port {} is configured twice", p.port),
+                ));
             }
             if p.max_connections == Some(0) {
                 return Err(invalid(
@@ -286,35 +297,69 @@ impl Config {
             }
         }
         if self.ipv4_prefix > 32 {
-            return Err(invalid("ipv4_prefix".into(), format!("{} is not 0-32", self.ipv4_prefix)));
+            return Err(invalid(
+                "ipv4_prefix".into(),
+                format!("{} is not 0-32", self.ipv4_prefix),
+            ));
         }
         if self.ipv6_prefix > 128 {
-            return Err(invalid("ipv6_prefix".into(), format!("{} is not 0-128", self.ipv6_prefix)));
+            return Err(invalid(
+                "ipv6_prefix".into(),
+                format!("{} is not 0-128", self.ipv6_prefix),
+            ));
         }
         if self.handshake_timeout < Duration::from_secs(1) {
-            return Err(invalid("handshake_timeout".into(), "must be at least 1s".into()));
+            return Err(invalid(
+                "handshake_timeout".into(),
+                "must be at least 1s".into(),
+            ));
         }
-        if self.sweep_interval < Duration::from_millis(100) || self.sweep_interval > Duration::from_secs(60) {
-            return Err(invalid("sweep_interval".into(), "must be between 100ms and 60s".into()));
+        if self.sweep_interval < Duration::from_millis(100)
+            || self.sweep_interval > Duration::from_secs(60)
+        {
+            return Err(invalid(
+                "sweep_interval".into(),
+                "must be between 100ms and 60s".into(),
+            ));
         }
         if !KERNEL_LOG_LEVELS.contains(&self.kernel_log.as_str()) {
             return Err(invalid(
                 "kernel_log".into(),
-                format!("{:?} is not one of {}", self.kernel_log, KERNEL_LOG_LEVELS.join(", ")),
+                format!(
+                    "{:?} is not one of {}",
+                    self.kernel_log,
+                    KERNEL_LOG_LEVELS.join(", ")
+                ),
             ));
         }
-        for (name, v) in [("capacity.sources", self.capacity.sources), ("capacity.flows", self.capacity.flows)] {
+        for (name, v) in [
+            ("capacity.sources", self.capacity.sources),
+            ("capacity.flows", self.capacity.flows),
+        ] {
             if !(64..=16_777_216).contains(&v) {
-                return Err(invalid(name.into(), format!("{v} is not between 64 and 16777216")));
+                return Err(invalid(
+                    name.into(),
+                    format!("{v} is not between 64 and 16777216"),
+                ));
             }
         }
         let mut names = BTreeSet::new();
         for (i, name) in self.interfaces.iter().enumerate() {
-            if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace) {
-                return Err(invalid(format!("interfaces[{i}]"), format!("{name:?} is not an interface name")));
+            if name.is_empty()
+                || name.len() > 15
+                || name.contains('/')
+                || name.contains(char::is_whitespace)
+            {
+                return Err(invalid(
+                    format!("interfaces[{i}]"),
+                    format!("{name:?} is not an interface name"),
+                ));
             }
             if !names.insert(name) {
-                return Err(invalid(format!("interfaces[{i}]"), format!("{name:?} is listed twice")));
+                return Err(invalid(
+                    format!("interfaces[{i}]"),
+                    format!("{name:?} is listed twice"),
+                ));
             }
         }
         Ok(())
@@ -359,7 +404,10 @@ mod tests {
         assert_eq!(c.ports[0].max_connections, Some(3));
         assert_eq!(
             c.ports[0].new_connections,
-            Some(Rate { count: 9, window: Duration::from_secs(100) })
+            Some(Rate {
+                count: 9,
+                window: Duration::from_secs(100)
+            })
         );
     }
 
@@ -399,25 +447,54 @@ mod tests {
     fn bad_values_name_their_field() {
         assert_eq!(invalid_field("[[port]]\nport = 0\n"), "port[0].port");
         assert_eq!(invalid_field("[[port]]\nport = 70000\n"), "port[0].port");
-        assert_eq!(invalid_field("[[port]]\nport = 1\n[[port]]\nport = 1\n"), "port[1].port");
-        assert_eq!(invalid_field("[[port]]\nport = 1\nmax_connections = 0\n"), "port[0].max_connections");
-        assert_eq!(invalid_field("ipv4_prefix = 33\n[[port]]\nport = 1\n"), "ipv4_prefix");
-        assert_eq!(invalid_field("ipv6_prefix = 129\n[[port]]\nport = 1\n"), "ipv6_prefix");
-        assert_eq!(invalid_field("interfaces = [\"a b\"]\n[[port]]\nport = 1\n"), "interfaces[0]");
-        assert_eq!(invalid_field("kernel_log = \"loud\"\n[[port]]\nport = 1\n"), "kernel_log");
-        assert_eq!(invalid_field("[capacity]\nflows = 1\n[[port]]\nport = 1\n"), "capacity.flows");
+        assert_eq!(
+            invalid_field("[[port]]\nport = 1\n[[port]]\nport = 1\n"),
+            "port[1].port"
+        );
+        assert_eq!(
+            invalid_field("[[port]]\nport = 1\nmax_connections = 0\n"),
+            "port[0].max_connections"
+        );
+        assert_eq!(
+            invalid_field("ipv4_prefix = 33\n[[port]]\nport = 1\n"),
+            "ipv4_prefix"
+        );
+        assert_eq!(
+            invalid_field("ipv6_prefix = 129\n[[port]]\nport = 1\n"),
+            "ipv6_prefix"
+        );
+        assert_eq!(
+            invalid_field("interfaces = [\"a b\"]\n[[port]]\nport = 1\n"),
+            "interfaces[0]"
+        );
+        assert_eq!(
+            invalid_field("kernel_log = \"loud\"\n[[port]]\nport = 1\n"),
+            "kernel_log"
+        );
+        assert_eq!(
+            invalid_field("[capacity]\nflows = 1\n[[port]]\nport = 1\n"),
+            "capacity.flows"
+        );
         assert_eq!(invalid_field("interfaces = []\n"), "port");
     }
 
     #[test]
     fn syntax_and_type_errors_say_where() {
-        let e = parse("[[port]]\nport = \"9000\"\n").unwrap_err().to_string();
+        let e = parse("[[port]]\nport = \"9000\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("test.toml") && e.contains("line 2"), "{e}");
-        let e = parse("[[port]]\nport = 9000\nmax_conections = 3\n").unwrap_err().to_string();
+        let e = parse("[[port]]\nport = 9000\nmax_conections = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_conections"), "{e}");
-        let e = parse("[[port]]\nport = 9000\nnew_connections = \"5\"\n").unwrap_err().to_string();
+        let e = parse("[[port]]\nport = 9000\nnew_connections = \"5\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("COUNT/WINDOW"), "{e}");
-        let e = parse("[[port]]\nport = 9000\nconnection_action = \"kill\"\n").unwrap_err().to_string();
+        let e = parse("[[port]]\nport = 9000\nconnection_action = \"kill\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("kill"), "{e}");
     }
 }

@@ -18,7 +18,10 @@ pub fn describe(cfg: &Config) -> Vec<String> {
     let mut lines = Vec::new();
     for p in &cfg.ports {
         let conc = match p.max_connections {
-            Some(n) => format!("at most {n} concurrent connections (then {})", p.connection_action),
+            Some(n) => format!(
+                "at most {n} concurrent connections (then {})",
+                p.connection_action
+            ),
             None => "no concurrency limit".into(),
         };
         let rate = match p.new_connections {
@@ -47,8 +50,12 @@ pub async fn run(mut cfg: Config, config_path: Option<PathBuf>) -> anyhow::Resul
     guard.apply(&cfg)?;
     guard.attach_tracepoint()?;
     // Before XDP sees a SYN: count the connections that already exist.
-    let first = sweep::sweep_now(&mut guard, cfg.handshake_timeout).context("counting existing connections")?;
-    info!("counted {} connections that existed before start-up", first.adopted);
+    let first = sweep::sweep_now(&mut guard, cfg.handshake_timeout)
+        .context("counting existing connections")?;
+    info!(
+        "counted {} connections that existed before start-up",
+        first.adopted
+    );
 
     let interfaces = if cfg.interfaces.is_empty() {
         vec![interfaces::default_route_interface()?]
@@ -101,7 +108,10 @@ fn reload(guard: &mut Guard, cfg: &mut Config, path: Option<&std::path::Path>) {
     };
     match Config::load(path) {
         Ok(new) => {
-            if new.interfaces != cfg.interfaces || new.xdp_mode != cfg.xdp_mode || new.capacity != cfg.capacity {
+            if new.interfaces != cfg.interfaces
+                || new.xdp_mode != cfg.xdp_mode
+                || new.capacity != cfg.capacity
+            {
                 warn!("interfaces, xdp_mode and capacity take effect on restart only");
             }
             match guard.apply(&new) {

@@ -1,9 +1,6 @@
 //! Loading the kernel programs, attaching them, and reading and writing their maps.
 
-use std::{
-    collections::BTreeMap,
-    path::Path,
-};
+use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
@@ -13,7 +10,9 @@ use aya::{
 };
 use log::{info, warn};
 use ws_guard_common::{
-    maps::{ControlOp, Counter, CONTROL_DONE, FlowKey, FlowValue, GlobalConfig, PortConfig, SourceKey},
+    maps::{
+        CONTROL_DONE, ControlOp, Counter, FlowKey, FlowValue, GlobalConfig, PortConfig, SourceKey,
+    },
     names, tracepoint as tp,
 };
 
@@ -198,7 +197,11 @@ impl Guard {
 
     /// Attaches the XDP program to `interface`. `Auto` tries native mode, then generic with a
     /// warning.
-    pub fn attach_xdp(&mut self, interface: &str, mode: config::XdpMode) -> anyhow::Result<&'static str> {
+    pub fn attach_xdp(
+        &mut self,
+        interface: &str,
+        mode: config::XdpMode,
+    ) -> anyhow::Result<&'static str> {
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(names::PROG_XDP)
@@ -357,7 +360,9 @@ impl Guard {
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.data_out = Some(&mut out);
-        let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN of the XDP program")?;
+        let r = prog
+            .test_run(opts)
+            .context("BPF_PROG_TEST_RUN of the XDP program")?;
         out.truncate(r.data_size_out as usize);
         Ok((r.return_value, out))
     }
@@ -410,7 +415,10 @@ fn raise_memlock_limit() {
     };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        log::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -468,7 +476,9 @@ pub fn check_format_text(text: &str) -> anyhow::Result<()> {
                     .map(|n| n.split('[').next() == Some(name))
                     .unwrap_or(false)
             })
-            .ok_or_else(|| anyhow!("inet_sock_set_state has no field {name}; this kernel is not supported"))?;
+            .ok_or_else(|| {
+                anyhow!("inet_sock_set_state has no field {name}; this kernel is not supported")
+            })?;
         let want = format!("offset:{offset};\tsize:{size};");
         if !line.replace(' ', "\t").contains(&want) {
             bail!(

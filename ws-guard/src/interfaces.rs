@@ -15,7 +15,11 @@ pub fn default_route_interface() -> anyhow::Result<String> {
     if let Ok(v6) = std::fs::read_to_string("/proc/net/ipv6_route") {
         for line in v6.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() == 10 && f[0] == "00000000000000000000000000000000" && f[1] == "00" && f[9] != "lo" {
+            if f.len() == 10
+                && f[0] == "00000000000000000000000000000000"
+                && f[1] == "00"
+                && f[9] != "lo"
+            {
                 return Ok(f[9].to_owned());
             }
         }

@@ -60,7 +60,8 @@ pub fn socket_table(ports: &HashSet<u16>) -> anyhow::Result<HashMap<FlowKey, Soc
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e).with_context(|| format!("reading {file}")),
         };
-        let entries = TcpNetEntries::from_buf_read(reader, si).with_context(|| format!("parsing {file}"))?;
+        let entries =
+            TcpNetEntries::from_buf_read(reader, si).with_context(|| format!("parsing {file}"))?;
         for e in entries.0 {
             if !ports.contains(&e.local_address.port()) {
                 continue;
@@ -144,13 +145,23 @@ pub fn sweep(
     }
     for (flow, v) in &owned {
         let age = now.saturating_sub(v.since_ns);
-        if age >= grace && !sockets.contains_key(flow) && guard.control(op(OP_RELEASE_OWNED, *flow))? {
+        if age >= grace
+            && !sockets.contains_key(flow)
+            && guard.control(op(OP_RELEASE_OWNED, *flow))?
+        {
             report.released += 1;
         }
     }
-    let known: HashSet<FlowKey> = pending.iter().chain(owned.iter()).map(|(k, _)| *k).collect();
+    let known: HashSet<FlowKey> = pending
+        .iter()
+        .chain(owned.iter())
+        .map(|(k, _)| *k)
+        .collect();
     for (flow, kind) in sockets {
-        if *kind == SocketKind::Connected && !known.contains(flow) && guard.control(op(OP_ADOPT, *flow))? {
+        if *kind == SocketKind::Connected
+            && !known.contains(flow)
+            && guard.control(op(OP_ADOPT, *flow))?
+        {
             report.adopted += 1;
         }
     }
