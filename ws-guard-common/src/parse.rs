@@ -195,7 +195,9 @@ fn parse_ipv6<P: Packet + ?Sized>(p: &P, l3: usize) -> Parsed {
     }
     match next {
         IPPROTO_TCP => {}
-        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH => return Parsed::Malformed,
+        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT => {
+            return Parsed::Malformed;
+        }
         _ => return Parsed::NotTcp,
     }
     if payload_len < ext_len {
@@ -255,4 +257,1182 @@ pub fn addresses<P: Packet + ?Sized>(p: &P, seg: &TcpSegment) -> Option<([u8; 16
         dst = p.load::<[u8; 16]>(seg.l3 + 24)?;
     }
     Some((src, dst))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! Frames are built with `etherparse` (an implementation independent of this parser) wherever
+    //! it can express them; the other cases are bytes of such frames edited by hand. The builders
+    //! are `pub(crate)` so the RST tests in `rst.rs` share them.
+
+    use super::*;
+    use etherparse::{
+        EtherType, Ethernet2Header, IpAuthHeader, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options,
+        Ipv6FlowLabel, Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader, PacketHeaders,
+        SingleVlanHeader, TcpHeader, TransportHeader, UdpHeader, VlanId, VlanPcp,
+    };
+    use std::{vec, vec::Vec};
+
+    pub(crate) const SRC_MAC: [u8; 6] = [0x02, 0x00, 0x5e, 0x10, 0x00, 0x01];
+    pub(crate) const DST_MAC: [u8; 6] = [0x02, 0x00, 0x5e, 0x10, 0x00, 0x02];
+    pub(crate) const V4_SRC: [u8; 4] = [198, 18, 0, 1];
+    pub(crate) const V4_DST: [u8; 4] = [198, 19, 255, 2];
+    pub(crate) const V6_SRC: [u8; 16] =
+        [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34];
+    pub(crate) const V6_DST: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0xaa, 0, 0, 0, 0, 0, 0, 0, 2];
+    /// 0x9cbb and 0x2328: byte-order mistakes show.
+    pub(crate) const SPORT: u16 = 40_123;
+    pub(crate) const DPORT: u16 = 9000;
+    pub(crate) const VLAN: u16 = ETH_P_8021Q;
+    pub(crate) const QINQ: u16 = ETH_P_8021AD;
+    const URG: u8 = 0x20;
+    const ECE: u8 = 0x40;
+    const CWR: u8 = 0x80;
+    const UDP: u8 = 17;
+    const ICMP: u8 = 1;
+    const ICMPV6: u8 = 58;
+    const ESP: u8 = 50;
+    const NO_NEXT: u8 = 59;
+
+    /// An IPv6 extension header.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) enum Ext {
+        /// Hop-by-hop options, routing or destination options: type, total length in bytes
+        /// (a multiple of 8, at least 8).
+        Raw(u8, usize),
+        /// Authentication header, total length in bytes (a multiple of 4, at least 12).
+        Auth(usize),
+        /// Fragment header (8 bytes).
+        Fragment { offset: u16, more: bool },
+    }
+
+    pub(crate) const HBH: u8 = IPV6_HOPOPTS;
+    pub(crate) const RT: u8 = IPV6_ROUTING;
+    pub(crate) const DST: u8 = IPV6_DSTOPTS;
+
+    impl Ext {
+        fn kind(self) -> u8 {
+            match self {
+                Ext::Raw(t, _) => t,
+                Ext::Auth(_) => IPV6_AH,
+                Ext::Fragment { .. } => IPV6_FRAGMENT,
+            }
+        }
+
+        pub(crate) fn len(self) -> usize {
+            match self {
+                Ext::Raw(_, n) | Ext::Auth(n) => n,
+                Ext::Fragment { .. } => 8,
+            }
+        }
+
+        fn bytes(self, next: u8) -> Vec<u8> {
+            let next = IpNumber(next);
+            match self {
+                Ext::Raw(_, n) => Ipv6RawExtHeader::new_raw(next, &vec![0; n - 2])
+                    .unwrap()
+                    .to_bytes()
+                    .to_vec(),
+                Ext::Auth(n) => IpAuthHeader::new(next, 0x100, 7, &vec![0xa5; n - 12])
+                    .unwrap()
+                    .to_bytes()
+                    .to_vec(),
+                Ext::Fragment { offset, more } => Ipv6FragmentHeader::new(
+                    next,
+                    IpFragOffset::try_new(offset).unwrap(),
+                    more,
+                    0xdead_beef,
+                )
+                .to_bytes()
+                .to_vec(),
+            }
+        }
+    }
+
+    /// A frame to build: Ethernet, VLAN tags, IPv4 or IPv6 (with extension headers), then TCP,
+    /// UDP, or 8 opaque bytes for any other protocol. Change fields with `Spec { .., ..Spec::v4() }`.
+    #[derive(Clone, Debug)]
+    pub(crate) struct Spec {
+        /// Tag protocol identifiers, outermost first.
+        pub tags: Vec<u16>,
+        pub ipv6: bool,
+        /// IPv4 option words (IHL - 5).
+        pub ip_option_words: u8,
+        /// IPv4 more-fragments flag.
+        pub more_fragments: bool,
+        /// IPv4 fragment offset, in 8-byte units.
+        pub frag_offset: u16,
+        /// IPv6 extension headers, in order.
+        pub exts: Vec<Ext>,
+        /// IPv4 protocol, or the last IPv6 next-header value.
+        pub proto: u8,
+        pub flags: u8,
+        pub seq: u32,
+        /// TCP option words (data offset - 5).
+        pub tcp_option_words: u8,
+        pub payload: usize,
+        /// Zero bytes after the IP packet, as Ethernet padding.
+        pub padding: usize,
+        pub sport: u16,
+        pub dport: u16,
+        /// IPv4 uses the first four bytes.
+        pub src: [u8; 16],
+        pub dst: [u8; 16],
+    }
+
+    fn v4_in_16(a: [u8; 4]) -> [u8; 16] {
+        let mut o = [0; 16];
+        o[..4].copy_from_slice(&a);
+        o
+    }
+
+    fn first4(a: [u8; 16]) -> [u8; 4] {
+        [a[0], a[1], a[2], a[3]]
+    }
+
+    impl Spec {
+        /// A plain IPv4 TCP SYN from SPORT to DPORT.
+        pub(crate) fn v4() -> Spec {
+            Spec {
+                tags: Vec::new(),
+                ipv6: false,
+                ip_option_words: 0,
+                more_fragments: false,
+                frag_offset: 0,
+                exts: Vec::new(),
+                proto: IPPROTO_TCP,
+                flags: TCP_SYN,
+                seq: 0x1234_5678,
+                tcp_option_words: 0,
+                payload: 0,
+                padding: 0,
+                sport: SPORT,
+                dport: DPORT,
+                src: v4_in_16(V4_SRC),
+                dst: v4_in_16(V4_DST),
+            }
+        }
+
+        /// A plain IPv6 TCP SYN from SPORT to DPORT.
+        pub(crate) fn v6() -> Spec {
+            Spec {
+                ipv6: true,
+                src: V6_SRC,
+                dst: V6_DST,
+                ..Spec::v4()
+            }
+        }
+
+        /// Offset of the IP header.
+        pub(crate) fn l3(&self) -> usize {
+            ETH_HLEN + 4 * self.tags.len()
+        }
+
+        /// Offset of the TCP header.
+        pub(crate) fn l4(&self) -> usize {
+            if self.ipv6 {
+                self.l3() + 40 + self.exts.iter().map(|e| e.len()).sum::<usize>()
+            } else {
+                self.l3() + 20 + 4 * self.ip_option_words as usize
+            }
+        }
+
+        pub(crate) fn tcp_len(&self) -> usize {
+            20 + 4 * self.tcp_option_words as usize
+        }
+
+        fn tcp_header(&self) -> TcpHeader {
+            let mut t = TcpHeader::new(self.sport, self.dport, self.seq, 64_240);
+            let f = self.flags;
+            t.fin = f & TCP_FIN != 0;
+            t.syn = f & TCP_SYN != 0;
+            t.rst = f & TCP_RST != 0;
+            t.psh = f & TCP_PSH != 0;
+            t.ack = f & TCP_ACK != 0;
+            t.urg = f & URG != 0;
+            t.ece = f & ECE != 0;
+            t.cwr = f & CWR != 0;
+            if t.ack {
+                t.acknowledgment_number = 0x0bad_cafe;
+            }
+            // MSS, then no-ops.
+            let mut opts = vec![1u8; 4 * self.tcp_option_words as usize];
+            if !opts.is_empty() {
+                opts[..4].copy_from_slice(&[2, 4, 0x05, 0xb4]);
+            }
+            t.set_options_raw(&opts).unwrap();
+            assert_eq!(t.header_len(), self.tcp_len());
+            t
+        }
+
+        pub(crate) fn payload_bytes(&self) -> Vec<u8> {
+            (0..self.payload).map(|i| (i * 7 + 3) as u8).collect()
+        }
+
+        pub(crate) fn build(&self) -> Vec<u8> {
+            let mut types = self.tags.clone();
+            types.push(if self.ipv6 { ETH_P_IPV6 } else { ETH_P_IP });
+            let mut f = Ethernet2Header {
+                source: SRC_MAC,
+                destination: DST_MAC,
+                ether_type: EtherType(types[0]),
+            }
+            .to_bytes()
+            .to_vec();
+            for (i, w) in types.windows(2).enumerate() {
+                let tag = SingleVlanHeader {
+                    pcp: VlanPcp::ZERO,
+                    drop_eligible_indicator: false,
+                    vlan_id: VlanId::try_new(100 + i as u16).unwrap(),
+                    ether_type: EtherType(w[1]),
+                };
+                f.extend_from_slice(&tag.to_bytes());
+            }
+            let payload = self.payload_bytes();
+            let mut tcp = (self.proto == IPPROTO_TCP).then(|| self.tcp_header());
+            let upper_len = tcp.as_ref().map_or(8, |t| t.header_len()) + payload.len();
+            let upper_bytes = |tcp: &Option<TcpHeader>| match tcp {
+                Some(t) => t.to_bytes().to_vec(),
+                None if self.proto == UDP => UdpHeader {
+                    source_port: self.sport,
+                    destination_port: self.dport,
+                    length: upper_len as u16,
+                    checksum: 0,
+                }
+                .to_bytes()
+                .to_vec(),
+                None => vec![8, 0, 0, 0, 0, 1, 0, 1],
+            };
+            if self.ipv6 {
+                let kinds: Vec<u8> = self.exts.iter().map(|e| e.kind()).collect();
+                let mut exts = Vec::new();
+                for (i, e) in self.exts.iter().enumerate() {
+                    exts.extend(e.bytes(kinds.get(i + 1).copied().unwrap_or(self.proto)));
+                }
+                let ip = Ipv6Header {
+                    traffic_class: 0,
+                    flow_label: Ipv6FlowLabel::try_new(0x12345).unwrap(),
+                    payload_length: (exts.len() + upper_len) as u16,
+                    next_header: IpNumber(kinds.first().copied().unwrap_or(self.proto)),
+                    hop_limit: 57,
+                    source: self.src,
+                    destination: self.dst,
+                };
+                if let Some(t) = tcp.as_mut() {
+                    t.checksum = t.calc_checksum_ipv6(&ip, &payload).unwrap();
+                }
+                f.extend_from_slice(&ip.to_bytes());
+                f.extend(exts);
+            } else {
+                let mut ip = Ipv4Header::new(
+                    0,
+                    57,
+                    IpNumber(self.proto),
+                    first4(self.src),
+                    first4(self.dst),
+                )
+                .unwrap();
+                // Router alert, then no-ops.
+                let mut opts = vec![1u8; 4 * self.ip_option_words as usize];
+                if !opts.is_empty() {
+                    opts[..4].copy_from_slice(&[0x94, 4, 0, 0]);
+                }
+                ip.options = Ipv4Options::try_from(&opts[..]).unwrap();
+                ip.set_payload_len(upper_len).unwrap();
+                ip.identification = 0x4242;
+                ip.more_fragments = self.more_fragments;
+                ip.fragment_offset = IpFragOffset::try_new(self.frag_offset).unwrap();
+                ip.dont_fragment = !self.more_fragments && self.frag_offset == 0;
+                ip.header_checksum = ip.calc_header_checksum();
+                if let Some(t) = tcp.as_mut() {
+                    t.checksum = t.calc_checksum_ipv4(&ip, &payload).unwrap();
+                }
+                f.extend_from_slice(&ip.to_bytes());
+            }
+            f.extend(upper_bytes(&tcp));
+            f.extend(payload);
+            f.extend(vec![0; self.padding]);
+            f
+        }
+    }
+
+    /// The frame with the big-endian `value` written at `off`.
+    pub(crate) fn with_be16(mut f: Vec<u8>, off: usize, value: u16) -> Vec<u8> {
+        f[off..off + 2].copy_from_slice(&value.to_be_bytes());
+        f
+    }
+
+    pub(crate) fn tcp(frame: &[u8]) -> TcpSegment {
+        match parse(frame) {
+            Parsed::Tcp(s) => s,
+            other => panic!("expected Tcp, got {other:?} for {frame:02x?}"),
+        }
+    }
+
+    /// The segment etherparse decodes from the frame: the builder's output is real TCP.
+    fn etherparse_tcp(frame: &[u8]) -> TcpHeader {
+        let h = PacketHeaders::from_ethernet_slice(frame).unwrap();
+        match h.transport {
+            Some(TransportHeader::Tcp(t)) => t,
+            other => panic!("etherparse found {other:?}"),
+        }
+    }
+
+    /// Parses every prefix of `frame`, from empty to whole, expecting `expect(prefix_len)`.
+    fn sweep(frame: &[u8], expect: impl Fn(usize) -> Parsed) {
+        for n in 0..=frame.len() {
+            assert_eq!(
+                parse(&frame[..n]),
+                expect(n),
+                "{n}-byte prefix of {frame:02x?}"
+            );
+        }
+    }
+
+    #[test]
+    fn builder_makes_frames_etherparse_accepts() {
+        let specs = [
+            Spec::v4(),
+            Spec {
+                tags: vec![QINQ, VLAN, VLAN],
+                ip_option_words: 10,
+                tcp_option_words: 10,
+                payload: 9,
+                ..Spec::v4()
+            },
+            Spec::v6(),
+            Spec {
+                tags: vec![VLAN],
+                exts: vec![
+                    Ext::Raw(HBH, 16),
+                    Ext::Raw(RT, 8),
+                    Ext::Auth(24),
+                    Ext::Raw(DST, 8),
+                ],
+                tcp_option_words: 3,
+                payload: 5,
+                ..Spec::v6()
+            },
+        ];
+        for s in specs {
+            let f = s.build();
+            let t = etherparse_tcp(&f);
+            assert_eq!((t.source_port, t.destination_port), (SPORT, DPORT));
+            assert_eq!(t.header_len(), s.tcp_len());
+            let h = PacketHeaders::from_ethernet_slice(&f).unwrap();
+            assert_eq!(h.link_exts.len(), s.tags.len());
+            assert_eq!(h.payload.slice(), &s.payload_bytes()[..]);
+            assert_eq!(f.len(), s.l4() + s.tcp_len() + s.payload);
+        }
+    }
+
+    #[test]
+    fn ipv4_syn() {
+        let f = Spec::v4().build();
+        assert_eq!(f.len(), 54);
+        let s = tcp(&f);
+        assert_eq!(
+            s,
+            TcpSegment {
+                family: AF_INET,
+                l3: 14,
+                l4: 34,
+                sport: 40_123,
+                dport: 9000,
+                flags: TCP_SYN,
+                seq: 0x1234_5678,
+                segment_len: 20,
+                header_len: 20,
+                ipv6_ext: false,
+            }
+        );
+        assert!(s.is_new_attempt());
+        assert_eq!(s.sequence_len(), 1);
+    }
+
+    #[test]
+    fn only_a_bare_syn_is_a_new_attempt() {
+        let cases = [
+            (TCP_SYN, true),
+            (TCP_SYN | ECE | CWR, true),
+            (TCP_SYN | TCP_PSH, true),
+            (TCP_SYN | URG, true),
+            (TCP_SYN | TCP_ACK, false),
+            (TCP_ACK, false),
+            (TCP_RST, false),
+            (TCP_RST | TCP_ACK, false),
+            (TCP_FIN, false),
+            (TCP_FIN | TCP_ACK, false),
+            (TCP_SYN | TCP_RST, false),
+            (TCP_SYN | TCP_FIN, false),
+            (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN, false),
+            (TCP_PSH | TCP_ACK, false),
+            (0, false),
+        ];
+        for (flags, new) in cases {
+            for base in [Spec::v4(), Spec::v6()] {
+                let s = tcp(&Spec { flags, ..base }.build());
+                assert_eq!(s.flags, flags);
+                assert_eq!(s.is_new_attempt(), new, "flags {flags:#04x}");
+            }
+        }
+    }
+
+    #[test]
+    fn ipv4_options_every_ihl() {
+        for words in 1..=10u8 {
+            let f = Spec {
+                ip_option_words: words,
+                ..Spec::v4()
+            }
+            .build();
+            assert_eq!(f[14] & 0x0f, 5 + words);
+            let s = tcp(&f);
+            assert_eq!(s.l3, 14);
+            assert_eq!(s.l4, 14 + 4 * (5 + words as usize));
+            assert_eq!((s.sport, s.dport, s.seq), (SPORT, DPORT, 0x1234_5678));
+            assert_eq!((s.segment_len, s.header_len), (20, 20));
+            assert!(s.is_new_attempt());
+        }
+    }
+
+    #[test]
+    fn tcp_options_every_data_offset() {
+        for base in [Spec::v4(), Spec::v6()] {
+            for words in 1..=10u8 {
+                let f = Spec {
+                    tcp_option_words: words,
+                    ..base.clone()
+                }
+                .build();
+                let s = tcp(&f);
+                let len = 4 * (5 + words as u32);
+                assert_eq!(s.header_len, len);
+                assert_eq!(s.segment_len, len);
+                assert_eq!(s.sequence_len(), 1);
+                assert_eq!(f.len(), s.l4 + len as usize);
+            }
+        }
+    }
+
+    #[test]
+    fn payload_counts_in_sequence_space() {
+        for base in [Spec::v4(), Spec::v6()] {
+            let spec = |flags, payload| Spec {
+                flags,
+                payload,
+                tcp_option_words: 5,
+                ..base.clone()
+            };
+            let s = tcp(&spec(TCP_SYN, 100).build());
+            assert_eq!((s.segment_len, s.header_len), (140, 40));
+            assert_eq!(s.sequence_len(), 101);
+            assert!(s.is_new_attempt());
+            assert_eq!(
+                tcp(&spec(TCP_SYN | TCP_FIN, 100).build()).sequence_len(),
+                102
+            );
+            assert_eq!(tcp(&spec(TCP_FIN | TCP_ACK, 0).build()).sequence_len(), 1);
+            assert_eq!(tcp(&spec(TCP_ACK | TCP_PSH, 7).build()).sequence_len(), 7);
+            assert_eq!(tcp(&spec(TCP_ACK, 0).build()).sequence_len(), 0);
+        }
+    }
+
+    #[test]
+    fn lengths_come_from_the_ip_header_not_the_frame() {
+        // A 54-byte SYN padded to the 60-byte Ethernet minimum.
+        let f = Spec {
+            padding: 6,
+            ..Spec::v4()
+        }
+        .build();
+        assert_eq!(f.len(), 60);
+        assert_eq!(tcp(&f).segment_len, 20);
+        assert_eq!(tcp(&f).sequence_len(), 1);
+        let f = Spec {
+            padding: 3,
+            ..Spec::v6()
+        }
+        .build();
+        assert_eq!(tcp(&f).segment_len, 20);
+    }
+
+    #[test]
+    fn vlan_tags() {
+        let cases: [(&[u16], usize); 6] = [
+            (&[VLAN], 18),
+            (&[QINQ], 18),
+            (&[QINQ, VLAN], 22),
+            (&[VLAN, VLAN], 22),
+            (&[QINQ, VLAN, VLAN], 26),
+            (&[QINQ, QINQ, QINQ], 26),
+        ];
+        for (tags, l3) in cases {
+            for base in [Spec::v4(), Spec::v6()] {
+                let spec = Spec {
+                    tags: tags.to_vec(),
+                    ..base
+                };
+                let f = spec.build();
+                let s = tcp(&f);
+                assert_eq!(s.l3, l3, "{tags:04x?}");
+                assert_eq!(s.l4, l3 + if spec.ipv6 { 40 } else { 20 });
+                assert_eq!(s.family, if spec.ipv6 { AF_INET6 } else { AF_INET });
+                assert_eq!((s.sport, s.dport, s.segment_len), (SPORT, DPORT, 20));
+                assert!(s.is_new_attempt());
+                etherparse_tcp(&f);
+            }
+        }
+    }
+
+    #[test]
+    fn more_than_three_vlan_tags_is_malformed() {
+        assert_eq!(MAX_VLAN_TAGS, 3);
+        for tags in [[VLAN; 4], [QINQ, VLAN, VLAN, VLAN], [QINQ; 4]] {
+            for base in [Spec::v4(), Spec::v6()] {
+                let f = Spec {
+                    tags: tags.to_vec(),
+                    ..base
+                }
+                .build();
+                assert_eq!(parse(&f[..]), Parsed::Malformed, "{tags:04x?}");
+            }
+        }
+        let mut five = Spec {
+            tags: vec![VLAN; 5],
+            ..Spec::v4()
+        };
+        assert_eq!(parse(&five.build()[..]), Parsed::Malformed);
+        five.ipv6 = true;
+        assert_eq!(parse(&five.build()[..]), Parsed::Malformed);
+    }
+
+    #[test]
+    fn ipv6_syn() {
+        let f = Spec::v6().build();
+        assert_eq!(f.len(), 74);
+        let s = tcp(&f);
+        assert_eq!(
+            s,
+            TcpSegment {
+                family: AF_INET6,
+                l3: 14,
+                l4: 54,
+                sport: SPORT,
+                dport: DPORT,
+                flags: TCP_SYN,
+                seq: 0x1234_5678,
+                segment_len: 20,
+                header_len: 20,
+                ipv6_ext: false,
+            }
+        );
+        assert!(s.is_new_attempt());
+    }
+
+    #[test]
+    fn ipv6_each_extension_header() {
+        let exts = [
+            Ext::Raw(HBH, 8),
+            Ext::Raw(HBH, 16),
+            Ext::Raw(RT, 8),
+            Ext::Raw(RT, 24),
+            Ext::Raw(DST, 8),
+            Ext::Raw(DST, 40),
+            // AH counts 4-byte units minus 2: a 12-byte AH has length field 1.
+            Ext::Auth(12),
+            Ext::Auth(24),
+        ];
+        for ext in exts {
+            let f = Spec {
+                exts: vec![ext],
+                tcp_option_words: 3,
+                payload: 7,
+                ..Spec::v6()
+            }
+            .build();
+            let payload_len = u16::from_be_bytes([f[18], f[19]]) as usize;
+            assert_eq!(payload_len, ext.len() + 32 + 7);
+            let s = tcp(&f);
+            assert!(s.ipv6_ext, "{ext:?}");
+            assert_eq!(s.l4, 54 + ext.len(), "{ext:?}");
+            assert_eq!(s.header_len, 32);
+            assert_eq!(s.segment_len as usize, payload_len - ext.len());
+            assert_eq!(s.sequence_len(), 8);
+            assert_eq!((s.sport, s.dport, s.seq), (SPORT, DPORT, 0x1234_5678));
+            assert!(s.is_new_attempt());
+            etherparse_tcp(&f);
+        }
+    }
+
+    fn six_exts() -> Vec<Ext> {
+        vec![
+            Ext::Raw(HBH, 8),
+            Ext::Raw(DST, 16),
+            Ext::Raw(RT, 8),
+            Ext::Auth(16),
+            Ext::Raw(DST, 8),
+            Ext::Raw(DST, 24),
+        ]
+    }
+
+    #[test]
+    fn ipv6_extension_chains_up_to_the_limit() {
+        assert_eq!(MAX_IPV6_EXT, 6);
+        let all = six_exts();
+        for n in 1..=MAX_IPV6_EXT {
+            let exts = all[..n].to_vec();
+            let ext_len: usize = exts.iter().map(|e| e.len()).sum();
+            let s = tcp(&Spec {
+                exts,
+                payload: 3,
+                ..Spec::v6()
+            }
+            .build());
+            assert!(s.ipv6_ext);
+            assert_eq!(s.l4, 54 + ext_len);
+            assert_eq!(s.segment_len, 23);
+        }
+    }
+
+    #[test]
+    fn ipv6_more_extension_headers_than_the_limit_is_malformed() {
+        for last in [
+            Ext::Raw(HBH, 8),
+            Ext::Raw(RT, 8),
+            Ext::Raw(DST, 8),
+            Ext::Auth(12),
+        ] {
+            let mut exts = six_exts();
+            exts.push(last);
+            let f = Spec { exts, ..Spec::v6() }.build();
+            assert_eq!(parse(&f[..]), Parsed::Malformed, "{last:?}");
+        }
+        // A seventh header that is a fragment header is over the limit all the same.
+        let mut exts = six_exts();
+        exts.push(Ext::Fragment {
+            offset: 0,
+            more: true,
+        });
+        let f = Spec { exts, ..Spec::v6() }.build();
+        assert_eq!(parse(&f[..]), Parsed::Malformed);
+    }
+
+    #[test]
+    fn ipv6_headers_never_reach_past_the_offset_bound() {
+        // 14 + 40 + 456 = 510: TCP starts inside the bound.
+        let f = Spec {
+            exts: vec![Ext::Raw(DST, 456)],
+            ..Spec::v6()
+        }
+        .build();
+        assert_eq!(tcp(&f).l4, 510);
+        // 14 + 40 + 464 = 518: past it, although the whole frame is there.
+        for exts in [
+            vec![Ext::Raw(DST, 464)],
+            vec![Ext::Raw(HBH, 8), Ext::Raw(DST, 2048)],
+        ] {
+            // Also when the protocol after them is not TCP.
+            for proto in [IPPROTO_TCP, UDP] {
+                let f = Spec {
+                    exts: exts.clone(),
+                    proto,
+                    ..Spec::v6()
+                }
+                .build();
+                assert_eq!(parse(&f[..]), Parsed::Malformed, "{exts:?} then {proto}");
+            }
+        }
+    }
+
+    #[test]
+    fn ipv6_fragment_header() {
+        let frag = |offset, more| Ext::Fragment { offset, more };
+        let chains = [
+            vec![frag(0, true)],
+            vec![frag(0, false)],
+            vec![frag(185, false)],
+            vec![frag(1, true)],
+            vec![Ext::Raw(HBH, 8), frag(0, true)],
+            vec![
+                Ext::Raw(HBH, 8),
+                Ext::Raw(DST, 8),
+                Ext::Raw(RT, 16),
+                frag(0, true),
+            ],
+            vec![Ext::Auth(12), frag(0, true), Ext::Raw(DST, 8)],
+            {
+                let mut v = six_exts();
+                v[5] = frag(0, true);
+                v
+            },
+        ];
+        for exts in chains {
+            for proto in [IPPROTO_TCP, UDP] {
+                let f = Spec {
+                    exts: exts.clone(),
+                    proto,
+                    ..Spec::v6()
+                }
+                .build();
+                assert_eq!(parse(&f[..]), Parsed::Fragment, "{exts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn ipv6_not_tcp() {
+        for proto in [ESP, NO_NEXT, UDP, ICMPV6, 4, 41] {
+            for exts in [vec![], vec![Ext::Raw(HBH, 8)], six_exts()] {
+                let f = Spec {
+                    proto,
+                    exts: exts.clone(),
+                    ..Spec::v6()
+                }
+                .build();
+                assert_eq!(
+                    parse(&f[..]),
+                    Parsed::NotTcp,
+                    "proto {proto} after {exts:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ipv4_fragments() {
+        for (more_fragments, frag_offset) in [(true, 0), (false, 1), (true, 1), (false, 0x1fff)] {
+            for proto in [IPPROTO_TCP, UDP] {
+                let f = Spec {
+                    more_fragments,
+                    frag_offset,
+                    proto,
+                    ..Spec::v4()
+                }
+                .build();
+                assert_eq!(
+                    parse(&f[..]),
+                    Parsed::Fragment,
+                    "MF {more_fragments} offset {frag_offset}"
+                );
+            }
+        }
+        // Don't-fragment alone, and the reserved flag, are not fragmentation.
+        let f = Spec::v4().build();
+        assert_eq!(f[20], 0x40);
+        let l3 = 14;
+        for flags in [0x0000u16, 0x4000, 0x8000, 0xc000] {
+            let f = with_be16(f.clone(), l3 + 6, flags);
+            assert!(matches!(parse(&f[..]), Parsed::Tcp(_)), "{flags:#06x}");
+        }
+    }
+
+    #[test]
+    fn ipv4_not_tcp() {
+        for proto in [UDP, ICMP, 47, 0, 41] {
+            let f = Spec {
+                proto,
+                ..Spec::v4()
+            }
+            .build();
+            assert_eq!(parse(&f[..]), Parsed::NotTcp, "proto {proto}");
+        }
+    }
+
+    #[test]
+    fn not_ip() {
+        // An ARP request.
+        let mut arp = Ethernet2Header {
+            source: SRC_MAC,
+            destination: [0xff; 6],
+            ether_type: EtherType::ARP,
+        }
+        .to_bytes()
+        .to_vec();
+        arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&SRC_MAC);
+        arp.extend_from_slice(&V4_SRC);
+        arp.extend_from_slice(&[0; 6]);
+        arp.extend_from_slice(&V4_DST);
+        assert_eq!(parse(&arp[..]), Parsed::NotIp);
+        // Other ethertypes, including 802.3 lengths and the old 0x9100 QinQ, which is not followed.
+        let f = Spec::v4().build();
+        for t in [
+            0x0806, 0x88cc, 0x8847, 0x9100, 0x0026, 0x05dc, 0xffff, 0x0000,
+        ] {
+            assert_eq!(
+                parse(&with_be16(f.clone(), 12, t)[..]),
+                Parsed::NotIp,
+                "{t:#06x}"
+            );
+        }
+        // Behind tags.
+        let f = Spec {
+            tags: vec![QINQ, VLAN],
+            ..Spec::v4()
+        }
+        .build();
+        assert_eq!(parse(&with_be16(f, 20, 0x0806)[..]), Parsed::NotIp);
+    }
+
+    #[test]
+    fn truncated_vlan_ipv4_syn_with_options() {
+        let spec = Spec {
+            tags: vec![VLAN],
+            ip_option_words: 2,
+            tcp_option_words: 5,
+            payload: 12,
+            ..Spec::v4()
+        };
+        let f = spec.build();
+        let full = tcp(&f);
+        // Ethernet 14 + tag 4, IPv4 28, TCP 40, payload 12.
+        assert_eq!(
+            (full.l3, full.l4, full.header_len, full.segment_len),
+            (18, 46, 40, 52)
+        );
+        assert_eq!(f.len(), 98);
+        // Everything that decides (ethertypes, IP version/IHL/length/fragment/protocol, TCP
+        // header and options) ends at byte 86: any shorter prefix is Malformed, even where the
+        // cut falls inside a tag (bytes 14..18) or between tag and IP header; from 86 on the
+        // missing payload does not matter and the segment is the full frame's, its lengths
+        // taken from the IP header.
+        sweep(&f, |n| {
+            if n < 86 {
+                Parsed::Malformed
+            } else {
+                Parsed::Tcp(full)
+            }
+        });
+    }
+
+    #[test]
+    fn truncated_ipv6_syn_with_extension_header() {
+        let spec = Spec {
+            exts: vec![Ext::Raw(DST, 16)],
+            tcp_option_words: 3,
+            payload: 5,
+            ..Spec::v6()
+        };
+        let f = spec.build();
+        let full = tcp(&f);
+        // Ethernet 14, IPv6 40, destination options 16, TCP 32, payload 5.
+        assert_eq!(
+            (full.l3, full.l4, full.header_len, full.segment_len),
+            (14, 70, 32, 37)
+        );
+        assert_eq!(f.len(), 107);
+        // Cut in the fixed header, the extension header or the TCP header (options included):
+        // Malformed. From 102 on: the full frame's segment.
+        sweep(&f, |n| {
+            if n < 102 {
+                Parsed::Malformed
+            } else {
+                Parsed::Tcp(full)
+            }
+        });
+    }
+
+    #[test]
+    fn truncated_frames_decided_before_the_cut() {
+        // Here the answer is known before the TCP header: the prefix only has to reach the byte
+        // that decides it.
+        let l3 = 18;
+        let v4_udp = Spec {
+            tags: vec![VLAN],
+            proto: UDP,
+            payload: 4,
+            ..Spec::v4()
+        };
+        // IPv4: the whole fixed header is read before anything is decided.
+        sweep(&v4_udp.build(), |n| {
+            if n < l3 + 20 {
+                Parsed::Malformed
+            } else {
+                Parsed::NotTcp
+            }
+        });
+        let v4_frag = Spec {
+            more_fragments: true,
+            ..v4_udp.clone()
+        };
+        sweep(&v4_frag.build(), |n| {
+            if n < l3 + 20 {
+                Parsed::Malformed
+            } else {
+                Parsed::Fragment
+            }
+        });
+        // IPv6: the fixed header, then the first two bytes of each extension header.
+        let v6_udp = Spec {
+            exts: vec![Ext::Raw(HBH, 16)],
+            proto: UDP,
+            ..Spec::v6()
+        };
+        sweep(&v6_udp.build(), |n| {
+            if n < 14 + 40 + 2 {
+                Parsed::Malformed
+            } else {
+                Parsed::NotTcp
+            }
+        });
+        let v6_frag = Spec {
+            exts: vec![
+                Ext::Raw(HBH, 16),
+                Ext::Fragment {
+                    offset: 0,
+                    more: true,
+                },
+            ],
+            ..Spec::v6()
+        };
+        // The fragment header is recognised by the previous header's next-header field.
+        sweep(&v6_frag.build(), |n| {
+            if n < 14 + 40 + 2 {
+                Parsed::Malformed
+            } else {
+                Parsed::Fragment
+            }
+        });
+        let v6_esp = Spec {
+            proto: ESP,
+            ..Spec::v6()
+        };
+        sweep(&v6_esp.build(), |n| {
+            if n < 14 + 40 {
+                Parsed::Malformed
+            } else {
+                Parsed::NotTcp
+            }
+        });
+        // Not IP: decided by the ethertype.
+        let arp = with_be16(Spec::v4().build(), 12, 0x0806);
+        sweep(&arp, |n| {
+            if n < 14 {
+                Parsed::Malformed
+            } else {
+                Parsed::NotIp
+            }
+        });
+        let tagged_arp = with_be16(
+            Spec {
+                tags: vec![QINQ, VLAN],
+                ..Spec::v4()
+            }
+            .build(),
+            20,
+            0x0806,
+        );
+        sweep(&tagged_arp, |n| {
+            if n < 22 {
+                Parsed::Malformed
+            } else {
+                Parsed::NotIp
+            }
+        });
+    }
+
+    #[test]
+    fn inconsistent_ipv4_lengths() {
+        let base = Spec {
+            ip_option_words: 1,
+            tcp_option_words: 5,
+            payload: 10,
+            ..Spec::v4()
+        };
+        let f = base.build();
+        let l3 = 14;
+        let l4 = 14 + 24;
+        assert!(matches!(parse(&f[..]), Parsed::Tcp(_)));
+        let set = |off: usize, v: u8| {
+            let mut g = f.clone();
+            g[off] = v;
+            g
+        };
+        // Version.
+        for b in [0x06, 0x16, 0x56, 0x66, 0xf6] {
+            assert_eq!(parse(&set(l3, b)[..]), Parsed::Malformed, "{b:#04x}");
+        }
+        // IHL below 5.
+        for ihl in 0..5 {
+            assert_eq!(
+                parse(&set(l3, 0x40 | ihl)[..]),
+                Parsed::Malformed,
+                "IHL {ihl}"
+            );
+        }
+        // Total length below IHL * 4 (24), and below IHL * 4 + data offset * 4 (64).
+        for total in [0u16, 19, 20, 23, 24, 43, 63] {
+            assert_eq!(
+                parse(&with_be16(f.clone(), l3 + 2, total)[..]),
+                Parsed::Malformed,
+                "total {total}"
+            );
+        }
+        // Exactly the headers: a SYN without payload.
+        let s = tcp(&with_be16(f.clone(), l3 + 2, 64));
+        assert_eq!((s.segment_len, s.sequence_len()), (40, 1));
+        // Data offset below 5.
+        for doff in 0..5u8 {
+            assert_eq!(
+                parse(&set(l4 + 12, doff << 4)[..]),
+                Parsed::Malformed,
+                "doff {doff}"
+            );
+        }
+        // The reserved bits next to the data offset do not change it.
+        assert_eq!(tcp(&set(l4 + 12, 0xaf)).header_len, 40);
+    }
+
+    #[test]
+    fn inconsistent_ipv6_lengths() {
+        let base = Spec {
+            exts: vec![Ext::Raw(HBH, 16)],
+            ..Spec::v6()
+        };
+        let f = base.build();
+        let l3 = 14;
+        assert!(matches!(parse(&f[..]), Parsed::Tcp(_)));
+        for b in [0x00, 0x40, 0x50, 0x70, 0xf0] {
+            let mut g = f.clone();
+            g[l3] = b;
+            assert_eq!(parse(&g[..]), Parsed::Malformed, "{b:#04x}");
+        }
+        // Payload length below the extension headers (16), and below them plus TCP (36).
+        for len in [0u16, 8, 15, 16, 20, 35] {
+            assert_eq!(
+                parse(&with_be16(f.clone(), l3 + 4, len)[..]),
+                Parsed::Malformed,
+                "payload {len}"
+            );
+        }
+        assert_eq!(tcp(&with_be16(f.clone(), l3 + 4, 36)).segment_len, 20);
+        // No extension headers: payload length below the TCP header.
+        let f = Spec::v6().build();
+        for len in [0u16, 1, 19] {
+            assert_eq!(
+                parse(&with_be16(f.clone(), l3 + 4, len)[..]),
+                Parsed::Malformed,
+                "payload {len}"
+            );
+        }
+        // Data offset below 5.
+        let mut g = f.clone();
+        g[54 + 12] = 0x40;
+        assert_eq!(parse(&g[..]), Parsed::Malformed);
+    }
+
+    #[test]
+    fn ipv4_addresses() {
+        for tags in [vec![], vec![QINQ, VLAN]] {
+            let f = Spec {
+                tags,
+                ip_option_words: 3,
+                ..Spec::v4()
+            }
+            .build();
+            let s = tcp(&f);
+            let (src, dst) = addresses(&f[..], &s).unwrap();
+            assert_eq!(src, [198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            assert_eq!(dst, [198, 19, 255, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            assert_eq!(addresses(&f[..s.l3 + 19], &s), None);
+            assert!(addresses(&f[..s.l3 + 20], &s).is_some());
+        }
+    }
+
+    #[test]
+    fn ipv6_addresses() {
+        for tags in [vec![], vec![VLAN]] {
+            let f = Spec {
+                tags,
+                exts: vec![Ext::Raw(DST, 8)],
+                ..Spec::v6()
+            }
+            .build();
+            let s = tcp(&f);
+            assert_eq!(addresses(&f[..], &s), Some((V6_SRC, V6_DST)));
+            assert_eq!(addresses(&f[..s.l3 + 39], &s), None);
+            assert_eq!(addresses(&f[..s.l3 + 40], &s), Some((V6_SRC, V6_DST)));
+        }
+    }
+
+    #[test]
+    fn slice_loads_are_bounds_checked() {
+        let b = [1u8, 2, 3, 4];
+        let p: &[u8] = &b;
+        assert_eq!(p.load::<[u8; 4]>(0), Some(b));
+        assert_eq!(p.load::<[u8; 2]>(2), Some([3, 4]));
+        assert_eq!(p.load::<[u8; 2]>(3), None);
+        assert_eq!(p.load::<u8>(4), None);
+        assert_eq!(p.load::<()>(4), Some(()));
+        assert_eq!(p.load::<u8>(usize::MAX), None);
+        assert_eq!(p.load::<[u8; 2]>(usize::MAX - 1), None);
+        let empty: &[u8] = &[];
+        assert_eq!(empty.load::<u8>(0), None);
+    }
+
+    /// xorshift64*: deterministic pseudo-random numbers.
+    pub(crate) struct Rng(pub u64);
+
+    impl Rng {
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        pub(crate) fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn corrupted_frames_never_panic_and_tcp_results_are_in_bounds() {
+        let seeds = [
+            Spec {
+                tags: vec![VLAN],
+                ip_option_words: 2,
+                tcp_option_words: 5,
+                payload: 12,
+                ..Spec::v4()
+            },
+            Spec {
+                tags: vec![QINQ, VLAN],
+                exts: vec![Ext::Raw(HBH, 8), Ext::Auth(16), Ext::Raw(DST, 8)],
+                tcp_option_words: 3,
+                payload: 5,
+                ..Spec::v6()
+            },
+        ]
+        .map(|s| s.build());
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut tcp_seen = 0;
+        for i in 0..40_000 {
+            let mut f = seeds[i % seeds.len()].clone();
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(f.len());
+                f[at] = match rng.below(4) {
+                    0 => 0,
+                    1 => 0xff,
+                    _ => rng.next() as u8,
+                };
+            }
+            f.truncate(rng.below(f.len() + 1).max(f.len() - rng.below(8)));
+            if let Parsed::Tcp(s) = parse(&f[..]) {
+                tcp_seen += 1;
+                assert!(matches!(s.l3, 14 | 18 | 22 | 26), "{s:?}");
+                let min_ip = if s.family == AF_INET { 20 } else { 40 };
+                assert!(s.family == AF_INET || s.family == AF_INET6);
+                assert!(s.l4 >= s.l3 + min_ip && s.l4 <= MAX_HEADER_OFFSET, "{s:?}");
+                assert!((20..=60).contains(&s.header_len) && s.header_len % 4 == 0);
+                assert!(s.segment_len >= s.header_len);
+                assert!(s.l4 + s.header_len as usize <= f.len(), "{s:?}");
+                assert!(addresses(&f[..], &s).is_some());
+                let _ = s.sequence_len();
+            }
+        }
+        // The corruption leaves plenty of frames TCP, so the checks above ran.
+        assert!(tcp_seen > 5_000, "{tcp_seen}");
+    }
 }
