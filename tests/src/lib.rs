@@ -1,5 +1,7 @@
 //! Helpers for ws-guard's integration tests.
 
+pub mod frames;
+
 /// Whether this process may load BPF programs and create network namespaces.
 ///
 /// When it may not: with `WS_GUARD_REQUIRE_PRIVILEGED` set (as CI sets it) the test fails
