@@ -9,7 +9,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use ws_guard_common::{
     key::source_key,
-    maps::{ACTION_REJECT, AF_INET, Counter, FlowKey, FlowValue, PortConfig},
+    maps::{ACTION_REJECT, AF_INET, Counter, FlowKey, FlowValue, PortConfig, SourceKey},
     parse::{self, Packet, Parsed, TcpSegment},
     rst,
 };
@@ -94,7 +94,9 @@ fn new_attempt(ctx: &XdpContext, frame: &Frame, seg: &TcpSegment, port: &PortCon
             debug!(ctx, "port {} over max_connections ({})", seg.dport, taken);
             return Verdict::Refuse(port.conn_action);
         }
+        // Monitor mode admits it, and, as when enforcing, it does not count toward the rate.
         count(Counter::MonitorWouldBlock);
+        return admit(&flow, source, now, slots);
     }
 
     if port.rate_limit != 0 {
@@ -116,12 +118,18 @@ fn new_attempt(ctx: &XdpContext, frame: &Frame, seg: &TcpSegment, port: &PortCon
         }
     }
 
+    admit(&flow, source, now, slots)
+}
+
+/// Records an admitted attempt as half-open; its slot is already taken.
+#[inline(always)]
+fn admit(flow: &FlowKey, source: SourceKey, now: u64, slots: *mut u32) -> Verdict {
     let value = FlowValue {
         source,
         _pad: 0,
         since_ns: now,
     };
-    match WSG_PENDING.insert(&flow, &value, BPF_NOEXIST as u64) {
+    match WSG_PENDING.insert(flow, &value, BPF_NOEXIST as u64) {
         Ok(()) => count(Counter::Admitted),
         // EEXIST: the same SYN, retransmitted, won on another CPU; otherwise the map is full.
         Err(e) => {
