@@ -1,6 +1,8 @@
 //! Helpers for ws-guard's integration tests.
 
 pub mod frames;
+pub mod netns;
+pub mod traffic;
 
 /// Whether this process may load BPF programs and create network namespaces.
 ///
@@ -13,8 +15,12 @@ pub fn privileged(test: &str) -> bool {
         return true;
     }
     if std::env::var_os("WS_GUARD_REQUIRE_PRIVILEGED").is_some() {
-        panic!("{test}: needs root (BPF, network namespaces) and WS_GUARD_REQUIRE_PRIVILEGED is set");
+        panic!(
+            "{test}: needs root (BPF, network namespaces) and WS_GUARD_REQUIRE_PRIVILEGED is set"
+        );
     }
-    eprintln!("SKIPPED {test}: needs root (set WS_GUARD_REQUIRE_PRIVILEGED=1 to make this a failure)");
+    eprintln!(
+        "SKIPPED {test}: needs root (set WS_GUARD_REQUIRE_PRIVILEGED=1 to make this a failure)"
+    );
     false
 }

@@ -1,0 +1,174 @@
+//! The real `ws-guard` binary: `run` in a network namespace (enforces, then detaches cleanly on
+//! SIGTERM) and `check-config`.
+//!
+//! The binary is the one `cargo build -p ws-guard` left next to this test's own executable
+//! (`cargo xtask test` builds it before the tests).
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::IpAddr,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use ws_guard_tests::{
+    netns::{Testbed, ip_output, sa, wait_until},
+    privileged,
+    traffic::{Outcome, Server, Stack, connect_from},
+};
+
+/// target/<profile>/ws-guard, beside target/<profile>/deps/<this test>.
+fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable outside target/<profile>/deps");
+    let bin = dir.join("ws-guard");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first with `cargo build -p ws-guard` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+fn lines_contain(lines: &Mutex<Vec<String>>, needle: &str) -> bool {
+    lines.lock().unwrap().iter().any(|l| l.contains(needle))
+}
+
+#[test]
+fn daemon_enforces_then_detaches_on_sigterm() {
+    if !privileged("daemon_enforces_then_detaches_on_sigterm") {
+        return;
+    }
+    const PORT: u16 = 9120;
+    let bin = binary();
+    let tb = Testbed::new("daemon", 20);
+    let _server = Server::start(&tb.srv, PORT, Stack::Separate);
+    let mut cfg = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(
+        &mut cfg,
+        format!(
+            "interfaces = [\"{}\"]\n[capacity]\nsources = 1024\nflows = 4096\n\n[[port]]\nport = {PORT}\nmax_connections = 2\nconnection_action = \"reject\"\n",
+            tb.srv_if
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let cfg_path = cfg.path().to_str().unwrap().to_owned();
+
+    let daemon = tb.spawn_in(
+        &tb.srv,
+        bin.to_str().unwrap(),
+        &["run", "--config", &cfg_path],
+        Stdio::piped(),
+    );
+    let stderr = daemon.child().stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let log = log.clone();
+        // Ends at EOF, when the daemon exits (killed by the test bed at the latest).
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().take(100_000) {
+                let Ok(line) = line else { break };
+                eprintln!("daemon: {line}");
+                log.lock().unwrap().push(line);
+            }
+        })
+    };
+    let started = wait_until(Duration::from_secs(15), || {
+        lines_contain(&log, "enforcing on") || daemon.child().try_wait().ok().flatten().is_some()
+    });
+    assert!(
+        started && lines_contain(&log, &format!("enforcing on {}", tb.srv_if)),
+        "the daemon did not report enforcing on {}: {:?}",
+        tb.srv_if,
+        log.lock().unwrap()
+    );
+    let link = ip_output(&["-n", &tb.srv, "link", "show", "dev", &tb.srv_if]);
+    assert!(
+        link.contains("xdp"),
+        "no XDP program on {}: {link}",
+        tb.srv_if
+    );
+
+    let dst = sa(tb.server_v4(), PORT);
+    let a: IpAddr = tb.client_v4(0);
+    let connect = |t: Duration| connect_from(&tb.cli, a, dst, t);
+    let c1 = connect(Duration::from_secs(2));
+    let c2 = connect(Duration::from_secs(2));
+    assert!(c1.is_connected() && c2.is_connected(), "{c1:?} {c2:?}");
+    let t = Instant::now();
+    let third = connect(Duration::from_secs(3));
+    assert!(
+        matches!(third, Outcome::Refused) && t.elapsed() < Duration::from_millis(500),
+        "third connection: {third:?} after {:?}",
+        t.elapsed()
+    );
+
+    assert!(daemon.signal(libc::SIGTERM), "the daemon already exited");
+    let t = Instant::now();
+    let status = daemon.wait_timeout(Duration::from_secs(5));
+    let status = status.unwrap_or_else(|| panic!("no exit within 5 s of SIGTERM"));
+    eprintln!("daemon exited after {:?}: {status}", t.elapsed());
+    reader.join().unwrap();
+    assert!(
+        status.success(),
+        "exit status {status}: {:?}",
+        log.lock().unwrap()
+    );
+    assert!(
+        lines_contain(&log, &format!("detached from {}", tb.srv_if)),
+        "{:?}",
+        log.lock().unwrap()
+    );
+    let link = ip_output(&["-n", &tb.srv, "link", "show", "dev", &tb.srv_if]);
+    assert!(
+        !link.contains("xdp"),
+        "XDP still attached after exit: {link}"
+    );
+    // Nothing enforces any more: a third connection is accepted.
+    match connect(Duration::from_secs(2)) {
+        Outcome::Connected(_) => {}
+        other => panic!("after the daemon exited: {other:?}"),
+    }
+    drop((c1, c2));
+}
+
+#[test]
+fn check_config_names_the_bad_field() {
+    let bin = binary();
+    let mut bad = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut bad, b"[[port]]\nport = 0\nmax_connections = 3\n").unwrap();
+    let out = Command::new(&bin)
+        .arg("check-config")
+        .arg(bad.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted port = 0: {stderr}");
+    assert!(stderr.contains("port[0].port"), "{stderr}");
+}
+
+#[test]
+fn check_config_accepts_the_shipped_config() {
+    let bin = binary();
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../packaging/config.toml");
+    let out = Command::new(&bin)
+        .arg("check-config")
+        .arg(&shipped)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        shipped.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("valid"), "{stdout}");
+    assert!(stdout.contains("port 9000"), "{stdout}");
+}
