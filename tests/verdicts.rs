@@ -64,7 +64,7 @@ fn limits(
         conn_action,
         rate_action,
         rate_limit,
-        _pad: 0,
+        index: 0,
         rate_window_ns,
     }
 }

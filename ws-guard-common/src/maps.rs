@@ -65,8 +65,39 @@ pub struct PortConfig {
     pub rate_action: u32,
     /// New connections per `rate_window_ns` per source key, at most [`RATE_SLOTS`].
     pub rate_limit: u32,
-    pub _pad: u32,
+    /// Where this port's counters go in the stats map (`0..MAX_PORTS`, see [`stats_bucket`]).
+    /// Assigned by userspace, stable while the port stays protected.
+    pub index: u32,
     pub rate_window_ns: u64,
+}
+
+/// The most ports whose counters the stats map keeps apart (and so the most protected ports).
+pub const MAX_PORTS: u32 = 64;
+/// The stats bucket of frames and connections not tied to a protected port (not TCP, other
+/// ports, fragments, frames too short to tell, closes after a port stopped being protected).
+pub const UNATTRIBUTED: u32 = MAX_PORTS;
+/// Address families the stats map keeps apart: IPv4 (slot 0) and IPv6 (slot 1).
+pub const FAMILIES: u32 = 2;
+/// Entries of the stats map: a [`Counter`] array per (port index or [`UNATTRIBUTED`], family).
+pub const STATS_ENTRIES: u32 = (MAX_PORTS + 1) * FAMILIES * Counter::COUNT;
+
+/// The stats map's family slot of `family`: 1 for [`AF_INET6`], 0 for anything else.
+#[inline(always)]
+pub const fn family_slot(family: u16) -> u32 {
+    if family == AF_INET6 { 1 } else { 0 }
+}
+
+/// Index in the stats map of the first counter of the bucket of `port_index` (a port's
+/// [`PortConfig::index`], or [`UNATTRIBUTED`]) and `family`; add a [`Counter`] to it. An index
+/// out of range counts as [`UNATTRIBUTED`].
+#[inline(always)]
+pub const fn stats_bucket(port_index: u32, family: u16) -> u32 {
+    let port_index = if port_index < MAX_PORTS {
+        port_index
+    } else {
+        UNATTRIBUTED
+    };
+    (port_index * FAMILIES + family_slot(family)) * Counter::COUNT
 }
 
 /// Settings that apply to every port.
@@ -115,10 +146,11 @@ impl Default for RateState {
     }
 }
 
-/// Index of each per-CPU decision counter in the stats map. Every frame the XDP program sees
-/// adds to exactly one of the counters from `NotProtected` to `MapFull` except
-/// `MonitorWouldBlock`, `RstSent` and `RejectAsDrop`, which say more about a frame already
-/// counted; [`Counter::FRAME_OUTCOMES`] lists the ones that add up to all frames seen.
+/// Index of each per-CPU decision counter within a bucket of the stats map (see
+/// [`stats_bucket`]). Every frame the XDP program sees adds to exactly one of the counters from
+/// `NotProtected` to `MapFull` except `MonitorWouldBlock`, `RstSent` and `RejectAsDrop`, which
+/// say more about a frame already counted; [`Counter::FRAME_OUTCOMES`] lists the ones that add
+/// up to all frames seen.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -159,7 +191,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    /// Number of counters; the size of the stats map.
+    /// Number of counters; the size of one bucket of the stats map.
     pub const COUNT: u32 = Counter::UntrackedFull as u32 + 1;
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -252,6 +284,7 @@ const _: () = {
     assert!(size_of::<RateState>() == 8 + 8 * RATE_SLOTS);
     assert!(size_of::<ControlOp>() == 72);
     assert!(Counter::ALL.len() == Counter::COUNT as usize);
+    assert!(stats_bucket(UNATTRIBUTED, AF_INET6) + Counter::COUNT == STATS_ENTRIES);
 };
 
 #[cfg(feature = "user")]
@@ -276,5 +309,26 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i, "{}", c.name());
         }
+    }
+
+    #[test]
+    fn stats_buckets_tile_the_map() {
+        let mut seen = [false; STATS_ENTRIES as usize];
+        for index in 0..=UNATTRIBUTED {
+            for family in [AF_INET, AF_INET6] {
+                for c in Counter::ALL {
+                    let i = (stats_bucket(index, family) + c as u32) as usize;
+                    assert!(!seen[i], "index {index} family {family} {}", c.name());
+                    seen[i] = true;
+                }
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
+        // Out-of-range indexes and unknown families land in existing buckets.
+        assert_eq!(
+            stats_bucket(MAX_PORTS + 7, AF_INET),
+            stats_bucket(UNATTRIBUTED, 0)
+        );
+        assert_eq!(stats_bucket(3, 0), stats_bucket(3, AF_INET));
     }
 }

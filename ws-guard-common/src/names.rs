@@ -23,7 +23,8 @@ pub const MAP_PENDING: &str = "WSG_PENDING";
 pub const MAP_OWNED: &str = "WSG_OWNED";
 /// One all-zero rate state: the initial value of new entries (too large for the BPF stack).
 pub const MAP_RATE_ZERO: &str = "WSG_RATE_ZERO";
-/// Per-CPU decision counters, indexed by [`crate::maps::Counter`].
+/// Per-CPU decision counters: a [`crate::maps::Counter`] array per protected port and address
+/// family (see [`crate::maps::stats_bucket`]).
 pub const MAP_STATS: &str = "WSG_STATS";
 
 /// Every program name.
@@ -57,4 +58,4 @@ const _: () = assert!(all_fit(&PROGRAMS) && all_fit(&MAPS));
 
 /// Version of the map layouts; part of the pin directory so a daemon never adopts maps whose
 /// layout it does not know.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;

@@ -9,7 +9,7 @@ use ws_guard_common::{
     maps::{Counter, FlowKey, FlowValue},
 };
 
-use crate::maps::{self, EEXIST, WSG_OWNED, WSG_PENDING, count};
+use crate::maps::{self, Bucket, EEXIST, WSG_OWNED, WSG_PENDING, count};
 
 /// The kernel established `flow`: move it from half-open to established, or count it if the
 /// XDP program never saw it (another interface, loopback, older than ws-guard).
@@ -21,14 +21,14 @@ pub fn established(flow: &FlowKey) {
         if WSG_PENDING.remove(flow).is_ok() {
             v.since_ns = unsafe { bpf_ktime_get_ns() };
             match WSG_OWNED.insert(flow, &v, BPF_NOEXIST as u64) {
-                Ok(()) => count(Counter::Established),
+                Ok(()) => count(Bucket::of_flow(flow), Counter::Established),
                 // The sweep adopted it a moment ago and took a slot of its own: give back the
                 // half-open one so the connection is counted once.
                 Err(EEXIST) => maps::release(&v.source),
                 // Map full: the connection can no longer be tracked; free its slot.
                 Err(_) => {
                     maps::release(&v.source);
-                    count(Counter::UntrackedFull);
+                    count(Bucket::of_flow(flow), Counter::UntrackedFull);
                 }
             }
             return;
@@ -54,12 +54,12 @@ pub fn adopt(flow: &FlowKey) -> bool {
     match maps::conns_counter(&source) {
         Some(c) => {
             maps::take_slot(c);
-            count(Counter::Adopted);
+            count(Bucket::of_flow(flow), Counter::Adopted);
             true
         }
         None => {
             let _ = WSG_OWNED.remove(flow);
-            count(Counter::UntrackedFull);
+            count(Bucket::of_flow(flow), Counter::UntrackedFull);
             false
         }
     }
@@ -69,7 +69,7 @@ pub fn adopt(flow: &FlowKey) -> bool {
 #[inline(always)]
 pub fn closed(flow: &FlowKey) {
     if release_from(&WSG_OWNED, flow) || release_from(&WSG_PENDING, flow) {
-        count(Counter::Closed);
+        count(Bucket::of_flow(flow), Counter::Closed);
     }
 }
 

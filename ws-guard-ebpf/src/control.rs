@@ -12,7 +12,7 @@ use ws_guard_common::{
 use crate::{
     accounting,
     frame::Frame,
-    maps::{WSG_OWNED, WSG_PENDING, count},
+    maps::{Bucket, WSG_OWNED, WSG_PENDING, count},
 };
 
 #[inline(always)]
@@ -30,7 +30,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
         return CONTROL_NOOP;
     }
     if op.op != OP_ADOPT {
-        count(Counter::Expired);
+        count(Bucket::of_flow(&op.flow), Counter::Expired);
     }
     CONTROL_DONE
 }

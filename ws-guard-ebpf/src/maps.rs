@@ -12,7 +12,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use ws_guard_common::maps::{
-    Counter, FlowKey, FlowValue, GlobalConfig, PortConfig, RateState, SourceKey,
+    Counter, FlowKey, FlowValue, GlobalConfig, PortConfig, RateState, STATS_ENTRIES, SourceKey,
+    UNATTRIBUTED, stats_bucket,
 };
 
 // Capacities of the hash maps are defaults; userspace sets them from the config at load time.
@@ -33,14 +34,39 @@ pub static WSG_OWNED: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(26
 #[map]
 pub static WSG_RATE_ZERO: Array<RateState> = Array::with_max_entries(1, 0);
 #[map]
-pub static WSG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+pub static WSG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 
 /// `-EEXIST`, as map updates with BPF_NOEXIST return it.
 pub const EEXIST: i32 = -17;
 
+/// The counters a frame or a connection adds to: those of its protected port and address
+/// family, or the unattributed ones.
+#[derive(Clone, Copy)]
+pub struct Bucket(u32);
+
+impl Bucket {
+    /// Frames not tied to a protected port.
+    pub const UNATTRIBUTED: Bucket = Bucket(stats_bucket(UNATTRIBUTED, 0));
+
+    /// The bucket of a protected port's traffic of `family`.
+    #[inline(always)]
+    pub fn of(port: &PortConfig, family: u16) -> Bucket {
+        Bucket(stats_bucket(port.index, family))
+    }
+
+    /// The bucket of a connection to `server_port`: its port's if protected, else unattributed.
+    #[inline(always)]
+    pub fn of_flow(flow: &FlowKey) -> Bucket {
+        match port(flow.server_port) {
+            Some(p) => Bucket::of(p, flow.family),
+            None => Bucket(stats_bucket(UNATTRIBUTED, flow.family)),
+        }
+    }
+}
+
 #[inline(always)]
-pub fn count(c: Counter) {
-    if let Some(p) = WSG_STATS.get_ptr_mut(c as u32) {
+pub fn count(b: Bucket, c: Counter) {
+    if let Some(p) = WSG_STATS.get_ptr_mut(b.0 + c as u32) {
         // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
         unsafe { *p += 1 };
     }

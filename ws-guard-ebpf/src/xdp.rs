@@ -16,7 +16,7 @@ use ws_guard_common::{
 
 use crate::{
     frame::Frame,
-    maps::{self, WSG_OWNED, WSG_PENDING, count},
+    maps::{self, Bucket, WSG_OWNED, WSG_PENDING, count},
 };
 
 enum Verdict {
@@ -30,37 +30,44 @@ pub fn enforce(ctx: &XdpContext) -> u32 {
     let seg = match parse::parse(&frame) {
         Parsed::Tcp(seg) => seg,
         Parsed::NotIp | Parsed::NotTcp => {
-            count(Counter::NotProtected);
+            count(Bucket::UNATTRIBUTED, Counter::NotProtected);
             return xdp_action::XDP_PASS;
         }
         Parsed::Fragment => {
-            count(Counter::Fragments);
+            count(Bucket::UNATTRIBUTED, Counter::Fragments);
             return xdp_action::XDP_PASS;
         }
         Parsed::Malformed => {
-            count(Counter::Malformed);
+            count(Bucket::UNATTRIBUTED, Counter::Malformed);
             return xdp_action::XDP_PASS;
         }
     };
     let Some(port) = maps::port(seg.dport) else {
-        count(Counter::NotProtected);
+        count(Bucket::UNATTRIBUTED, Counter::NotProtected);
         return xdp_action::XDP_PASS;
     };
+    let bucket = Bucket::of(port, seg.family);
     if !seg.is_new_attempt() {
-        count(Counter::ProtectedOther);
+        count(bucket, Counter::ProtectedOther);
         return xdp_action::XDP_PASS;
     }
-    match new_attempt(ctx, &frame, &seg, port) {
+    match new_attempt(ctx, &frame, &seg, port, bucket) {
         Verdict::Pass => xdp_action::XDP_PASS,
-        Verdict::Refuse(action) if action == ACTION_REJECT => reject(&frame, &seg),
+        Verdict::Refuse(action) if action == ACTION_REJECT => reject(&frame, &seg, bucket),
         Verdict::Refuse(_) => xdp_action::XDP_DROP,
     }
 }
 
 #[inline(always)]
-fn new_attempt(ctx: &XdpContext, frame: &Frame, seg: &TcpSegment, port: &PortConfig) -> Verdict {
+fn new_attempt(
+    ctx: &XdpContext,
+    frame: &Frame,
+    seg: &TcpSegment,
+    port: &PortConfig,
+    bucket: Bucket,
+) -> Verdict {
     let Some((client, server)) = parse::addresses(frame, seg) else {
-        count(Counter::Malformed);
+        count(bucket, Counter::Malformed);
         return Verdict::Pass;
     };
     let flow = FlowKey {
@@ -73,7 +80,7 @@ fn new_attempt(ctx: &XdpContext, frame: &Frame, seg: &TcpSegment, port: &PortCon
     };
     // SAFETY: lookups only compare presence.
     if unsafe { WSG_PENDING.get(&flow).is_some() || WSG_OWNED.get(&flow).is_some() } {
-        count(Counter::SynRetransmits);
+        count(bucket, Counter::SynRetransmits);
         return Verdict::Pass;
     }
 
@@ -83,20 +90,20 @@ fn new_attempt(ctx: &XdpContext, frame: &Frame, seg: &TcpSegment, port: &PortCon
     let now = unsafe { bpf_ktime_get_ns() };
 
     let Some(slots) = maps::conns_counter(&source) else {
-        count(Counter::MapFull);
+        count(bucket, Counter::MapFull);
         return Verdict::Pass;
     };
     let taken = maps::take_slot(slots);
     if port.max_connections != 0 && taken >= port.max_connections {
         if !monitor {
             maps::give_slot(slots);
-            count(Counter::ConnLimited);
+            count(bucket, Counter::ConnLimited);
             debug!(ctx, "port {} over max_connections ({})", seg.dport, taken);
             return Verdict::Refuse(port.conn_action);
         }
         // Monitor mode admits it, and, as when enforcing, it does not count toward the rate.
-        count(Counter::MonitorWouldBlock);
-        return admit(&flow, source, now, slots);
+        count(bucket, Counter::MonitorWouldBlock);
+        return admit(&flow, source, now, slots, bucket);
     }
 
     if port.rate_limit != 0 {
@@ -109,36 +116,39 @@ fn new_attempt(ctx: &XdpContext, frame: &Frame, seg: &TcpSegment, port: &PortCon
             if !ok {
                 if !monitor {
                     maps::give_slot(slots);
-                    count(Counter::RateLimited);
+                    count(bucket, Counter::RateLimited);
                     debug!(ctx, "port {} over new_connections", seg.dport);
                     return Verdict::Refuse(port.rate_action);
                 }
-                count(Counter::MonitorWouldBlock);
+                count(bucket, Counter::MonitorWouldBlock);
             }
         }
     }
 
-    admit(&flow, source, now, slots)
+    admit(&flow, source, now, slots, bucket)
 }
 
 /// Records an admitted attempt as half-open; its slot is already taken.
 #[inline(always)]
-fn admit(flow: &FlowKey, source: SourceKey, now: u64, slots: *mut u32) -> Verdict {
+fn admit(flow: &FlowKey, source: SourceKey, now: u64, slots: *mut u32, bucket: Bucket) -> Verdict {
     let value = FlowValue {
         source,
         _pad: 0,
         since_ns: now,
     };
     match WSG_PENDING.insert(flow, &value, BPF_NOEXIST as u64) {
-        Ok(()) => count(Counter::Admitted),
+        Ok(()) => count(bucket, Counter::Admitted),
         // EEXIST: the same SYN, retransmitted, won on another CPU; otherwise the map is full.
         Err(e) => {
             maps::give_slot(slots);
-            count(if e == maps::EEXIST {
-                Counter::SynRetransmits
-            } else {
-                Counter::MapFull
-            });
+            count(
+                bucket,
+                if e == maps::EEXIST {
+                    Counter::SynRetransmits
+                } else {
+                    Counter::MapFull
+                },
+            );
         }
     }
     Verdict::Pass
@@ -146,18 +156,18 @@ fn admit(flow: &FlowKey, source: SourceKey, now: u64, slots: *mut u32) -> Verdic
 
 /// Turns the frame into the RST that answers it and sends it back out.
 #[inline(always)]
-fn reject(frame: &Frame, seg: &TcpSegment) -> u32 {
+fn reject(frame: &Frame, seg: &TcpSegment, bucket: Bucket) -> u32 {
     if !rst::can_reject(seg) {
-        count(Counter::RejectAsDrop);
+        count(bucket, Counter::RejectAsDrop);
         return xdp_action::XDP_DROP;
     }
     match write_rst(frame, seg) {
         Some(()) => {
-            count(Counter::RstSent);
+            count(bucket, Counter::RstSent);
             xdp_action::XDP_TX
         }
         None => {
-            count(Counter::RejectAsDrop);
+            count(bucket, Counter::RejectAsDrop);
             xdp_action::XDP_DROP
         }
     }

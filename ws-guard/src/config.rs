@@ -5,7 +5,9 @@ use std::{collections::BTreeSet, fmt, path::Path, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Deserializer, de};
 use thiserror::Error;
-use ws_guard_common::maps::{ACTION_DROP, ACTION_REJECT, GlobalConfig, PortConfig, RATE_SLOTS};
+use ws_guard_common::maps::{
+    ACTION_DROP, ACTION_REJECT, GlobalConfig, MAX_PORTS, PortConfig, RATE_SLOTS,
+};
 
 /// Why a configuration was refused.
 #[derive(Debug, Error)]
@@ -161,7 +163,8 @@ impl PortLimits {
             conn_action: self.connection_action.code(),
             rate_action: self.rate_action.code(),
             rate_limit: self.new_connections.map_or(0, |r| r.count),
-            _pad: 0,
+            // Assigned by Guard::set_port.
+            index: 0,
             rate_window_ns: self
                 .new_connections
                 .map_or(0, |r| r.window.as_nanos() as u64),
@@ -218,8 +221,8 @@ pub struct Config {
     pub kernel_log: String,
     #[serde(default)]
     pub capacity: Capacity,
-    /// Protected ports.
-    #[serde(rename = "port")]
+    /// Protected ports. Omitted: refused by validation with a message saying why.
+    #[serde(rename = "port", default)]
     pub ports: Vec<PortLimits>,
 }
 
@@ -272,6 +275,15 @@ impl Config {
             return Err(invalid(
                 "port".into(),
                 "at least one [[port]] is needed: ws-guard protects nothing otherwise".into(),
+            ));
+        }
+        if self.ports.len() > MAX_PORTS as usize {
+            return Err(invalid(
+                "port".into(),
+                format!(
+                    "{} ports configured; at most {MAX_PORTS} can be protected",
+                    self.ports.len()
+                ),
             ));
         }
         let mut seen = BTreeSet::new();
@@ -476,6 +488,14 @@ mod tests {
             "capacity.flows"
         );
         assert_eq!(invalid_field("interfaces = []\n"), "port");
+        let many: String = (1..=MAX_PORTS + 1)
+            .map(|p| format!("[[port]]\nport = {p}\n"))
+            .collect();
+        assert_eq!(invalid_field(&many), "port");
+        let most: String = (1..=MAX_PORTS)
+            .map(|p| format!("[[port]]\nport = {p}\n"))
+            .collect();
+        assert!(parse(&most).is_ok());
     }
 
     #[test]

@@ -1,17 +1,21 @@
 //! Loading the kernel programs, attaching them, and reading and writing their maps.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    path::Path,
+};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{TestRun, TestRunOptions, TracePoint, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use log::{info, warn};
 use ws_guard_common::{
     maps::{
-        CONTROL_DONE, ControlOp, Counter, FlowKey, FlowValue, GlobalConfig, PortConfig, SourceKey,
+        AF_INET, AF_INET6, CONTROL_DONE, ControlOp, Counter, FlowKey, FlowValue, GlobalConfig,
+        MAX_PORTS, PortConfig, RateState, SourceKey, UNATTRIBUTED, stats_bucket,
     },
     names, tracepoint as tp,
 };
@@ -69,6 +73,22 @@ pub struct Guard {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     attachments: Vec<Attachment>,
     tracepoint_attached: bool,
+    /// The stats bucket of each protected port ([`PortConfig::index`]).
+    port_index: BTreeMap<u16, u32>,
+    /// Buckets assigned since load; the others hold only zeros.
+    used_buckets: BTreeSet<u32>,
+    /// Counts taken out of buckets reassigned to another port, so totals never go down.
+    retired: [u64; Counter::COUNT as usize],
+}
+
+/// Counters per protected port and address family, summed over CPUs; arrays are indexed by
+/// [`Counter`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Per (port, family): `AF_INET` or `AF_INET6`.
+    pub ports: BTreeMap<(u16, u16), [u64; Counter::COUNT as usize]>,
+    /// Frames and connections not tied to a protected port, both families together.
+    pub unattributed: [u64; Counter::COUNT as usize],
 }
 
 /// Decision counters summed over CPUs.
@@ -123,6 +143,9 @@ impl Guard {
             logger,
             attachments: Vec::new(),
             tracepoint_attached: false,
+            port_index: BTreeMap::new(),
+            used_buckets: BTreeSet::new(),
+            retired: [0; Counter::COUNT as usize],
         })
     }
 
@@ -160,11 +183,61 @@ impl Guard {
     }
 
     /// Sets the limits of one port; the next packet sees them. `PortConfig::default()` stops
-    /// protecting it.
-    pub fn set_port(&mut self, port: u16, limits: PortConfig) -> anyhow::Result<()> {
+    /// protecting it. `limits.index` is ignored: a protected port keeps the stats bucket it has,
+    /// or gets a free one (at most [`MAX_PORTS`] ports are protected at once).
+    pub fn set_port(&mut self, port: u16, mut limits: PortConfig) -> anyhow::Result<()> {
+        limits.index = if limits.enabled != 0 {
+            self.bucket_for(port)?
+        } else {
+            0
+        };
         let mut m: Array<&mut MapData, PortConfig> = self.map_mut(names::MAP_PORTS)?;
         m.set(port as u32, limits, 0)
             .with_context(|| format!("writing the limits of port {port}"))?;
+        if limits.enabled == 0 {
+            // The kernel no longer counts into it (up to frames in flight): free for reuse.
+            self.port_index.remove(&port);
+        }
+        Ok(())
+    }
+
+    /// The stats bucket of `port`: the one it has, or the lowest free one, emptied.
+    fn bucket_for(&mut self, port: u16) -> anyhow::Result<u32> {
+        if let Some(i) = self.port_index.get(&port) {
+            return Ok(*i);
+        }
+        let taken: BTreeSet<u32> = self.port_index.values().copied().collect();
+        let Some(i) = (0..MAX_PORTS).find(|i| !taken.contains(i)) else {
+            bail!("cannot protect port {port}: at most {MAX_PORTS} ports can be protected at once");
+        };
+        if self.used_buckets.contains(&i) {
+            self.retire_bucket(i)?;
+        }
+        self.used_buckets.insert(i);
+        self.port_index.insert(port, i);
+        Ok(i)
+    }
+
+    /// Moves the counts of a bucket a former port used into [`Guard::retired`] and zeroes it.
+    fn retire_bucket(&mut self, index: u32) -> anyhow::Result<()> {
+        let nr_cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| anyhow!("reading {what}: {e}"))
+            .context("counting CPUs")?;
+        let mut m: PerCpuArray<&mut MapData, u64> = self.map_mut(names::MAP_STATS)?;
+        let mut retired = [0u64; Counter::COUNT as usize];
+        for family in [AF_INET, AF_INET6] {
+            let base = stats_bucket(index, family);
+            for c in Counter::ALL {
+                let at = base + c as u32;
+                retired[c as usize] += m.get(&at, 0)?.iter().sum::<u64>();
+                let zeros = PerCpuValues::try_from(vec![0u64; nr_cpus])?;
+                m.set(at, zeros, 0)
+                    .with_context(|| format!("zeroing stats entry {at}"))?;
+            }
+        }
+        for (r, v) in self.retired.iter_mut().zip(retired) {
+            *r += v;
+        }
         Ok(())
     }
 
@@ -261,15 +334,99 @@ impl Guard {
         &self.attachments
     }
 
-    /// Decision counters, summed over CPUs.
+    /// Decision counters, summed over CPUs, ports and families (since load: counts of ports
+    /// no longer protected included).
     pub fn counters(&self) -> anyhow::Result<Counters> {
         let m: PerCpuArray<&MapData, u64> = self.map(names::MAP_STATS)?;
-        let mut out = BTreeMap::new();
-        for c in Counter::ALL {
-            let per_cpu = m.get(&(c as u32), 0)?;
-            out.insert(c.name(), per_cpu.iter().sum());
+        let mut totals = self.retired;
+        for index in self.used_buckets.iter().copied().chain([UNATTRIBUTED]) {
+            for family in [AF_INET, AF_INET6] {
+                let bucket = read_bucket(&m, index, family)?;
+                for (t, v) in totals.iter_mut().zip(bucket) {
+                    *t += v;
+                }
+            }
         }
-        Ok(Counters(out))
+        Ok(Counters(
+            Counter::ALL
+                .iter()
+                .map(|c| (c.name(), totals[*c as usize]))
+                .collect(),
+        ))
+    }
+
+    /// Counters per protected port and address family, and those of no protected port.
+    pub fn stats(&self) -> anyhow::Result<Stats> {
+        let m: PerCpuArray<&MapData, u64> = self.map(names::MAP_STATS)?;
+        let mut out = Stats::default();
+        for (port, index) in &self.port_index {
+            for family in [AF_INET, AF_INET6] {
+                out.ports
+                    .insert((*port, family), read_bucket(&m, *index, family)?);
+            }
+        }
+        for family in [AF_INET, AF_INET6] {
+            let bucket = read_bucket(&m, UNATTRIBUTED, family)?;
+            for (t, v) in out.unattributed.iter_mut().zip(bucket) {
+                *t += v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every source counter in the kernel, zero ones included (each holds a map entry).
+    pub fn source_counters(&self) -> anyhow::Result<Vec<(SourceKey, u32)>> {
+        let m: HashMap<&MapData, SourceKey, u32> = self.map(names::MAP_CONNS)?;
+        let cap = self.capacity(names::MAP_CONNS)? as usize;
+        // A key deleted during the walk restarts it: bounded, and deduplicated.
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for kv in m.iter().take(cap.saturating_mul(2)) {
+            let (k, v) = kv?;
+            if seen.insert(k) {
+                out.push((k, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The keys of a flow map ([`names::MAP_PENDING`] or [`names::MAP_OWNED`]), values unread.
+    pub fn flow_keys(&self, name: &str) -> anyhow::Result<HashSet<FlowKey>> {
+        let m: HashMap<&MapData, FlowKey, FlowValue> = self.map(name)?;
+        let cap = self.capacity(name)? as usize;
+        let mut out = HashSet::new();
+        for k in m.keys().take(cap.saturating_mul(2)) {
+            out.insert(k?);
+        }
+        Ok(out)
+    }
+
+    /// Number of source keys with a rate window ([`names::MAP_RATE`], an LRU map: full is
+    /// normal there, the least recent are evicted).
+    pub fn rate_entries(&self) -> anyhow::Result<usize> {
+        let m: HashMap<&MapData, SourceKey, RateState> = self.map(names::MAP_RATE)?;
+        let cap = self.capacity(names::MAP_RATE)? as usize;
+        let mut seen = HashSet::new();
+        for k in m.keys().take(cap.saturating_mul(2)) {
+            seen.insert(k?);
+        }
+        Ok(seen.len())
+    }
+
+    /// The capacity (max_entries) of map `name` as loaded.
+    pub fn capacity(&self, name: &str) -> anyhow::Result<u32> {
+        let m = self
+            .ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+        let data: &MapData = match m {
+            aya::maps::Map::HashMap(d)
+            | aya::maps::Map::LruHashMap(d)
+            | aya::maps::Map::Array(d)
+            | aya::maps::Map::PerCpuArray(d) => d,
+            _ => bail!("map {name} has an unexpected type"),
+        };
+        Ok(data.info()?.max_entries())
     }
 
     /// Live connections per source key (half-open included); zero entries left out.
@@ -405,6 +562,23 @@ impl Guard {
             .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
         T::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
     }
+}
+
+/// One bucket of the stats map, summed over CPUs.
+fn read_bucket(
+    m: &PerCpuArray<&MapData, u64>,
+    index: u32,
+    family: u16,
+) -> anyhow::Result<[u64; Counter::COUNT as usize]> {
+    let base = stats_bucket(index, family);
+    let mut out = [0u64; Counter::COUNT as usize];
+    for c in Counter::ALL {
+        let per_cpu = m
+            .get(&(base + c as u32), 0)
+            .with_context(|| format!("reading stats entry {}", base + c as u32))?;
+        out[c as usize] = per_cpu.iter().sum();
+    }
+    Ok(out)
 }
 
 /// Kernels before 5.11 charge map memory to RLIMIT_MEMLOCK; harmless where they do not.
