@@ -14,7 +14,7 @@ use std::{
 };
 
 use ws_guard_tests::{
-    netns::{Testbed, ip_output, sa, wait_until},
+    netns::{Testbed, ip_output, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
 };
@@ -44,15 +44,15 @@ fn daemon_enforces_then_detaches_on_sigterm() {
     if !privileged("daemon_enforces_then_detaches_on_sigterm") {
         return;
     }
-    const PORT: u16 = 9120;
+    let port = test_port(20);
     let bin = binary();
     let tb = Testbed::new("daemon", 20);
-    let _server = Server::start(&tb.srv, PORT, Stack::Separate);
+    let _server = Server::start(&tb.srv, port, Stack::Separate);
     let mut cfg = tempfile::NamedTempFile::new().unwrap();
     std::io::Write::write_all(
         &mut cfg,
         format!(
-            "interfaces = [\"{}\"]\n[capacity]\nsources = 1024\nflows = 4096\n\n[[port]]\nport = {PORT}\nmax_connections = 2\nconnection_action = \"reject\"\n",
+            "interfaces = [\"{}\"]\n[capacity]\nsources = 1024\nflows = 4096\n\n[[port]]\nport = {port}\nmax_connections = 2\nconnection_action = \"reject\"\n",
             tb.srv_if
         )
         .as_bytes(),
@@ -95,7 +95,7 @@ fn daemon_enforces_then_detaches_on_sigterm() {
         tb.srv_if
     );
 
-    let dst = sa(tb.server_v4(), PORT);
+    let dst = sa(tb.server_v4(), port);
     let a: IpAddr = tb.client_v4(0);
     let connect = |t: Duration| connect_from(&tb.cli, a, dst, t);
     let c1 = connect(Duration::from_secs(2));

@@ -1,9 +1,10 @@
 //! The limits, end to end: real TCP clients in one network namespace, a real server in another,
 //! ws-guard's real programs on the server's veth (see `ws_guard_tests::netns`).
 //!
-//! Each test has its own test bed number (addresses 198.18.<n>.0/24, 2001:2:0:<n>00::/64...) and its
-//! own protected port (9100 + n): the tracepoint program sees every namespace, so tests must not
-//! share a port even if they ever run at once.
+//! Each test has its own test bed number n (addresses 198.18.<n>.0/24, 2001:2:0:<n>00::/64...)
+//! and its own protected port (`test_port(n)`, which also depends on the PID): the tracepoint
+//! program sees every namespace, so no two tests may protect the same port, not even tests of
+//! two processes running at once.
 
 use std::{
     io::{Read as _, Write as _},
@@ -14,7 +15,7 @@ use std::{
 use socket2::SockRef;
 use ws_guard_common::maps::Counter;
 use ws_guard_tests::{
-    netns::{Enforcer, Testbed, sa, wait_until},
+    netns::{Enforcer, Testbed, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, WsEchoServer, burst, connect_from, send_syn},
 };
@@ -87,18 +88,18 @@ fn concurrency_cap_per_source_ipv4() {
     if !privileged("concurrency_cap_per_source_ipv4") {
         return;
     }
-    const PORT: u16 = 9101;
+    let port = test_port(1);
     let tb = Testbed::new("cap4", 1);
-    let server = Server::start(&tb.srv, PORT, Stack::Separate);
-    let enf = Enforcer::start(&tb, &limit_config(PORT, 3, "reject"));
-    let dst = sa(tb.server_v4(), PORT);
+    let server = Server::start(&tb.srv, port, Stack::Separate);
+    let enf = Enforcer::start(&tb, &limit_config(port, 3, "reject"));
+    let dst = sa(tb.server_v4(), port);
     let (a, b) = (tb.client_v4(0), tb.client_v4(1));
 
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(connect_ok(&tb.cli, a, dst, &enf));
     }
-    wait_count(&enf, a, PORT, 3);
+    wait_count(&enf, a, port, 3);
     assert_refused(&tb.cli, a, dst, &enf);
     assert_refused(&tb.cli, a, dst, &enf);
     // Another source has its own three.
@@ -111,8 +112,8 @@ fn concurrency_cap_per_source_ipv4() {
         "server holds {}",
         server.held()
     );
-    wait_count(&enf, a, PORT, 3);
-    wait_count(&enf, b, PORT, 3);
+    wait_count(&enf, a, port, 3);
+    wait_count(&enf, b, port, 3);
     wait_counter(&enf, Counter::Established, 6);
     let c = enf.counters();
     assert_eq!(c.get(Counter::Admitted), 6, "{c:?}");
@@ -129,56 +130,56 @@ fn slot_released_by_every_kind_of_close() {
     if !privileged("slot_released_by_every_kind_of_close") {
         return;
     }
-    const PORT: u16 = 9102;
+    let port = test_port(2);
     let tb = Testbed::new("close", 2);
     // Dual-stack listener: IPv4 clients appear as ::ffff:a.b.c.d to the tracepoint.
-    let server = Server::start(&tb.srv, PORT, Stack::Dual);
-    let enf = Enforcer::start(&tb, &limit_config(PORT, 2, "reject"));
-    let dst = sa(tb.server_v4(), PORT);
+    let server = Server::start(&tb.srv, port, Stack::Dual);
+    let enf = Enforcer::start(&tb, &limit_config(port, 2, "reject"));
+    let dst = sa(tb.server_v4(), port);
     let a = tb.client_v4(0);
 
     let c1 = connect_ok(&tb.cli, a, dst, &enf);
     let c2 = connect_ok(&tb.cli, a, dst, &enf);
-    wait_count(&enf, a, PORT, 2);
+    wait_count(&enf, a, port, 2);
     assert_refused(&tb.cli, a, dst, &enf);
 
     // 1. The client closes (FIN); the server closes its side on EOF.
     drop(c1);
-    wait_count(&enf, a, PORT, 1);
+    wait_count(&enf, a, port, 1);
     wait_counter(&enf, Counter::Closed, 1);
     let c3 = connect_ok(&tb.cli, a, dst, &enf);
-    wait_count(&enf, a, PORT, 2);
+    wait_count(&enf, a, port, 2);
     assert_refused(&tb.cli, a, dst, &enf);
 
     // 2. The server closes (FIN); the client keeps its half-closed end.
     assert!(server.wait_held(2, SETTLE));
     assert!(server.close(c2.local_addr().unwrap()), "server close");
-    wait_count(&enf, a, PORT, 1);
+    wait_count(&enf, a, port, 1);
     wait_counter(&enf, Counter::Closed, 2);
     let c4 = connect_ok(&tb.cli, a, dst, &enf);
-    wait_count(&enf, a, PORT, 2);
+    wait_count(&enf, a, port, 2);
     assert_refused(&tb.cli, a, dst, &enf);
 
     // 3. The client resets (SO_LINGER 0).
     SockRef::from(&c3).set_linger(Some(Duration::ZERO)).unwrap();
     drop(c3);
-    wait_count(&enf, a, PORT, 1);
+    wait_count(&enf, a, port, 1);
     wait_counter(&enf, Counter::Closed, 3);
     let c5 = connect_ok(&tb.cli, a, dst, &enf);
-    wait_count(&enf, a, PORT, 2);
+    wait_count(&enf, a, port, 2);
     assert_refused(&tb.cli, a, dst, &enf);
 
     // 4. The server resets.
     assert!(server.wait_held(2, SETTLE));
     assert!(server.reset(c4.local_addr().unwrap()), "server reset");
-    wait_count(&enf, a, PORT, 1);
+    wait_count(&enf, a, port, 1);
     wait_counter(&enf, Counter::Closed, 4);
     let c6 = connect_ok(&tb.cli, a, dst, &enf);
-    wait_count(&enf, a, PORT, 2);
+    wait_count(&enf, a, port, 2);
     assert_refused(&tb.cli, a, dst, &enf);
 
     drop((c2, c4, c5, c6));
-    wait_count(&enf, a, PORT, 0);
+    wait_count(&enf, a, port, 0);
     assert!(
         server.wait_held(0, SETTLE),
         "server holds {}",
@@ -205,11 +206,11 @@ fn ipv6_sources_are_limited_per_64() {
     if !privileged("ipv6_sources_are_limited_per_64") {
         return;
     }
-    const PORT: u16 = 9103;
+    let port = test_port(3);
     let tb = Testbed::new("cap6", 3);
-    let server = Server::start(&tb.srv, PORT, Stack::Separate);
-    let enf = Enforcer::start(&tb, &limit_config(PORT, 3, "reject"));
-    let dst = sa(tb.server_v6(), PORT);
+    let server = Server::start(&tb.srv, port, Stack::Separate);
+    let enf = Enforcer::start(&tb, &limit_config(port, 3, "reject"));
+    let dst = sa(tb.server_v6(), port);
     // a and a2 share a /64; b is in another /64.
     let (a, a2, b) = (tb.client_v6(0), tb.client_v6(1), tb.client_v6(2));
 
@@ -218,16 +219,16 @@ fn ipv6_sources_are_limited_per_64() {
         connect_ok(&tb.cli, a2, dst, &enf),
         connect_ok(&tb.cli, a, dst, &enf),
     ];
-    wait_count(&enf, a, PORT, 3);
-    assert_eq!(enf.connections_of(a2, PORT), 3, "same /64, same count");
+    wait_count(&enf, a, port, 3);
+    assert_eq!(enf.connections_of(a2, port), 3, "same /64, same count");
     assert_refused(&tb.cli, a, dst, &enf);
     assert_refused(&tb.cli, a2, dst, &enf);
     for _ in 0..3 {
         held.push(connect_ok(&tb.cli, b, dst, &enf));
     }
     assert_refused(&tb.cli, b, dst, &enf);
-    wait_count(&enf, b, PORT, 3);
-    wait_count(&enf, a, PORT, 3);
+    wait_count(&enf, b, port, 3);
+    wait_count(&enf, a, port, 3);
     assert!(
         server.wait_held(6, SETTLE),
         "server holds {}",
@@ -242,7 +243,7 @@ fn ipv6_sources_are_limited_per_64() {
 
     // A closed IPv6 connection gives its slot back to the whole /64.
     drop(held.remove(0));
-    wait_count(&enf, a2, PORT, 2);
+    wait_count(&enf, a2, port, 2);
     held.push(connect_ok(&tb.cli, a2, dst, &enf));
     assert_refused(&tb.cli, a, dst, &enf);
 }
@@ -252,14 +253,14 @@ fn rate_limit_drops_until_the_source_is_quiet() {
     if !privileged("rate_limit_drops_until_the_source_is_quiet") {
         return;
     }
-    const PORT: u16 = 9104;
+    let port = test_port(4);
     let tb = Testbed::new("rate", 4);
-    let _server = Server::start(&tb.srv, PORT, Stack::Separate);
+    let _server = Server::start(&tb.srv, port, Stack::Separate);
     let enf = Enforcer::start(
         &tb,
-        &format!("[[port]]\nport = {PORT}\nnew_connections = \"3/2s\"\nrate_action = \"drop\"\n"),
+        &format!("[[port]]\nport = {port}\nnew_connections = \"3/2s\"\nrate_action = \"drop\"\n"),
     );
-    let dst = sa(tb.server_v4(), PORT);
+    let dst = sa(tb.server_v4(), port);
     let a = tb.client_v4(0);
 
     for _ in 0..3 {
@@ -313,7 +314,7 @@ fn rate_limit_drops_until_the_source_is_quiet() {
     assert_eq!(c.get(Counter::ConnLimited), 0, "{c:?}");
     assert_eq!(c.get(Counter::RstSent), 0, "{c:?}");
     assert_eq!(c.get(Counter::SynRetransmits), 0, "{c:?}");
-    wait_count(&enf, a, PORT, 0);
+    wait_count(&enf, a, port, 0);
 }
 
 #[test]
@@ -321,11 +322,11 @@ fn burst_of_simultaneous_connects_gets_exactly_the_limit() {
     if !privileged("burst_of_simultaneous_connects_gets_exactly_the_limit") {
         return;
     }
-    const PORT: u16 = 9105;
+    let port = test_port(5);
     let tb = Testbed::new("burst", 5);
-    let server = Server::start(&tb.srv, PORT, Stack::Separate);
-    let enf = Enforcer::start(&tb, &limit_config(PORT, 3, "reject"));
-    let dst = sa(tb.server_v4(), PORT);
+    let server = Server::start(&tb.srv, port, Stack::Separate);
+    let enf = Enforcer::start(&tb, &limit_config(port, 3, "reject"));
+    let dst = sa(tb.server_v4(), port);
     let a = tb.client_v4(0);
 
     for run in 1..=3u64 {
@@ -337,14 +338,14 @@ fn burst_of_simultaneous_connects_gets_exactly_the_limit() {
             "run {run}\n{}",
             enf.describe()
         );
-        wait_count(&enf, a, PORT, 3);
+        wait_count(&enf, a, port, 3);
         assert!(
             server.wait_held(3, SETTLE),
             "run {run}: server holds {}",
             server.held()
         );
         drop(b.connected);
-        wait_count(&enf, a, PORT, 0);
+        wait_count(&enf, a, port, 0);
         assert!(
             server.wait_held(0, SETTLE),
             "run {run}: server holds {}",
@@ -362,14 +363,14 @@ fn monitor_mode_counts_but_refuses_nothing() {
     if !privileged("monitor_mode_counts_but_refuses_nothing") {
         return;
     }
-    const PORT: u16 = 9106;
+    let port = test_port(6);
     let tb = Testbed::new("mon", 6);
-    let server = Server::start(&tb.srv, PORT, Stack::Separate);
+    let server = Server::start(&tb.srv, port, Stack::Separate);
     let enf = Enforcer::start(
         &tb,
-        &format!("monitor = true\n{}", limit_config(PORT, 1, "reject")),
+        &format!("monitor = true\n{}", limit_config(port, 1, "reject")),
     );
-    let dst = sa(tb.server_v4(), PORT);
+    let dst = sa(tb.server_v4(), port);
     let a = tb.client_v4(0);
     let held: Vec<_> = (0..5).map(|_| connect_ok(&tb.cli, a, dst, &enf)).collect();
     assert!(
@@ -377,14 +378,14 @@ fn monitor_mode_counts_but_refuses_nothing() {
         "server holds {}",
         server.held()
     );
-    wait_count(&enf, a, PORT, 5);
+    wait_count(&enf, a, port, 5);
     let c = enf.counters();
     assert_eq!(c.get(Counter::MonitorWouldBlock), 4, "{c:?}");
     assert_eq!(c.get(Counter::Admitted), 5, "{c:?}");
     assert_eq!(c.get(Counter::ConnLimited), 0, "{c:?}");
     assert_eq!(c.get(Counter::RstSent), 0, "{c:?}");
     drop(held);
-    wait_count(&enf, a, PORT, 0);
+    wait_count(&enf, a, port, 0);
 }
 
 #[test]
@@ -392,11 +393,11 @@ fn limits_change_at_run_time() {
     if !privileged("limits_change_at_run_time") {
         return;
     }
-    const PORT: u16 = 9107;
+    let port = test_port(7);
     let tb = Testbed::new("live", 7);
-    let server = Server::start(&tb.srv, PORT, Stack::Separate);
-    let enf = Enforcer::start(&tb, &limit_config(PORT, 2, "reject"));
-    let dst = sa(tb.server_v4(), PORT);
+    let server = Server::start(&tb.srv, port, Stack::Separate);
+    let enf = Enforcer::start(&tb, &limit_config(port, 2, "reject"));
+    let dst = sa(tb.server_v4(), port);
     let a = tb.client_v4(0);
 
     let mut held = vec![
@@ -405,15 +406,15 @@ fn limits_change_at_run_time() {
     ];
     assert_refused(&tb.cli, a, dst, &enf);
 
-    let mut limits = enf.port(PORT);
+    let mut limits = enf.port(port);
     assert_eq!(limits.max_connections, 2);
     limits.max_connections = 4;
-    enf.set_port(PORT, limits);
+    enf.set_port(port, limits);
     held.push(connect_ok(&tb.cli, a, dst, &enf));
-    wait_count(&enf, a, PORT, 3);
+    wait_count(&enf, a, port, 3);
 
     limits.max_connections = 1;
-    enf.set_port(PORT, limits);
+    enf.set_port(port, limits);
     assert_refused(&tb.cli, a, dst, &enf);
     // The three established connections are untouched and still carry data.
     assert!(
@@ -431,7 +432,7 @@ fn limits_change_at_run_time() {
         s.read_exact(&mut b).unwrap();
         assert_eq!(b[0], b'a' + i as u8);
     }
-    assert_eq!(enf.connections_of(a, PORT), 3);
+    assert_eq!(enf.connections_of(a, port), 3);
     let c = enf.counters();
     assert_eq!(c.get(Counter::ConnLimited), 2, "{c:?}");
     assert_eq!(c.get(Counter::Admitted), 3, "{c:?}");
@@ -442,17 +443,17 @@ fn handshake_reset_by_client_is_expired_by_the_sweep() {
     if !privileged("handshake_reset_by_client_is_expired_by_the_sweep") {
         return;
     }
-    const PORT: u16 = 9108;
+    let port = test_port(8);
     let tb = Testbed::new("synrst", 8);
-    let _server = Server::start(&tb.srv, PORT, Stack::Separate);
+    let _server = Server::start(&tb.srv, port, Stack::Separate);
     let enf = Enforcer::start(
         &tb,
         &format!(
             "handshake_timeout = \"30s\"\n{}",
-            limit_config(PORT, 3, "reject")
+            limit_config(port, 3, "reject")
         ),
     );
-    let dst = sa(tb.server_v4(), PORT);
+    let dst = sa(tb.server_v4(), port);
     let a = tb.client_v4(0);
     let IpAddr::V4(a4) = a else { unreachable!() };
     let IpAddr::V4(s4) = tb.server_v4() else {
@@ -463,10 +464,10 @@ fn handshake_reset_by_client_is_expired_by_the_sweep() {
     // so the server drops its request sockets; no socket event reports that.
     let sent = Instant::now();
     for sport in 40001..=40003 {
-        send_syn(&tb.cli, a4, sport, SocketAddrV4::new(s4, PORT));
+        send_syn(&tb.cli, a4, sport, SocketAddrV4::new(s4, port));
     }
     let taken = wait_until(Duration::from_millis(500), || {
-        enf.connections_of(a, PORT) == 3
+        enf.connections_of(a, port) == 3
     });
     assert!(
         taken,
@@ -482,13 +483,13 @@ fn handshake_reset_by_client_is_expired_by_the_sweep() {
         sent.elapsed()
     );
     // Released by the sweep, well before the 30 s handshake timeout.
-    wait_count(&enf, a, PORT, 0);
+    wait_count(&enf, a, port, 0);
     assert!(sent.elapsed() < Duration::from_secs(3));
     assert_eq!(enf.pending_len(), 0);
     assert_eq!(enf.counter(Counter::Expired), 3, "{}", enf.describe());
     assert_eq!(enf.sweeps().expired, 3);
     let s = connect_ok(&tb.cli, a, dst, &enf);
-    wait_count(&enf, a, PORT, 1);
+    wait_count(&enf, a, port, 1);
     drop(s);
 }
 
@@ -497,14 +498,14 @@ fn handshake_never_answered_is_expired_at_the_timeout() {
     if !privileged("handshake_never_answered_is_expired_at_the_timeout") {
         return;
     }
-    const PORT: u16 = 9109;
+    let port = test_port(9);
     let tb = Testbed::new("synto", 9);
-    let _server = Server::start(&tb.srv, PORT, Stack::Separate);
+    let _server = Server::start(&tb.srv, port, Stack::Separate);
     let enf = Enforcer::start(
         &tb,
         &format!(
             "handshake_timeout = \"2s\"\n{}",
-            limit_config(PORT, 3, "reject")
+            limit_config(port, 3, "reject")
         ),
     );
     let IpAddr::V4(s4) = tb.server_v4() else {
@@ -515,18 +516,18 @@ fn handshake_never_answered_is_expired_at_the_timeout() {
     let ghost = Ipv4Addr::new(198, 18, tb.n, 200);
     let sent = Instant::now();
     for sport in 40001..=40003 {
-        send_syn(&tb.cli, ghost, sport, SocketAddrV4::new(s4, PORT));
+        send_syn(&tb.cli, ghost, sport, SocketAddrV4::new(s4, port));
     }
     let taken = wait_until(Duration::from_millis(500), || {
-        enf.connections_of(IpAddr::V4(ghost), PORT) == 3
+        enf.connections_of(IpAddr::V4(ghost), port) == 3
     });
     assert!(taken, "the SYNs did not take 3 slots\n{}", enf.describe());
-    send_syn(&tb.cli, ghost, 40004, SocketAddrV4::new(s4, PORT));
+    send_syn(&tb.cli, ghost, 40004, SocketAddrV4::new(s4, port));
     wait_counter(&enf, Counter::ConnLimited, 1);
     // Past the grace period the slots are still held: the kernel still has the request sockets.
     std::thread::sleep(Duration::from_millis(1400).saturating_sub(sent.elapsed()));
     assert_eq!(
-        enf.connections_of(IpAddr::V4(ghost), PORT),
+        enf.connections_of(IpAddr::V4(ghost), port),
         3,
         "released before the handshake timeout\n{}",
         enf.describe()
@@ -534,7 +535,7 @@ fn handshake_never_answered_is_expired_at_the_timeout() {
     assert!(sent.elapsed() < Duration::from_millis(1900));
     // At the timeout (2 s) they are released.
     let released = wait_until(Duration::from_secs(2), || {
-        enf.connections_of(IpAddr::V4(ghost), PORT) == 0
+        enf.connections_of(IpAddr::V4(ghost), port) == 0
     });
     assert!(released, "not released at the timeout\n{}", enf.describe());
     assert!(
@@ -545,8 +546,8 @@ fn handshake_never_answered_is_expired_at_the_timeout() {
     assert_eq!(enf.counter(Counter::Expired), 3, "{}", enf.describe());
     assert_eq!(enf.pending_len(), 0);
     // The source is admitted again.
-    send_syn(&tb.cli, ghost, 40005, SocketAddrV4::new(s4, PORT));
-    wait_count(&enf, IpAddr::V4(ghost), PORT, 1);
+    send_syn(&tb.cli, ghost, 40005, SocketAddrV4::new(s4, port));
+    wait_count(&enf, IpAddr::V4(ghost), port, 1);
     assert_eq!(enf.counter(Counter::Admitted), 4);
 }
 
@@ -555,11 +556,11 @@ fn websocket_clients_over_the_limit_are_refused() {
     if !privileged("websocket_clients_over_the_limit_are_refused") {
         return;
     }
-    const PORT: u16 = 9110;
+    let port = test_port(10);
     let tb = Testbed::new("ws", 10);
-    let server = WsEchoServer::start(&tb.srv, PORT);
-    let enf = Enforcer::start(&tb, &limit_config(PORT, 2, "reject"));
-    let dst = sa(tb.server_v4(), PORT);
+    let server = WsEchoServer::start(&tb.srv, port);
+    let enf = Enforcer::start(&tb, &limit_config(port, 2, "reject"));
+    let dst = sa(tb.server_v4(), port);
     let a = tb.client_v4(0);
 
     let mut clients = Vec::new();
@@ -577,7 +578,7 @@ fn websocket_clients_over_the_limit_are_refused() {
     }
     assert_refused(&tb.cli, a, dst, &enf);
     assert_eq!(*server.accepted.lock().unwrap(), 2);
-    wait_count(&enf, a, PORT, 2);
+    wait_count(&enf, a, port, 2);
     // The first two still talk.
     for ws in &mut clients {
         ws.send(tungstenite::Message::text("again")).unwrap();
@@ -594,10 +595,10 @@ fn connections_older_than_ws_guard_are_counted() {
     if !privileged("connections_older_than_ws_guard_are_counted") {
         return;
     }
-    const PORT: u16 = 9111;
+    let port = test_port(11);
     let tb = Testbed::new("adopt", 11);
-    let server = Server::start(&tb.srv, PORT, Stack::Separate);
-    let dst = sa(tb.server_v4(), PORT);
+    let server = Server::start(&tb.srv, port, Stack::Separate);
+    let dst = sa(tb.server_v4(), port);
     let a = tb.client_v4(0);
     let mut old = Vec::new();
     for _ in 0..2 {
@@ -608,18 +609,18 @@ fn connections_older_than_ws_guard_are_counted() {
     }
     assert!(server.wait_held(2, SETTLE));
 
-    let enf = Enforcer::start(&tb, &limit_config(PORT, 3, "reject"));
+    let enf = Enforcer::start(&tb, &limit_config(port, 3, "reject"));
     assert_eq!(enf.sweeps().adopted, 2, "{}", enf.describe());
     assert_eq!(enf.counter(Counter::Adopted), 2);
-    assert_eq!(enf.connections_of(a, PORT), 2);
+    assert_eq!(enf.connections_of(a, port), 2);
     let third = connect_ok(&tb.cli, a, dst, &enf);
     assert_refused(&tb.cli, a, dst, &enf);
-    wait_count(&enf, a, PORT, 3);
+    wait_count(&enf, a, port, 3);
     // Closing an adopted connection gives its slot back.
     drop(old.remove(0));
-    wait_count(&enf, a, PORT, 2);
+    wait_count(&enf, a, port, 2);
     let fourth = connect_ok(&tb.cli, a, dst, &enf);
     assert_refused(&tb.cli, a, dst, &enf);
     drop((old, third, fourth));
-    wait_count(&enf, a, PORT, 0);
+    wait_count(&enf, a, port, 0);
 }

@@ -107,6 +107,16 @@ pub fn spawn_in_ns<T: Send + 'static>(
     })
 }
 
+/// The protected port of test bed `n` in this process: 10000 + 32 * (pid % 1500) + n.
+///
+/// The tracepoint program sees the sockets of every namespace and judges them by port, so two
+/// test processes running at once (two developers, or `cargo test` next to `cargo xtask test`)
+/// must not protect the same port; the PID spreads them apart.
+pub fn test_port(n: u8) -> u16 {
+    assert!(n < 32, "test bed number {n}: at most 31 per process");
+    10_000 + 32 * (std::process::id() % 1500) as u16 + n as u16
+}
+
 /// Polls `cond` every 20 ms until it holds or `limit` has passed; returns whether it held.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
