@@ -120,10 +120,12 @@ fn nightly(ctx: &Ctx) -> anyhow::Result<()> {
                 "minimal",
                 "--component",
                 "rust-src",
+                // Installing a toolchain is not a reason to replace rustup itself.
+                "--no-self-update",
             ]))
             .context(
                 "could not install the nightly toolchain; check the network, then run \
-                 `rustup toolchain install nightly --profile minimal -c rust-src`",
+                 `rustup toolchain install nightly --profile minimal -c rust-src --no-self-update`",
             )?;
             true
         }
