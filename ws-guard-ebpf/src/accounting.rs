@@ -11,8 +11,10 @@ use ws_guard_common::{
 
 use crate::maps::{self, Bucket, EEXIST, WSG_OWNED, WSG_PENDING, count};
 
-/// The kernel established `flow`: move it from half-open to established, or count it if the
-/// XDP program never saw it (another interface, loopback, older than ws-guard).
+/// The kernel established `flow`: move it from half-open to established. A connection the XDP
+/// program never saw (another interface, loopback) is left to the sweep, which reads the socket
+/// table of ws-guard's own network namespace: this tracepoint fires for every namespace, and
+/// counting here would charge a container's clients to ours.
 #[inline(always)]
 pub fn established(flow: &FlowKey) {
     // SAFETY: copied out before the delete.
@@ -33,9 +35,6 @@ pub fn established(flow: &FlowKey) {
             }
             return;
         }
-    }
-    if maps::port(flow.server_port).is_some() {
-        adopt(flow);
     }
 }
 
