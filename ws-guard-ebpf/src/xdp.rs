@@ -175,26 +175,31 @@ fn reject(frame: &Frame, seg: &TcpSegment, bucket: Bucket) -> u32 {
 
 #[inline(always)]
 fn write_rst(frame: &Frame, seg: &TcpSegment) -> Option<()> {
+    if seg.family == AF_INET {
+        let (ip, tcp) = rst::ipv4(&frame.load(seg.l3)?, seg);
+        write_reply(frame, seg, &ip, &tcp)
+    } else {
+        let (ip, tcp) = rst::ipv6(&frame.load(seg.l3)?, seg);
+        write_reply(frame, seg, &ip, &tcp)
+    }
+}
+
+/// Swaps the Ethernet addresses, cuts the frame to the reply's length and writes the headers.
+#[inline(always)]
+fn write_reply<const N: usize>(
+    frame: &Frame,
+    seg: &TcpSegment,
+    ip: &[u8; N],
+    tcp: &[u8; rst::TCP_LEN],
+) -> Option<()> {
     let macs = frame.load::<[u8; 12]>(0)?;
     let mut swapped = [0u8; 12];
     swapped[..6].copy_from_slice(&macs[6..]);
     swapped[6..].copy_from_slice(&macs[..6]);
-    let delta = rst::reply_len(seg) as i32 - frame.len() as i32;
-    if seg.family == AF_INET {
-        let ip = frame.load::<[u8; 20]>(seg.l3)?;
-        let (ip, tcp) = rst::ipv4(&ip, seg);
-        shrink(frame.0, delta)?;
-        frame.store(0, &swapped)?;
-        frame.store(seg.l3, &ip)?;
-        frame.store(seg.l4, &tcp)
-    } else {
-        let ip = frame.load::<[u8; 40]>(seg.l3)?;
-        let (ip, tcp) = rst::ipv6(&ip, seg);
-        shrink(frame.0, delta)?;
-        frame.store(0, &swapped)?;
-        frame.store(seg.l3, &ip)?;
-        frame.store(seg.l4, &tcp)
-    }
+    shrink(frame.0, rst::reply_len(seg) as i32 - frame.len() as i32)?;
+    frame.store(0, &swapped)?;
+    frame.store(seg.l3, ip)?;
+    frame.store(seg.l4, tcp)
 }
 
 #[inline(always)]
