@@ -19,6 +19,7 @@ use procfs::{
 use ws_guard_common::maps::{
     AF_INET, AF_INET6, ControlOp, FlowKey, OP_ADOPT, OP_EXPIRE_PENDING, OP_RELEASE_OWNED,
 };
+use ws_guard_common::names;
 
 use crate::guard::Guard;
 
@@ -123,7 +124,7 @@ pub fn monotonic_ns() -> u64 {
 /// - an established connection at least [`GRACE`] old without a socket is released (its close
 ///   was not seen, e.g. it ended while the programs were being replaced);
 /// - a connected socket the maps do not know is counted;
-/// - counters at zero are removed.
+/// - counters at zero are removed when the counter map is more than half full.
 pub fn sweep(
     guard: &mut Guard,
     sockets: &HashMap<FlowKey, SocketKind>,
@@ -165,9 +166,16 @@ pub fn sweep(
             report.adopted += 1;
         }
     }
-    for key in guard.idle_sources()? {
-        guard.remove_idle_source(&key)?;
-        report.idle_removed += 1;
+    // A zero counter costs a map entry, nothing else; removing one can race with a SYN of that
+    // source (the XDP program increments an entry being deleted), so only reclaim them when
+    // the map is more than half full.
+    let capacity = guard.capacity(names::MAP_CONNS)? as usize;
+    let idle = guard.idle_sources()?;
+    if idle.len() + guard.connections()?.len() > capacity / 2 {
+        for key in idle {
+            guard.remove_idle_source(&key)?;
+            report.idle_removed += 1;
+        }
     }
     Ok(report)
 }
