@@ -1,7 +1,7 @@
 //! The TOML configuration: parsing, defaults and validation. A config is checked whole before
 //! anything is applied; every error names the field and the problem.
 
-use std::{collections::BTreeSet, fmt, path::Path, str::FromStr, time::Duration};
+use std::{collections::BTreeSet, fmt, net::SocketAddr, path::Path, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Deserializer, de};
 use thiserror::Error;
@@ -191,6 +191,45 @@ impl Default for Capacity {
     }
 }
 
+/// Where the Prometheus endpoint listens by default: loopback only, and a port from the range
+/// Prometheus exporters use.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9105";
+/// The most sources `metrics.top_sources` may export.
+pub const MAX_TOP_SOURCES: u32 = 100;
+
+/// The Prometheus endpoint (`/metrics`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// `ADDRESS:PORT` to serve `/metrics` on; `"off"` or `""` serves nothing.
+    pub listen: String,
+    /// Export the live connection count of the N sources holding the most (0: none). Each
+    /// source is a time series: keep N small.
+    pub top_sources: u32,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_METRICS_LISTEN.into(),
+            top_sources: 0,
+        }
+    }
+}
+
+impl MetricsSettings {
+    /// The address to listen on; `None` when the endpoint is off. Validated by
+    /// [`Config::parse`], so only a hand-built config can make this an error.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, String> {
+        match self.listen.trim() {
+            "" | "off" => Ok(None),
+            a => a.parse().map(Some).map_err(|_| {
+                format!("{a:?} is not ADDRESS:PORT (e.g. \"{DEFAULT_METRICS_LISTEN}\") or \"off\"")
+            }),
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -221,6 +260,9 @@ pub struct Config {
     pub kernel_log: String,
     #[serde(default)]
     pub capacity: Capacity,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsSettings,
     /// Protected ports. Omitted: refused by validation with a message saying why.
     #[serde(rename = "port", default)]
     pub ports: Vec<PortLimits>,
@@ -355,6 +397,18 @@ impl Config {
                 ));
             }
         }
+        self.metrics
+            .listen_addr()
+            .map_err(|m| invalid("metrics.listen".into(), m))?;
+        if self.metrics.top_sources > MAX_TOP_SOURCES {
+            return Err(invalid(
+                "metrics.top_sources".into(),
+                format!(
+                    "{} is above the maximum of {MAX_TOP_SOURCES}",
+                    self.metrics.top_sources
+                ),
+            ));
+        }
         let mut names = BTreeSet::new();
         for (i, name) in self.interfaces.iter().enumerate() {
             if name.is_empty()
@@ -430,6 +484,11 @@ mod tests {
         assert_eq!(c.ipv6_prefix, 64);
         assert_eq!(c.xdp_mode, XdpMode::Auto);
         assert!(!c.monitor);
+        assert_eq!(
+            c.metrics.listen_addr(),
+            Ok(Some("127.0.0.1:9105".parse().unwrap()))
+        );
+        assert_eq!(c.metrics.top_sources, 0);
         assert_eq!(c.ports[0].connection_action, Action::Reject);
         assert_eq!(c.ports[0].rate_action, Action::Drop);
         let k = c.ports[0].to_kernel();
@@ -496,6 +555,33 @@ mod tests {
             .map(|p| format!("[[port]]\nport = {p}\n"))
             .collect();
         assert!(parse(&most).is_ok());
+    }
+
+    #[test]
+    fn metrics_settings() {
+        let c = parse("[metrics]\nlisten = \"off\"\n[[port]]\nport = 1\n").unwrap();
+        assert_eq!(c.metrics.listen_addr(), Ok(None));
+        let c = parse("[metrics]\nlisten = \"\"\n[[port]]\nport = 1\n").unwrap();
+        assert_eq!(c.metrics.listen_addr(), Ok(None));
+        let c = parse("[metrics]\nlisten = \"[::1]:9999\"\ntop_sources = 10\n[[port]]\nport = 1\n")
+            .unwrap();
+        assert_eq!(
+            c.metrics.listen_addr(),
+            Ok(Some("[::1]:9999".parse().unwrap()))
+        );
+        assert_eq!(c.metrics.top_sources, 10);
+        for bad in ["localhost:9105", "127.0.0.1", "9105", "on"] {
+            let text = format!("[metrics]\nlisten = \"{bad}\"\n[[port]]\nport = 1\n");
+            assert_eq!(invalid_field(&text), "metrics.listen", "{bad}");
+        }
+        assert_eq!(
+            invalid_field("[metrics]\ntop_sources = 101\n[[port]]\nport = 1\n"),
+            "metrics.top_sources"
+        );
+        let e = parse("[metrics]\nport = 1\n[[port]]\nport = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("port"), "{e}");
     }
 
     #[test]

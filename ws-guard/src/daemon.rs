@@ -1,7 +1,10 @@
-//! `ws-guard run`: load, attach, keep the accounting in step, reload on SIGHUP, detach on
-//! SIGINT/SIGTERM.
+//! `ws-guard run`: load, attach, keep the accounting in step, serve metrics, reload on SIGHUP,
+//! detach on SIGINT/SIGTERM.
 
-use std::path::PathBuf;
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+};
 
 use anyhow::Context as _;
 use log::{error, info, warn};
@@ -10,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     config::Config,
     guard::{Guard, LoadOptions},
-    interfaces, sweep,
+    interfaces, metrics, sweep,
 };
 
 /// Describes what a configuration enforces, one line per port.
@@ -46,6 +49,11 @@ pub fn describe(cfg: &Config) -> Vec<String> {
 
 /// Loads, attaches and enforces `cfg` until SIGINT or SIGTERM; then detaches.
 pub async fn run(mut cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    // Bound first: a taken address fails before anything is loaded or attached.
+    let metrics_listener = match cfg.metrics.listen_addr().map_err(anyhow::Error::msg)? {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let mut guard = Guard::load(&LoadOptions::from_config(&cfg))?;
     guard.apply(&cfg)?;
     guard.attach_tracepoint()?;
@@ -78,6 +86,24 @@ pub async fn run(mut cfg: Config, config_path: Option<PathBuf>) -> anyhow::Resul
         info!("enforcing on {} ({} XDP)", a.interface, a.mode);
     }
 
+    // Shared with the metrics endpoint, which reads the maps when Prometheus scrapes.
+    let guard = Arc::new(Mutex::new(guard));
+    let server = match metrics_listener {
+        Some(listener) => {
+            let addr = listener.local_addr().context("metrics endpoint address")?;
+            info!("serving Prometheus metrics on http://{addr}/metrics");
+            let endpoint = metrics::Endpoint {
+                guard: guard.clone(),
+                top_sources: cfg.metrics.top_sources as usize,
+            };
+            Some(tokio::spawn(metrics::serve(listener, Arc::new(endpoint))))
+        }
+        None => {
+            info!("metrics endpoint off");
+            None
+        }
+    };
+
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -86,8 +112,9 @@ pub async fn run(mut cfg: Config, config_path: Option<PathBuf>) -> anyhow::Resul
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: detaching"); break; }
             _ = int.recv() => { info!("SIGINT: detaching"); break; }
-            _ = hup.recv() => reload(&mut guard, &mut cfg, config_path.as_deref()),
+            _ = hup.recv() => reload(&mut lock(&guard), &mut cfg, config_path.as_deref()),
             _ = tick.tick() => {
+                let mut guard = lock(&guard);
                 guard.flush_kernel_log();
                 match sweep::sweep_now(&mut guard, cfg.handshake_timeout) {
                     Ok(r) if r.expired + r.released + r.adopted > 0 => log::debug!("sweep: {r:?}"),
@@ -97,7 +124,16 @@ pub async fn run(mut cfg: Config, config_path: Option<PathBuf>) -> anyhow::Resul
             }
         }
     }
-    guard.detach_all()
+    if let Some(server) = server {
+        server.abort();
+    }
+    lock(&guard).detach_all()
+}
+
+/// The guard, also when a scrape panicked while holding it (the maps are still consistent:
+/// scrapes only read them).
+fn lock(guard: &Mutex<Guard>) -> MutexGuard<'_, Guard> {
+    guard.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// SIGHUP: apply the file's limits and settings, or keep the running ones if it is invalid.
@@ -111,8 +147,9 @@ fn reload(guard: &mut Guard, cfg: &mut Config, path: Option<&std::path::Path>) {
             if new.interfaces != cfg.interfaces
                 || new.xdp_mode != cfg.xdp_mode
                 || new.capacity != cfg.capacity
+                || new.metrics != cfg.metrics
             {
-                warn!("interfaces, xdp_mode and capacity take effect on restart only");
+                warn!("interfaces, xdp_mode, capacity and [metrics] take effect on restart only");
             }
             match guard.apply(&new) {
                 Ok(()) => {

@@ -64,7 +64,25 @@ pub struct Attachment {
     pub interface: String,
     /// "native" or "generic".
     pub mode: &'static str,
+    /// The interface's index when attached; the link goes with the interface if it is deleted.
+    pub ifindex: u32,
     link: XdpLinkId,
+}
+
+impl Attachment {
+    /// Whether the interface still exists under its name with the index the program was
+    /// attached to (in the calling thread's network namespace).
+    pub fn interface_present(&self) -> bool {
+        ifindex(&self.interface) == Some(self.ifindex)
+    }
+}
+
+/// The index of interface `name` in the calling thread's network namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
 }
 
 /// The loaded programs and their maps. Dropping it detaches everything.
@@ -275,6 +293,9 @@ impl Guard {
         interface: &str,
         mode: config::XdpMode,
     ) -> anyhow::Result<&'static str> {
+        let index = ifindex(interface).ok_or_else(|| {
+            anyhow!("attaching to {interface}: no such interface in this network namespace")
+        })?;
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(names::PROG_XDP)
@@ -282,19 +303,19 @@ impl Guard {
             .try_into()?;
         let (link, mode_name) = match mode {
             config::XdpMode::Native => (
-                prog.attach(interface, XdpMode::Driver)
+                prog.attach_to_if_index(index, XdpMode::Driver)
                     .with_context(|| format!("attaching to {interface} in native mode"))?,
                 "native",
             ),
             config::XdpMode::Generic => (
-                prog.attach(interface, XdpMode::Skb)
+                prog.attach_to_if_index(index, XdpMode::Skb)
                     .with_context(|| format!("attaching to {interface} in generic mode"))?,
                 "generic",
             ),
-            config::XdpMode::Auto => match prog.attach(interface, XdpMode::Driver) {
+            config::XdpMode::Auto => match prog.attach_to_if_index(index, XdpMode::Driver) {
                 Ok(link) => (link, "native"),
                 Err(native_err) => {
-                    let link = prog.attach(interface, XdpMode::Skb).with_context(|| {
+                    let link = prog.attach_to_if_index(index, XdpMode::Skb).with_context(|| {
                         format!("attaching to {interface}: native mode failed ({native_err}), and generic mode")
                     })?;
                     warn!(
@@ -309,6 +330,7 @@ impl Guard {
         self.attachments.push(Attachment {
             interface: interface.to_owned(),
             mode: mode_name,
+            ifindex: index,
             link,
         });
         Ok(mode_name)

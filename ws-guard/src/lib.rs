@@ -5,4 +5,5 @@ pub mod config;
 pub mod daemon;
 pub mod guard;
 pub mod interfaces;
+pub mod metrics;
 pub mod sweep;
