@@ -2,16 +2,28 @@
 //! exposition of the running daemon (checked by `promtool check metrics`), and an end-to-end
 //! run in which a real Prometheus server scrapes the daemon while traffic crosses the limits.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::BTreeSet,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use serde_json::Value;
 use ws_guard::{
     config::Config,
     guard::{Guard, LoadOptions},
+    metrics::{self, METRIC_NAMES},
 };
 use ws_guard_common::maps::{AF_INET, AF_INET6, Counter};
 use ws_guard_tests::{
     frames::{FrameBuilder, LINUX_SYN_OPTIONS, TCP_ACK, Tcp},
+    netns::{Testbed, in_ns, sa, test_port, wait_until},
     privileged,
+    traffic::{Outcome, Server, Stack, connect_from},
 };
 
 const XDP_DROP: u32 = 1;
@@ -44,7 +56,7 @@ fn syn6(sport: u16, dport: u16) -> Vec<u8> {
 
 fn config(ports: &str) -> Config {
     Config::parse(
-        &format!("[capacity]\nsources = 1024\nflows = 4096\n{ports}"),
+        &format!("{ports}\n[capacity]\nsources = 1024\nflows = 4096\n"),
         "test config",
     )
     .expect("test config")
@@ -164,4 +176,727 @@ fn counters_are_split_by_port_and_family() {
         counts(&[(Counter::NotProtected, 3), (Counter::Fragments, 1)])
     );
     assert_eq!(g.counters().expect("counters").get(Counter::Admitted), 4);
+}
+
+/// The repository's root.
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// A tool of the Debian `prometheus` package (`prometheus`, `promtool`); fails with the fix when
+/// it is missing (`cargo xtask setup` installs the package).
+fn prometheus_tool(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "{name} is not installed: install the Debian package `prometheus` (`apt-get install \
+         prometheus`; `cargo xtask setup` does)"
+    );
+}
+
+/// Runs `promtool ARGS` (with `stdin` as its input) and panics with its output if it fails.
+fn promtool(args: &[&str], stdin: Option<&str>) -> String {
+    let mut child = Command::new(prometheus_tool("promtool"))
+        .args(args)
+        .current_dir(repo())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting promtool");
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(text.as_bytes()).expect("feeding promtool");
+    }
+    let out = child.wait_with_output().expect("promtool");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "promtool {} failed ({}):\n{all}",
+        args.join(" "),
+        out.status
+    );
+    all
+}
+
+/// Binary operators and modifiers spelled as words.
+const PROMQL_KEYWORDS: [&str; 6] = ["and", "or", "unless", "bool", "offset", "atan2"];
+/// Keywords that may be followed by a list of label names.
+const LABEL_LIST_KEYWORDS: [&str; 6] = [
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+];
+/// Aggregation operators, which may put `by (...)` before their parentheses.
+const AGGREGATIONS: [&str; 13] = [
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count",
+    "count_values",
+    "bottomk",
+    "topk",
+    "quantile",
+    "limitk",
+];
+
+/// The metric names a PromQL expression selects: identifiers that are not functions,
+/// aggregations, keywords, or inside label matchers, ranges, strings and label lists.
+fn promql_metric_names(expr: &str) -> BTreeSet<String> {
+    let b = expr.as_bytes();
+    let mut out = BTreeSet::new();
+    let mut i = 0;
+    let skip_to = |i: usize, close: u8| -> usize {
+        let mut j = i + 1;
+        while j < b.len() && b[j] != close {
+            if (close == b'}' || close == b')') && (b[j] == b'"' || b[j] == b'\'') {
+                let q = b[j];
+                j += 1;
+                while j < b.len() && b[j] != q {
+                    j += if b[j] == b'\\' { 2 } else { 1 };
+                }
+            }
+            j += 1;
+        }
+        j + 1
+    };
+    let next_non_space = |mut j: usize| {
+        while j < b.len() && b[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        j
+    };
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'{' => i = skip_to(i, b'}'),
+            b'[' => i = skip_to(i, b']'),
+            b'"' | b'\'' | b'`' => i = skip_to(i, c),
+            b'0'..=b'9' | b'.' => {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
+                    i += 1;
+                }
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' || c == b':' => {
+                let start = i;
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b':')
+                {
+                    i += 1;
+                }
+                let word = &expr[start..i];
+                let j = next_non_space(i);
+                let next_word = |j: usize| {
+                    let k = (j..b.len())
+                        .find(|k| !(b[*k].is_ascii_alphanumeric() || b[*k] == b'_'))
+                        .unwrap_or(b.len());
+                    &expr[j..k]
+                };
+                if LABEL_LIST_KEYWORDS.contains(&word) {
+                    // An optional (label, ...) list follows.
+                    if j < b.len() && b[j] == b'(' {
+                        i = skip_to(j, b')');
+                    }
+                } else if AGGREGATIONS.contains(&word)
+                    && (b.get(j) == Some(&b'(') || matches!(next_word(j), "by" | "without"))
+                {
+                    // An aggregation; its by/without list is skipped as a keyword's.
+                } else if b.get(j) == Some(&b'(') || PROMQL_KEYWORDS.contains(&word) {
+                    // A function call or an operator.
+                } else {
+                    out.insert(word.to_owned());
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    out
+}
+
+#[test]
+fn promql_metric_names_finds_selectors_only() {
+    let names = promql_metric_names(
+        r#"sum by (port, family) (rate(ws_guard_decisions_total{reason=~"a|b",port=~"$port"}[$__rate_interval])) / on (port) group_left sum(x_total offset 5m) > 0.5 and bool up unless topk(3, y) or max without(z) (w{a="}"})"#,
+    );
+    let want: BTreeSet<String> = ["ws_guard_decisions_total", "x_total", "up", "y", "w"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(names, want);
+}
+
+/// Every `ws_guard_…` name written anywhere in `text`.
+fn ws_guard_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (at, _) in text.match_indices("ws_guard_") {
+        let name: String = text[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        out.insert(name);
+    }
+    out
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_their_unit_tests() {
+    let rules = "packaging/prometheus-alerts.yml";
+    let out = promtool(&["check", "rules", rules], None);
+    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
+    let out = promtool(
+        &["test", "rules", "tests/data/prometheus-alerts.test.yml"],
+        None,
+    );
+    assert!(out.contains("SUCCESS"), "{out}");
+    let text = std::fs::read_to_string(repo().join(rules)).unwrap();
+    let names = ws_guard_names(&text);
+    assert!(!names.is_empty());
+    for n in &names {
+        assert!(
+            METRIC_NAMES.contains(&n.as_str()),
+            "{rules} uses {n}, which is not exposed"
+        );
+    }
+}
+
+/// The dashboard's panels, each with its queries.
+fn dashboard_queries() -> Vec<(String, Vec<String>)> {
+    let path = repo().join("packaging/grafana-dashboard.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let d: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().expect("panels") {
+        if p["type"] == "row" {
+            continue;
+        }
+        let title = p["title"].as_str().expect("panel title").to_owned();
+        let exprs: Vec<String> = p["targets"]
+            .as_array()
+            .unwrap_or_else(|| panic!("panel {title} has no targets"))
+            .iter()
+            .map(|t| t["expr"].as_str().expect("target expr").to_owned())
+            .collect();
+        out.push((title, exprs));
+    }
+    out
+}
+
+#[test]
+fn dashboard_queries_use_exposed_metrics_only() {
+    let path = repo().join("packaging/grafana-dashboard.json");
+    let d: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(d["uid"], "ws-guard");
+    assert_eq!(d["__inputs"][0]["pluginId"], "prometheus");
+    // Panel ids are unique, and every panel reads the data source chosen at import.
+    let mut ids = BTreeSet::new();
+    for p in d["panels"].as_array().unwrap() {
+        assert!(
+            ids.insert(p["id"].as_u64().expect("panel id")),
+            "duplicate id {}",
+            p["id"]
+        );
+        if p["type"] != "row" {
+            assert_eq!(p["datasource"]["uid"], "${DS_PROMETHEUS}", "{}", p["title"]);
+        }
+    }
+    let panels = dashboard_queries();
+    assert!(panels.len() >= 15, "{} panels", panels.len());
+    let mut used = BTreeSet::new();
+    for (title, exprs) in &panels {
+        for e in exprs {
+            let names = promql_metric_names(e);
+            assert!(!names.is_empty(), "panel {title}: {e} selects no metric");
+            for n in names {
+                assert!(
+                    METRIC_NAMES.contains(&n.as_str()),
+                    "panel {title} queries {n}, which the exporter does not expose: {e}"
+                );
+                used.insert(n);
+            }
+        }
+    }
+    // The template variables query exposed metrics too.
+    for v in d["templating"]["list"].as_array().unwrap() {
+        for n in ws_guard_names(v["definition"].as_str().unwrap()) {
+            assert!(METRIC_NAMES.contains(&n.as_str()), "variable uses {n}");
+        }
+    }
+    // Everything the exporter says is on the dashboard, except the build info (a variable's
+    // source).
+    for n in METRIC_NAMES {
+        assert!(
+            used.contains(n) || n == "ws_guard_build_info",
+            "{n} is on no panel"
+        );
+    }
+}
+
+#[test]
+fn exposition_of_real_maps_is_exact_and_passes_promtool() {
+    if !privileged("exposition_of_real_maps_is_exact_and_passes_promtool") {
+        return;
+    }
+    let mut g = Guard::load(&LoadOptions {
+        sources: 1024,
+        flows: 4096,
+        kernel_log_level: 0,
+    })
+    .expect("load");
+    g.apply(&config(
+        "ipv6_prefix = 48\n[[port]]\nport = 9311\nmax_connections = 2\nconnection_action = \"drop\"\n\
+         new_connections = \"3/100s\"\n",
+    ))
+    .expect("apply");
+    // IPv4 source: 2 admitted, 1 over max_connections. IPv6: 2 sources of one /48, 2 admitted
+    // (one each), then the 3rd attempt of the /48 is conn-limited.
+    for sport in 40000..40003 {
+        let v = if sport < 40002 { XDP_PASS } else { XDP_DROP };
+        run(&mut g, &syn4(sport, 9311), v);
+    }
+    let other6 = FrameBuilder::ipv6("2001:2:0:1::9".parse().unwrap(), server6())
+        .tcp(Tcp::syn(40000, 9311, 1).options(&LINUX_SYN_OPTIONS))
+        .build();
+    run(&mut g, &syn6(40000, 9311), XDP_PASS);
+    run(&mut g, &other6, XDP_PASS);
+    run(&mut g, &syn6(40001, 9311), XDP_DROP);
+
+    let snap = metrics::snapshot(&g, 5).expect("snapshot");
+    let text = metrics::encode(&snap).expect("encode");
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    for want in [
+        r#"ws_guard_decisions_total{family="ipv4",port="9311",reason="admitted"} 2"#,
+        r#"ws_guard_decisions_total{family="ipv4",port="9311",reason="conn_limited"} 1"#,
+        r#"ws_guard_decisions_total{family="ipv6",port="9311",reason="admitted"} 2"#,
+        r#"ws_guard_decisions_total{family="ipv6",port="9311",reason="conn_limited"} 1"#,
+        r#"ws_guard_decisions_total{family="ipv6",port="9311",reason="rate_limited"} 0"#,
+        r#"ws_guard_rst_sent_total{family="ipv4",port="9311"} 0"#,
+        r#"ws_guard_tracked_sources{family="ipv4",port="9311"} 1"#,
+        r#"ws_guard_tracked_sources{family="ipv6",port="9311"} 1"#,
+        r#"ws_guard_active_connections{family="ipv4",port="9311"} 2"#,
+        r#"ws_guard_active_connections{family="ipv6",port="9311"} 2"#,
+        r#"ws_guard_half_open_connections{family="ipv4",port="9311"} 2"#,
+        r#"ws_guard_half_open_connections{family="ipv6",port="9311"} 2"#,
+        r#"ws_guard_established_connections{family="ipv6",port="9311"} 0"#,
+        r#"ws_guard_map_entries{map="WSG_CONNS"} 2"#,
+        r#"ws_guard_map_entries{map="WSG_RATE"} 2"#,
+        r#"ws_guard_map_entries{map="WSG_PENDING"} 4"#,
+        r#"ws_guard_map_entries{map="WSG_OWNED"} 0"#,
+        r#"ws_guard_map_capacity{map="WSG_CONNS"} 1024"#,
+        r#"ws_guard_map_capacity{map="WSG_PENDING"} 4096"#,
+        r#"ws_guard_map_fill_ratio{map="WSG_PENDING"} 0.0009765625"#,
+        r#"ws_guard_source_connections{family="ipv4",port="9311",source="198.18.0.7/32"} 2"#,
+        r#"ws_guard_source_connections{family="ipv6",port="9311",source="2001:2::/48"} 2"#,
+        "ws_guard_monitor_mode 0",
+    ] {
+        assert!(lines.contains(&want), "missing {want:?} in\n{text}");
+    }
+    let out = promtool(&["check", "metrics"], Some(&text));
+    assert!(out.trim().is_empty(), "promtool check metrics: {out}");
+}
+
+/// An HTTP/1.0 request to `addr` from inside namespace `ns`: (status, body).
+fn http(ns: &str, method: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    in_ns(ns, || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut raw = Vec::new();
+        s.take(64 << 20).read_to_end(&mut raw)?;
+        let raw = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        Ok((status, body.to_owned()))
+    })
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Prometheus' HTTP API from inside the test bed's server namespace.
+struct PromApi<'a> {
+    ns: &'a str,
+    addr: SocketAddr,
+}
+
+impl PromApi<'_> {
+    fn get(&self, path: &str) -> Result<Value, String> {
+        let (status, body) = http(self.ns, "GET", self.addr, path).map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&body).map_err(|e| format!("{status}: {e}: {body}"))?;
+        if v["status"] != "success" {
+            return Err(format!("{status}: {body}"));
+        }
+        Ok(v["data"].clone())
+    }
+
+    /// The instant vector of `expr`: (labels, value) per series.
+    fn query(&self, expr: &str) -> Result<Vec<(Value, f64)>, String> {
+        let data = self.get(&format!("/api/v1/query?query={}", url_encode(expr)))?;
+        let series = data["result"]
+            .as_array()
+            .ok_or_else(|| format!("not a vector: {data}"))?;
+        Ok(series
+            .iter()
+            .map(|s| {
+                let v = s["value"][1]
+                    .as_str()
+                    .unwrap_or("NaN")
+                    .parse()
+                    .unwrap_or(f64::NAN);
+                (s["metric"].clone(), v)
+            })
+            .collect())
+    }
+
+    /// The single value of `expr`, if it has exactly one series.
+    fn value(&self, expr: &str) -> Option<f64> {
+        match self.query(expr) {
+            Ok(v) if v.len() == 1 => Some(v[0].1),
+            _ => None,
+        }
+    }
+}
+
+/// target/<profile>/ws-guard, beside target/<profile>/deps/<this test>.
+fn daemon_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable outside target/<profile>/deps")
+        .join("ws-guard");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first with `cargo build -p ws-guard` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+#[test]
+fn prometheus_scrapes_exact_counts_from_the_daemon() {
+    if !privileged("prometheus_scrapes_exact_counts_from_the_daemon") {
+        return;
+    }
+    // Test bed 24, and its port: unique per test and per process (see `test_port`).
+    let port = test_port(24);
+    let prometheus = prometheus_tool("prometheus");
+    let bin = daemon_binary();
+    // Before the test bed, so it is removed after the test bed has killed Prometheus.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tb = Testbed::new("prom", 24);
+    let server = Server::start(&tb.srv, port, Stack::Separate);
+
+    // The daemon, with the default metrics address (127.0.0.1:9105 of its namespace).
+    let cfg_path = dir.path().join("ws-guard.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "interfaces = [\"{}\"]\n[capacity]\nsources = 1024\nflows = 4096\n[metrics]\ntop_sources = 5\n\n\
+             [[port]]\nport = {port}\nmax_connections = 2\nconnection_action = \"reject\"\n",
+            tb.srv_if
+        ),
+    )
+    .unwrap();
+    let daemon = tb.spawn_in(
+        &tb.srv,
+        bin.to_str().unwrap(),
+        &["run", "--config", cfg_path.to_str().unwrap()],
+        Stdio::piped(),
+    );
+    let stderr = daemon.child().stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().take(100_000) {
+                let Ok(line) = line else { break };
+                eprintln!("daemon: {line}");
+                log.lock().unwrap().push(line);
+            }
+        })
+    };
+    let logged = |needle: &str| log.lock().unwrap().iter().any(|l| l.contains(needle));
+    let started = wait_until(Duration::from_secs(15), || {
+        (logged("enforcing on") && logged("serving Prometheus metrics"))
+            || daemon.child().try_wait().ok().flatten().is_some()
+    });
+    assert!(
+        started && logged("http://127.0.0.1:9105/metrics"),
+        "the daemon did not start serving metrics: {:?}",
+        log.lock().unwrap()
+    );
+
+    // The endpoint itself: promtool accepts its output; other paths and methods are refused.
+    let endpoint: SocketAddr = "127.0.0.1:9105".parse().unwrap();
+    let (status, body) = http(&tb.srv, "GET", endpoint, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{body}");
+    let out = promtool(&["check", "metrics"], Some(&body));
+    assert!(out.trim().is_empty(), "promtool check metrics: {out}");
+    let exposed = ws_guard_names(&body);
+    for n in &exposed {
+        assert!(METRIC_NAMES.contains(&n.as_str()), "undeclared metric {n}");
+    }
+    assert_eq!(http(&tb.srv, "GET", endpoint, "/nope").unwrap().0, 404);
+    assert_eq!(http(&tb.srv, "POST", endpoint, "/metrics").unwrap().0, 405);
+
+    // Prometheus, scraping every second and evaluating the shipped alert rules.
+    let prom_addr: SocketAddr = "127.0.0.1:9090".parse().unwrap();
+    let prom_cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &prom_cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: ws-guard\n    static_configs:\n      - targets: ['{endpoint}']\n",
+            repo().join("packaging/prometheus-alerts.yml").display()
+        ),
+    )
+    .unwrap();
+    let prom_log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let prom = tb.spawn_in(
+        &tb.srv,
+        prometheus.to_str().unwrap(),
+        &[
+            format!("--config.file={}", prom_cfg.display()).as_str(),
+            format!("--storage.tsdb.path={}", dir.path().join("data").display()).as_str(),
+            format!("--web.listen-address={prom_addr}").as_str(),
+        ],
+        Stdio::from(prom_log),
+    );
+    let prom_failed = || {
+        format!(
+            "prometheus log:\n{}",
+            std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+        )
+    };
+    let api = PromApi {
+        ns: &tb.srv,
+        addr: prom_addr,
+    };
+    let ready = wait_until(Duration::from_secs(30), || {
+        matches!(http(&tb.srv, "GET", prom_addr, "/-/ready"), Ok((200, _)))
+            || prom.child().try_wait().ok().flatten().is_some()
+    });
+    assert!(
+        ready && matches!(http(&tb.srv, "GET", prom_addr, "/-/ready"), Ok((200, _))),
+        "Prometheus not ready within 30 s: {}",
+        prom_failed()
+    );
+    let up = wait_until(Duration::from_secs(20), || {
+        api.value(r#"up{job="ws-guard"}"#) == Some(1.0)
+    });
+    assert!(
+        up,
+        "the target is not up: {:?}\n{}",
+        api.get("/api/v1/targets"),
+        prom_failed()
+    );
+
+    // Traffic over the limit: 5 connects from one IPv4 source against max_connections = 2,
+    // then one from an IPv6 source.
+    let dst4 = sa(tb.server_v4(), port);
+    let a: IpAddr = tb.client_v4(0);
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..5 {
+        match connect_from(&tb.cli, a, dst4, Duration::from_secs(3)) {
+            Outcome::Connected(s) => held.push(s),
+            Outcome::Refused => refused += 1,
+            other => panic!("connect: {other:?}"),
+        }
+    }
+    assert_eq!((held.len(), refused), (2, 3));
+    match connect_from(
+        &tb.cli,
+        tb.client_v6(0),
+        sa(tb.server_v6(), port),
+        Duration::from_secs(3),
+    ) {
+        Outcome::Connected(s) => held.push(s),
+        other => panic!("IPv6 connect: {other:?}"),
+    }
+    assert!(
+        server.wait_held(3, Duration::from_secs(5)),
+        "server holds {}",
+        server.held()
+    );
+
+    let p = format!("port=\"{port}\"");
+    let expect = |what: &[(String, f64)]| {
+        let ok = wait_until(Duration::from_secs(20), || {
+            what.iter().all(|(e, v)| api.value(e) == Some(*v))
+        });
+        let got: Vec<_> = what
+            .iter()
+            .map(|(e, _)| (e.clone(), api.query(e)))
+            .collect();
+        assert!(
+            ok,
+            "Prometheus does not show the expected values:\n{got:#?}"
+        );
+    };
+    let src4 = format!("{}/32", tb.client_v4(0));
+    expect(&[
+        (
+            format!(r#"ws_guard_decisions_total{{{p},family="ipv4",reason="admitted"}}"#),
+            2.0,
+        ),
+        (
+            format!(r#"ws_guard_decisions_total{{{p},family="ipv4",reason="conn_limited"}}"#),
+            3.0,
+        ),
+        (
+            format!(r#"ws_guard_decisions_total{{{p},family="ipv6",reason="admitted"}}"#),
+            1.0,
+        ),
+        // Nothing else: 6 attempts, 6 decisions.
+        (format!(r#"sum(ws_guard_decisions_total{{{p}}})"#), 6.0),
+        (
+            format!(r#"ws_guard_rst_sent_total{{{p},family="ipv4"}}"#),
+            3.0,
+        ),
+        (
+            format!(r#"ws_guard_active_connections{{{p},family="ipv4"}}"#),
+            2.0,
+        ),
+        (
+            format!(r#"ws_guard_active_connections{{{p},family="ipv6"}}"#),
+            1.0,
+        ),
+        (
+            format!(r#"ws_guard_established_connections{{{p},family="ipv4"}}"#),
+            2.0,
+        ),
+        (
+            format!(r#"ws_guard_tracked_sources{{{p},family="ipv4"}}"#),
+            1.0,
+        ),
+        (
+            format!(r#"ws_guard_source_connections{{{p},source="{src4}"}}"#),
+            2.0,
+        ),
+        (
+            format!(r#"ws_guard_xdp_attached{{interface="{}"}}"#, tb.srv_if),
+            1.0,
+        ),
+        (
+            format!(
+                r#"ws_guard_build_info{{version="{}"}}"#,
+                env!("CARGO_PKG_VERSION")
+            ),
+            1.0,
+        ),
+        (r#"ws_guard_monitor_mode"#.to_owned(), 0.0),
+    ]);
+
+    // Every dashboard query runs on the real data and returns series (the variables as "All").
+    for (title, exprs) in dashboard_queries() {
+        for e in exprs {
+            let q = e
+                .replace("$__rate_interval", "30s")
+                .replace("$instance", ".*")
+                .replace("$port", ".*");
+            let r = api.query(&q);
+            assert!(
+                matches!(&r, Ok(v) if !v.is_empty()),
+                "panel {title}: {q} gave {r:?}"
+            );
+        }
+    }
+
+    // The clients close: the slots come back, and the events say how.
+    drop(held);
+    expect(&[
+        (format!(r#"sum(ws_guard_active_connections{{{p}}})"#), 0.0),
+        (
+            format!(r#"ws_guard_connection_events_total{{{p},family="ipv4",event="established"}}"#),
+            2.0,
+        ),
+        (
+            format!(r#"ws_guard_connection_events_total{{{p},family="ipv4",event="closed"}}"#),
+            2.0,
+        ),
+        (
+            format!(r#"ws_guard_connection_events_total{{{p},family="ipv6",event="closed"}}"#),
+            1.0,
+        ),
+        (format!(r#"sum(ws_guard_decisions_total{{{p}}})"#), 6.0),
+    ]);
+
+    // The shipped rules load and evaluate cleanly, and none fires for a healthy daemon.
+    let rules = api.get("/api/v1/rules").expect("rules");
+    let rules: Vec<&Value> = rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .collect();
+    assert_eq!(rules.len(), 7, "{rules:#?}");
+    let evaluated = wait_until(Duration::from_secs(10), || {
+        let r = api.get("/api/v1/rules").unwrap();
+        r["groups"][0]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["health"] == "ok")
+    });
+    assert!(evaluated, "{:#?}", api.get("/api/v1/rules"));
+    let alerts = api.get("/api/v1/alerts").expect("alerts");
+    assert_eq!(
+        alerts["alerts"].as_array().map(Vec::len),
+        Some(0),
+        "{alerts:#}"
+    );
+
+    // Stop Prometheus and the daemon, by PID.
+    assert!(
+        prom.signal(libc::SIGTERM),
+        "Prometheus already exited: {}",
+        prom_failed()
+    );
+    let st = prom.wait_timeout(Duration::from_secs(15));
+    assert!(
+        st.is_some(),
+        "Prometheus did not stop within 15 s of SIGTERM"
+    );
+    assert!(daemon.signal(libc::SIGTERM), "the daemon already exited");
+    let st = daemon
+        .wait_timeout(Duration::from_secs(5))
+        .expect("daemon exit within 5 s");
+    reader.join().unwrap();
+    assert!(st.success(), "daemon exit {st}: {:?}", log.lock().unwrap());
 }
