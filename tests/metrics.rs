@@ -900,3 +900,49 @@ fn prometheus_scrapes_exact_counts_from_the_daemon() {
     reader.join().unwrap();
     assert!(st.success(), "daemon exit {st}: {:?}", log.lock().unwrap());
 }
+
+/// Pins the calling thread to `cpu`; false if it may not run there.
+fn pin_to(cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within it for cpu < CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+#[test]
+fn per_cpu_counters_are_summed() {
+    if !privileged("per_cpu_counters_are_summed") {
+        return;
+    }
+    let mut g = Guard::load(&LoadOptions {
+        sources: 1024,
+        flows: 4096,
+        kernel_log_level: 0,
+    })
+    .expect("load");
+    g.apply(&config("[[port]]\nport = 9321\n")).expect("apply");
+    // BPF_PROG_TEST_RUN runs the program on the calling thread's CPU: spread the frames over
+    // every CPU this test may use, a different number on each.
+    let cpus: Vec<usize> = (0..64).filter(|c| pin_to(*c)).collect();
+    assert!(!cpus.is_empty());
+    let mut want = 0u64;
+    let mut sport = 30000;
+    for (k, cpu) in cpus.iter().enumerate() {
+        assert!(pin_to(*cpu));
+        for _ in 0..=k {
+            run(&mut g, &syn4(sport, 9321), XDP_PASS);
+            sport += 1;
+            want += 1;
+        }
+    }
+    eprintln!("{want} attempts over CPUs {cpus:?}");
+    let s = g.stats().expect("stats");
+    assert_eq!(s.ports[&(9321, AF_INET)][Counter::Admitted as usize], want);
+    let text = metrics::encode(&metrics::snapshot(&g, 0).expect("snapshot")).expect("encode");
+    let line = format!(
+        r#"ws_guard_decisions_total{{family="ipv4",port="9321",reason="admitted"}} {want}"#
+    );
+    assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+}
