@@ -21,7 +21,7 @@ use ws_guard::{
 use ws_guard_common::maps::{AF_INET, AF_INET6, Counter};
 use ws_guard_tests::{
     frames::{FrameBuilder, LINUX_SYN_OPTIONS, TCP_ACK, Tcp},
-    netns::{Testbed, in_ns, sa, test_port, wait_until},
+    netns::{Testbed, in_ns, ip, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
 };
@@ -881,6 +881,14 @@ fn prometheus_scrapes_exact_counts_from_the_daemon() {
         Some(0),
         "{alerts:#}"
     );
+
+    // The interface goes away under the program: the endpoint says so (the alert rules fire
+    // on it after a minute, see the rules' unit tests).
+    ip(&["-n", &tb.srv, "link", "del", &tb.srv_if]);
+    expect(&[(
+        format!(r#"ws_guard_xdp_attached{{interface="{}"}}"#, tb.srv_if),
+        0.0,
+    )]);
 
     // Stop Prometheus and the daemon, by PID.
     assert!(
