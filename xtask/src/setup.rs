@@ -24,6 +24,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("nftables", "nft"),
     ("python3", "python3"),
+    // The real server and promtool of the metrics tests.
+    ("prometheus", "promtool"),
 ];
 
 fn say(step: &str, msg: impl std::fmt::Display) {
