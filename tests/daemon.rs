@@ -1,5 +1,6 @@
-//! The real `ws-guard` binary: `run` in a network namespace (enforces, then detaches cleanly on
-//! SIGTERM) and `check-config`.
+//! The real `ws-guard` binary: `run --detach-on-exit` in a network namespace (enforces, then
+//! detaches cleanly on SIGTERM) and `check-config`. The default exit, which leaves everything
+//! pinned and enforcing, and `teardown` are tested in restart.rs.
 //!
 //! The binary is the one `cargo build -p ws-guard` left next to this test's own executable
 //! (`cargo xtask test` builds it before the tests).
@@ -63,7 +64,7 @@ fn daemon_enforces_then_detaches_on_sigterm() {
     let daemon = tb.spawn_in(
         &tb.srv,
         bin.to_str().unwrap(),
-        &["run", "--config", &cfg_path],
+        &["run", "--config", &cfg_path, "--detach-on-exit"],
         Stdio::piped(),
     );
     let stderr = daemon.child().stderr.take().unwrap();

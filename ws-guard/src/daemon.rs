@@ -1,5 +1,6 @@
-//! `ws-guard run`: load, attach, keep the accounting in step, serve metrics, reload on SIGHUP,
-//! detach on SIGINT/SIGTERM.
+//! `ws-guard run`: load (adopting pinned state), attach, keep the accounting in step, serve
+//! metrics, reload on SIGHUP; on SIGINT/SIGTERM leave everything pinned and enforcing, or
+//! remove it with `--detach-on-exit`.
 
 use std::{
     path::PathBuf,
@@ -13,8 +14,28 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     config::Config,
     guard::{Guard, LoadOptions},
-    interfaces, metrics, sweep,
+    interfaces, metrics,
+    pin::PinDir,
+    sweep,
 };
+
+/// How `ws-guard run` pins and exits.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The pin root on bpffs (the layout version's directory goes under it).
+    pub pin_root: PathBuf,
+    /// On SIGINT/SIGTERM, detach and remove every pin instead of leaving them enforcing.
+    pub detach_on_exit: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            pin_root: PathBuf::from(crate::pin::DEFAULT_ROOT),
+            detach_on_exit: false,
+        }
+    }
+}
 
 /// Describes what a configuration enforces, one line per port.
 pub fn describe(cfg: &Config) -> Vec<String> {
@@ -47,14 +68,50 @@ pub fn describe(cfg: &Config) -> Vec<String> {
     lines
 }
 
-/// Loads, attaches and enforces `cfg` until SIGINT or SIGTERM; then detaches.
-pub async fn run(mut cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+/// Loads (adopting what a previous daemon pinned), attaches and enforces `cfg` until SIGINT or
+/// SIGTERM; then leaves it pinned, or removes everything with `opts.detach_on_exit`.
+pub async fn run(
+    mut cfg: Config,
+    config_path: Option<PathBuf>,
+    opts: RunOptions,
+) -> anyhow::Result<()> {
     // Bound first: a taken address fails before anything is loaded or attached.
     let metrics_listener = match cfg.metrics.listen_addr().map_err(anyhow::Error::msg)? {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
-    let mut guard = Guard::load(&LoadOptions::from_config(&cfg))?;
+    let pins = PinDir::new(&opts.pin_root);
+    let mut guard = Guard::load_pinned(&LoadOptions::from_config(&cfg), pins.clone())?;
+    if guard.adopted() {
+        let conns = guard.connections()?;
+        info!(
+            "adopted the pinned state in {}: {} connections held by {} sources ({} half-open, \
+             {} established)",
+            pins.dir().display(),
+            conns.values().map(|v| *v as u64).sum::<u64>(),
+            conns.len(),
+            guard.pending()?.len(),
+            guard.owned()?.len()
+        );
+        for (name, want) in [
+            (ws_guard_common::names::MAP_CONNS, cfg.capacity.sources),
+            (ws_guard_common::names::MAP_PENDING, cfg.capacity.flows),
+        ] {
+            let have = guard.capacity(name)?;
+            if have != want {
+                warn!(
+                    "{name}: the adopted map holds {have} entries, the config asks {want}; a new \
+                     capacity takes effect after `ws-guard teardown`"
+                );
+            }
+        }
+    } else {
+        info!(
+            "no pinned state in {}: starting empty",
+            pins.dir().display()
+        );
+    }
+    // New limits apply to the adopted maps; counts and tracked connections stay.
     guard.apply(&cfg)?;
     guard.attach_tracepoint()?;
     // Before XDP sees a SYN: count the connections that already exist.
@@ -79,6 +136,9 @@ pub async fn run(mut cfg: Config, config_path: Option<PathBuf>) -> anyhow::Resul
             return Err(e);
         }
     }
+    guard
+        .remove_stale_pins()
+        .context("removing pins this configuration does not use")?;
     for line in describe(&cfg) {
         info!("{line}");
     }
@@ -110,8 +170,8 @@ pub async fn run(mut cfg: Config, config_path: Option<PathBuf>) -> anyhow::Resul
     let mut tick = tokio::time::interval(cfg.sweep_interval);
     loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: detaching"); break; }
-            _ = int.recv() => { info!("SIGINT: detaching"); break; }
+            _ = term.recv() => { info!("SIGTERM"); break; }
+            _ = int.recv() => { info!("SIGINT"); break; }
             _ = hup.recv() => reload(&mut lock(&guard), &mut cfg, config_path.as_deref()),
             _ = tick.tick() => {
                 let mut guard = lock(&guard);
@@ -127,7 +187,23 @@ pub async fn run(mut cfg: Config, config_path: Option<PathBuf>) -> anyhow::Resul
     if let Some(server) = server {
         server.abort();
     }
-    lock(&guard).detach_all()
+    let mut guard = lock(&guard);
+    if opts.detach_on_exit {
+        let removed = guard.teardown()?;
+        info!(
+            "detached and removed {} pins under {}",
+            removed.len(),
+            opts.pin_root.display()
+        );
+    } else {
+        guard.keep_pinned();
+        info!(
+            "exiting; programs, links and maps stay pinned in {} and keep enforcing (the \
+             sweep pauses until the next start); `ws-guard teardown` removes them",
+            pins.dir().display()
+        );
+    }
+    Ok(())
 }
 
 /// The guard, also when a scrape panicked while holding it (the maps are still consistent:

@@ -9,7 +9,11 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{TestRun, TestRunOptions, TracePoint, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        TestRun, TestRunOptions, TracePoint, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use log::{info, warn};
 use ws_guard_common::{
@@ -20,7 +24,10 @@ use ws_guard_common::{
     names, tracepoint as tp,
 };
 
-use crate::config::{self, Config};
+use crate::{
+    config::{self, Config},
+    pin::PinDir,
+};
 
 /// The kernel object, built by build.rs from the ws-guard-ebpf crate.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ws-guard-ebpf"));
@@ -66,7 +73,16 @@ pub struct Attachment {
     pub mode: &'static str,
     /// The interface's index when attached; the link goes with the interface if it is deleted.
     pub ifindex: u32,
-    link: XdpLinkId,
+    link: AttachLink,
+}
+
+/// How an XDP attachment is held.
+#[derive(Debug)]
+enum AttachLink {
+    /// Owned by the program: detached when the guard is dropped.
+    Owned(XdpLinkId),
+    /// Pinned on bpffs: stays attached until the pin is removed.
+    Pinned(PinnedLink),
 }
 
 impl Attachment {
@@ -97,6 +113,12 @@ pub struct Guard {
     used_buckets: BTreeSet<u32>,
     /// Counts taken out of buckets reassigned to another port, so totals never go down.
     retired: [u64; Counter::COUNT as usize],
+    /// Where programs, links and maps are pinned ([`Guard::load_pinned`]); `None`: nothing is.
+    pins: Option<PinDir>,
+    /// Whether the maps were adopted from pins a previous daemon left.
+    adopted: bool,
+    /// The pinned tracepoint link.
+    tracepoint_link: Option<PinnedLink>,
 }
 
 /// Counters per protected port and address family, summed over CPUs; arrays are indexed by
@@ -123,9 +145,31 @@ impl Counters {
 impl Guard {
     /// Loads the programs into the kernel (verifier included) without attaching anything.
     pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
+        Self::load_inner(opts, None)
+    }
+
+    /// Like [`Guard::load`], with every map pinned under `pins`: maps a previous daemon pinned
+    /// there are adopted with their contents (counts, flows, limits, counters), the others are
+    /// created and pinned. The programs are pinned too, and [`Guard::attach_xdp`] and
+    /// [`Guard::attach_tracepoint`] then pin their links (replacing pinned ones atomically), so
+    /// enforcement continues when this process ends. [`Guard::adopted`] says which happened.
+    pub fn load_pinned(opts: &LoadOptions, pins: PinDir) -> anyhow::Result<Self> {
+        Self::load_inner(opts, Some(pins))
+    }
+
+    fn load_inner(opts: &LoadOptions, pins: Option<PinDir>) -> anyhow::Result<Self> {
         raise_memlock_limit();
         let level = opts.kernel_log_level;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        let mut adopted = false;
+        if let Some(p) = &pins {
+            p.prepare()?;
+            adopted = p.has_state();
+            for name in names::MAPS {
+                loader.map_pin_path(name, p.map(name));
+            }
+        }
+        let mut ebpf = loader
             .map_max_entries(names::MAP_CONNS, opts.sources)
             .map_max_entries(names::MAP_RATE, opts.sources)
             .map_max_entries(names::MAP_PENDING, opts.flows)
@@ -156,7 +200,7 @@ impl Guard {
             .try_into()?;
         tp.load()
             .with_context(|| format!("the verifier refused program {}", names::PROG_SOCK_STATE))?;
-        Ok(Self {
+        let mut guard = Self {
             ebpf,
             logger,
             attachments: Vec::new(),
@@ -164,7 +208,131 @@ impl Guard {
             port_index: BTreeMap::new(),
             used_buckets: BTreeSet::new(),
             retired: [0; Counter::COUNT as usize],
-        })
+            pins,
+            adopted,
+            tracepoint_link: None,
+        };
+        if guard.pins.is_some() {
+            guard.pin_programs()?;
+        }
+        if adopted {
+            guard.adopt_buckets()?;
+        }
+        Ok(guard)
+    }
+
+    /// Pins the XDP and tracepoint programs (replacing the pins of a previous daemon's), and
+    /// logs whether the XDP program differs from the one pinned before.
+    fn pin_programs(&mut self) -> anyhow::Result<()> {
+        let Some(pins) = self.pins.clone() else {
+            return Ok(());
+        };
+        let xdp_path = pins.program(names::PROG_XDP);
+        let old_tag = aya::programs::ProgramInfo::from_pin(&xdp_path)
+            .ok()
+            .map(|i| i.tag());
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(names::PROG_XDP)
+            .ok_or_else(|| anyhow!("XDP program missing"))?
+            .try_into()?;
+        let new_tag = prog.info().context("reading the XDP program's info")?.tag();
+        match old_tag {
+            Some(t) if t == new_tag => info!("pinned XDP program unchanged (tag {new_tag:016x})"),
+            Some(t) => info!(
+                "XDP program changed (tag {t:016x} -> {new_tag:016x}): the pinned one will be \
+                 replaced atomically"
+            ),
+            None => {}
+        }
+        for name in [names::PROG_XDP, names::PROG_SOCK_STATE] {
+            let path = pins.program(name);
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing the old pin {}", path.display()))?;
+            }
+            self.ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .pin(&path)
+                .with_context(|| format!("pinning program {name} at {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// After adopting pinned maps: takes the protected ports' stats buckets from the pinned
+    /// limits, and marks every bucket holding counts as used (so reusing it retires them).
+    fn adopt_buckets(&mut self) -> anyhow::Result<()> {
+        for (port, limits) in self.ports()? {
+            self.port_index.insert(port, limits.index);
+            self.used_buckets.insert(limits.index);
+        }
+        let m: PerCpuArray<&MapData, u64> = self.map(names::MAP_STATS)?;
+        let mut used = Vec::new();
+        for index in 0..MAX_PORTS {
+            for family in [AF_INET, AF_INET6] {
+                if read_bucket(&m, index, family)?.iter().any(|v| *v != 0) {
+                    used.push(index);
+                }
+            }
+        }
+        self.used_buckets.extend(used);
+        Ok(())
+    }
+
+    /// Whether the maps were adopted from a previous daemon's pins.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The pin directory, if the guard pins ([`Guard::load_pinned`]).
+    pub fn pin_dir(&self) -> Option<&PinDir> {
+        self.pins.as_ref()
+    }
+
+    /// Removes what a previous daemon pinned and this one does not use: XDP links of interfaces
+    /// not in `keep`, and the pins of other layout versions. Returns what was removed.
+    pub fn remove_stale_pins(&mut self) -> anyhow::Result<Vec<std::path::PathBuf>> {
+        let Some(pins) = self.pins.clone() else {
+            return Ok(Vec::new());
+        };
+        let mut removed = Vec::new();
+        for (interface, path) in pins.xdp_links() {
+            if !self.attachments.iter().any(|a| a.interface == interface) {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+                info!("detached from {interface}: no longer configured");
+                removed.push(path);
+            }
+        }
+        for dir in pins.other_versions() {
+            removed.extend(crate::pin::remove_version_dir(&dir)?);
+            info!(
+                "removed the pins of another layout version: {}",
+                dir.display()
+            );
+        }
+        Ok(removed)
+    }
+
+    /// Leaves the links, programs and maps pinned (enforcing) and forgets them here: the
+    /// daemon's default on exit.
+    pub fn keep_pinned(&mut self) {
+        self.attachments.clear();
+        self.tracepoint_link = None;
+    }
+
+    /// Detaches everything and removes every pin of this guard's pin directory (all layout
+    /// versions): `--detach-on-exit`.
+    pub fn teardown(&mut self) -> anyhow::Result<Vec<std::path::PathBuf>> {
+        self.detach_all()?;
+        if let Some(link) = self.tracepoint_link.take() {
+            link.unpin().context("unpinning the tracepoint link")?;
+        }
+        match &self.pins {
+            Some(p) => crate::pin::teardown(p.root()),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Writes the configuration's limits and settings into the maps. Ports not in `cfg` stop
@@ -280,8 +448,28 @@ impl Guard {
             .program_mut(names::PROG_SOCK_STATE)
             .ok_or_else(|| anyhow!("tracepoint program missing"))?
             .try_into()?;
-        tp.attach("sock", "inet_sock_set_state")
+        let id = tp
+            .attach("sock", "inet_sock_set_state")
             .context("attaching to the sock:inet_sock_set_state tracepoint")?;
+        if let Some(pins) = self.pins.clone() {
+            // A perf-event link cannot be updated in place: the new one is attached first and
+            // the old one released after, so closes are seen throughout (while both run, each
+            // transition is still decided once, by a map delete).
+            let link: FdLink = tp
+                .take_link(id)?
+                .try_into()
+                .context("the tracepoint link is not a bpf_link (kernel too old to pin it)")?;
+            let path = pins.tracepoint_link();
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing the old pin {}", path.display()))?;
+                info!("replaced the pinned tracepoint link");
+            }
+            let pinned = link
+                .pin(&path)
+                .with_context(|| format!("pinning the tracepoint link at {}", path.display()))?;
+            self.tracepoint_link = Some(pinned);
+        }
         self.tracepoint_attached = true;
         Ok(())
     }
@@ -296,11 +484,51 @@ impl Guard {
         let index = ifindex(interface).ok_or_else(|| {
             anyhow!("attaching to {interface}: no such interface in this network namespace")
         })?;
+        let pins = self.pins.clone();
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(names::PROG_XDP)
             .ok_or_else(|| anyhow!("XDP program missing"))?
             .try_into()?;
+        if let Some(pins) = &pins {
+            if let Some((path, mode_name)) = pins.find_xdp_link(interface) {
+                match replace_pinned_xdp(prog, &path) {
+                    Ok(pinned) => {
+                        info!(
+                            "{interface}: replaced the pinned XDP program atomically \
+                             ({mode_name} XDP, the link was never detached)"
+                        );
+                        let wanted = match mode {
+                            config::XdpMode::Auto => mode_name,
+                            config::XdpMode::Native => "native",
+                            config::XdpMode::Generic => "generic",
+                        };
+                        if wanted != mode_name {
+                            warn!(
+                                "{interface}: the pinned link is {mode_name} XDP; xdp_mode = \
+                                 \"{wanted}\" takes effect after `ws-guard teardown`"
+                            );
+                        }
+                        self.attachments.push(Attachment {
+                            interface: interface.to_owned(),
+                            mode: mode_name,
+                            ifindex: index,
+                            link: AttachLink::Pinned(pinned),
+                        });
+                        return Ok(mode_name);
+                    }
+                    Err(e) => {
+                        // E.g. the interface was deleted and recreated: the link is defunct.
+                        warn!(
+                            "{interface}: the pinned XDP link cannot be reused ({e:#}); \
+                             attaching anew"
+                        );
+                        std::fs::remove_file(&path)
+                            .with_context(|| format!("removing {}", path.display()))?;
+                    }
+                }
+            }
+        }
         let (link, mode_name) = match mode {
             config::XdpMode::Native => (
                 prog.attach_to_if_index(index, XdpMode::Driver)
@@ -327,6 +555,19 @@ impl Guard {
             },
         };
         info!("attached to {interface} ({mode_name} XDP)");
+        let link = match &pins {
+            None => AttachLink::Owned(link),
+            Some(pins) => {
+                let fd: FdLink = prog.take_link(link)?.try_into().with_context(|| {
+                    format!("{interface}: attached without a bpf_link (kernel too old to pin it)")
+                })?;
+                let path = pins.xdp_link(interface, mode_name);
+                AttachLink::Pinned(
+                    fd.pin(&path)
+                        .with_context(|| format!("pinning the XDP link at {}", path.display()))?,
+                )
+            }
+        };
         self.attachments.push(Attachment {
             interface: interface.to_owned(),
             mode: mode_name,
@@ -344,8 +585,16 @@ impl Guard {
             .ok_or_else(|| anyhow!("XDP program missing"))?
             .try_into()?;
         for a in self.attachments.drain(..) {
-            prog.detach(a.link)
-                .with_context(|| format!("detaching from {}", a.interface))?;
+            match a.link {
+                AttachLink::Owned(id) => prog
+                    .detach(id)
+                    .with_context(|| format!("detaching from {}", a.interface))?,
+                // Unpinned, the link goes with its last descriptor, dropped here.
+                AttachLink::Pinned(link) => drop(
+                    link.unpin()
+                        .with_context(|| format!("unpinning the link of {}", a.interface))?,
+                ),
+            }
             info!("detached from {}", a.interface);
         }
         Ok(())
@@ -584,6 +833,21 @@ impl Guard {
             .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
         T::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
     }
+}
+
+/// Replaces the program of the XDP link pinned at `path` by `prog`, atomically
+/// (bpf_link_update): the interface is never without a program. Returns the link, still pinned.
+fn replace_pinned_xdp(prog: &mut Xdp, path: &Path) -> anyhow::Result<PinnedLink> {
+    let pinned = PinnedLink::from_pin(path).context("opening the pinned link")?;
+    let fd: FdLink = pinned.into();
+    let xdp = XdpLink::try_from(fd).context("the pinned link is not an XDP link")?;
+    let id = prog
+        .attach_to_link(xdp)
+        .context("replacing the program of the pinned link")?;
+    let fd: FdLink = prog.take_link(id)?.try_into()?;
+    // Already pinned at `path`: only the handle is rebuilt; re-pinning would fail (EEXIST).
+    drop(fd);
+    PinnedLink::from_pin(path).context("reopening the pinned link")
 }
 
 /// One bucket of the stats map, summed over CPUs.

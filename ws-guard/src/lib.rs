@@ -6,4 +6,5 @@ pub mod daemon;
 pub mod guard;
 pub mod interfaces;
 pub mod metrics;
+pub mod pin;
 pub mod sweep;

@@ -24,6 +24,19 @@ enum Command {
         /// TOML configuration; without it, the built-in default (port 9000, see README).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Where programs, links and maps are pinned (bpffs).
+        #[arg(long, default_value = ws_guard::pin::DEFAULT_ROOT)]
+        pin_dir: PathBuf,
+        /// On SIGINT/SIGTERM, detach and remove every pin. Without it, everything stays pinned
+        /// and keeps enforcing, and the next start adopts it.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Detach and remove everything pinned (works with no daemon running).
+    Teardown {
+        /// The pin root given to `run --pin-dir`.
+        #[arg(long, default_value = ws_guard::pin::DEFAULT_ROOT)]
+        pin_dir: PathBuf,
     },
     /// Validate a configuration file and say what it would enforce.
     CheckConfig {
@@ -48,7 +61,11 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            pin_dir,
+            detach_on_exit,
+        } => {
             let cfg = match &config {
                 Some(path) => Config::load(path)?,
                 None => Config::parse(DEFAULT_CONFIG, "built-in default config")?,
@@ -57,13 +74,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?
-                .block_on(daemon::run(cfg, config))
+                .block_on(daemon::run(
+                    cfg,
+                    config,
+                    daemon::RunOptions {
+                        pin_root: pin_dir,
+                        detach_on_exit,
+                    },
+                ))
         }
         Command::CheckConfig { file } => {
             let cfg = Config::load(&file)?;
             println!("{}: valid", file.display());
             for line in daemon::describe(&cfg) {
                 println!("  {line}");
+            }
+            Ok(())
+        }
+        Command::Teardown { pin_dir } => {
+            let removed = ws_guard::pin::teardown(&pin_dir)?;
+            if removed.is_empty() {
+                println!("nothing pinned under {}", pin_dir.display());
+            } else {
+                for p in &removed {
+                    println!("removed {}", p.display());
+                }
             }
             Ok(())
         }

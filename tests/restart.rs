@@ -1,0 +1,388 @@
+//! Enforcement outlives the daemon: `kill -9` of the real binary while clients keep connecting,
+//! a restart that adopts the pinned state, then the default exit (still enforcing) and
+//! `ws-guard teardown`.
+//!
+//! The daemon runs in the server namespace with `nsenter --net` rather than `ip netns exec`:
+//! the latter gives it a private mount namespace, whose bpffs (and so every pin) would go with
+//! the process.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use ws_guard_tests::{
+    netns::{Testbed, in_ns, ip_output, sa, test_port, wait_until},
+    privileged,
+    traffic::{Outcome, Server, Stack, connect_from},
+};
+
+/// target/<profile>/ws-guard, beside target/<profile>/deps/<this test>.
+fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable outside target/<profile>/deps");
+    let bin = dir.join("ws-guard");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first with `cargo build -p ws-guard` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A pin root of this test only; whatever is left under it is removed on drop.
+struct PinRoot(PathBuf);
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        if let Err(e) = ws_guard::pin::teardown(&self.0) {
+            eprintln!("warning: removing {}: {e:#}", self.0.display());
+        }
+    }
+}
+
+/// The daemon, run in a namespace with `nsenter --net` (which execs it: the PID is its own);
+/// killed by PID on drop if still running.
+struct Daemon {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    fn start(ns: &str, args: &[&str]) -> Self {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg(binary())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the daemon with nsenter");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let reader = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().take(100_000) {
+                    let Ok(line) = line else { break };
+                    eprintln!("daemon: {line}");
+                    log.lock().unwrap().push(line);
+                }
+            })
+        };
+        let mut d = Self {
+            child,
+            log,
+            reader: Some(reader),
+        };
+        let started = wait_until(Duration::from_secs(20), || {
+            d.contains("enforcing on") || d.child.try_wait().ok().flatten().is_some()
+        });
+        assert!(
+            started && d.contains("enforcing on"),
+            "the daemon did not start: {:?}",
+            d.lines()
+        );
+        d
+    }
+
+    fn contains(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends `signal` to the (unreaped, so still ours) process and waits for its exit.
+    fn stop(&mut self, signal: i32) -> std::process::ExitStatus {
+        assert!(
+            matches!(self.child.try_wait(), Ok(None)),
+            "the daemon exited early: {:?}",
+            self.lines()
+        );
+        // SAFETY: kill(2) on our own unreaped child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+        let start = Instant::now();
+        let status = loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                break st;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no exit within 10 s of signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        status
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `ws_guard_active_connections` of `port` (IPv4) from the daemon's metrics endpoint in `ns`.
+fn active_connections(ns: &str, metrics_port: u16, port: u16) -> Option<u64> {
+    let body = in_ns(ns, || {
+        let mut s = TcpStream::connect(("127.0.0.1", metrics_port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    })?;
+    let prefix = format!("ws_guard_active_connections{{family=\"ipv4\",port=\"{port}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn xdp_on(tb: &Testbed) -> bool {
+    ip_output(&["-n", &tb.srv, "link", "show", "dev", &tb.srv_if]).contains("xdp")
+}
+
+fn pins_under(root: &Path) -> usize {
+    let mut n = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten().take(1000) {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(e.path());
+            } else {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+#[test]
+fn enforcement_survives_kill_and_restart_adopts_the_counts() {
+    if !privileged("enforcement_survives_kill_and_restart_adopts_the_counts") {
+        return;
+    }
+    let port = test_port(21);
+    let metrics_port = 9105;
+    let tb = Testbed::new("rst", 21);
+    // Declared after the test bed: dropped (pins removed) before its namespaces go.
+    let root = PinRoot(PathBuf::from(format!(
+        "/sys/fs/bpf/ws-guard-test-{}",
+        std::process::id()
+    )));
+    let root_s = root.0.to_str().unwrap().to_owned();
+    let server = Server::start(&tb.srv, port, Stack::Separate);
+    let mut cfg = tempfile::NamedTempFile::new().unwrap();
+    write!(
+        cfg,
+        "interfaces = [\"{}\"]\nsweep_interval = \"200ms\"\n[capacity]\nsources = 1024\nflows = 4096\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
+         [[port]]\nport = {port}\nmax_connections = 2\nconnection_action = \"reject\"\n",
+        tb.srv_if
+    )
+    .unwrap();
+    let cfg_path = cfg.path().to_str().unwrap().to_owned();
+    let args = ["run", "--config", &cfg_path, "--pin-dir", &root_s];
+
+    let mut first = Daemon::start(&tb.srv, &args);
+    assert!(first.contains("no pinned state"), "{:?}", first.lines());
+    let dst = sa(tb.server_v4(), port);
+    let a: IpAddr = tb.client_v4(0);
+    let b: IpAddr = tb.client_v4(1);
+    let connect = |src: IpAddr| connect_from(&tb.cli, src, dst, Duration::from_secs(2));
+    let a1 = connect(a).stream();
+    let a2 = connect(a).stream();
+    assert!(matches!(connect(a), Outcome::Refused));
+    assert!(server.wait_held(2, Duration::from_secs(5)));
+
+    // A client keeps trying from `a` through the kill, the downtime and the restart.
+    let stop = Arc::new(AtomicBool::new(false));
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let hammer = {
+        let (stop, admitted, refused) = (stop.clone(), admitted.clone(), refused.clone());
+        let cli = tb.cli.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
+                match connect_from(&cli, a, dst, Duration::from_secs(1)) {
+                    Outcome::Connected(_) => admitted.fetch_add(1, Ordering::Relaxed),
+                    Outcome::Refused => refused.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+
+    // kill -9: nothing runs in userspace any more.
+    let status = first.stop(libc::SIGKILL);
+    assert!(!status.success());
+    assert!(xdp_on(&tb), "the XDP program went with the daemon");
+    let during = refused.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        refused.load(Ordering::Relaxed) > during,
+        "no refusal seen while the daemon is down"
+    );
+    // Another source still gets its own two slots, and no more.
+    let b1 = connect(b).stream();
+    let b2 = connect(b).stream();
+    assert!(matches!(connect(b), Outcome::Refused));
+    // A close while the daemon is down gives the slot back (the tracepoint is still attached).
+    stop.store(true, Ordering::Relaxed);
+    hammer.join().unwrap();
+    let peer = a1.local_addr().unwrap();
+    assert!(server.reset(peer));
+    drop(a1);
+    let mut a3 = None;
+    assert!(
+        wait_until(Duration::from_secs(5), || match connect(a) {
+            Outcome::Connected(s) => {
+                a3 = Some(s);
+                true
+            }
+            _ => false,
+        }),
+        "the slot of the connection closed while the daemon was down was not given back"
+    );
+    assert!(matches!(connect(a), Outcome::Refused));
+    assert!(server.wait_held(4, Duration::from_secs(5)));
+
+    // The hammer thread again, through the restart.
+    let stop = Arc::new(AtomicBool::new(false));
+    let admitted2 = Arc::new(AtomicUsize::new(0));
+    let hammer = {
+        let (stop, admitted2) = (stop.clone(), admitted2.clone());
+        let cli = tb.cli.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
+                if connect_from(&cli, a, dst, Duration::from_secs(1)).is_connected() {
+                    admitted2.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let mut second = Daemon::start(&tb.srv, &args);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    hammer.join().unwrap();
+    assert_eq!(
+        admitted.load(Ordering::Relaxed) + admitted2.load(Ordering::Relaxed),
+        0,
+        "an over-limit connection was admitted around the kill or the restart"
+    );
+    assert!(
+        second.contains("adopted the pinned state")
+            && second.contains("4 connections held by 2 sources"),
+        "{:?}",
+        second.lines()
+    );
+    assert!(
+        second.contains("replaced the pinned XDP program atomically"),
+        "{:?}",
+        second.lines()
+    );
+    // The sweep, the metrics: the same counts.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(active_connections(&tb.srv, metrics_port, port), Some(4));
+    assert!(matches!(connect(a), Outcome::Refused));
+    assert!(matches!(connect(b), Outcome::Refused));
+
+    // The default exit leaves everything pinned and enforcing.
+    let status = second.stop(libc::SIGTERM);
+    assert!(status.success(), "{status}: {:?}", second.lines());
+    assert!(second.contains("stay pinned"), "{:?}", second.lines());
+    assert!(xdp_on(&tb));
+    assert!(matches!(connect(a), Outcome::Refused));
+
+    // `teardown` removes it all.
+    let out = Command::new(binary())
+        .args(["teardown", "--pin-dir", &root_s])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!root.0.exists(), "{} left: {}", root_s, pins_under(&root.0));
+    assert!(!xdp_on(&tb), "XDP still attached after teardown");
+    assert!(connect(a).is_connected(), "still enforcing after teardown");
+    drop((a2, a3, b1, b2));
+}
+
+#[test]
+fn detach_on_exit_removes_everything() {
+    if !privileged("detach_on_exit_removes_everything") {
+        return;
+    }
+    let port = test_port(22);
+    let tb = Testbed::new("rsd", 22);
+    let root = PinRoot(PathBuf::from(format!(
+        "/sys/fs/bpf/ws-guard-test-{}-d",
+        std::process::id()
+    )));
+    let root_s = root.0.to_str().unwrap().to_owned();
+    let _server = Server::start(&tb.srv, port, Stack::Separate);
+    let mut cfg = tempfile::NamedTempFile::new().unwrap();
+    write!(
+        cfg,
+        "interfaces = [\"{}\"]\n[metrics]\nlisten = \"off\"\n[[port]]\nport = {port}\nmax_connections = 1\n",
+        tb.srv_if
+    )
+    .unwrap();
+    let cfg_path = cfg.path().to_str().unwrap().to_owned();
+    let mut d = Daemon::start(
+        &tb.srv,
+        &[
+            "run",
+            "--config",
+            &cfg_path,
+            "--pin-dir",
+            &root_s,
+            "--detach-on-exit",
+        ],
+    );
+    assert!(pins_under(&root.0) > 0, "nothing pinned under {root_s}");
+    let dst = sa(tb.server_v4(), port);
+    let a = tb.client_v4(0);
+    let c1 = connect_from(&tb.cli, a, dst, Duration::from_secs(2)).stream();
+    assert!(matches!(
+        connect_from(&tb.cli, a, dst, Duration::from_secs(2)),
+        Outcome::Refused
+    ));
+    let status = d.stop(libc::SIGTERM);
+    assert!(status.success(), "{status}: {:?}", d.lines());
+    assert!(!root.0.exists(), "pins left under {root_s}");
+    assert!(!xdp_on(&tb), "XDP still attached");
+    assert!(connect_from(&tb.cli, a, dst, Duration::from_secs(2)).is_connected());
+    drop(c1);
+}

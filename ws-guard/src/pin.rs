@@ -1,0 +1,254 @@
+//! Where the daemon pins its programs, links and maps on bpffs, so enforcement outlives it.
+//!
+//! Layout, under a root (default [`DEFAULT_ROOT`]):
+//!
+//! ```text
+//! <root>/v<LAYOUT_VERSION>/maps/<MAP>              every map of names::MAPS
+//! <root>/v<LAYOUT_VERSION>/programs/<PROGRAM>      the XDP and tracepoint programs
+//! <root>/v<LAYOUT_VERSION>/links/xdp-<IF>-<MODE>   one XDP link per interface (native|generic)
+//! <root>/v<LAYOUT_VERSION>/links/sock_state        the sock:inet_sock_set_state link
+//! ```
+//!
+//! The version is that of the map layouts: aya reuses a pinned map by name without checking its
+//! layout, so a daemon only ever adopts maps of the layout it was built for.
+
+use std::{
+    ffi::CString,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use log::info;
+use ws_guard_common::names::LAYOUT_VERSION;
+
+/// The default pin root.
+pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/ws-guard";
+/// Where bpffs is mounted.
+pub const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// The pin directory of this build's layout version under a root.
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+impl PinDir {
+    /// Pins under `root` (its `v<LAYOUT_VERSION>` subdirectory).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The root given to [`PinDir::new`].
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `<root>/v<LAYOUT_VERSION>`.
+    pub fn dir(&self) -> PathBuf {
+        version_dir(&self.root, LAYOUT_VERSION)
+    }
+
+    /// The pin of map `name`.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir().join("maps").join(name)
+    }
+
+    /// The pin of program `name`.
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.dir().join("programs").join(name)
+    }
+
+    /// The pin of the tracepoint link.
+    pub fn tracepoint_link(&self) -> PathBuf {
+        self.dir().join("links").join("sock_state")
+    }
+
+    /// The pin of the XDP link on `interface` attached in `mode` ("native" or "generic").
+    pub fn xdp_link(&self, interface: &str, mode: &str) -> PathBuf {
+        self.dir()
+            .join("links")
+            .join(format!("xdp-{interface}-{mode}"))
+    }
+
+    /// The pinned XDP link of `interface` in this version's directory, with its mode.
+    pub fn find_xdp_link(&self, interface: &str) -> Option<(PathBuf, &'static str)> {
+        ["native", "generic"]
+            .into_iter()
+            .map(|m| (self.xdp_link(interface, m), m))
+            .find(|(p, _)| p.exists())
+    }
+
+    /// The interfaces with a pinned XDP link in this version's directory, with the link's pin.
+    pub fn xdp_links(&self) -> Vec<(String, PathBuf)> {
+        let Ok(rd) = std::fs::read_dir(self.dir().join("links")) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in rd.flatten().take(4096) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix("xdp-") else {
+                continue;
+            };
+            for mode in ["-native", "-generic"] {
+                if let Some(interface) = rest.strip_suffix(mode) {
+                    out.push((interface.to_owned(), e.path()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether maps of this version are pinned (a previous daemon left its state).
+    pub fn has_state(&self) -> bool {
+        self.map(ws_guard_common::names::MAP_CONNS).exists()
+    }
+
+    /// Directories of other layout versions under the root.
+    pub fn other_versions(&self) -> Vec<PathBuf> {
+        let Ok(rd) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mine = format!("v{LAYOUT_VERSION}");
+        rd.flatten()
+            .take(4096)
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n != mine
+                    && n.strip_prefix('v')
+                        .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .map(|e| e.path())
+            .collect()
+    }
+
+    /// Mounts bpffs if needed and creates the directories.
+    pub fn prepare(&self) -> anyhow::Result<()> {
+        ensure_bpffs(&self.root)?;
+        for sub in ["maps", "programs", "links"] {
+            let d = self.dir().join(sub);
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(())
+    }
+}
+
+fn version_dir(root: &Path, version: u32) -> PathBuf {
+    root.join(format!("v{version}"))
+}
+
+/// Whether `path` is on a bpf filesystem.
+fn on_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a valid C string and a zeroed statfs buffer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Makes sure `root` can hold pins: mounts bpffs at [`BPFFS`] if nothing is mounted there, then
+/// checks that the nearest existing ancestor of `root` is on bpffs.
+pub fn ensure_bpffs(root: &Path) -> anyhow::Result<()> {
+    if !on_bpffs(Path::new(BPFFS)) {
+        // SAFETY: valid C strings; mount(2) has no memory-safety preconditions.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                c"/sys/fs/bpf".as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "bpffs is not mounted at {BPFFS} and mounting it failed ({}); mount it with \
+                 `mount -t bpf bpf {BPFFS}` (as root)",
+                std::io::Error::last_os_error()
+            );
+        }
+        info!("mounted bpffs at {BPFFS}");
+    }
+    let existing = root
+        .ancestors()
+        .find(|a| a.exists())
+        .ok_or_else(|| anyhow!("pin directory {}: no existing ancestor", root.display()))?;
+    if !on_bpffs(existing) {
+        bail!(
+            "pin directory {} is not on a bpf filesystem ({} is not bpffs)",
+            root.display(),
+            existing.display()
+        );
+    }
+    Ok(())
+}
+
+/// Removes everything pinned under `root` (every layout version): links first, which detaches
+/// the XDP program from its interfaces and the tracepoint program, then programs and maps, which
+/// the kernel frees once nothing else holds them. Works without a daemon. Returns the pins
+/// removed.
+pub fn teardown(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    if !on_bpffs(root) {
+        bail!(
+            "{} is not on a bpf filesystem: not removing it",
+            root.display()
+        );
+    }
+    let mut removed = Vec::new();
+    let mut versions: Vec<PathBuf> = std::fs::read_dir(root)
+        .with_context(|| format!("reading {}", root.display()))?
+        .flatten()
+        .take(4096)
+        .map(|e| e.path())
+        .collect();
+    versions.sort();
+    for v in &versions {
+        removed.extend(remove_version_dir(v)?);
+    }
+    std::fs::remove_dir(root).with_context(|| format!("removing {}", root.display()))?;
+    Ok(removed)
+}
+
+/// Removes the pin directory of one layout version (see [`teardown`]).
+pub fn remove_version_dir(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for sub in ["links", "programs", "maps"] {
+        let d = dir.join(sub);
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten().take(4096) {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+            removed.push(e.path());
+        }
+        std::fs::remove_dir(&d).with_context(|| format!("removing {}", d.display()))?;
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_versioned() {
+        let p = PinDir::new("/sys/fs/bpf/x");
+        assert_eq!(
+            p.map("WSG_CONNS"),
+            PathBuf::from(format!("/sys/fs/bpf/x/v{LAYOUT_VERSION}/maps/WSG_CONNS"))
+        );
+        assert_eq!(
+            p.xdp_link("eth0", "generic"),
+            PathBuf::from(format!(
+                "/sys/fs/bpf/x/v{LAYOUT_VERSION}/links/xdp-eth0-generic"
+            ))
+        );
+    }
+}
