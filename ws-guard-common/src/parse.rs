@@ -6,13 +6,19 @@ use crate::maps::{AF_INET, AF_INET6};
 
 /// Read access to a frame.
 pub trait Packet {
-    /// A copy of the `T` at `offset`, or `None` if it runs past the end of the frame.
+    /// A copy of the `T` at `offset`, or `None` if it runs past the end of the frame or starts
+    /// past [`MAX_HEADER_OFFSET`] (the kernel's reader cannot go further, so no reader does).
     fn load<T: Copy>(&self, offset: usize) -> Option<T>;
 }
 
 impl Packet for [u8] {
     #[inline(always)]
     fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        // As ws-guard-ebpf's `Frame`: the same bytes must parse the same on both sides (e.g. TCP
+        // options ending past the bound make the segment malformed there, so here too).
+        if offset > MAX_HEADER_OFFSET {
+            return None;
+        }
         let end = offset.checked_add(core::mem::size_of::<T>())?;
         if end > self.len() {
             return None;
@@ -1434,5 +1440,24 @@ pub(crate) mod tests {
         }
         // The corruption leaves plenty of frames TCP, so the checks above ran.
         assert!(tcp_seen > 5_000, "{tcp_seen}");
+    }
+
+    #[test]
+    fn tcp_options_ending_past_max_header_offset_are_malformed() {
+        // Found by the differential test (tests/differential.rs): the kernel's reader refuses a
+        // load that starts past MAX_HEADER_OFFSET, so this reader must too. TCP at 478, behind
+        // a 424-byte destination-options header: the options' last byte is at 509 or 513.
+        let syn = |tcp_option_words| {
+            Spec {
+                exts: vec![Ext::Raw(DST, 424)],
+                tcp_option_words,
+                ..Spec::v6()
+            }
+            .build()
+        };
+        assert!(matches!(parse(&syn(3)[..]), Parsed::Tcp(s) if s.l4 == 478 && s.header_len == 32));
+        assert_eq!(parse(&syn(4)[..]), Parsed::Malformed);
+        assert_eq!(syn(4).load::<u8>(MAX_HEADER_OFFSET + 1), None);
+        assert!(syn(4).load::<u8>(MAX_HEADER_OFFSET).is_some());
     }
 }

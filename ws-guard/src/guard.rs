@@ -684,6 +684,17 @@ impl Guard {
         Ok(seen.len())
     }
 
+    /// The rate window of `key` ([`names::MAP_RATE`]), if it has one. Read-only (the
+    /// differential test compares the kernel's ring with its model's).
+    pub fn rate_state(&self, key: &SourceKey) -> anyhow::Result<Option<RateState>> {
+        let m: HashMap<&MapData, SourceKey, RateState> = self.map(names::MAP_RATE)?;
+        match m.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading a rate window"),
+        }
+    }
+
     /// The capacity (max_entries) of map `name` as loaded.
     pub fn capacity(&self, name: &str) -> anyhow::Result<u32> {
         let m = self
