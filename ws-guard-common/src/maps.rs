@@ -110,7 +110,13 @@ pub struct GlobalConfig {
     pub ipv4_prefix: u32,
     /// Prefix length of IPv6 source keys (0..=128).
     pub ipv6_prefix: u32,
-    pub _pad: u32,
+    /// What a new attempt gets when it cannot be tracked because a map is full (no room for a
+    /// new source's counter in `WSG_CONNS`, or for the attempt in `WSG_PENDING`): zero passes
+    /// it untracked ("fail open"), non-zero refuses it with the port's `conn_action` ("fail
+    /// closed"). Counted as [`Counter::MapFull`] either way; monitor mode refuses nothing and
+    /// counts [`Counter::MonitorWouldBlock`] instead. Sources that already have a counter are
+    /// judged as usual: `WSG_CONNS` is never evicted from.
+    pub fail_closed: u32,
 }
 
 impl Default for GlobalConfig {
@@ -119,7 +125,7 @@ impl Default for GlobalConfig {
             monitor: 0,
             ipv4_prefix: 32,
             ipv6_prefix: 64,
-            _pad: 0,
+            fail_closed: 0,
         }
     }
 }

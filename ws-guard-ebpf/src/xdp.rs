@@ -9,7 +9,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use ws_guard_common::{
     key::source_key,
-    maps::{ACTION_REJECT, AF_INET, Counter, FlowKey, FlowValue, PortConfig, SourceKey},
+    maps::{
+        ACTION_REJECT, AF_INET, Counter, FlowKey, FlowValue, GlobalConfig, PortConfig, SourceKey,
+    },
     parse::{self, Packet, Parsed, TcpSegment},
     rst,
 };
@@ -89,9 +91,10 @@ fn new_attempt(
     let source = source_key(seg.family, client, seg.dport, &global);
     let now = unsafe { bpf_ktime_get_ns() };
 
+    // No room for a new source's counter: it cannot be limited, so the operator's choice
+    // decides. Sources that have a counter never get here (WSG_CONNS is never evicted from).
     let Some(slots) = maps::conns_counter(&source) else {
-        count(bucket, Counter::MapFull);
-        return Verdict::Pass;
+        return map_full(port, &global, bucket, false);
     };
     let taken = maps::take_slot(slots);
     if port.max_connections != 0 && taken >= port.max_connections {
@@ -103,9 +106,13 @@ fn new_attempt(
         }
         // Monitor mode admits it, and, as when enforcing, it does not count toward the rate.
         count(bucket, Counter::MonitorWouldBlock);
-        return admit(&flow, source, now, slots, bucket);
+        if !admit(&flow, source, now, slots, bucket) {
+            return map_full(port, &global, bucket, true);
+        }
+        return Verdict::Pass;
     }
 
+    let mut would_block = false;
     if port.rate_limit != 0 {
         if let Some(state) = maps::rate_state(&source) {
             let seq = maps::claim_attempt(state);
@@ -121,16 +128,21 @@ fn new_attempt(
                     return Verdict::Refuse(port.rate_action);
                 }
                 count(bucket, Counter::MonitorWouldBlock);
+                would_block = true;
             }
         }
     }
 
-    admit(&flow, source, now, slots, bucket)
+    if !admit(&flow, source, now, slots, bucket) {
+        return map_full(port, &global, bucket, would_block);
+    }
+    Verdict::Pass
 }
 
-/// Records an admitted attempt as half-open; its slot is already taken.
+/// Records an admitted attempt as half-open; its slot is already taken. False when
+/// `WSG_PENDING` is full: the slot is given back and nothing counted (see [`map_full`]).
 #[inline(always)]
-fn admit(flow: &FlowKey, source: SourceKey, now: u64, slots: *mut u32, bucket: Bucket) -> Verdict {
+fn admit(flow: &FlowKey, source: SourceKey, now: u64, slots: *mut u32, bucket: Bucket) -> bool {
     let value = FlowValue {
         source,
         _pad: 0,
@@ -138,17 +150,41 @@ fn admit(flow: &FlowKey, source: SourceKey, now: u64, slots: *mut u32, bucket: B
     };
     match WSG_PENDING.insert(flow, &value, BPF_NOEXIST as u64) {
         Ok(()) => count(bucket, Counter::Admitted),
-        // EEXIST: the same SYN, retransmitted, won on another CPU; otherwise the map is full.
-        Err(e) => {
+        // The same SYN, retransmitted, won on another CPU.
+        Err(maps::EEXIST) => {
             maps::give_slot(slots);
-            count(
-                bucket,
-                if e == maps::EEXIST {
-                    Counter::SynRetransmits
-                } else {
-                    Counter::MapFull
-                },
-            );
+            count(bucket, Counter::SynRetransmits);
+        }
+        // WSG_PENDING is full: the attempt cannot be tracked, so it must not hold a slot.
+        Err(_) => {
+            maps::give_slot(slots);
+            return false;
+        }
+    }
+    true
+}
+
+/// An attempt that cannot be tracked because a map is full. Failing open (the default) passes
+/// it: a flood of spoofed sources that fills the maps then costs new sources their limits, but
+/// never their connections. Failing closed refuses it like an attempt over `max_connections`:
+/// new sources are locked out until the maps have room again (the sweep releases what the
+/// kernel has no socket for), while sources with a counter keep their normal treatment. Monitor
+/// mode refuses nothing; it counts what failing closed would have refused, once per attempt
+/// (`would_block`: already counted, the attempt was over a limit).
+#[inline(always)]
+fn map_full(
+    port: &PortConfig,
+    global: &GlobalConfig,
+    bucket: Bucket,
+    would_block: bool,
+) -> Verdict {
+    count(bucket, Counter::MapFull);
+    if global.fail_closed != 0 {
+        if global.monitor == 0 {
+            return Verdict::Refuse(port.conn_action);
+        }
+        if !would_block {
+            count(bucket, Counter::MonitorWouldBlock);
         }
     }
     Verdict::Pass

@@ -40,6 +40,20 @@ pub enum XdpMode {
     Generic,
 }
 
+/// What a new connection attempt gets when ws-guard cannot track it because a map is full
+/// (a new source while `capacity.sources` counters exist, or any attempt while
+/// `capacity.flows` connections are tracked). Counted as `map_full` either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMapFull {
+    /// Pass it untracked: nobody is locked out, but new sources are not limited meanwhile.
+    #[default]
+    Open,
+    /// Refuse it with the port's `connection_action`: nothing passes unlimited, but new
+    /// sources are locked out until the maps have room again.
+    Closed,
+}
+
 /// What to do with an attempt over a limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -248,6 +262,9 @@ pub struct Config {
     /// Prefix length of IPv6 source keys.
     #[serde(default = "default_ipv6_prefix")]
     pub ipv6_prefix: u32,
+    /// Fail open or closed when a map is full (README, "When maps are full").
+    #[serde(default)]
+    pub on_map_full: OnMapFull,
     /// A half-open attempt that the kernel has no socket for is released after a second; one
     /// whose handshake is still pending is released after this long.
     #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
@@ -437,7 +454,7 @@ impl Config {
             monitor: self.monitor as u32,
             ipv4_prefix: self.ipv4_prefix,
             ipv6_prefix: self.ipv6_prefix,
-            _pad: 0,
+            fail_closed: (self.on_map_full == OnMapFull::Closed) as u32,
         }
     }
 
@@ -484,6 +501,8 @@ mod tests {
         assert_eq!(c.ipv6_prefix, 64);
         assert_eq!(c.xdp_mode, XdpMode::Auto);
         assert!(!c.monitor);
+        assert_eq!(c.on_map_full, OnMapFull::Open);
+        assert_eq!(c.global().fail_closed, 0);
         assert_eq!(
             c.metrics.listen_addr(),
             Ok(Some("127.0.0.1:9105".parse().unwrap()))
@@ -555,6 +574,19 @@ mod tests {
             .map(|p| format!("[[port]]\nport = {p}\n"))
             .collect();
         assert!(parse(&most).is_ok());
+    }
+
+    #[test]
+    fn on_map_full() {
+        let c = parse("on_map_full = \"closed\"\n[[port]]\nport = 1\n").unwrap();
+        assert_eq!(c.on_map_full, OnMapFull::Closed);
+        assert_eq!(c.global().fail_closed, 1);
+        let c = parse("on_map_full = \"open\"\n[[port]]\nport = 1\n").unwrap();
+        assert_eq!(c.global().fail_closed, 0);
+        let e = parse("on_map_full = \"drop\"\n[[port]]\nport = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("drop") && e.contains("line 1"), "{e}");
     }
 
     #[test]
