@@ -1,0 +1,1573 @@
+//! Differential testing of the XDP program against the host-side reference model
+//! (`ws_guard_tests::model`): a deterministic generator makes frames (random bytes; SYNs, ACKs,
+//! SYN-ACKs, RSTs, FINs and other segments over IPv4 and IPv6, with VLAN stacks of 0-4 tags,
+//! IPv4 options, IPv6 extension headers (fragment headers included), TCP options and payloads,
+//! then mutated: bit flips, changed header fields, bogus lengths and checksums, truncation,
+//! padding) from a small pool of sources and ports, so the limits are hit and tuples repeat
+//! (retransmits). Limits, actions, monitor mode, prefixes and failing open or closed change
+//! along the way, and accounting requests (expiry, adoption, release) go through the control
+//! program. Every frame runs through the real program (BPF_PROG_TEST_RUN) and the model; the
+//! verdict and the frame that leaves are compared every time, the rate window a SYN goes
+//! through right after it, the counters (totals and per port and family) every
+//! `WS_GUARD_DIFF_CHECK_EVERY` frames, and every map at checkpoints and at the end.
+//!
+//! `WS_GUARD_DIFF_FRAMES` (default 20,000) sets the number of frames, `WS_GUARD_DIFF_SEED` the
+//! seed (printed on failure, with the first disagreeing frame in hex). The full run:
+//! `WS_GUARD_DIFF_FRAMES=1000000 cargo test -p ws-guard-tests --test differential -- --nocapture`.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    fmt::Write as _,
+    time::Instant,
+};
+
+use ws_guard::guard::{Guard, LoadOptions};
+use ws_guard_common::{
+    maps::{
+        ACTION_DROP, ACTION_REJECT, AF_INET, AF_INET6, CONTROL_DONE, ControlOp, Counter, FlowKey,
+        FlowValue, GlobalConfig, OP_ADOPT, OP_EXPIRE_PENDING, OP_RELEASE_OWNED, PortConfig,
+        RateState, SourceKey,
+    },
+    names,
+    parse::{self, Parsed},
+};
+use ws_guard_tests::{
+    frames::Rng,
+    model::{Capacity, Clock, Model, Since, Tracked, XDP_DROP, XDP_PASS, XDP_TX},
+};
+
+const SECOND: u64 = 1_000_000_000;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => {
+            let v = v.trim();
+            let parsed = match v.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => v.parse(),
+            };
+            parsed.unwrap_or_else(|e| panic!("{name}={v}: {e}"))
+        }
+        Err(_) => default,
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write to.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(r, 0, "clock_gettime");
+    ts.tv_sec as u64 * SECOND + ts.tv_nsec as u64
+}
+
+fn hex(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames.
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ARP: u16 = 0x0806;
+const TPID_8021Q: u16 = 0x8100;
+const TPID_8021AD: u16 = 0x88a8;
+
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
+const ACK: u8 = 0x10;
+const URG: u8 = 0x20;
+const ECE: u8 = 0x40;
+const CWR: u8 = 0x80;
+
+const HOPOPTS: u8 = 0;
+const ROUTING: u8 = 43;
+const FRAGMENT: u8 = 44;
+const AH: u8 = 51;
+const DSTOPTS: u8 = 60;
+
+/// Protected (sometimes) and other destination ports.
+const PORTS: [u16; 5] = [9000, 9001, 9002, 443, 80];
+
+const V4_CLIENTS: [[u8; 4]; 7] = [
+    [198, 18, 0, 1],
+    [198, 18, 0, 2],
+    [198, 18, 0, 3],
+    [198, 18, 0, 130],
+    [198, 18, 1, 1],
+    [198, 18, 1, 2],
+    [198, 19, 200, 7],
+];
+const V4_SERVERS: [[u8; 4]; 2] = [[198, 19, 0, 1], [198, 19, 0, 2]];
+
+fn v6(words: [u16; 8]) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[2 * i..2 * i + 2].copy_from_slice(&w.to_be_bytes());
+    }
+    o
+}
+
+fn v6_clients() -> [[u8; 16]; 7] {
+    [
+        v6([0x2001, 2, 0, 1, 0, 0, 0, 1]),
+        v6([0x2001, 2, 0, 1, 0, 0, 0, 2]),
+        v6([0x2001, 2, 0, 1, 0x8000, 0, 0, 1]),
+        v6([0x2001, 2, 0, 2, 0, 0, 0, 1]),
+        v6([0x2001, 2, 0, 2, 0, 0, 0, 2]),
+        v6([0x2001, 2, 0, 0x100, 0, 0, 0, 9]),
+        v6([0x2001, 2, 0, 0xff01, 1, 2, 3, 4]),
+    ]
+}
+
+fn v6_servers() -> [[u8; 16]; 2] {
+    [
+        v6([0x2001, 2, 0, 0xff, 0, 0, 0, 1]),
+        v6([0x2001, 2, 0, 0xff, 0, 0, 0, 2]),
+    ]
+}
+
+#[derive(Clone, Debug)]
+enum L4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        /// Option bytes (a multiple of four).
+        options: Vec<u8>,
+        payload: Vec<u8>,
+    },
+    /// Any other protocol (UDP, ICMP, ESP...): its number and bytes.
+    Other { proto: u8, bytes: Vec<u8> },
+}
+
+#[derive(Clone, Debug)]
+enum Net {
+    V4 {
+        src: [u8; 4],
+        dst: [u8; 4],
+        options: Vec<u8>,
+        /// Flags and fragment offset field (host order, DF = 0x4000).
+        frag: u16,
+    },
+    V6 {
+        src: [u8; 16],
+        dst: [u8; 16],
+        /// (type, length byte); the fragment header's length byte is reserved.
+        exts: Vec<(u8, u8)>,
+    },
+    /// Another EtherType, with bytes.
+    Other { ether_type: u16, bytes: Vec<u8> },
+}
+
+#[derive(Clone, Debug)]
+struct Spec {
+    tags: Vec<(u16, u16)>,
+    net: Net,
+    l4: L4,
+}
+
+/// Where the fields of a built frame are, for targeted mutations.
+#[derive(Clone, Debug, Default)]
+struct Layout {
+    l3: usize,
+    l4: Option<usize>,
+    /// End of the TCP header (or of the headers before an opaque payload).
+    headers_end: usize,
+    v6: bool,
+    /// Offsets of the extension headers.
+    exts: Vec<usize>,
+}
+
+fn csum_add(mut acc: u32, b: &[u8]) -> u32 {
+    for c in b.chunks(2) {
+        acc += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    acc
+}
+
+fn csum_finish(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+fn ext_len(kind: u8, len_byte: u8) -> usize {
+    match kind {
+        AH => (len_byte as usize + 2) * 4,
+        FRAGMENT => 8,
+        _ => (len_byte as usize + 1) * 8,
+    }
+}
+
+impl Spec {
+    fn build(&self, rng: &mut Rng) -> (Vec<u8>, Layout) {
+        let mut f = Vec::with_capacity(128);
+        f.extend_from_slice(&[0x02, 0, 0x5e, 0, 0, 2]);
+        f.extend_from_slice(&[0x02, 0, 0x5e, 0, 0, 1]);
+        let ether_type = match &self.net {
+            Net::V4 { .. } => ETH_P_IP,
+            Net::V6 { .. } => ETH_P_IPV6,
+            Net::Other { ether_type, .. } => *ether_type,
+        };
+        let mut types: Vec<u16> = self.tags.iter().map(|t| t.0).collect();
+        types.push(ether_type);
+        f.extend_from_slice(&types[0].to_be_bytes());
+        for (i, (_, tci)) in self.tags.iter().enumerate() {
+            f.extend_from_slice(&tci.to_be_bytes());
+            f.extend_from_slice(&types[i + 1].to_be_bytes());
+        }
+        let l3 = f.len();
+        let mut layout = Layout {
+            l3,
+            ..Layout::default()
+        };
+        let (proto, l4_bytes) = match &self.l4 {
+            L4::Tcp {
+                sport,
+                dport,
+                seq,
+                ack,
+                flags,
+                options,
+                payload,
+            } => {
+                let mut t = Vec::with_capacity(20 + options.len() + payload.len());
+                t.extend_from_slice(&sport.to_be_bytes());
+                t.extend_from_slice(&dport.to_be_bytes());
+                t.extend_from_slice(&seq.to_be_bytes());
+                t.extend_from_slice(&ack.to_be_bytes());
+                t.push((((20 + options.len()) / 4) as u8) << 4);
+                t.push(*flags);
+                t.extend_from_slice(&64240u16.to_be_bytes());
+                t.extend_from_slice(&[0, 0]); // checksum, below
+                t.extend_from_slice(&(rng.next_u64() as u16 & 0x7).to_be_bytes());
+                t.extend_from_slice(options);
+                t.extend_from_slice(payload);
+                (6u8, t)
+            }
+            L4::Other { proto, bytes } => (*proto, bytes.clone()),
+        };
+        let tcp_len = match &self.l4 {
+            L4::Tcp { options, .. } => 20 + options.len(),
+            L4::Other { .. } => 0,
+        };
+        match &self.net {
+            Net::V4 {
+                src,
+                dst,
+                options,
+                frag,
+            } => {
+                let ihl = 20 + options.len();
+                let mut h = vec![0u8; 20];
+                h[0] = 0x40 | (ihl / 4) as u8;
+                h[2..4].copy_from_slice(&((ihl + l4_bytes.len()) as u16).to_be_bytes());
+                h[4..6].copy_from_slice(&(rng.next_u64() as u16).to_be_bytes());
+                h[6..8].copy_from_slice(&frag.to_be_bytes());
+                h[8] = 64;
+                h[9] = proto;
+                h[12..16].copy_from_slice(src);
+                h[16..20].copy_from_slice(dst);
+                h.extend_from_slice(options);
+                let c = csum_finish(csum_add(0, &h));
+                h[10..12].copy_from_slice(&c.to_be_bytes());
+                f.extend_from_slice(&h);
+                let l4 = f.len();
+                let mut l4b = l4_bytes;
+                if matches!(self.l4, L4::Tcp { .. }) {
+                    let mut acc = csum_add(0, src);
+                    acc = csum_add(acc, dst);
+                    acc += 6 + l4b.len() as u32;
+                    let c = csum_finish(csum_add(acc, &l4b));
+                    l4b[16..18].copy_from_slice(&c.to_be_bytes());
+                    layout.l4 = Some(l4);
+                }
+                layout.headers_end = l4 + tcp_len.max(8).min(l4b.len());
+                f.extend_from_slice(&l4b);
+            }
+            Net::V6 { src, dst, exts } => {
+                let mut chain = Vec::new();
+                let mut offsets = Vec::new();
+                for (i, (kind, len_byte)) in exts.iter().enumerate() {
+                    let next = exts.get(i + 1).map(|e| e.0).unwrap_or(proto);
+                    let n = ext_len(*kind, *len_byte);
+                    offsets.push(l3 + 40 + chain.len());
+                    let mut e = vec![0u8; n];
+                    e[0] = next;
+                    e[1] = *len_byte;
+                    if *kind == FRAGMENT {
+                        let off_flags = rng.next_u64() as u16 & 0xfff9;
+                        e[2..4].copy_from_slice(&off_flags.to_be_bytes());
+                        e[4..8].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+                    } else if n > 2 {
+                        // PadN over the rest.
+                        e[2] = 1;
+                        e[3] = (n - 4) as u8;
+                    }
+                    chain.extend_from_slice(&e);
+                }
+                let mut h = vec![0u8; 40];
+                h[0] = 0x60;
+                h[1] = 0x01;
+                h[2] = 0x23;
+                h[3] = 0x45;
+                h[4..6].copy_from_slice(&((chain.len() + l4_bytes.len()) as u16).to_be_bytes());
+                h[6] = exts.first().map(|e| e.0).unwrap_or(proto);
+                h[7] = 64;
+                h[8..24].copy_from_slice(src);
+                h[24..40].copy_from_slice(dst);
+                f.extend_from_slice(&h);
+                f.extend_from_slice(&chain);
+                let l4 = f.len();
+                let mut l4b = l4_bytes;
+                if matches!(self.l4, L4::Tcp { .. }) {
+                    let mut acc = csum_add(0, src);
+                    acc = csum_add(acc, dst);
+                    acc += 6 + l4b.len() as u32;
+                    let c = csum_finish(csum_add(acc, &l4b));
+                    l4b[16..18].copy_from_slice(&c.to_be_bytes());
+                    layout.l4 = Some(l4);
+                }
+                layout.v6 = true;
+                layout.exts = offsets;
+                layout.headers_end = l4 + tcp_len.max(8).min(l4b.len());
+                f.extend_from_slice(&l4b);
+            }
+            Net::Other { bytes, .. } => {
+                f.extend_from_slice(bytes);
+                layout.headers_end = f.len();
+            }
+        }
+        layout.headers_end = layout.headers_end.min(f.len());
+        (f, layout)
+    }
+
+    fn flow(&self) -> Option<FlowKey> {
+        let L4::Tcp { sport, dport, .. } = &self.l4 else {
+            return None;
+        };
+        let (client, server, family) = match &self.net {
+            Net::V4 { src, dst, .. } => {
+                let mut c = [0u8; 16];
+                let mut s = [0u8; 16];
+                c[..4].copy_from_slice(src);
+                s[..4].copy_from_slice(dst);
+                (c, s, AF_INET)
+            }
+            Net::V6 { src, dst, .. } => (*src, *dst, AF_INET6),
+            Net::Other { .. } => return None,
+        };
+        Some(FlowKey {
+            client,
+            server,
+            client_port: *sport,
+            server_port: *dport,
+            family,
+            _pad: 0,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The generator.
+
+#[derive(Clone, Debug)]
+enum Event {
+    /// A frame and how it was made.
+    Frame(Vec<u8>, Desc),
+    SetPort(u16, PortConfig),
+    SetGlobal(GlobalConfig),
+    Expire(FlowKey),
+    ReleaseOwned(FlowKey),
+    Adopt(FlowKey),
+    RemoveIdle(SourceKey),
+    /// Checkpoint: compare every map; then maybe release everything tracked.
+    Checkpoint {
+        release_all: bool,
+    },
+}
+
+/// How a frame was made (formatted only for a failure report).
+#[derive(Clone, Debug, Default)]
+struct Desc {
+    spec: Option<Spec>,
+    notes: String,
+}
+
+impl Desc {
+    fn of(spec: &Spec, notes: String) -> Self {
+        Self {
+            spec: Some(spec.clone()),
+            notes,
+        }
+    }
+}
+
+/// An event of the run, for the failure report.
+enum Noted {
+    Frame(u64, Vec<u8>, Desc),
+    Text(String),
+}
+
+struct Gen {
+    rng: Rng,
+    global: GlobalConfig,
+    /// Flows of recent structured TCP frames, for retransmits and accounting requests.
+    recent: VecDeque<FlowKey>,
+    /// Recent structured frames (with their specs), to retransmit as they were.
+    recent_specs: VecDeque<Spec>,
+    queue: VecDeque<Event>,
+    frames: u64,
+    /// Frames between checkpoints.
+    checkpoint_every: u64,
+    next_checkpoint: u64,
+    /// Frames between new configurations of every port.
+    epoch: u64,
+    next_epoch: u64,
+    v6_clients: [[u8; 16]; 7],
+    v6_servers: [[u8; 16]; 2],
+    /// The small-maps run makes fail-closed more common.
+    small_maps: bool,
+}
+
+impl Gen {
+    fn new(seed: u64, checkpoint_every: u64, small_maps: bool) -> Self {
+        Self {
+            rng: Rng::new(seed),
+            global: GlobalConfig::default(),
+            recent: VecDeque::new(),
+            recent_specs: VecDeque::new(),
+            queue: VecDeque::new(),
+            frames: 0,
+            checkpoint_every,
+            next_checkpoint: checkpoint_every,
+            epoch: 2_500,
+            next_epoch: 0,
+            v6_clients: v6_clients(),
+            v6_servers: v6_servers(),
+            small_maps,
+        }
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.rng.range(0, n)
+    }
+
+    fn chance(&mut self, num: u64, den: u64) -> bool {
+        self.rng.chance(num, den)
+    }
+
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())]
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        self.rng.fill(&mut v);
+        v
+    }
+
+    fn port_config(&mut self) -> PortConfig {
+        let enabled = if self.chance(3, 4) {
+            self.pick(&[1, 1, 1, 7, 0xffff_ffff])
+        } else {
+            0
+        };
+        let action = |g: &mut Gen| {
+            g.pick(&[
+                ACTION_DROP,
+                ACTION_REJECT,
+                ACTION_REJECT,
+                ACTION_DROP,
+                2,
+                0xffff_ffff,
+            ])
+        };
+        PortConfig {
+            enabled,
+            max_connections: self.pick(&[0, 1, 1, 2, 2, 3, 5, 8, 100]),
+            conn_action: action(self),
+            rate_action: action(self),
+            rate_limit: self.pick(&[0, 0, 1, 1, 2, 3, 5, 9, 32, 33, 1000]),
+            index: self.rng.next_u64() as u32,
+            rate_window_ns: self.pick(&[
+                1,
+                1_000,
+                20_000,
+                50_000,
+                200_000,
+                1_000_000,
+                5_000_000,
+                100 * SECOND,
+                u64::MAX,
+            ]),
+        }
+    }
+
+    fn global_config(&mut self) -> GlobalConfig {
+        GlobalConfig {
+            monitor: if self.chance(1, 5) {
+                self.pick(&[1, 2, 0xffff_ffff])
+            } else {
+                0
+            },
+            ipv4_prefix: self.pick(&[32, 32, 32, 24, 31, 20, 8, 0, 33, 255]),
+            ipv6_prefix: self.pick(&[64, 64, 128, 56, 48, 127, 0, 129, 1000]),
+            fail_closed: if self.chance(if self.small_maps { 2 } else { 1 }, 4) {
+                self.pick(&[1, 2, 0xffff_ffff])
+            } else {
+                0
+            },
+        }
+    }
+
+    /// The next event; `None` once `total` frames were made and the final checkpoint queued.
+    fn next(&mut self, total: u64) -> Option<Event> {
+        if let Some(e) = self.queue.pop_front() {
+            return Some(e);
+        }
+        if self.frames >= total {
+            return None;
+        }
+        if self.frames >= self.next_checkpoint {
+            self.next_checkpoint += self.checkpoint_every;
+            let release_all = self.chance(1, 2);
+            return Some(Event::Checkpoint { release_all });
+        }
+        if self.frames >= self.next_epoch {
+            self.next_epoch += self.epoch;
+            if self.chance(1, 2) || self.frames == 0 {
+                self.global = self.global_config();
+                self.queue.push_back(Event::SetGlobal(self.global));
+            }
+            for port in PORTS {
+                let c = self.port_config();
+                self.queue.push_back(Event::SetPort(port, c));
+            }
+            return self.queue.pop_front();
+        }
+        let r = self.below(10_000);
+        let e = match r {
+            0..30 => {
+                let port = self.pick(&PORTS);
+                Event::SetPort(port, self.port_config())
+            }
+            30..40 => {
+                self.global = if self.chance(1, 2) {
+                    GlobalConfig {
+                        monitor: (self.global.monitor == 0) as u32,
+                        ..self.global
+                    }
+                } else {
+                    self.global_config()
+                };
+                Event::SetGlobal(self.global)
+            }
+            40..240 => Event::Expire(self.known_flow()),
+            240..290 => Event::ReleaseOwned(self.known_flow()),
+            290..340 => Event::Adopt(self.known_flow()),
+            340..360 => {
+                let f = self.known_flow();
+                Event::RemoveIdle(ws_guard_common::key::flow_source(&f, &self.global))
+            }
+            360..380 => {
+                // Every truncation of one frame, then the frame itself.
+                let spec = self.spec();
+                let (f, _) = spec.build(&mut self.rng);
+                for len in 14..f.len() {
+                    self.queue.push_back(Event::Frame(
+                        f[..len].to_vec(),
+                        Desc::of(&spec, format!("cut at {len}")),
+                    ));
+                }
+                self.frames += f.len() as u64 - 14;
+                Event::Frame(f, Desc::of(&spec, "whole, after its truncations".into()))
+            }
+            _ => {
+                let (f, what) = self.frame();
+                Event::Frame(f, what)
+            }
+        };
+        if matches!(e, Event::Frame(..)) {
+            self.frames += 1;
+        }
+        Some(e)
+    }
+
+    /// A flow seen recently, or a new one from the pools.
+    fn known_flow(&mut self) -> FlowKey {
+        if !self.recent.is_empty() && self.chance(9, 10) {
+            let i = self.below(self.recent.len());
+            return self.recent[i];
+        }
+        let spec = self.spec();
+        spec.flow().unwrap_or_default()
+    }
+
+    fn remember(&mut self, spec: &Spec) {
+        if let Some(f) = spec.flow() {
+            self.recent.push_back(f);
+            if self.recent.len() > 48 {
+                self.recent.pop_front();
+            }
+        }
+        self.recent_specs.push_back(spec.clone());
+        if self.recent_specs.len() > 16 {
+            self.recent_specs.pop_front();
+        }
+    }
+
+    fn frame(&mut self) -> (Vec<u8>, Desc) {
+        if self.chance(6, 100) {
+            return self.random_bytes();
+        }
+        let (spec, retransmit) = if !self.recent_specs.is_empty() && self.chance(1, 8) {
+            let i = self.below(self.recent_specs.len());
+            (self.recent_specs[i].clone(), true)
+        } else {
+            (self.spec(), false)
+        };
+        if !retransmit {
+            self.remember(&spec);
+        }
+        let (mut f, layout) = spec.build(&mut self.rng);
+        let mut what = Desc::of(
+            &spec,
+            if retransmit {
+                "again".into()
+            } else {
+                String::new()
+            },
+        );
+        if self.chance(30, 100) {
+            let n = self.rng.range(1, 4);
+            for _ in 0..n {
+                let m = self.mutate(&mut f, &layout);
+                what.notes.push_str("; ");
+                what.notes.push_str(&m);
+            }
+        }
+        if f.len() < 14 {
+            f.resize(14, 0);
+        }
+        (f, what)
+    }
+
+    fn random_bytes(&mut self) -> (Vec<u8>, Desc) {
+        let len = self.rng.range(14, 200);
+        let mut f = self.bytes(len);
+        if self.chance(3, 4) {
+            let t = self.pick(&[ETH_P_IP, ETH_P_IPV6, TPID_8021Q, TPID_8021AD, ETH_P_ARP]);
+            f[12..14].copy_from_slice(&t.to_be_bytes());
+            if self.chance(1, 2) && len > 14 {
+                // A plausible version nibble.
+                f[14] = if t == ETH_P_IPV6 { 0x60 } else { 0x45 };
+            }
+        }
+        (
+            f,
+            Desc {
+                spec: None,
+                notes: "random bytes".into(),
+            },
+        )
+    }
+
+    /// A structured frame: mostly TCP to the pool's ports from the pool's clients.
+    fn spec(&mut self) -> Spec {
+        let ntags = match self.below(100) {
+            0..60 => 0,
+            60..80 => 1,
+            80..90 => 2,
+            90..96 => 3,
+            _ => 4,
+        };
+        let mut tags = Vec::new();
+        for _ in 0..ntags {
+            let tpid = if self.chance(1, 20) {
+                0x9100
+            } else {
+                self.pick(&[TPID_8021Q, TPID_8021AD])
+            };
+            tags.push((tpid, self.rng.next_u64() as u16));
+        }
+        let kind = self.below(100);
+        let l4 = if kind < 88 {
+            self.tcp()
+        } else {
+            let proto = self.pick(&[17, 1, 58, 50, 59, 132, 6]);
+            let n = self.rng.range(0, 40);
+            L4::Other {
+                proto,
+                bytes: self.bytes(n),
+            }
+        };
+        let net = if kind >= 96 {
+            let ether_type = self.pick(&[ETH_P_ARP, 0x88cc, 0x8847, 0x0000, 0xffff]);
+            let n = self.rng.range(0, 60);
+            Net::Other {
+                ether_type,
+                bytes: self.bytes(n),
+            }
+        } else if self.chance(1, 2) {
+            let words = if self.chance(3, 4) {
+                0
+            } else {
+                self.rng.range(1, 11)
+            };
+            let options = self.bytes(4 * words);
+            let frag = match self.below(100) {
+                0..3 => 0x2000,                                        // MF
+                3..5 => 1 + (self.rng.next_u64() as u16 & 0x1fff) / 2, // offset
+                5..7 => 0x8000,                                        // reserved bit
+                7..40 => 0,
+                _ => 0x4000, // DF
+            };
+            Net::V4 {
+                src: self.pick(&V4_CLIENTS),
+                dst: self.pick(&V4_SERVERS),
+                options,
+                frag,
+            }
+        } else {
+            let mut exts = Vec::new();
+            if self.chance(2, 5) {
+                let n = match self.below(100) {
+                    0..50 => 1,
+                    50..75 => 2,
+                    75..90 => self.rng.range(3, 7),
+                    _ => self.rng.range(7, 9),
+                };
+                for _ in 0..n {
+                    let kind = match self.below(100) {
+                        0..25 => HOPOPTS,
+                        25..45 => DSTOPTS,
+                        45..65 => ROUTING,
+                        65..85 => AH,
+                        _ => FRAGMENT,
+                    };
+                    let len_byte = match self.below(100) {
+                        0..60 => {
+                            if kind == AH {
+                                1
+                            } else {
+                                0
+                            }
+                        }
+                        60..85 => self.rng.range(0, 4) as u8,
+                        85..97 => self.rng.range(4, 64) as u8,
+                        _ => self.rng.next_u64() as u8,
+                    };
+                    exts.push((kind, len_byte));
+                }
+            }
+            if self.chance(3, 100) {
+                // TCP near the end of the parsed headers (MAX_HEADER_OFFSET, 512 bytes).
+                let len_byte = self.rng.range(50, 58) as u8;
+                exts = vec![(DSTOPTS, len_byte)];
+            }
+            let (clients, servers) = (self.v6_clients, self.v6_servers);
+            Net::V6 {
+                src: self.pick(&clients),
+                dst: self.pick(&servers),
+                exts,
+            }
+        };
+        Spec { tags, net, l4 }
+    }
+
+    fn tcp(&mut self) -> L4 {
+        let sport = if self.chance(4, 5) {
+            40_000 + self.rng.range(0, 8) as u16
+        } else {
+            self.rng.next_u64() as u16
+        };
+        let dport = if self.chance(19, 20) {
+            self.pick(&PORTS)
+        } else {
+            self.rng.next_u64() as u16
+        };
+        let flags = match self.below(100) {
+            0..50 => SYN,
+            50..55 => SYN | ECE | CWR,
+            55..58 => SYN | PSH | URG,
+            58..66 => ACK,
+            66..71 => SYN | ACK,
+            71..75 => RST,
+            75..78 => RST | ACK,
+            78..82 => FIN | ACK,
+            82..85 => SYN | FIN,
+            85..88 => SYN | RST,
+            88..91 => PSH | ACK,
+            _ => self.rng.next_u64() as u8,
+        };
+        let seq = match self.below(10) {
+            0 => 0xffff_ffff,
+            1 => 0xffff_fff0,
+            _ => self.rng.next_u64() as u32,
+        };
+        let words = if self.chance(1, 2) {
+            0
+        } else {
+            self.rng.range(1, 11)
+        };
+        let options = self.bytes(4 * words);
+        let payload_len = match self.below(1000) {
+            0..600 => 0,
+            600..900 => self.rng.range(1, 65),
+            900..995 => self.rng.range(65, 1500),
+            // Past a page: BPF_PROG_TEST_RUN hands the program a multi-buffer frame.
+            _ => self.rng.range(3500, 9000),
+        };
+        L4::Tcp {
+            sport,
+            dport,
+            seq,
+            ack: if flags & ACK != 0 {
+                self.rng.next_u64() as u32
+            } else {
+                0
+            },
+            flags,
+            options,
+            payload: self.bytes(payload_len),
+        }
+    }
+
+    /// Changes `f` in one way; says how.
+    fn mutate(&mut self, f: &mut Vec<u8>, l: &Layout) -> String {
+        let end = l.headers_end.clamp(14, f.len().max(14)).min(f.len());
+        match self.below(10) {
+            0 | 1 => {
+                let n = self.rng.range(1, 4);
+                let mut at = Vec::new();
+                for _ in 0..n {
+                    let i = self.below(end.max(1));
+                    let bit = self.below(8);
+                    if let Some(b) = f.get_mut(i) {
+                        *b ^= 1 << bit;
+                    }
+                    at.push((i, bit));
+                }
+                format!("bit flips {at:?}")
+            }
+            2 | 3 => {
+                // A header field.
+                let mut fields = vec![12, 13, 14, 15, 16, 17];
+                fields.extend([
+                    l.l3,
+                    l.l3 + 2,
+                    l.l3 + 3,
+                    l.l3 + 4,
+                    l.l3 + 5,
+                    l.l3 + 6,
+                    l.l3 + 7,
+                ]);
+                fields.extend([l.l3 + 9, l.l3 + 10, l.l3 + 12, l.l3 + 19, l.l3 + 23]);
+                for e in &l.exts {
+                    fields.extend([*e, *e + 1]);
+                }
+                if let Some(l4) = l.l4 {
+                    fields.extend([
+                        l4,
+                        l4 + 1,
+                        l4 + 2,
+                        l4 + 3,
+                        l4 + 4,
+                        l4 + 12,
+                        l4 + 13,
+                        l4 + 13,
+                    ]);
+                }
+                let i = self.pick(&fields);
+                let v = match self.below(6) {
+                    0 => 0,
+                    1 => 0xff,
+                    2 => f.get(i).copied().unwrap_or(0).wrapping_add(1),
+                    3 => f.get(i).copied().unwrap_or(0).wrapping_sub(1),
+                    _ => self.rng.next_u64() as u8,
+                };
+                if let Some(b) = f.get_mut(i) {
+                    *b = v;
+                }
+                format!("byte {i} = {v:#04x}")
+            }
+            4 => {
+                // A bogus IP length.
+                let at = if l.v6 { l.l3 + 4 } else { l.l3 + 2 };
+                let cur = f
+                    .get(at..at + 2)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                    .unwrap_or(0);
+                let v = match self.below(7) {
+                    0 => 0,
+                    1 => self.rng.range(0, 64) as u16,
+                    2 => cur.wrapping_sub(1),
+                    3 => cur.wrapping_add(1),
+                    4 => 0xffff,
+                    5 => cur.wrapping_sub(self.rng.range(1, 40) as u16),
+                    _ => self.rng.next_u64() as u16,
+                };
+                if let Some(b) = f.get_mut(at..at + 2) {
+                    b.copy_from_slice(&v.to_be_bytes());
+                }
+                format!("IP length at {at} = {v}")
+            }
+            5 => {
+                // A bogus header length: IHL or TCP data offset.
+                if let Some(l4) = l.l4.filter(|_| self.chance(1, 2)) {
+                    let at = l4 + 12;
+                    let v = (self.below(16) as u8) << 4;
+                    if let Some(b) = f.get_mut(at) {
+                        *b = v | (*b & 0x0f);
+                    }
+                    format!("TCP data offset {}", v >> 4)
+                } else {
+                    let v = self.below(16) as u8;
+                    if let Some(b) = f.get_mut(l.l3) {
+                        *b = (*b & 0xf0) | v;
+                    }
+                    format!("IHL/low nibble {v}")
+                }
+            }
+            6 => {
+                // Bogus checksums: neither is checked (the stack does that), so nothing changes.
+                let v = self.rng.next_u64() as u16;
+                let at = match l.l4 {
+                    Some(l4) if self.chance(1, 2) => l4 + 16,
+                    _ => l.l3 + 10,
+                };
+                if let Some(b) = f.get_mut(at..at + 2) {
+                    b.copy_from_slice(&v.to_be_bytes());
+                }
+                format!("checksum at {at} = {v:#06x}")
+            }
+            7 => {
+                if f.len() > 14 {
+                    let len = self.rng.range(14, f.len());
+                    f.truncate(len);
+                    format!("cut at {len}")
+                } else {
+                    "cut: too short".into()
+                }
+            }
+            8 => {
+                let n = self.rng.range(1, 48);
+                let pad = if self.chance(1, 2) {
+                    vec![0; n]
+                } else {
+                    self.bytes(n)
+                };
+                f.extend_from_slice(&pad);
+                format!("{n} bytes of padding")
+            }
+            _ => {
+                let i = self.below(f.len());
+                let v = self.rng.next_u64() as u8;
+                f[i] = v;
+                format!("byte {i} = {v:#04x} (anywhere)")
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The comparison.
+
+/// The kernel's stamp of an attempt, read back from its rate window.
+struct KernelClock<'a> {
+    guard: &'a Guard,
+    error: Option<String>,
+}
+
+impl Clock for KernelClock<'_> {
+    fn rate_stamp(&mut self, key: &SourceKey, seq: u32) -> u64 {
+        match self.guard.rate_state(key) {
+            Ok(Some(s)) => s.stamps[ws_guard_tests::model::rate_slot(seq)],
+            Ok(None) => {
+                self.error
+                    .get_or_insert_with(|| format!("the kernel has no rate window for {key:?}"));
+                0
+            }
+            Err(e) => {
+                self.error.get_or_insert_with(|| format!("{e:#}"));
+                0
+            }
+        }
+    }
+}
+
+struct Run {
+    name: &'static str,
+    seed: u64,
+    guard: Guard,
+    model: Model,
+    frames: u64,
+    check_every: u64,
+    /// The last events, for the failure report.
+    history: VecDeque<Noted>,
+    frames_since_check: u64,
+    last_checked_frame: u64,
+    stats: RunStats,
+}
+
+#[derive(Default, Debug)]
+struct RunStats {
+    verdicts: HashMap<u32, u64>,
+    rate_checks: u64,
+    control_ops: u64,
+    checkpoints: u64,
+    /// Largest distance between a kernel stamp and the host interval around its run.
+    max_clock_skew_ns: u64,
+    /// The decision counters at the end.
+    totals: [u64; Counter::COUNT as usize],
+}
+
+/// How far a kernel stamp may fall outside the host's monotonic interval around the run
+/// (`bpf_ktime_get_ns` and `clock_gettime(CLOCK_MONOTONIC)` read the same clock; a little
+/// margin for the fast-path clock).
+const CLOCK_SLACK_NS: u64 = 20_000;
+
+impl Run {
+    fn new(name: &'static str, seed: u64, opts: &LoadOptions, check_every: u64) -> Self {
+        let guard = Guard::load(opts).expect("load the programs");
+        let capacity = Capacity {
+            sources: guard.capacity(names::MAP_CONNS).unwrap() as usize,
+            flows: guard.capacity(names::MAP_PENDING).unwrap() as usize,
+        };
+        assert_eq!(
+            guard.capacity(names::MAP_OWNED).unwrap() as usize,
+            capacity.flows
+        );
+        Self {
+            name,
+            seed,
+            guard,
+            model: Model::new(capacity),
+            frames: 0,
+            check_every,
+            history: VecDeque::new(),
+            frames_since_check: 0,
+            last_checked_frame: 0,
+            stats: RunStats::default(),
+        }
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        let mut h = String::new();
+        for e in &self.history {
+            match e {
+                Noted::Text(t) => {
+                    let _ = writeln!(h, "  {t}");
+                }
+                Noted::Frame(i, f, d) => {
+                    let _ = writeln!(h, "  frame {i} ({:?} {}):\n    {}", d.spec, d.notes, hex(f));
+                }
+            }
+        }
+        panic!(
+            "{}: DISAGREEMENT at frame {} (seed {:#x}): {what}\nlast events, oldest first:\n{h}\
+             replay: WS_GUARD_DIFF_SEED={:#x} WS_GUARD_DIFF_FRAMES={} WS_GUARD_DIFF_CHECK_EVERY=1 \
+             cargo test -p ws-guard-tests --test differential {} -- --nocapture --exact",
+            self.name,
+            self.frames,
+            self.seed,
+            self.seed,
+            env_u64("WS_GUARD_DIFF_FRAMES", 20_000),
+            self.name,
+        );
+    }
+
+    fn note(&mut self, e: Noted) {
+        if self.history.len() >= 6 {
+            self.history.pop_front();
+        }
+        self.history.push_back(e);
+    }
+
+    fn within(&self, ns: u64, during: (u64, u64)) -> bool {
+        ns + CLOCK_SLACK_NS >= during.0 && ns <= during.1 + CLOCK_SLACK_NS
+    }
+
+    /// Runs `frame` through the kernel and the model and compares; returns the verdict and the
+    /// frame that left.
+    fn frame(&mut self, frame: &[u8], what: Desc) -> (u32, Vec<u8>) {
+        self.frames += 1;
+        self.note(Noted::Frame(self.frames, frame.to_vec(), what));
+        let t0 = monotonic_ns();
+        let (verdict, out) = match self.guard.run_xdp(frame) {
+            Ok(r) => r,
+            Err(e) => self.fail(&format!("BPF_PROG_TEST_RUN failed: {e:#}")),
+        };
+        let t1 = monotonic_ns();
+        let mut clock = KernelClock {
+            guard: &self.guard,
+            error: None,
+        };
+        let expected = self.model.xdp(frame, (t0, t1), &mut clock);
+        if let Some(e) = clock.error {
+            self.fail(&format!(
+                "the model's attempt went through the rate window, the kernel's did not: {e} \
+                 (model expected verdict {}, counters {:?}; kernel verdict {verdict})",
+                expected.verdict, expected.counted
+            ));
+        }
+        *self.stats.verdicts.entry(verdict).or_default() += 1;
+        if verdict != expected.verdict {
+            self.fail(&format!(
+                "verdict: kernel {verdict}, model {} (model counted {:?})",
+                expected.verdict, expected.counted
+            ));
+        }
+        if out != expected.frame {
+            self.fail(&format!(
+                "frame out (verdict {verdict}):\n  kernel {}\n  model  {}",
+                hex(&out),
+                hex(&expected.frame)
+            ));
+        }
+        if let Some((key, now)) = expected.rate {
+            self.stats.rate_checks += 1;
+            if !self.within(now, (t0, t1)) {
+                self.fail(&format!(
+                    "rate stamp {now} outside the run's interval [{t0}, {t1}]"
+                ));
+            }
+            let skew = t0.saturating_sub(now).max(now.saturating_sub(t1));
+            self.stats.max_clock_skew_ns = self.stats.max_clock_skew_ns.max(skew);
+            let kernel = self
+                .guard
+                .rate_state(&key)
+                .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
+            let model = self.model.rate.get(&key).copied();
+            if kernel != model {
+                self.fail(&format!(
+                    "rate window of {key:?}:\n  kernel {kernel:?}\n  model  {model:?}"
+                ));
+            }
+        }
+        self.frames_since_check += 1;
+        if self.frames_since_check >= self.check_every {
+            self.check_counters();
+        }
+        (verdict, out)
+    }
+
+    fn check_counters(&mut self) {
+        let span = (self.last_checked_frame, self.frames);
+        self.frames_since_check = 0;
+        self.last_checked_frame = self.frames;
+        let c = self
+            .guard
+            .counters()
+            .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
+        for k in Counter::ALL {
+            let (kernel, model) = (c.get(k), self.model.totals[k as usize]);
+            if kernel != model {
+                self.fail(&format!(
+                    "counter {} (total): kernel {kernel}, model {model}; changed between frames \
+                     {} and {} (replay with WS_GUARD_DIFF_CHECK_EVERY=1)",
+                    k.name(),
+                    span.0,
+                    span.1
+                ));
+            }
+        }
+        let s = self
+            .guard
+            .stats()
+            .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
+        if s.unattributed != self.model.unattributed {
+            self.fail(&format!(
+                "unattributed counters: kernel {:?}, model {:?} (frames {}..{})",
+                s.unattributed, self.model.unattributed, span.0, span.1
+            ));
+        }
+        let kernel_ports: Vec<_> = s.ports.keys().copied().collect();
+        let model_ports: Vec<_> = self.model.port_stats.keys().copied().collect();
+        if kernel_ports != model_ports {
+            self.fail(&format!(
+                "protected ports in the stats: kernel {kernel_ports:?}, model {model_ports:?}"
+            ));
+        }
+        for (k, v) in &s.ports {
+            if self.model.port_stats[k] != *v {
+                self.fail(&format!(
+                    "counters of port {} family {}: kernel {v:?}, model {:?} (frames {}..{})",
+                    k.0, k.1, self.model.port_stats[k], span.0, span.1
+                ));
+            }
+        }
+    }
+
+    fn compare_flows(
+        &self,
+        what: &str,
+        kernel: Vec<(FlowKey, FlowValue)>,
+        model: &HashMap<FlowKey, Tracked>,
+    ) {
+        let mut seen = HashSet::new();
+        for (k, v) in &kernel {
+            seen.insert(*k);
+            let Some(t) = model.get(k) else {
+                self.fail(&format!(
+                    "{what}: the kernel tracks {k:?} ({v:?}), the model does not"
+                ));
+            };
+            let since_ok = match t.since {
+                Since::Exact(_) => t.since.admits(v.since_ns),
+                Since::Within(lo, hi) => self.within(v.since_ns, (lo, hi)),
+            };
+            if t.source != v.source || !since_ok {
+                self.fail(&format!("{what}: {k:?}: kernel {v:?}, model {t:?}"));
+            }
+        }
+        for k in model.keys() {
+            if !seen.contains(k) {
+                self.fail(&format!(
+                    "{what}: the model tracks {k:?}, the kernel does not"
+                ));
+            }
+        }
+    }
+
+    fn check_maps(&mut self) {
+        self.stats.checkpoints += 1;
+        self.check_counters();
+        let pending = self
+            .guard
+            .pending()
+            .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
+        self.compare_flows("WSG_PENDING", pending, &self.model.pending);
+        let owned = self
+            .guard
+            .owned()
+            .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
+        self.compare_flows("WSG_OWNED", owned, &self.model.owned);
+        let conns: HashMap<SourceKey, u32> = self
+            .guard
+            .source_counters()
+            .unwrap_or_else(|e| self.fail(&format!("{e:#}")))
+            .into_iter()
+            .collect();
+        if conns != self.model.conns {
+            let mut diff = String::new();
+            for (k, v) in &conns {
+                if self.model.conns.get(k) != Some(v) {
+                    let _ = write!(
+                        diff,
+                        "\n  {k:?}: kernel {v}, model {:?}",
+                        self.model.conns.get(k)
+                    );
+                }
+            }
+            for (k, v) in &self.model.conns {
+                if !conns.contains_key(k) {
+                    let _ = write!(diff, "\n  {k:?}: kernel none, model {v}");
+                }
+            }
+            self.fail(&format!("WSG_CONNS differs:{diff}"));
+        }
+        if self.guard.connections().unwrap() != self.model.connections() {
+            self.fail("Guard::connections differs from the model's");
+        }
+        let n = self
+            .guard
+            .rate_entries()
+            .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
+        if n != self.model.rate.len() {
+            self.fail(&format!(
+                "WSG_RATE: kernel {n} windows, model {}",
+                self.model.rate.len()
+            ));
+        }
+        for (k, m) in &self.model.rate {
+            let kernel: Option<RateState> = self.guard.rate_state(k).unwrap();
+            if kernel.as_ref() != Some(m) {
+                self.fail(&format!(
+                    "rate window of {k:?}: kernel {kernel:?}, model {m:?}"
+                ));
+            }
+        }
+    }
+
+    fn control(&mut self, op: u32, flow: FlowKey) {
+        self.stats.control_ops += 1;
+        let name = match op {
+            OP_EXPIRE_PENDING => "expire",
+            OP_RELEASE_OWNED => "release",
+            _ => "adopt",
+        };
+        self.note(Noted::Text(format!("control {name} {flow:?}")));
+        let t0 = monotonic_ns();
+        let kernel = self
+            .guard
+            .control(ControlOp {
+                op,
+                flow,
+                ..ControlOp::default()
+            })
+            .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
+        let t1 = monotonic_ns();
+        let model = match op {
+            OP_EXPIRE_PENDING => self.model.expire_pending(&flow),
+            OP_RELEASE_OWNED => self.model.release_owned(&flow),
+            _ => self.model.adopt(&flow, (t0, t1)),
+        };
+        if kernel != model {
+            self.fail(&format!(
+                "control {name}: kernel {} ({CONTROL_DONE} = done), model {model}",
+                kernel
+            ));
+        }
+    }
+
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::Frame(f, what) => {
+                self.frame(&f, what);
+            }
+            Event::SetPort(port, c) => {
+                self.note(Noted::Text(format!("set port {port}: {c:?}")));
+                self.guard
+                    .set_port(port, c)
+                    .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
+                self.model.set_port(port, c);
+            }
+            Event::SetGlobal(g) => {
+                self.note(Noted::Text(format!("set global: {g:?}")));
+                self.guard
+                    .set_global(g)
+                    .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
+                self.model.set_global(g);
+            }
+            Event::Expire(f) => self.control(OP_EXPIRE_PENDING, f),
+            Event::ReleaseOwned(f) => self.control(OP_RELEASE_OWNED, f),
+            Event::Adopt(f) => self.control(OP_ADOPT, f),
+            Event::RemoveIdle(k) => {
+                self.note(Noted::Text(format!("remove idle {k:?}")));
+                self.guard
+                    .remove_idle_source(&k)
+                    .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
+                self.model.remove_idle_source(&k);
+            }
+            Event::Checkpoint { release_all } => {
+                self.check_maps();
+                if release_all {
+                    let mut pending: Vec<FlowKey> = self.model.pending.keys().copied().collect();
+                    let mut owned: Vec<FlowKey> = self.model.owned.keys().copied().collect();
+                    // A deterministic order (the hash maps' is not).
+                    pending.sort_by_key(|k| (k.client, k.server, k.client_port, k.server_port));
+                    owned.sort_by_key(|k| (k.client, k.server, k.client_port, k.server_port));
+                    for f in pending {
+                        self.control(OP_EXPIRE_PENDING, f);
+                    }
+                    for f in owned {
+                        self.control(OP_RELEASE_OWNED, f);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn run(name: &'static str, opts: LoadOptions, frames: u64, small_maps: bool) -> RunStats {
+    let seed = match std::env::var("WS_GUARD_DIFF_SEED") {
+        Ok(_) => env_u64("WS_GUARD_DIFF_SEED", 0),
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            t.as_nanos() as u64 ^ (std::process::id() as u64).rotate_left(32)
+        }
+    };
+    // The two runs of one seed differ.
+    let gen_seed = seed ^ if small_maps { 0x5a5a_0000_0000_0000 } else { 0 };
+    let check_every = env_u64("WS_GUARD_DIFF_CHECK_EVERY", 256).max(1);
+    // Tiny maps fill at once: release everything more often.
+    let checkpoint_default = if small_maps { 256 } else { 1024 };
+    let checkpoint_every = env_u64("WS_GUARD_DIFF_CHECKPOINT_EVERY", checkpoint_default).max(1);
+    println!(
+        "{name}: seed {seed:#x}, {frames} frames, counters every {check_every}, maps every \
+         {checkpoint_every}"
+    );
+    let mut r = Run::new(name, seed, &opts, check_every);
+    let mut g = Gen::new(gen_seed, checkpoint_every, small_maps);
+    let start = Instant::now();
+    while let Some(e) = g.next(frames) {
+        r.event(e);
+    }
+    r.check_maps();
+    let took = start.elapsed();
+    r.stats.totals = r.model.totals;
+    println!(
+        "{name}: {} frames, zero disagreements, {:.1} s ({:.1} µs/frame); verdicts {:?}, \
+         {} rate windows and {} accounting requests compared, {} checkpoints, largest clock skew \
+         {} ns",
+        r.frames,
+        took.as_secs_f64(),
+        took.as_secs_f64() * 1e6 / r.frames.max(1) as f64,
+        r.stats.verdicts,
+        r.stats.rate_checks,
+        r.stats.control_ops,
+        r.stats.checkpoints,
+        r.stats.max_clock_skew_ns,
+    );
+    let counters: Vec<String> = Counter::ALL
+        .iter()
+        .map(|c| format!("{} {}", c.name(), r.model.totals[*c as usize]))
+        .collect();
+    println!("{name}: counters: {}", counters.join(", "));
+    assert!(r.frames >= frames);
+    r.stats
+}
+
+/// Default capacities: maps never fill, every decision is the limits'.
+#[test]
+fn kernel_matches_model() {
+    if !ws_guard_tests::privileged("kernel_matches_model") {
+        return;
+    }
+    let frames = env_u64("WS_GUARD_DIFF_FRAMES", 20_000);
+    let s = run(
+        "kernel_matches_model",
+        LoadOptions::default(),
+        frames,
+        false,
+    );
+    // The run exercised what it is meant to: every verdict, the rate window, the control program.
+    for v in [XDP_PASS, XDP_DROP, XDP_TX] {
+        assert!(
+            s.verdicts.get(&v).copied().unwrap_or(0) > 0,
+            "no verdict {v}: {s:?}"
+        );
+    }
+    assert!(s.rate_checks > 0 && s.control_ops > 0, "{s:?}");
+}
+
+/// Tiny flow maps (8 half-open, 8 established): attempts meet a full `WSG_PENDING`, adoptions a
+/// full `WSG_OWNED`, and failing open or closed decides.
+#[test]
+fn kernel_matches_model_with_full_maps() {
+    if !ws_guard_tests::privileged("kernel_matches_model_with_full_maps") {
+        return;
+    }
+    let frames = env_u64("WS_GUARD_DIFF_FRAMES", 20_000).div_ceil(4);
+    let opts = LoadOptions {
+        flows: 8,
+        ..LoadOptions::default()
+    };
+    let s = run("kernel_matches_model_with_full_maps", opts, frames, true);
+    assert!(s.verdicts.get(&XDP_PASS).copied().unwrap_or(0) > 0, "{s:?}");
+}
+
+/// An IPv6 SYN from the pool's first client to `dport` behind one destination-options header
+/// of `(len_byte + 1) * 8` bytes (none if `None`), with `tcp_options` bytes of TCP options and
+/// `payload` bytes of payload.
+fn ipv6_syn(len_byte: Option<u8>, tcp_options: usize, payload: usize, sport: u16) -> Vec<u8> {
+    let spec = Spec {
+        tags: Vec::new(),
+        net: Net::V6 {
+            src: v6_clients()[0],
+            dst: v6_servers()[0],
+            exts: len_byte.map(|b| (DSTOPTS, b)).into_iter().collect(),
+        },
+        l4: L4::Tcp {
+            sport,
+            dport: 9000,
+            seq: 7,
+            ack: 0,
+            flags: SYN,
+            options: vec![1; tcp_options],
+            payload: vec![0xa5; payload],
+        },
+    };
+    spec.build(&mut Rng::new(1)).0
+}
+
+/// Frames on which the kernel and the model once disagreed, and directed cases of paths the
+/// generator reaches rarely: each runs through both (which must agree, as in the generated
+/// runs) and must have the outcome the README gives it.
+#[test]
+fn regressions() {
+    if !ws_guard_tests::privileged("regressions") {
+        return;
+    }
+    let mut r = Run::new("regressions", 0, &LoadOptions::default(), 1);
+    r.event(Event::SetGlobal(GlobalConfig::default()));
+    let port = PortConfig {
+        enabled: 1,
+        max_connections: 1,
+        conn_action: ACTION_REJECT,
+        ..PortConfig::default()
+    };
+    r.event(Event::SetPort(9000, port));
+    // Kernel and model agree (checked by `Run::frame`, counters after every frame with
+    // `check_every` 1), and the outcome is the one expected.
+    let expect = |r: &mut Run, frame: &[u8], verdict: u32, counters: &[Counter]| {
+        let before = r.model.totals;
+        let what = Desc {
+            spec: None,
+            notes: "regression".into(),
+        };
+        let (v, out) = r.frame(frame, what);
+        assert_eq!(v, verdict, "{counters:?}");
+        let mut want = before;
+        for c in counters {
+            want[*c as usize] += 1;
+        }
+        assert_eq!(r.model.totals, want, "{counters:?}");
+        r.check_maps();
+        out
+    };
+
+    // Seed 0x42b10af9ed347e63, frame 524 of kernel_matches_model_with_full_maps: TCP options
+    // ending past MAX_HEADER_OFFSET (512). The kernel's reader refuses loads starting past it,
+    // so the segment is malformed there; the host's byte-slice reader read on and judged it.
+    // l4 = 14 + 40 + 424 = 478: the last byte of a 36-byte TCP header is at 513, of a 32-byte
+    // one at 509.
+    let f = ipv6_syn(Some(52), 16, 0, 40_000);
+    assert_eq!(parse::parse(&f[..]), Parsed::Malformed);
+    expect(&mut r, &f, XDP_PASS, &[Counter::Malformed]);
+    let f = ipv6_syn(Some(52), 12, 0, 40_000);
+    assert!(matches!(parse::parse(&f[..]), Parsed::Tcp(s) if s.l4 == 478 && s.header_len == 32));
+    expect(&mut r, &f, XDP_PASS, &[Counter::Admitted]);
+    // It holds the source's one slot: the kernel finds it again as a retransmit.
+    expect(&mut r, &f, XDP_PASS, &[Counter::SynRetransmits]);
+
+    // A SYN larger than a page: BPF_PROG_TEST_RUN gives the program a multi-buffer frame, and
+    // the RST cuts it to the reply (74 bytes: Ethernet, IPv6, TCP) across the fragments.
+    let jumbo = ipv6_syn(None, 0, 6000, 40_001);
+    assert!(jumbo.len() > 4096);
+    let out = expect(
+        &mut r,
+        &jumbo,
+        XDP_TX,
+        &[Counter::ConnLimited, Counter::RstSent],
+    );
+    assert_eq!(out.len(), 74);
+    assert_eq!(out[54 + 8..54 + 12], (7u32 + 1 + 6000).to_be_bytes());
+    // Passed untouched in full when it has a slot.
+    r.event(Event::SetPort(
+        9000,
+        PortConfig {
+            max_connections: 2,
+            ..port
+        },
+    ));
+    expect(&mut r, &jumbo, XDP_PASS, &[Counter::Admitted]);
+}
