@@ -1,5 +1,6 @@
 //! Helpers for ws-guard's integration tests.
 
+pub mod bench;
 pub mod frames;
 pub mod netns;
 pub mod traffic;

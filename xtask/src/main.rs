@@ -1,7 +1,9 @@
-//! Developer tasks for ws-guard: `cargo xtask setup`, `cargo xtask test`, `cargo xtask run`.
+//! Developer tasks for ws-guard: `cargo xtask setup`, `cargo xtask test`, `cargo xtask run`,
+//! `cargo xtask bench`.
 //!
 //! `cargo xtask` is an alias (.cargo/config.toml) for `cargo run --quiet --package xtask --`.
 
+mod bench;
 mod llvm;
 mod proc;
 mod setup;
@@ -52,6 +54,19 @@ enum Task {
         #[arg(long)]
         quick: bool,
         /// Arguments for ws-guard, after `--` (e.g. `-- run --config other.toml`).
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Set up, build and run the benchmark (root): ns/packet of the XDP program and Mpps under
+    /// SYN floods, next to iptables and nftables. Writes target/bench/{bench.md,bench.json,*.png}.
+    Bench {
+        /// Skip the setup step.
+        #[arg(long)]
+        quick: bool,
+        /// Seconds instead of minutes: tiny counts (what the tests run).
+        #[arg(long)]
+        smoke: bool,
+        /// Passed to the benchmark binary (e.g. `-- --layer 1`).
         #[arg(last = true)]
         args: Vec<OsString>,
     },
@@ -164,6 +179,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::setup(&ctx),
         Task::Test { quick, test_args } => test(&ctx, quick, &test_args),
         Task::Run { quick, args } => run_daemon(&ctx, quick, args),
+        Task::Bench { quick, smoke, args } => bench::bench(&ctx, quick, smoke, &args),
         Task::InstallBpfLinker { root } => {
             let root = match root {
                 Some(dir) => Some(std::env::current_dir()?.join(dir)),

@@ -1,0 +1,303 @@
+//! The benchmark's smoke mode, so `cargo xtask bench` cannot rot: the same code as the real
+//! benchmark with tiny counts, and checks that what it measures and prints is sane. Also checks
+//! the flood generator's frames byte by byte (valid checksums, the fields it varies in range).
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
+use ws_guard_tests::bench::{
+    Machine,
+    bpf::{self, GenMode, RawProgram, TestRun, XDP_TX},
+    layer1, layer2, report,
+};
+
+fn results(layer1: Option<layer1::Report>, layer2: Option<layer2::Report>) -> report::Results {
+    report::Results {
+        machine: Machine::detect(),
+        mode: "smoke",
+        layer1,
+        layer2,
+        skipped: report::not_measured(),
+        seconds: 1.0,
+    }
+}
+
+/// Markdown, JSON and PNG come out, and mention every measurement.
+fn check_outputs(r: &report::Results, labels: &[String]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = report::write_all(r, dir.path()).expect("writing the outputs");
+    let md = std::fs::read_to_string(dir.path().join("bench.md")).expect("bench.md");
+    for l in labels {
+        assert!(md.contains(l.as_str()), "bench.md lacks {l:?}:\n{md}");
+    }
+    assert!(md.contains("Not measured:"), "{md}");
+    let js: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("bench.json")).unwrap())
+            .expect("bench.json parses");
+    assert_eq!(js["mode"], "smoke");
+    assert!(js["machine"]["cpus"].as_u64().unwrap() >= 1);
+    let pngs: Vec<_> = files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "png"))
+        .collect();
+    assert!(!pngs.is_empty(), "no chart written");
+    for p in pngs {
+        let bytes = std::fs::read(p).unwrap();
+        assert!(
+            bytes.len() > 5_000 && bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "{} is not a plausible PNG ({} bytes)",
+            p.display(),
+            bytes.len()
+        );
+    }
+}
+
+#[test]
+fn layer1_smoke_measures_every_scenario() {
+    if !ws_guard_tests::privileged("layer1_smoke_measures_every_scenario") {
+        return;
+    }
+    let r = layer1::run(&layer1::Options::smoke(), &mut |s| eprintln!("{s}")).expect("layer 1");
+    let ids: Vec<&str> = r.measurements.iter().map(|m| m.id).collect();
+    for want in [
+        "floor",
+        "syn_retransmit_v4",
+        "syn_rate_limited_v4",
+        "syn_conn_limited_v4",
+        "ack_protected_v4",
+        "syn_unprotected_v4",
+        "syn_retransmit_v6",
+        "syn_rate_limited_v6",
+        "non_ip",
+        "truncated",
+        "floor_tail",
+        "syn_admitted_v4",
+        "syn_admitted_v6",
+        "syn_admitted_v4_no_rate",
+        "syn_conn_limited_v4_new_tuple",
+        "syn_rate_limited_v4_new_tuple",
+        "floor_single",
+        "syn_admitted_v4_single",
+        "syn_conn_limited_reject_v4",
+    ] {
+        assert!(ids.contains(&want), "scenario {want} missing: {ids:?}");
+    }
+    for m in &r.measurements {
+        assert!(
+            m.ns_per_packet.is_finite() && m.ns_per_packet > 0.0 && m.ns_per_packet < 1e6,
+            "{}: {} ns/packet",
+            m.id,
+            m.ns_per_packet
+        );
+        assert!(
+            m.low_ns <= m.ns_per_packet && m.ns_per_packet <= m.high_ns,
+            "{m:?}"
+        );
+        assert!(m.runs > 0, "{m:?}");
+        if m.is_floor {
+            assert_eq!(m.overhead_ns, 0.0, "{m:?}");
+        }
+        assert!(m.overhead_ns.is_finite(), "{m:?}");
+    }
+    // Every method has its floor, and the admitted SYN costs more than the empty program.
+    for method in [
+        layer1::Method::Repeat,
+        layer1::Method::Tail,
+        layer1::Method::Single,
+    ] {
+        assert_eq!(
+            r.measurements
+                .iter()
+                .filter(|m| m.method == method && m.is_floor)
+                .count(),
+            1,
+            "{method:?}"
+        );
+    }
+    let admitted = r
+        .measurements
+        .iter()
+        .find(|m| m.id == "syn_admitted_v4")
+        .unwrap();
+    assert!(admitted.overhead_ns > 0.0, "{admitted:?}");
+    assert!(admitted.target.is_some() && admitted.met().is_some());
+    let unprotected = r
+        .measurements
+        .iter()
+        .find(|m| m.id == "syn_unprotected_v4")
+        .unwrap();
+    assert!(unprotected.target.is_some());
+
+    let labels: Vec<String> = r.measurements.iter().map(|m| m.label.to_owned()).collect();
+    check_outputs(&results(Some(r), None), &labels);
+}
+
+/// The generator's frames: both checksums valid, the varied fields in their ranges, and they
+/// do vary.
+#[test]
+fn flood_generator_writes_valid_varied_syns() {
+    if !ws_guard_tests::privileged("flood_generator_writes_valid_varied_syns") {
+        return;
+    }
+    for (scenario, mode) in [
+        (layer2::Scenario::OneSource, GenMode::OneSourceV4),
+        (layer2::Scenario::Random65k, GenMode::RandomV4x16),
+        (layer2::Scenario::Random1M, GenMode::RandomV6x20),
+    ] {
+        let template = layer2::template(scenario);
+        for (at, want) in bpf::generator_template_words(mode) {
+            assert_eq!(
+                u16::from_be_bytes([template[at], template[at + 1]]),
+                want,
+                "{mode:?}: template word at {at}"
+            );
+        }
+        let prog = RawProgram::load_xdp("wsgb_gen_test", &bpf::generator_program(mode, &template))
+            .expect("loading the generator");
+        let mut sources = HashSet::new();
+        let mut ports = HashSet::new();
+        for _ in 0..300 {
+            let mut out = vec![0u8; template.len() + 64];
+            let r = bpf::test_run(
+                prog.fd(),
+                TestRun {
+                    data_in: &template,
+                    data_out: Some(&mut out),
+                    repeat: 1,
+                    live: None,
+                },
+            )
+            .expect("running the generator");
+            assert_eq!(r.retval, XDP_TX, "{mode:?}");
+            out.truncate(r.data_size_out as usize);
+            assert_eq!(out.len(), template.len());
+            let p = PacketHeaders::from_ethernet_slice(&out).expect("parses");
+            let Some(TransportHeader::Tcp(tcp)) = p.transport else {
+                panic!("{mode:?}: not TCP")
+            };
+            assert!(tcp.syn && !tcp.ack && !tcp.rst && !tcp.fin, "{mode:?}");
+            assert_eq!(tcp.destination_port, layer2::PORT);
+            assert!(tcp.source_port >= 32768, "{mode:?}: {}", tcp.source_port);
+            ports.insert(tcp.source_port);
+            let payload = p.payload.slice();
+            let src: IpAddr = match p.net {
+                Some(NetHeaders::Ipv4(ip, _)) => {
+                    assert_eq!(
+                        ip.header_checksum,
+                        ip.calc_header_checksum(),
+                        "{mode:?}: IPv4 header checksum"
+                    );
+                    assert_eq!(
+                        tcp.checksum,
+                        tcp.calc_checksum_ipv4(&ip, payload).unwrap(),
+                        "{mode:?}: TCP checksum"
+                    );
+                    IpAddr::V4(Ipv4Addr::from(ip.source))
+                }
+                Some(NetHeaders::Ipv6(ip, _)) => {
+                    assert_eq!(
+                        tcp.checksum,
+                        tcp.calc_checksum_ipv6(&ip, payload).unwrap(),
+                        "{mode:?}: TCP checksum"
+                    );
+                    IpAddr::V6(Ipv6Addr::from(ip.source))
+                }
+                _ => panic!("{mode:?}: not IP"),
+            };
+            match (mode, src) {
+                (GenMode::OneSourceV4, IpAddr::V4(a)) => {
+                    assert_eq!(a, Ipv4Addr::new(198, 19, 0, 1))
+                }
+                (GenMode::RandomV4x16, IpAddr::V4(a)) => {
+                    assert_eq!(&a.octets()[..2], &[198, 19], "{a}")
+                }
+                (GenMode::RandomV6x20, IpAddr::V6(a)) => {
+                    let s = a.segments();
+                    assert_eq!(&s[..6], &[0x2001, 2, 0, 1, 0, 0], "{a}");
+                    assert!(s[6] <= 0xf, "{a}: only 20 bits vary");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            sources.insert(src);
+        }
+        assert!(ports.len() > 250, "{mode:?}: source ports do not vary");
+        match mode {
+            GenMode::OneSourceV4 => assert_eq!(sources.len(), 1),
+            _ => assert!(sources.len() > 250, "{mode:?}: sources do not vary"),
+        }
+    }
+}
+
+#[test]
+fn layer2_smoke_floods_every_filter() {
+    if !ws_guard_tests::privileged("layer2_smoke_floods_every_filter") {
+        return;
+    }
+    let opts = layer2::Options::smoke();
+    let r = layer2::run(&opts, &mut |s| eprintln!("{s}")).expect("layer 2");
+    assert_eq!(
+        r.measurements.len(),
+        opts.scenarios.len() * opts.filters.len()
+    );
+    for m in &r.measurements {
+        assert!(m.offered > 0 && m.seconds > 0.0, "{m:?}");
+        // The receiver took frames off its ring, and no more than were sent (plus the odd
+        // neighbour or router solicitation).
+        assert!(
+            m.processed > 0,
+            "{}: nothing reached the receiver",
+            m.filter
+        );
+        assert!(
+            m.processed <= m.offered + 100,
+            "{}: {} processed of {} sent",
+            m.filter,
+            m.processed,
+            m.offered
+        );
+        let xdp = matches!(
+            m.filter_id,
+            "xdp_pass" | "xdp_drop" | "ws_guard" | "ws_guard_drop"
+        );
+        assert_eq!(m.program_ns.is_some(), xdp, "{m:?}");
+        if let Some(ns) = m.program_ns {
+            assert!(ns > 0.0 && ns.is_finite(), "{m:?}");
+        }
+    }
+    // ws-guard saw the one-source flood for what it is: a few admitted, the rest refused at
+    // the concurrency limit (RSTs with reject, silently with drop).
+    for (id, rst) in [("ws_guard", true), ("ws_guard_drop", false)] {
+        let w = r
+            .measurements
+            .iter()
+            .find(|m| m.filter_id == id)
+            .expect("ws-guard measured");
+        let get = |name: &str| {
+            w.verdict_counts
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| *v)
+                .unwrap_or(0)
+        };
+        let refused = get("conn_limited");
+        assert!(
+            refused * 100 >= w.processed * 99,
+            "{id}: {refused} of {} refused at the limit: {}",
+            w.processed,
+            w.verdicts
+        );
+        assert_eq!(get("rst_sent") == refused, rst, "{id}: {}", w.verdicts);
+        let mm = w.map_memory.as_ref().expect("map memory");
+        assert!(mm.total_bytes > 0 && mm.bytes_per_source > 0.0, "{mm:?}");
+    }
+    let lines = r.target_lines();
+    assert!(
+        lines.iter().any(|l| l.contains("of the XDP_DROP ceiling")),
+        "{lines:?}"
+    );
+    let labels: Vec<String> = r.measurements.iter().map(|m| m.filter.to_owned()).collect();
+    check_outputs(&results(None, Some(r)), &labels);
+}
