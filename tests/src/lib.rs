@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod frames;
+pub mod model;
 pub mod netns;
 pub mod traffic;
 
