@@ -534,12 +534,10 @@ pub fn rst_frame(frame: &[u8], seg: &TcpSegment) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The global settings before anything sets them: `WSG_GLOBAL` is an array, so its entry
-/// exists from the start, all zeros (prefixes of 0 bits: every source of a family shares one key
-/// until `Guard::set_global` or `Guard::apply`).
+/// The global settings before anything sets them: `Guard::load` writes the defaults (IPv4 /32,
+/// IPv6 /64, enforcing, fail open).
 pub fn initial_global() -> GlobalConfig {
-    // SAFETY: plain `#[repr(C)]` integers, valid as zeros (the map's initial bytes).
-    unsafe { std::mem::zeroed() }
+    GlobalConfig::default()
 }
 
 /// The slot of attempt `seq` in a rate window.

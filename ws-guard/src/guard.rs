@@ -217,6 +217,10 @@ impl Guard {
         }
         if adopted {
             guard.adopt_buckets()?;
+        } else {
+            // The array's entry starts as zeros, i.e. /0 prefixes: every source of a family
+            // would share one key until the caller applies a config. Start from the defaults.
+            guard.set_global(GlobalConfig::default())?;
         }
         Ok(guard)
     }
