@@ -287,6 +287,8 @@ struct FloodReport {
     verdicts: BTreeMap<u32, u64>,
     /// Index of the first frame counted as map_full, if any.
     first_full: Option<u64>,
+    /// When that was noticed (within 64 frames).
+    fill_time: Option<Duration>,
     elapsed: Duration,
 }
 
@@ -318,6 +320,7 @@ fn flood(
             let full = g.counters().expect("counters").get(Counter::MapFull);
             if full != full_before {
                 report.first_full = Some(i + 1 - (full - full_before));
+                report.fill_time = Some(start.elapsed());
             }
             full_before = full;
         }
@@ -807,10 +810,10 @@ fn million_spoofed_sources_at_default_capacity() {
     assert_eq!(d(Counter::Admitted), 3 + !hammer_limited as u64);
     assert_eq!(d(Counter::RateLimited), hammer_limited as u64);
     assert_eq!(d(Counter::MapFull), 2);
-    let fill = r
-        .first_full
-        .map(|i| format!("{i} sources"))
-        .unwrap_or_else(|| "never".into());
+    let fill = match (r.first_full, r.fill_time) {
+        (Some(i), Some(t)) => format!("{i} sources ({t:?})"),
+        _ => "never".into(),
+    };
     eprintln!(
         "{n} spoofed sources at the default capacity ({} sources, {} flows): {:?}, {:.0} SYNs/s; \
          the counter map full after {fill}; the hammer's rate window {}",
