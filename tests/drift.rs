@@ -200,7 +200,7 @@ fn worker(
         }
         done += 8;
         if let (Some(raw), IpAddr::V4(a)) = (&raw, src)
-            && round % 2 == 0
+            && round.is_multiple_of(2)
         {
             // A port nothing in the client namespace uses: its kernel resets the SYN-ACK.
             let sport = 20_000 + (round / 2 % 8000) as u16;
@@ -210,7 +210,7 @@ fn worker(
         }
         // Every 64 rounds, one from an address nobody has (198.18.n.200 + i).
         if let (Some(raw), IpAddr::V4(a)) = (&raw, src)
-            && round % 64 == 0
+            && round.is_multiple_of(64)
         {
             let o = a.octets();
             let ghost = Ipv4Addr::new(o[0], o[1], o[2], 200 + i as u8);

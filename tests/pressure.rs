@@ -324,7 +324,7 @@ fn flood(
             }
             full_before = full;
         }
-        if probe_every != 0 && (i - from + 1) % probe_every == 0 {
+        if probe_every != 0 && (i - from + 1).is_multiple_of(probe_every) {
             probe(g, i + 1);
         }
     }
