@@ -454,12 +454,13 @@ impl Enforcer {
             spawn_in_ns(&tb.srv, move || {
                 // Bounded: at most 30 minutes even if never stopped.
                 let start = Instant::now();
+                let mut sweeper = sweep::Sweeper::default();
                 while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(1800) {
                     std::thread::sleep(SWEEP_EVERY);
                     // The totals are updated before the guard is unlocked, so what a test
                     // reads from the maps and from the totals agree.
                     let mut g = guard.lock().unwrap_or_else(|p| p.into_inner());
-                    let r = sweep::sweep_now(&mut g, timeout);
+                    let r = sweeper.run(&mut g, timeout);
                     let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
                     match r {
                         Ok(r) => t.add(r),

@@ -114,13 +114,16 @@ pub async fn run(
     // New limits apply to the adopted maps; counts and tracked connections stay.
     guard.apply(&cfg)?;
     guard.attach_tracepoint()?;
-    // Before XDP sees a SYN: count the connections that already exist.
-    let first = sweep::sweep_now(&mut guard, cfg.handshake_timeout)
-        .context("counting existing connections")?;
-    info!(
-        "counted {} connections that existed before start-up",
-        first.adopted
-    );
+    if !guard.adopted() {
+        // Before XDP sees a SYN: count the connections that already exist. (Adopted maps are
+        // current: the pinned programs kept counting while no daemon ran.)
+        let first = sweep::sweep_now(&mut guard, cfg.handshake_timeout)
+            .context("counting existing connections")?;
+        info!(
+            "counted {} connections that existed before start-up",
+            first.adopted
+        );
+    }
 
     let interfaces = if cfg.interfaces.is_empty() {
         vec![interfaces::default_route_interface()?]
@@ -168,6 +171,7 @@ pub async fn run(
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut tick = tokio::time::interval(cfg.sweep_interval);
+    let mut sweeper = sweep::Sweeper::default();
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM"); break; }
@@ -176,7 +180,7 @@ pub async fn run(
             _ = tick.tick() => {
                 let mut guard = lock(&guard);
                 guard.flush_kernel_log();
-                match sweep::sweep_now(&mut guard, cfg.handshake_timeout) {
+                match sweeper.run(&mut guard, cfg.handshake_timeout) {
                     Ok(r) if r.expired + r.released + r.adopted > 0 => log::debug!("sweep: {r:?}"),
                     Ok(_) => {}
                     Err(e) => warn!("sweep failed (accounting not checked this round): {e:#}"),

@@ -117,25 +117,58 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Brings the maps in step with `sockets`, the socket table read just before.
+/// Keeps what one periodic sweep learned for the next.
+///
+/// A connected socket the maps do not know may be a connection established and closed between
+/// the moment the maps were read and the moment the socket table was: counting it at once would
+/// charge its source for a connection that is gone (and a later connection reusing its ports
+/// would pass as a retransmission). So a periodic sweep only counts a socket that two sweeps in
+/// a row found unknown; start-up, before the XDP program sees a SYN, counts at once.
+#[derive(Debug, Default)]
+pub struct Sweeper {
+    suspects: HashSet<FlowKey>,
+}
+
+impl Sweeper {
+    /// One periodic round: see [`sweep`].
+    pub fn run(
+        &mut self,
+        guard: &mut Guard,
+        handshake_timeout: Duration,
+    ) -> anyhow::Result<SweepReport> {
+        sweep(guard, handshake_timeout, Some(&mut self.suspects))
+    }
+}
+
+/// The start-up sweep, before the XDP program is attached: counts every connection that
+/// already exists at once (see [`sweep`]).
+pub fn sweep_now(guard: &mut Guard, handshake_timeout: Duration) -> anyhow::Result<SweepReport> {
+    sweep(guard, handshake_timeout, None)
+}
+
+/// Brings the maps in step with the kernel's socket table, read after the maps (so a
+/// connection tracked when the maps were read and established since is known):
 ///
 /// - a half-open attempt at least [`GRACE`] old without any socket is released, and so is one
 ///   older than `handshake_timeout` whatever the kernel still has;
 /// - an established connection at least [`GRACE`] old without a socket is released (its close
 ///   was not seen, e.g. it ended while the programs were being replaced);
-/// - a connected socket the maps do not know is counted;
+/// - a connected socket the maps do not know is counted: at once without `suspects`, otherwise
+///   when it was already in `suspects` (unknown to the previous sweep too);
 /// - counters at zero are removed when the counter map is more than half full.
-pub fn sweep(
+fn sweep(
     guard: &mut Guard,
-    sockets: &HashMap<FlowKey, SocketKind>,
     handshake_timeout: Duration,
+    suspects: Option<&mut HashSet<FlowKey>>,
 ) -> anyhow::Result<SweepReport> {
+    let pending = guard.pending()?;
+    let owned = guard.owned()?;
+    let ports: HashSet<u16> = guard.ports()?.into_iter().map(|(p, _)| p).collect();
+    let sockets = socket_table(&ports)?;
     let now = monotonic_ns();
     let grace = GRACE.as_nanos() as u64;
     let timeout = handshake_timeout.as_nanos() as u64;
     let mut report = SweepReport::default();
-    let pending = guard.pending()?;
-    let owned = guard.owned()?;
 
     for (flow, v) in &pending {
         let age = now.saturating_sub(v.since_ns);
@@ -158,11 +191,21 @@ pub fn sweep(
         .chain(owned.iter())
         .map(|(k, _)| *k)
         .collect();
-    for (flow, kind) in sockets {
-        if *kind == SocketKind::Connected
-            && !known.contains(flow)
-            && guard.control(op(OP_ADOPT, *flow))?
-        {
+    let unknown: HashSet<FlowKey> = sockets
+        .iter()
+        .filter(|(flow, kind)| **kind == SocketKind::Connected && !known.contains(flow))
+        .map(|(flow, _)| *flow)
+        .collect();
+    let adopt: Vec<FlowKey> = match suspects {
+        None => unknown.into_iter().collect(),
+        Some(suspects) => {
+            let confirmed = unknown.intersection(suspects).copied().collect();
+            *suspects = unknown;
+            confirmed
+        }
+    };
+    for flow in adopt {
+        if guard.control(op(OP_ADOPT, flow))? {
             report.adopted += 1;
         }
     }
@@ -186,13 +229,6 @@ fn op(code: u32, flow: FlowKey) -> ControlOp {
         flow,
         ..Default::default()
     }
-}
-
-/// Reads the socket table for the protected ports and sweeps.
-pub fn sweep_now(guard: &mut Guard, handshake_timeout: Duration) -> anyhow::Result<SweepReport> {
-    let ports: HashSet<u16> = guard.ports()?.into_iter().map(|(p, _)| p).collect();
-    let sockets = socket_table(&ports)?;
-    sweep(guard, &sockets, handshake_timeout)
 }
 
 #[cfg(test)]
