@@ -48,7 +48,7 @@ enum Task {
         test_args: Vec<OsString>,
     },
     /// Set up, build ws-guard (release) and run it in place of this process (via sudo when not
-    /// root). Default arguments: `run --config packaging/config.toml`.
+    /// root). Default arguments: `run --config packaging/config.toml --detach-on-exit`.
     Run {
         /// Skip the setup step.
         #[arg(long)]
@@ -317,6 +317,8 @@ fn run_daemon(ctx: &Ctx, quick: bool, args: Vec<OsString>) -> anyhow::Result<()>
             "run".into(),
             "--config".into(),
             ctx.root.join("packaging/config.toml").into_os_string(),
+            // A try-out: Ctrl-C leaves nothing behind (a service keeps enforcing instead).
+            "--detach-on-exit".into(),
         ]
     } else {
         args
