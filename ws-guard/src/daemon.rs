@@ -3,17 +3,19 @@
 //! remove it with `--detach-on-exit`.
 
 use std::{
-    path::PathBuf,
+    collections::BTreeSet,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     config::Config,
-    guard::{Guard, LoadOptions},
+    config::XdpMode,
+    guard::{self, Guard, LoadOptions},
     interfaces, metrics,
     pin::PinDir,
     sweep,
@@ -75,73 +77,43 @@ pub async fn run(
     config_path: Option<PathBuf>,
     opts: RunOptions,
 ) -> anyhow::Result<()> {
-    // Bound first: a taken address fails before anything is loaded or attached.
-    let metrics_listener = match cfg.metrics.listen_addr().map_err(anyhow::Error::msg)? {
-        Some(addr) => Some(metrics::bind(addr).await?),
-        None => None,
-    };
-    let pins = PinDir::new(&opts.pin_root);
-    let mut guard = Guard::load_pinned(&LoadOptions::from_config(&cfg), pins.clone())?;
-    if guard.adopted() {
-        let conns = guard.connections()?;
-        info!(
-            "adopted the pinned state in {}: {} connections held by {} sources ({} half-open, \
-             {} established)",
-            pins.dir().display(),
-            conns.values().map(|v| *v as u64).sum::<u64>(),
-            conns.len(),
-            guard.pending()?.len(),
-            guard.owned()?.len()
-        );
-        for (name, want) in [
-            (ws_guard_common::names::MAP_CONNS, cfg.capacity.sources),
-            (ws_guard_common::names::MAP_PENDING, cfg.capacity.flows),
-        ] {
-            let have = guard.capacity(name)?;
-            if have != want {
-                warn!(
-                    "{name}: the adopted map holds {have} entries, the config asks {want}; a new \
-                     capacity takes effect after `ws-guard teardown`"
-                );
-            }
-        }
-    } else {
-        info!(
-            "no pinned state in {}: starting empty",
-            pins.dir().display()
-        );
-    }
-    // New limits apply to the adopted maps; counts and tracked connections stay.
-    guard.apply(&cfg)?;
-    guard.attach_tracepoint()?;
-    if !guard.adopted() {
-        // Before XDP sees a SYN: count the connections that already exist. (Adopted maps are
-        // current: the pinned programs kept counting while no daemon ran.)
-        let first = sweep::sweep_now(&mut guard, cfg.handshake_timeout)
-            .context("counting existing connections")?;
-        info!(
-            "counted {} connections that existed before start-up",
-            first.adopted
-        );
-    }
-
+    check_privileges()?;
+    // Every interface is looked up before anything is loaded: a missing one is refused with
+    // nothing attached or pinned.
     let interfaces = if cfg.interfaces.is_empty() {
         vec![interfaces::default_route_interface()?]
     } else {
         cfg.interfaces.clone()
     };
     for interface in &interfaces {
-        if let Err(e) = guard.attach_xdp(interface, cfg.xdp_mode) {
-            // Never leave some interfaces protected and others not.
-            if let Err(d) = guard.detach_all() {
-                error!("while undoing a failed attach: {d:#}");
+        if guard::ifindex(interface).is_none() {
+            bail!(
+                "interface {interface} (in `interfaces`) does not exist in this network \
+                 namespace; nothing was attached"
+            );
+        }
+    }
+    // Bound first: a taken address fails before anything is loaded or attached.
+    let metrics_listener = match cfg.metrics.listen_addr().map_err(anyhow::Error::msg)? {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+    let pins = PinDir::new(&opts.pin_root);
+    // With nothing pinned before, a failed start removes whatever it pinned; with adopted
+    // state, the previous daemon's pins keep enforcing.
+    let fresh = !pins.has_state();
+    let root_existed = opts.pin_root.exists();
+    let started = start(&cfg, &pins, &interfaces);
+    let guard = match started {
+        Ok(g) => g,
+        Err(e) => {
+            if fresh {
+                remove_fresh_pins(&pins, root_existed);
             }
             return Err(e);
         }
-    }
-    guard
-        .remove_stale_pins()
-        .context("removing pins this configuration does not use")?;
+    };
+    let xdp_mode = cfg.xdp_mode;
     for line in describe(&cfg) {
         info!("{line}");
     }
@@ -172,6 +144,7 @@ pub async fn run(
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut tick = tokio::time::interval(cfg.sweep_interval);
     let mut sweeper = sweep::Sweeper::default();
+    let mut watch = InterfaceWatch::default();
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM"); break; }
@@ -179,6 +152,7 @@ pub async fn run(
             _ = hup.recv() => reload(&mut lock(&guard), &mut cfg, config_path.as_deref()),
             _ = tick.tick() => {
                 let mut guard = lock(&guard);
+                watch.check(&mut guard, xdp_mode);
                 guard.flush_kernel_log();
                 match sweeper.run(&mut guard, cfg.handshake_timeout) {
                     Ok(r) if r.expired + r.released + r.adopted > 0 => log::debug!("sweep: {r:?}"),
@@ -210,6 +184,160 @@ pub async fn run(
     Ok(())
 }
 
+/// Refuses to start without the privileges loading and attaching need, with an error that says
+/// so (instead of the first failing syscall's `Permission denied`).
+fn check_privileges() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        return Ok(());
+    }
+    // CapEff from /proc/self/status: CAP_NET_ADMIN is bit 12, CAP_SYS_ADMIN 21, CAP_BPF 39.
+    let eff = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    let has = |bit: u32| eff & (1u64 << bit) != 0;
+    if !((has(39) || has(21)) && has(12)) {
+        bail!(
+            "ws-guard run needs root, or the capabilities CAP_BPF (or CAP_SYS_ADMIN), \
+             CAP_NET_ADMIN and CAP_PERFMON: it runs as uid {euid} without them (effective \
+             capabilities {eff:#x}); nothing was loaded"
+        );
+    }
+    Ok(())
+}
+
+/// After a failed start with nothing pinned before: removes what this start pinned, so a
+/// failure never leaves programs attached or pinned.
+fn remove_fresh_pins(pins: &PinDir, root_existed: bool) {
+    let dir = pins.dir();
+    if dir.exists() {
+        match crate::pin::remove_version_dir(&dir) {
+            Ok(removed) => info!(
+                "start-up failed: removed the {} pins it made under {}",
+                removed.len(),
+                dir.display()
+            ),
+            Err(e) => error!("start-up failed, and removing {}: {e:#}", dir.display()),
+        }
+    }
+    if !root_existed {
+        let _ = std::fs::remove_dir(pins.root());
+    }
+}
+
+/// Follows the configured interfaces while running: when one is deleted (the kernel detaches
+/// the XDP link with it) says so once; when an interface of that name exists again, attaches
+/// to it again.
+#[derive(Default)]
+struct InterfaceWatch {
+    /// Interfaces known to be gone (warned once).
+    gone: BTreeSet<String>,
+    /// Re-attach failures already logged, by interface and index.
+    failed: BTreeSet<(String, u32)>,
+}
+
+impl InterfaceWatch {
+    fn check(&mut self, guard: &mut Guard, mode: XdpMode) {
+        let lost: Vec<String> = guard
+            .attachments()
+            .iter()
+            .filter(|a| !a.interface_present())
+            .map(|a| a.interface.clone())
+            .collect();
+        for interface in lost {
+            let Some(index) = guard::ifindex(&interface) else {
+                if self.gone.insert(interface.clone()) {
+                    warn!("{interface} is gone; XDP will be re-attached when it comes back");
+                }
+                continue;
+            };
+            match guard.reattach_xdp(&interface, mode) {
+                Ok(m) => {
+                    self.gone.remove(&interface);
+                    self.failed.retain(|(i, _)| *i != interface);
+                    info!("{interface} is back (index {index}): re-attached ({m} XDP), enforcing");
+                }
+                Err(e) => {
+                    if self.failed.insert((interface.clone(), index)) {
+                        error!(
+                            "{interface} is back (index {index}) but re-attaching failed; \
+                             retrying every sweep: {e:#}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Loads (adopting pinned state), applies `cfg`, attaches the tracepoint and the XDP program to
+/// every interface; on failure, detaches from the interfaces attached so far.
+fn start(cfg: &Config, pins: &PinDir, interfaces: &[String]) -> anyhow::Result<Guard> {
+    let mut guard = Guard::load_pinned(&LoadOptions::from_config(cfg), pins.clone())?;
+    if guard.adopted() {
+        let conns = guard.connections()?;
+        info!(
+            "adopted the pinned state in {}: {} connections held by {} sources ({} half-open, \
+             {} established)",
+            pins.dir().display(),
+            conns.values().map(|v| *v as u64).sum::<u64>(),
+            conns.len(),
+            guard.pending()?.len(),
+            guard.owned()?.len()
+        );
+        for (name, want) in [
+            (ws_guard_common::names::MAP_CONNS, cfg.capacity.sources),
+            (ws_guard_common::names::MAP_PENDING, cfg.capacity.flows),
+        ] {
+            let have = guard.capacity(name)?;
+            if have != want {
+                warn!(
+                    "{name}: the adopted map holds {have} entries, the config asks {want}; a new \
+                     capacity takes effect after `ws-guard teardown`"
+                );
+            }
+        }
+    } else {
+        info!(
+            "no pinned state in {}: starting empty",
+            pins.dir().display()
+        );
+    }
+    // New limits apply to the adopted maps; counts and tracked connections stay.
+    guard.apply(cfg)?;
+    guard.attach_tracepoint()?;
+    if !guard.adopted() {
+        // Before XDP sees a SYN: count the connections that already exist. (Adopted maps are
+        // current: the pinned programs kept counting while no daemon ran.)
+        let first = sweep::sweep_now(&mut guard, cfg.handshake_timeout)
+            .context("counting existing connections")?;
+        info!(
+            "counted {} connections that existed before start-up",
+            first.adopted
+        );
+    }
+
+    for interface in interfaces {
+        if let Err(e) = guard.attach_xdp(interface, cfg.xdp_mode) {
+            // Never leave some interfaces protected and others not.
+            if let Err(d) = guard.detach_all() {
+                error!("while undoing a failed attach: {d:#}");
+            }
+            return Err(e);
+        }
+    }
+    guard
+        .remove_stale_pins()
+        .context("removing pins this configuration does not use")?;
+    Ok(guard)
+}
+
 /// The guard, also when a scrape panicked while holding it (the maps are still consistent:
 /// scrapes only read them).
 fn lock(guard: &Mutex<Guard>) -> MutexGuard<'_, Guard> {
@@ -217,7 +345,7 @@ fn lock(guard: &Mutex<Guard>) -> MutexGuard<'_, Guard> {
 }
 
 /// SIGHUP: apply the file's limits and settings, or keep the running ones if it is invalid.
-fn reload(guard: &mut Guard, cfg: &mut Config, path: Option<&std::path::Path>) {
+fn reload(guard: &mut Guard, cfg: &mut Config, path: Option<&Path>) {
     let Some(path) = path else {
         warn!("SIGHUP ignored: running with the built-in default config, no file to reload");
         return;

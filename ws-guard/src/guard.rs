@@ -83,6 +83,8 @@ enum AttachLink {
     Owned(XdpLinkId),
     /// Pinned on bpffs: stays attached until the pin is removed.
     Pinned(PinnedLink),
+    /// Released: the interface went away and re-attaching has not succeeded yet.
+    Released,
 }
 
 impl Attachment {
@@ -536,7 +538,13 @@ impl Guard {
         let (link, mode_name) = match mode {
             config::XdpMode::Native => (
                 prog.attach_to_if_index(index, XdpMode::Driver)
-                    .with_context(|| format!("attaching to {interface} in native mode"))?,
+                    .with_context(|| {
+                        format!(
+                            "attaching to {interface} in native mode (xdp_mode = \"native\"): \
+                             its driver may not support native XDP; xdp_mode = \"auto\" falls \
+                             back to generic mode"
+                        )
+                    })?,
                 "native",
             ),
             config::XdpMode::Generic => (
@@ -598,10 +606,74 @@ impl Guard {
                     link.unpin()
                         .with_context(|| format!("unpinning the link of {}", a.interface))?,
                 ),
+                AttachLink::Released => {}
             }
             info!("detached from {}", a.interface);
         }
         Ok(())
+    }
+
+    /// Attaches the XDP program again to `interface` after the interface it was attached to
+    /// went away (deleted: the kernel detached the link) and an interface of that name exists
+    /// again, with another index. The defunct link is released (its pin removed), then the
+    /// program is attached anew in `mode` (and pinned). If attaching fails, the interface stays
+    /// listed as not attached, and a later call tries again.
+    pub fn reattach_xdp(
+        &mut self,
+        interface: &str,
+        mode: config::XdpMode,
+    ) -> anyhow::Result<&'static str> {
+        let mut old = None;
+        if let Some(i) = self
+            .attachments
+            .iter()
+            .position(|a| a.interface == interface)
+        {
+            let a = self.attachments.remove(i);
+            let prog: &mut Xdp = self
+                .ebpf
+                .program_mut(names::PROG_XDP)
+                .ok_or_else(|| anyhow!("XDP program missing"))?
+                .try_into()?;
+            match a.link {
+                AttachLink::Owned(id) => {
+                    if let Err(e) = prog.detach(id) {
+                        log::debug!("{interface}: releasing the defunct link: {e}");
+                    }
+                }
+                AttachLink::Pinned(link) => match link.unpin() {
+                    Ok(fd) => drop(fd),
+                    Err(e) => log::debug!("{interface}: unpinning the defunct link: {e}"),
+                },
+                AttachLink::Released => {}
+            }
+            old = Some((a.mode, a.ifindex));
+        }
+        // A pin left behind (e.g. by a daemon that exited while the interface was gone) belongs
+        // to the old interface too.
+        if let Some(pins) = &self.pins {
+            for m in ["native", "generic"] {
+                let path = pins.xdp_link(interface, m);
+                if path.exists() {
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("removing {}", path.display()))?;
+                }
+            }
+        }
+        match self.attach_xdp(interface, mode) {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                if let Some((mode_name, ifindex)) = old {
+                    self.attachments.push(Attachment {
+                        interface: interface.to_owned(),
+                        mode: mode_name,
+                        ifindex,
+                        link: AttachLink::Released,
+                    });
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Where the XDP program is attached.

@@ -1,0 +1,407 @@
+//! Faults, with the real binary: an interface deleted and recreated while the daemon runs, start-up
+//! errors that must leave nothing attached or pinned (missing interface, native XDP unsupported,
+//! not root), bpffs not mounted, a tracepoint layout the program does not know, and `kill -9`
+//! during a SYN flood.
+//!
+//! The daemon runs in the server namespace with `nsenter --net` (see tests/restart.rs: `ip netns
+//! exec` would give it a private bpffs), with a pin root of its own per test.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, TcpStream},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use ws_guard::{
+    config::XdpMode,
+    guard::{Guard, LoadOptions, check_format_text},
+};
+use ws_guard_tests::{
+    netns::{Testbed, in_ns, ip, ip_output, sa, test_port, wait_until},
+    privileged,
+    traffic::{Outcome, Server, Stack, connect_from},
+};
+
+/// target/<profile>/ws-guard, beside target/<profile>/deps/<this test>.
+fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable outside target/<profile>/deps");
+    let bin = dir.join("ws-guard");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first with `cargo build -p ws-guard` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A pin root of this test only; whatever is left under it is removed on drop.
+struct PinRoot(PathBuf);
+
+impl PinRoot {
+    fn new(tag: &str) -> Self {
+        Self(PathBuf::from(format!(
+            "/sys/fs/bpf/ws-guard-faults-{tag}-{}",
+            std::process::id()
+        )))
+    }
+
+    fn path(&self) -> String {
+        self.0.to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        if let Err(e) = ws_guard::pin::teardown(&self.0) {
+            eprintln!("warning: removing {}: {e:#}", self.0.display());
+        }
+    }
+}
+
+/// Files under `root` (pins), recursively; 0 if it does not exist.
+fn pins_under(root: &Path) -> usize {
+    let mut n = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten().take(1000) {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(e.path());
+            } else {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// A config file readable by anybody (the unprivileged run must get past reading it).
+fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f.flush().unwrap();
+    std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    f
+}
+
+/// A command that runs the binary in namespace `ns` (nsenter execs it: the PID is its own).
+fn in_netns(ns: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{ns}"))
+        .arg(binary())
+        .args(args);
+    c
+}
+
+/// Runs `cmd` to its exit (at most 30 s; killed by PID after that): its status and stderr.
+fn run_to_exit(mut cmd: Command) -> (std::process::ExitStatus, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the command");
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still running after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = reader.join().unwrap();
+    eprintln!("{cmd:?}: {status}\n{err}");
+    (status, err)
+}
+
+/// A running daemon, its stderr collected line by line; killed by PID on drop if still running.
+struct Daemon {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Starts `cmd` and waits (20 s at most) for "enforcing on".
+    fn start(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the daemon");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let reader = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().take(100_000) {
+                    let Ok(line) = line else { break };
+                    eprintln!("daemon: {line}");
+                    log.lock().unwrap().push(line);
+                }
+            })
+        };
+        let mut d = Self {
+            child,
+            log,
+            reader: Some(reader),
+        };
+        let started = wait_until(Duration::from_secs(20), || {
+            d.contains("enforcing on") || d.child.try_wait().ok().flatten().is_some()
+        });
+        assert!(
+            started && d.contains("enforcing on"),
+            "the daemon did not start: {:?}",
+            d.lines()
+        );
+        d
+    }
+
+    fn contains(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn wait_for(&self, needle: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.contains(needle))
+    }
+
+    /// Sends `signal` to the (unreaped, so still ours) process and waits for its exit.
+    fn stop(&mut self, signal: i32) -> std::process::ExitStatus {
+        assert!(
+            matches!(self.child.try_wait(), Ok(None)),
+            "the daemon exited early: {:?}",
+            self.lines()
+        );
+        // SAFETY: kill(2) on our own unreaped child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+        let start = Instant::now();
+        let status = loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                break st;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no exit within 10 s of signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        status
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The daemon's metrics page in `ns`.
+fn metrics(ns: &str, metrics_port: u16) -> Option<String> {
+    in_ns(ns, || {
+        let mut s = TcpStream::connect(("127.0.0.1", metrics_port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    })
+}
+
+/// The value of the sample whose name and labels start with `prefix`.
+fn sample(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
+fn xdp_on(ns: &str, dev: &str) -> bool {
+    ip_output(&["-n", ns, "link", "show", "dev", dev]).contains("xdp")
+}
+
+/// Recreates the test bed's veth pair (deleted with `ip link del`) with the same names and
+/// addresses, and a pass-through XDP program on the client end (so the server's XDP_TX'd RSTs
+/// reach it); the returned guard holds that program.
+fn recreate_veth(tb: &Testbed) -> Guard {
+    let (srv, cli, s, c, n) = (&tb.srv, &tb.cli, &tb.srv_if, &tb.cli_if, tb.n);
+    ip(&[
+        "-n", srv, "link", "add", s, "type", "veth", "peer", "name", c, "netns", cli,
+    ]);
+    ip(&["-n", srv, "addr", "add", &format!("198.18.{n}.1/24"), "dev", s]);
+    for i in 0..8u8 {
+        ip(&[
+            "-n",
+            cli,
+            "addr",
+            "add",
+            &format!("198.18.{n}.{}/24", 2 + i),
+            "dev",
+            c,
+        ]);
+    }
+    ip(&["-n", srv, "link", "set", s, "up"]);
+    ip(&["-n", cli, "link", "set", c, "up"]);
+    let up = wait_until(Duration::from_secs(5), || {
+        ip_output(&["-n", srv, "-o", "link", "show", "dev", s]).contains("state UP")
+            && ip_output(&["-n", cli, "-o", "link", "show", "dev", c]).contains("state UP")
+    });
+    assert!(up, "recreated veth pair {s}/{c} did not come up within 5 s");
+    let mut pass = Guard::load(&LoadOptions {
+        sources: 64,
+        flows: 64,
+        kernel_log_level: 0,
+    })
+    .expect("loading the client-side pass-through XDP program");
+    in_ns(cli, || pass.attach_xdp(c, XdpMode::Auto))
+        .expect("attaching the pass-through XDP program to the recreated client veth");
+    pass
+}
+
+#[test]
+fn interface_deleted_and_recreated_is_protected_again() {
+    if !privileged("interface_deleted_and_recreated_is_protected_again") {
+        return;
+    }
+    let port = test_port(25);
+    let metrics_port = 9105;
+    let tb = Testbed::new("reatt", 40);
+    // Declared after the test bed: dropped (pins removed) before its namespaces go.
+    let root = PinRoot::new("reattach");
+    let root_s = root.path();
+    let server = Server::start(&tb.srv, port, Stack::Separate);
+    let cfg = config_file(&format!(
+        "interfaces = [\"{}\"]\nsweep_interval = \"200ms\"\n[capacity]\nsources = 1024\n\
+         flows = 4096\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[[port]]\n\
+         port = {port}\nmax_connections = 2\nconnection_action = \"reject\"\n",
+        tb.srv_if
+    ));
+    let cfg_path = cfg.path().to_str().unwrap().to_owned();
+    let mut daemon = Daemon::start(in_netns(
+        &tb.srv,
+        &[
+            "run",
+            "--config",
+            &cfg_path,
+            "--pin-dir",
+            &root_s,
+            "--detach-on-exit",
+        ],
+    ));
+    let attached = format!("ws_guard_xdp_attached{{interface=\"{}\",", tb.srv_if);
+    let dst = sa(tb.server_v4(), port);
+    let (a, b) = (tb.client_v4(0), tb.client_v4(1));
+    let connect = |src: IpAddr| connect_from(&tb.cli, src, dst, Duration::from_secs(2));
+    let _a1 = connect(a).stream();
+    let _a2 = connect(a).stream();
+    assert!(matches!(connect(a), Outcome::Refused));
+    assert!(server.wait_held(2, Duration::from_secs(5)));
+    assert_eq!(
+        metrics(&tb.srv, metrics_port).and_then(|m| sample(&m, &attached)),
+        Some(1.0)
+    );
+
+    // Deleting the server end deletes the pair; the kernel detaches the XDP link with it.
+    let t0 = Instant::now();
+    ip(&["-n", &tb.srv, "link", "del", &tb.srv_if]);
+    let gone = format!("{} is gone; XDP will be re-attached when it comes back", tb.srv_if);
+    assert!(
+        daemon.wait_for(&gone, Duration::from_secs(5)),
+        "no warning that the interface is gone: {:?}",
+        daemon.lines()
+    );
+    assert_eq!(
+        metrics(&tb.srv, metrics_port).and_then(|m| sample(&m, &attached)),
+        Some(0.0)
+    );
+    // Said once, not every sweep.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(daemon.count(&gone), 1, "{:?}", daemon.lines());
+
+    let _pass = recreate_veth(&tb);
+    let back = format!("{} is back", tb.srv_if);
+    assert!(
+        daemon.wait_for(&back, Duration::from_secs(5)),
+        "no re-attach within 5 s: {:?}",
+        daemon.lines()
+    );
+    eprintln!(
+        "deleted, recreated and re-attached in {:?}",
+        t0.elapsed()
+    );
+    assert!(xdp_on(&tb.srv, &tb.srv_if));
+    let link_pins = std::fs::read_dir(root.0.join(format!(
+        "v{}/links",
+        ws_guard_common::names::LAYOUT_VERSION
+    )))
+    .unwrap()
+    .flatten()
+    .filter(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .starts_with(&format!("xdp-{}-", tb.srv_if))
+    })
+    .count();
+    assert_eq!(link_pins, 1, "one pinned XDP link for the recreated interface");
+    assert_eq!(
+        metrics(&tb.srv, metrics_port).and_then(|m| sample(&m, &attached)),
+        Some(1.0)
+    );
+
+    // Enforcing again: `a` still holds its 2 connections (TCP outlived the link), `b` gets 2.
+    assert!(
+        matches!(connect(a), Outcome::Refused),
+        "a source at its maximum was let in after the re-attach"
+    );
+    let _b1 = connect(b).stream();
+    let _b2 = connect(b).stream();
+    assert!(matches!(connect(b), Outcome::Refused));
+    assert_eq!(daemon.count(&gone), 1);
+
+    assert!(daemon.stop(libc::SIGTERM).success());
+    assert!(!xdp_on(&tb.srv, &tb.srv_if), "still attached after exit");
+    assert_eq!(pins_under(&root.0), 0, "pins left after --detach-on-exit");
+}
