@@ -271,7 +271,15 @@ fn recreate_veth(tb: &Testbed) -> Guard {
     ip(&[
         "-n", srv, "link", "add", s, "type", "veth", "peer", "name", c, "netns", cli,
     ]);
-    ip(&["-n", srv, "addr", "add", &format!("198.18.{n}.1/24"), "dev", s]);
+    ip(&[
+        "-n",
+        srv,
+        "addr",
+        "add",
+        &format!("198.18.{n}.1/24"),
+        "dev",
+        s,
+    ]);
     for i in 0..8u8 {
         ip(&[
             "-n",
@@ -347,7 +355,10 @@ fn interface_deleted_and_recreated_is_protected_again() {
     // Deleting the server end deletes the pair; the kernel detaches the XDP link with it.
     let t0 = Instant::now();
     ip(&["-n", &tb.srv, "link", "del", &tb.srv_if]);
-    let gone = format!("{} is gone; XDP will be re-attached when it comes back", tb.srv_if);
+    let gone = format!(
+        "{} is gone; XDP will be re-attached when it comes back",
+        tb.srv_if
+    );
     assert!(
         daemon.wait_for(&gone, Duration::from_secs(5)),
         "no warning that the interface is gone: {:?}",
@@ -368,15 +379,12 @@ fn interface_deleted_and_recreated_is_protected_again() {
         "no re-attach within 5 s: {:?}",
         daemon.lines()
     );
-    eprintln!(
-        "deleted, recreated and re-attached in {:?}",
-        t0.elapsed()
-    );
+    eprintln!("deleted, recreated and re-attached in {:?}", t0.elapsed());
     assert!(xdp_on(&tb.srv, &tb.srv_if));
-    let link_pins = std::fs::read_dir(root.0.join(format!(
-        "v{}/links",
-        ws_guard_common::names::LAYOUT_VERSION
-    )))
+    let link_pins = std::fs::read_dir(
+        root.0
+            .join(format!("v{}/links", ws_guard_common::names::LAYOUT_VERSION)),
+    )
     .unwrap()
     .flatten()
     .filter(|e| {
@@ -385,7 +393,10 @@ fn interface_deleted_and_recreated_is_protected_again() {
             .starts_with(&format!("xdp-{}-", tb.srv_if))
     })
     .count();
-    assert_eq!(link_pins, 1, "one pinned XDP link for the recreated interface");
+    assert_eq!(
+        link_pins, 1,
+        "one pinned XDP link for the recreated interface"
+    );
     assert_eq!(
         metrics(&tb.srv, metrics_port).and_then(|m| sample(&m, &attached)),
         Some(1.0)
@@ -404,4 +415,296 @@ fn interface_deleted_and_recreated_is_protected_again() {
     assert!(daemon.stop(libc::SIGTERM).success());
     assert!(!xdp_on(&tb.srv, &tb.srv_if), "still attached after exit");
     assert_eq!(pins_under(&root.0), 0, "pins left after --detach-on-exit");
+}
+
+/// A start that fails must leave nothing attached and nothing pinned.
+fn assert_nothing_left(ns: &str, devs: &[&str], root: &PinRoot) {
+    for dev in devs {
+        assert!(!xdp_on(ns, dev), "{dev} still has an XDP program");
+    }
+    assert_eq!(
+        pins_under(&root.0),
+        0,
+        "pins left under {}",
+        root.0.display()
+    );
+    assert!(!root.0.exists(), "{} left behind", root.0.display());
+}
+
+#[test]
+fn missing_interface_is_refused_with_nothing_attached() {
+    if !privileged("missing_interface_is_refused_with_nothing_attached") {
+        return;
+    }
+    let tb = Testbed::new("noif", 41);
+    let root = PinRoot::new("noif");
+    // The existing interface first: attaching it must not survive the missing one.
+    let cfg = config_file(&format!(
+        "interfaces = [\"{}\", \"wsgnope0\"]\n[metrics]\nlisten = \"\"\n\n[[port]]\nport = {}\n\
+         max_connections = 2\n",
+        tb.srv_if,
+        test_port(26)
+    ));
+    let (status, err) = run_to_exit(in_netns(
+        &tb.srv,
+        &[
+            "run",
+            "--config",
+            cfg.path().to_str().unwrap(),
+            "--pin-dir",
+            &root.path(),
+        ],
+    ));
+    assert!(!status.success());
+    assert!(
+        err.contains("interface wsgnope0") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert_nothing_left(&tb.srv, &[&tb.srv_if], &root);
+}
+
+#[test]
+fn native_mode_unsupported_is_an_error_and_auto_falls_back_to_generic() {
+    if !privileged("native_mode_unsupported_is_an_error_and_auto_falls_back_to_generic") {
+        return;
+    }
+    let tb = Testbed::new("nonat", 42);
+    let root = PinRoot::new("nonat");
+    // A dummy interface has no native XDP (its driver has no ndo_bpf); neither has a bridge,
+    // used where the kernel has no dummy driver (built without modules).
+    let dummy = Command::new("ip")
+        .args(["-n", &tb.srv, "link", "add", "wsgd0", "type", "dummy"])
+        .output()
+        .expect("ip");
+    if !dummy.status.success() {
+        eprintln!(
+            "no dummy interfaces ({}): using a bridge",
+            String::from_utf8_lossy(&dummy.stderr).trim()
+        );
+        ip(&["-n", &tb.srv, "link", "add", "wsgd0", "type", "bridge"]);
+    }
+    ip(&["-n", &tb.srv, "link", "set", "wsgd0", "up"]);
+    let config = |mode: &str| {
+        config_file(&format!(
+            "interfaces = [\"{}\", \"wsgd0\"]\nxdp_mode = \"{mode}\"\n[metrics]\nlisten = \"\"\n\n\
+             [[port]]\nport = {}\nmax_connections = 2\n",
+            tb.srv_if,
+            test_port(27)
+        ))
+    };
+    let native = config("native");
+    let (status, err) = run_to_exit(in_netns(
+        &tb.srv,
+        &[
+            "run",
+            "--config",
+            native.path().to_str().unwrap(),
+            "--pin-dir",
+            &root.path(),
+        ],
+    ));
+    assert!(!status.success());
+    assert!(
+        err.contains("attaching to wsgd0 in native mode")
+            && err.contains("may not support native XDP"),
+        "{err}"
+    );
+    // The veth (native XDP) was attached first and must have been undone.
+    assert_nothing_left(&tb.srv, &[&tb.srv_if, "wsgd0"], &root);
+
+    let auto = config("auto");
+    let auto_path = auto.path().to_str().unwrap().to_owned();
+    let root_s = root.path();
+    let mut d = Daemon::start(in_netns(
+        &tb.srv,
+        &[
+            "run",
+            "--config",
+            &auto_path,
+            "--pin-dir",
+            &root_s,
+            "--detach-on-exit",
+        ],
+    ));
+    assert!(
+        d.contains("wsgd0: native XDP unavailable")
+            && d.contains("attached in generic mode")
+            && d.contains("enforcing on wsgd0 (generic XDP)")
+            && d.contains(&format!("enforcing on {} (native XDP)", tb.srv_if)),
+        "{:?}",
+        d.lines()
+    );
+    assert!(ip_output(&["-n", &tb.srv, "link", "show", "dev", "wsgd0"]).contains("xdpgeneric"));
+    assert!(d.stop(libc::SIGTERM).success());
+    assert_nothing_left(&tb.srv, &[&tb.srv_if, "wsgd0"], &root);
+}
+
+#[test]
+fn not_root_is_a_clear_error() {
+    if !privileged("not_root_is_a_clear_error") {
+        return;
+    }
+    let tb = Testbed::new("noroot", 43);
+    let root = PinRoot::new("noroot");
+    let cfg = config_file(&format!(
+        "interfaces = [\"{}\"]\n[metrics]\nlisten = \"\"\n\n[[port]]\nport = {}\n\
+         max_connections = 2\n",
+        tb.srv_if,
+        test_port(28)
+    ));
+    // nsenter (as root) enters the namespace, setpriv drops to nobody with no capabilities.
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", tb.srv))
+        .args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(binary())
+        .args([
+            "run",
+            "--config",
+            cfg.path().to_str().unwrap(),
+            "--pin-dir",
+            &root.path(),
+        ]);
+    let (status, err) = run_to_exit(cmd);
+    assert!(!status.success());
+    assert!(
+        err.contains("needs root") && err.contains("CAP_BPF") && err.contains("uid 65534"),
+        "{err}"
+    );
+    assert_nothing_left(&tb.srv, &[&tb.srv_if], &root);
+}
+
+/// `stat -f` type of a path, as seen by this process.
+fn fs_type(path: &str) -> String {
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%T", path])
+        .output()
+        .expect("stat");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn bpffs_not_mounted_is_mounted_by_the_daemon() {
+    if !privileged("bpffs_not_mounted_is_mounted_by_the_daemon") {
+        return;
+    }
+    assert_eq!(fs_type("/sys/fs/bpf"), "bpf_fs", "the host's bpffs");
+    let tb = Testbed::new("nobpf", 44);
+    let port = test_port(29);
+    let cfg = config_file(&format!(
+        "interfaces = [\"{}\"]\n[metrics]\nlisten = \"\"\n\n[[port]]\nport = {port}\n\
+         max_connections = 2\n",
+        tb.srv_if
+    ));
+    let _server = Server::start(&tb.srv, port, Stack::Separate);
+    // A private mount namespace (nothing propagates back to the host's), with every bpffs at
+    // /sys/fs/bpf unmounted in it; the daemon then finds none. Its pins live in the bpffs it
+    // mounts there, which goes with the namespace.
+    let script = format!(
+        "for i in 1 2 3 4 5 6 7 8; do \
+           [ \"$(stat -f -c %T /sys/fs/bpf)\" = bpf_fs ] || break; \
+           umount /sys/fs/bpf || exit 97; \
+         done; \
+         [ \"$(stat -f -c %T /sys/fs/bpf)\" = bpf_fs ] && exit 98; \
+         exec nsenter --net=/run/netns/{} {} run --config {} --detach-on-exit",
+        tb.srv,
+        binary().display(),
+        cfg.path().display()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    let mut d = Daemon::start(cmd);
+    assert!(
+        d.contains("mounted bpffs at /sys/fs/bpf"),
+        "{:?}",
+        d.lines()
+    );
+    assert_eq!(
+        fs_type("/sys/fs/bpf"),
+        "bpf_fs",
+        "the host's bpffs is untouched"
+    );
+    // A fresh bpffs: nothing of the host's pins is seen.
+    assert!(d.contains("no pinned state"), "{:?}", d.lines());
+    // Enforcing: 2 connections, the third refused.
+    let dst = sa(tb.server_v4(), port);
+    let a = tb.client_v4(0);
+    let _a1 = connect_from(&tb.cli, a, dst, Duration::from_secs(2)).stream();
+    let _a2 = connect_from(&tb.cli, a, dst, Duration::from_secs(2)).stream();
+    assert!(matches!(
+        connect_from(&tb.cli, a, dst, Duration::from_secs(2)),
+        Outcome::Refused
+    ));
+    assert!(d.stop(libc::SIGTERM).success());
+    assert!(!xdp_on(&tb.srv, &tb.srv_if));
+}
+
+/// The tracepoint format of Linux 6.x, as tracefs prints it.
+const FORMAT: &str = "name: inet_sock_set_state
+ID: 2287
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+\tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;
+\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;
+\tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;
+\tfield:__u8 saddr[4];\toffset:32;\tsize:4;\tsigned:0;
+\tfield:__u8 daddr[4];\toffset:36;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
+\tfield:__u8 daddr_v6[16];\toffset:56;\tsize:16;\tsigned:0;
+
+print fmt: \"family=%s ...\"
+";
+
+#[test]
+fn tracepoint_layout_the_program_does_not_know_is_refused() {
+    check_format_text(FORMAT).expect("the layout the program was built for");
+    // A kernel that moved a field (here: a field inserted before `family`).
+    let moved = FORMAT.replace("__u16 family;\toffset:28;", "__u16 family;\toffset:32;");
+    let err = format!("{:#}", check_format_text(&moved).unwrap_err());
+    assert!(
+        err.contains("field family is not at offset 28 size 2")
+            && err.contains("offset:32")
+            && err.contains("this kernel is not supported"),
+        "{err}"
+    );
+    // A field of another size.
+    let resized = FORMAT.replace(
+        "int newstate;\toffset:20;\tsize:4;",
+        "int newstate;\toffset:20;\tsize:8;",
+    );
+    let err = format!("{:#}", check_format_text(&resized).unwrap_err());
+    assert!(
+        err.contains("field newstate is not at offset 20 size 4"),
+        "{err}"
+    );
+    // A kernel without the field at all.
+    let missing: String = FORMAT
+        .lines()
+        .filter(|l| !l.contains("saddr_v6"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let err = format!("{:#}", check_format_text(&missing).unwrap_err());
+    assert!(
+        err.contains("has no field saddr_v6") && err.contains("this kernel is not supported"),
+        "{err}"
+    );
+    // Matches the running kernel, where tracefs is readable.
+    if let Ok(real) =
+        std::fs::read_to_string("/sys/kernel/tracing/events/sock/inet_sock_set_state/format")
+    {
+        check_format_text(&real).expect("this kernel's layout");
+    }
 }
