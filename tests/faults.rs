@@ -708,3 +708,171 @@ fn tracepoint_layout_the_program_does_not_know_is_refused() {
         check_format_text(&real).expect("this kernel's layout");
     }
 }
+
+/// `ws_guard_source_connections` of `source` (e.g. `198.18.45.2/32`) on `port`.
+fn source_connections(body: &str, port: u16, source: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| l.starts_with("ws_guard_source_connections{"))
+        .find(|l| {
+            l.contains(&format!("port=\"{port}\"")) && l.contains(&format!("source=\"{source}\""))
+        })
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn kill_during_a_syn_flood_never_lets_a_source_at_its_maximum_in() {
+    if !privileged("kill_during_a_syn_flood_never_lets_a_source_at_its_maximum_in") {
+        return;
+    }
+    let t0 = Instant::now();
+    let port = test_port(30);
+    let metrics_port = 9105;
+    let tb = Testbed::new("kflood", 45);
+    let root = PinRoot::new("kflood");
+    let root_s = root.path();
+    let server = Server::start(&tb.srv, port, Stack::Separate);
+    let cfg = config_file(&format!(
+        "interfaces = [\"{}\"]\nsweep_interval = \"200ms\"\n[capacity]\nsources = 1024\n\
+         flows = 4096\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\ntop_sources = 10\n\n\
+         [[port]]\nport = {port}\nmax_connections = 2\nconnection_action = \"reject\"\n",
+        tb.srv_if
+    ));
+    let cfg_path = cfg.path().to_str().unwrap().to_owned();
+    let mut first = Daemon::start(in_netns(
+        &tb.srv,
+        &["run", "--config", &cfg_path, "--pin-dir", &root_s],
+    ));
+    let dst = sa(tb.server_v4(), port);
+    let a = tb.client_v4(0);
+    let a_key = format!("{a}/32");
+    let _a1 = connect_from(&tb.cli, a, dst, Duration::from_secs(2)).stream();
+    let _a2 = connect_from(&tb.cli, a, dst, Duration::from_secs(2)).stream();
+    assert!(matches!(
+        connect_from(&tb.cli, a, dst, Duration::from_secs(2)),
+        Outcome::Refused
+    ));
+    assert!(server.wait_held(2, Duration::from_secs(5)));
+    let before = metrics(&tb.srv, metrics_port).expect("metrics");
+    assert_eq!(source_connections(&before, port, &a_key), Some(2.0));
+    let limited = format!(
+        "ws_guard_decisions_total{{family=\"ipv4\",port=\"{port}\",reason=\"conn_limited\"}} "
+    );
+    let limited_before = sample(&before, &limited).expect("conn_limited");
+
+    // The real client keeps trying from `a` through the flood, the kill and the restart.
+    let stop = Arc::new(AtomicBool::new(false));
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let hammer = {
+        let (stop, admitted, refused) = (stop.clone(), admitted.clone(), refused.clone());
+        let cli = tb.cli.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
+                match connect_from(&cli, a, dst, Duration::from_secs(1)) {
+                    Outcome::Connected(_) => admitted.fetch_add(1, Ordering::Relaxed),
+                    Outcome::Refused => refused.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // A SYN flood from a spoofed address of the client's subnet that nobody has.
+    let spoofed = Ipv4Addr::new(198, 18, tb.n, 200).to_string();
+    let flood = tb.spawn_in(
+        &tb.cli,
+        "hping3",
+        &[
+            "--flood",
+            "-S",
+            "-p",
+            &port.to_string(),
+            "-a",
+            &spoofed,
+            &tb.server_v4().to_string(),
+        ],
+        Stdio::null(),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        flood.child().try_wait().unwrap().is_none(),
+        "hping3 exited at once"
+    );
+
+    // kill -9 while the flood runs.
+    let status = first.stop(libc::SIGKILL);
+    assert!(!status.success());
+    assert!(
+        xdp_on(&tb.srv, &tb.srv_if),
+        "the XDP program went with the daemon"
+    );
+    let during = refused.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        refused.load(Ordering::Relaxed) > during,
+        "the client's attempts were not refused while the daemon was down"
+    );
+
+    // Restarted under the flood: adopts the pinned state, `a` still holds exactly 2.
+    let mut second = Daemon::start(in_netns(
+        &tb.srv,
+        &[
+            "run",
+            "--config",
+            &cfg_path,
+            "--pin-dir",
+            &root_s,
+            "--detach-on-exit",
+        ],
+    ));
+    assert!(
+        second.contains("adopted the pinned state"),
+        "{:?}",
+        second.lines()
+    );
+    let after = metrics(&tb.srv, metrics_port).expect("metrics after the restart");
+    assert_eq!(
+        source_connections(&after, port, &a_key),
+        Some(2.0),
+        "the real client's count changed across the kill"
+    );
+    let limited_after = sample(&after, &limited).expect("conn_limited");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(flood.signal(libc::SIGKILL), "hping3 had already exited");
+    assert!(flood.wait_timeout(Duration::from_secs(5)).is_some());
+    stop.store(true, Ordering::Relaxed);
+    hammer.join().unwrap();
+
+    let (admitted, refused) = (
+        admitted.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "flood: {} SYNs refused over the limit while it ran (kernel counter); the real client: \
+         {refused} attempts refused, {admitted} admitted; {:?} in all",
+        limited_after - limited_before,
+        t0.elapsed()
+    );
+    assert_eq!(
+        admitted, 0,
+        "a source at its maximum was let in during the kill"
+    );
+    assert!(refused >= 10, "only {refused} attempts were judged");
+    // The flood reached the program: thousands of its SYNs were over its limit of 2.
+    assert!(
+        limited_after - limited_before > 1000.0,
+        "the flood barely reached the program: {}",
+        limited_after - limited_before
+    );
+    let end = metrics(&tb.srv, metrics_port).expect("metrics at the end");
+    assert_eq!(source_connections(&end, port, &a_key), Some(2.0));
+    assert!(matches!(
+        connect_from(&tb.cli, a, dst, Duration::from_secs(2)),
+        Outcome::Refused
+    ));
+    assert!(second.stop(libc::SIGTERM).success());
+    assert!(!xdp_on(&tb.srv, &tb.srv_if));
+    assert_eq!(pins_under(&root.0), 0);
+}
