@@ -458,6 +458,58 @@ impl Config {
         }
     }
 
+    /// Panics if this configuration breaks a rule [`Config::parse`] enforces, or if turning
+    /// it into the kernel's form does. Every config `parse` returns must pass; the fuzz target
+    /// (`fuzz/fuzz_targets/config.rs`) and the parser's regression tests call it.
+    pub fn assert_invariants(&self) {
+        assert!(!self.ports.is_empty() && self.ports.len() <= MAX_PORTS as usize);
+        let mut seen = BTreeSet::new();
+        for p in &self.ports {
+            assert!((1..=65535).contains(&p.port), "port {}", p.port);
+            assert!(seen.insert(p.port), "port {} twice", p.port);
+            assert_ne!(p.max_connections, Some(0));
+            if let Some(r) = p.new_connections {
+                assert!((1..=RATE_SLOTS as u32).contains(&r.count), "rate {r}");
+                assert!(!r.window.is_zero() && r.window <= Duration::from_secs(86_400 * 7));
+            }
+            let k = p.to_kernel();
+            assert_eq!(k.enabled, 1);
+            assert_eq!(k.max_connections, p.max_connections.unwrap_or(0));
+            assert_eq!(k.rate_limit, p.new_connections.map_or(0, |r| r.count));
+            assert_eq!(k.rate_window_ns == 0, p.new_connections.is_none());
+            for a in [k.conn_action, k.rate_action] {
+                assert!(a == ACTION_DROP || a == ACTION_REJECT, "action {a}");
+            }
+        }
+        assert!(self.ipv4_prefix <= 32 && self.ipv6_prefix <= 128);
+        let g = self.global();
+        assert_eq!(
+            (g.monitor, g.ipv4_prefix, g.ipv6_prefix, g.fail_closed),
+            (
+                self.monitor as u32,
+                self.ipv4_prefix,
+                self.ipv6_prefix,
+                (self.on_map_full == OnMapFull::Closed) as u32
+            )
+        );
+        for v in [self.capacity.sources, self.capacity.flows] {
+            assert!((64..=16_777_216).contains(&v), "capacity {v}");
+        }
+        assert!(self.handshake_timeout >= Duration::from_secs(1));
+        assert!(
+            (Duration::from_millis(100)..=Duration::from_secs(60)).contains(&self.sweep_interval)
+        );
+        assert!(KERNEL_LOG_LEVELS.contains(&self.kernel_log.as_str()));
+        assert!((self.kernel_log_level() as usize) < KERNEL_LOG_LEVELS.len());
+        assert!(self.metrics.listen_addr().is_ok());
+        assert!(self.metrics.top_sources <= MAX_TOP_SOURCES);
+        let mut names = BTreeSet::new();
+        for n in &self.interfaces {
+            assert!(!n.is_empty() && n.len() <= 15 && !n.contains('/'), "{n:?}");
+            assert!(!n.contains(char::is_whitespace) && names.insert(n), "{n:?}");
+        }
+    }
+
     /// aya-log's number for `kernel_log`.
     pub fn kernel_log_level(&self) -> u8 {
         KERNEL_LOG_LEVELS
@@ -614,6 +666,151 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("port"), "{e}");
+    }
+
+    /// Parses `text` the way the fuzz target does: no panic, and an accepted config keeps the
+    /// invariants. Returns whether it was accepted.
+    fn parse_checked(text: &str) -> bool {
+        match parse(text) {
+            Ok(c) => {
+                c.assert_invariants();
+                true
+            }
+            Err(e) => {
+                assert!(!e.to_string().is_empty());
+                false
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_seed_corpus_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/config");
+        let mut seeds = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            // The seeds are valid configurations; anything else libFuzzer left there locally
+            // only has to be handled without a panic.
+            if name.starts_with("seed-") {
+                assert!(parse_checked(&text), "{name}: {:?}", parse(&text).err());
+                seeds += 1;
+            } else {
+                parse_checked(&text);
+            }
+        }
+        assert!(seeds >= 5, "{seeds} seeds in {}", dir.display());
+    }
+
+    /// Deterministic mutations of the shipped config (the fuzz target's job, cheaply and on
+    /// stable, in every test run): every truncation, byte flips and replacements with bytes
+    /// TOML cares about, and lines deleted, duplicated and swapped.
+    #[test]
+    fn mutated_default_config_never_panics() {
+        let base = DEFAULT_CONFIG.as_bytes();
+        let lines: Vec<&str> = DEFAULT_CONFIG.lines().collect();
+        let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let (mut accepted, mut refused) = (0, 0);
+        let mut check = |bytes: &[u8]| {
+            if parse_checked(&String::from_utf8_lossy(bytes)) {
+                accepted += 1;
+            } else {
+                refused += 1;
+            }
+        };
+        for len in 0..=base.len() {
+            check(&base[..len]);
+        }
+        const BYTES: &[u8] = b"\0\n\"'[]{}=#.,-+_ \\09xe\xff";
+        for _ in 0..3000 {
+            let mut m = base.to_vec();
+            for _ in 0..1 + next() % 3 {
+                let i = (next() % m.len() as u64) as usize;
+                m[i] = match next() % 3 {
+                    0 => m[i] ^ (1 << (next() % 8)),
+                    1 => BYTES[(next() % BYTES.len() as u64) as usize],
+                    _ => m[i].wrapping_add(1),
+                };
+            }
+            check(&m);
+        }
+        for _ in 0..1000 {
+            let mut l = lines.clone();
+            let i = (next() % l.len() as u64) as usize;
+            let j = (next() % l.len() as u64) as usize;
+            match next() % 3 {
+                0 => {
+                    l.remove(i);
+                }
+                1 => l.insert(i, lines[j]),
+                _ => l.swap(i, j),
+            }
+            check(l.join("\n").as_bytes());
+        }
+        // Values at and past the edges of every numeric and duration field.
+        for (key, values) in [
+            (
+                "port",
+                &[
+                    "0",
+                    "1",
+                    "65535",
+                    "65536",
+                    "-1",
+                    "4294967296",
+                    "1e3",
+                    "0x10",
+                ][..],
+            ),
+            (
+                "max_connections",
+                &["0", "1", "4294967295", "4294967296", "-3"],
+            ),
+            (
+                "ipv4_prefix",
+                &["0", "32", "33", "-1", "99999999999999999999"],
+            ),
+            (
+                "new_connections",
+                &[
+                    "\"32/1ns\"",
+                    "\"33/1s\"",
+                    "\"1/604800s\"",
+                    "\"1/604801s\"",
+                    "\"1/99999999999999999999s\"",
+                    "\"/\"",
+                    "\"1/\"",
+                ],
+            ),
+            (
+                "handshake_timeout",
+                &["\"1s\"", "\"999ms\"", "\"18446744073709551616s\"", "1"],
+            ),
+        ] {
+            for v in values {
+                let text: String = DEFAULT_CONFIG
+                    .lines()
+                    .map(|l| match l.split_once(" = ") {
+                        Some((k, _)) if k == key => format!("{k} = {v}\n"),
+                        _ => format!("{l}\n"),
+                    })
+                    .collect();
+                check(text.as_bytes());
+            }
+        }
+        // Both outcomes must occur, or the mutations test nothing.
+        assert!(
+            accepted > 100 && refused > 1000,
+            "{accepted} accepted, {refused} refused"
+        );
     }
 
     #[test]
