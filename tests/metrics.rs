@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
@@ -21,7 +21,7 @@ use ws_guard::{
 use ws_guard_common::maps::{AF_INET, AF_INET6, Counter};
 use ws_guard_tests::{
     frames::{FrameBuilder, LINUX_SYN_OPTIONS, TCP_ACK, Tcp},
-    netns::{Testbed, in_ns, ip, sa, test_port, wait_until},
+    netns::{Testbed, in_ns, ip, sa, spawn_in_ns, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
 };
@@ -514,6 +514,92 @@ fn exposition_of_real_maps_is_exact_and_passes_promtool() {
     }
     let out = promtool(&["check", "metrics"], Some(&text));
     assert!(out.trim().is_empty(), "promtool check metrics: {out}");
+}
+
+/// The endpoint serves at most `metrics::MAX_CONNECTIONS` connections at once, and closes one
+/// that sends no request within its header timeout (10 s): idle connections cannot take every
+/// file descriptor of the daemon, nor hold the endpoint for ever.
+#[test]
+fn endpoint_caps_connections_and_closes_idle_ones() {
+    if !privileged("endpoint_caps_connections_and_closes_idle_ones") {
+        return;
+    }
+    let tb = Testbed::new("mcap", 29);
+    let g = Guard::load(&LoadOptions {
+        sources: 1024,
+        flows: 4096,
+        kernel_log_level: 0,
+    })
+    .expect("load");
+    let endpoint = Arc::new(metrics::Endpoint {
+        guard: Arc::new(Mutex::new(g)),
+        top_sources: 0,
+    });
+    let addr: SocketAddr = "127.0.0.1:9105".parse().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = spawn_in_ns(&tb.srv, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = metrics::bind(addr).await.expect("bind");
+            ready_tx.send(()).unwrap();
+            tokio::select! {
+                () = metrics::serve(listener, endpoint) => {}
+                _ = stop_rx => {}
+            }
+        });
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("endpoint up");
+    let get = |s: &mut TcpStream| -> (u16, Duration) {
+        let start = Instant::now();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut raw = Vec::new();
+        s.take(1 << 20).read_to_end(&mut raw).expect("response");
+        let raw = String::from_utf8_lossy(&raw);
+        let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+        (status.unwrap_or(0), start.elapsed())
+    };
+    let (waited, idle_closed, after) = in_ns(&tb.srv, || {
+        let mut idle: Vec<TcpStream> = (0..metrics::MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        // One more: connected (the listen backlog), but served only once a slot is free,
+        // which is when the idle ones time out.
+        let mut extra = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+        let waited = get(&mut extra);
+        let mut idle_closed = 0;
+        for s in &mut idle {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut b = [0u8; 1];
+            if matches!(s.read(&mut b), Ok(0)) {
+                idle_closed += 1;
+            }
+        }
+        let mut next = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+        (waited, idle_closed, get(&mut next))
+    });
+    stop_tx.send(()).unwrap();
+    server.join().expect("endpoint thread");
+    assert_eq!(waited.0, 200, "the extra connection's scrape");
+    assert!(
+        (Duration::from_secs(8)..Duration::from_secs(20)).contains(&waited.1),
+        "the extra connection was served after {:?}: not held back by the cap",
+        waited.1
+    );
+    assert_eq!(
+        idle_closed,
+        metrics::MAX_CONNECTIONS,
+        "idle connections closed by the endpoint"
+    );
+    assert_eq!(after.0, 200);
+    assert!(after.1 < Duration::from_secs(2), "{:?}", after.1);
 }
 
 /// An HTTP/1.0 request to `addr` from inside namespace `ns`: (status, body).

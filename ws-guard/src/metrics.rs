@@ -471,9 +471,23 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
+/// Connections the endpoint serves at once. Prometheus needs one; more wait in the listen
+/// backlog instead of costing the daemon a task and a file descriptor each (SECURITY.md).
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a connection may stay open. Then it finishes the request in progress and closes,
+/// within [`CLOSE_GRACE`], so a client that sends or reads slowly cannot hold one of the
+/// [`MAX_CONNECTIONS`] for ever. Prometheus reconnects for its next scrape.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// See [`CONNECTION_LIFETIME`].
+pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
 /// Serves `/metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -485,6 +499,7 @@ pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
         };
         let endpoint = endpoint.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let endpoint = endpoint.clone();
                 async move { Ok::<_, Infallible>(respond(&endpoint, &req)) }
@@ -493,7 +508,21 @@ pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = tokio::time::sleep(CONNECTION_LIFETIME) => {
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(CLOSE_GRACE, conn).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            debug!("metrics endpoint: connection from {peer}: closed, too slow");
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 debug!("metrics endpoint: connection from {peer}: {e}");
             }
         });
