@@ -386,3 +386,48 @@ fn detach_on_exit_removes_everything() {
     assert!(connect_from(&tb.cli, a, dst, Duration::from_secs(2)).is_connected());
     drop(c1);
 }
+
+/// A pin directory another user could change is refused before anything is pinned in it: with
+/// bpffs mounted world-writable (its default mode), any local user could create
+/// `/sys/fs/bpf/ws-guard` first and then unlink the daemon's link pins (SECURITY.md).
+#[test]
+fn pin_directory_another_user_can_change_is_refused() {
+    if !privileged("pin_directory_another_user_can_change_is_refused") {
+        return;
+    }
+    use std::os::unix::fs::{PermissionsExt as _, chown};
+    use ws_guard::pin::{PinDir, ensure_bpffs};
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let root = PathBuf::from(format!("/sys/fs/bpf/wsg-squat-{}", std::process::id()));
+    ensure_bpffs(&root).expect("bpffs");
+    std::fs::create_dir(&root).expect("create");
+    let _remove = Remove(root.clone());
+    let nobody = 65534;
+    chown(&root, Some(nobody), Some(nobody)).expect("chown");
+    let e = format!("{:#}", PinDir::new(&root).prepare().unwrap_err());
+    assert!(e.contains("owned by uid 65534"), "{e}");
+    chown(&root, Some(0), Some(0)).expect("chown");
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = format!("{:#}", PinDir::new(&root).prepare().unwrap_err());
+    assert!(e.contains("mode 777"), "{e}");
+    // Sticky, like the root of bpffs mounted without a mode: others cannot touch our entries.
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    PinDir::new(&root)
+        .prepare()
+        .expect("sticky root-owned directory");
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    PinDir::new(&root).prepare().expect("private directory");
+    // A subdirectory planted by another user is refused too.
+    let maps = PinDir::new(&root).dir().join("maps");
+    chown(&maps, Some(nobody), Some(nobody)).expect("chown");
+    let e = format!("{:#}", PinDir::new(&root).prepare().unwrap_err());
+    assert!(
+        e.contains(&format!("{} is owned by uid 65534", maps.display())),
+        "{e}"
+    );
+}

@@ -129,9 +129,36 @@ impl PinDir {
         for sub in ["maps", "programs", "links"] {
             let d = self.dir().join(sub);
             std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            check_private(&d)?;
         }
         Ok(())
     }
+}
+
+/// Refuses pins under a directory that another user could change. bpffs mounted without a
+/// `mode` option is world-writable (sticky, like /tmp), so any local user can create
+/// `/sys/fs/bpf/ws-guard` before the daemon does, and then unlink or replace the pins in it
+/// (SECURITY.md). Every directory from `dir` up to the bpffs mount must belong to this user and
+/// be writable by nobody else, unless it is sticky and its entries below are ours.
+pub fn check_private(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    for d in dir.ancestors().take_while(|d| on_bpffs(d)) {
+        let md = std::fs::symlink_metadata(d).with_context(|| format!("{}", d.display()))?;
+        let open = md.mode() & 0o022 != 0 && md.mode() & 0o1000 == 0;
+        if md.uid() != euid || open || !md.is_dir() {
+            bail!(
+                "pin directory {}: {} is owned by uid {} with mode {:o}; pins need a directory \
+                 only uid {euid} can change (remove it, or choose another --pin-dir)",
+                dir.display(),
+                d.display(),
+                md.uid(),
+                md.mode() & 0o7777
+            );
+        }
+    }
+    Ok(())
 }
 
 fn version_dir(root: &Path, version: u32) -> PathBuf {
@@ -159,7 +186,8 @@ pub fn ensure_bpffs(root: &Path) -> anyhow::Result<()> {
                 c"/sys/fs/bpf".as_ptr(),
                 c"bpf".as_ptr(),
                 0,
-                std::ptr::null(),
+                // As systemd mounts it: without a mode, bpffs is world-writable.
+                c"mode=0700".as_ptr().cast(),
             )
         };
         if rc != 0 {
