@@ -138,8 +138,8 @@ impl PinDir {
 /// Refuses pins under a directory that another user could change. bpffs mounted without a
 /// `mode` option is world-writable (sticky, like /tmp), so any local user can create
 /// `/sys/fs/bpf/ws-guard` before the daemon does, and then unlink or replace the pins in it
-/// (SECURITY.md). Every directory from `dir` up to the bpffs mount must belong to this user and
-/// be writable by nobody else, unless it is sticky and its entries below are ours.
+/// (SECURITY.md). Every directory from `dir` up to the bpffs mount must belong to this user (or
+/// root) and be writable by nobody else, unless it is sticky and its entries below are ours.
 pub fn check_private(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     // SAFETY: geteuid has no preconditions.
@@ -147,10 +147,10 @@ pub fn check_private(dir: &Path) -> anyhow::Result<()> {
     for d in dir.ancestors().take_while(|d| on_bpffs(d)) {
         let md = std::fs::symlink_metadata(d).with_context(|| format!("{}", d.display()))?;
         let open = md.mode() & 0o022 != 0 && md.mode() & 0o1000 == 0;
-        if md.uid() != euid || open || !md.is_dir() {
+        if (md.uid() != euid && md.uid() != 0) || open || !md.is_dir() {
             bail!(
                 "pin directory {}: {} is owned by uid {} with mode {:o}; pins need a directory \
-                 only uid {euid} can change (remove it, or choose another --pin-dir)",
+                 only root or uid {euid} can change (remove it, or choose another --pin-dir)",
                 dir.display(),
                 d.display(),
                 md.uid(),
