@@ -245,9 +245,9 @@ fn enforcement_survives_kill_and_restart_adopts_the_counts() {
     assert!(!status.success());
     assert!(xdp_on(&tb), "the XDP program went with the daemon");
     let during = refused.load(Ordering::Relaxed);
-    std::thread::sleep(Duration::from_millis(300));
     assert!(
-        refused.load(Ordering::Relaxed) > during,
+        wait_until(Duration::from_secs(3), || refused.load(Ordering::Relaxed)
+            > during),
         "no refusal seen while the daemon is down"
     );
     // Another source still gets its own two slots, and no more.
