@@ -1,6 +1,7 @@
 //! `ws-guard run`: load (adopting pinned state), attach, keep the accounting in step, serve
 //! metrics, reload on SIGHUP; on SIGINT/SIGTERM leave everything pinned and enforcing, or
-//! remove it with `--detach-on-exit`.
+//! remove it with `--detach-on-exit`. Under systemd (`Type=notify`) it reports readiness,
+//! reloads, stopping and watchdog pings through sd_notify (see [`notify`]).
 
 use std::{
     collections::BTreeSet,
@@ -123,9 +124,11 @@ pub async fn run(
 
     // Shared with the metrics endpoint, which reads the maps when Prometheus scrapes.
     let guard = Arc::new(Mutex::new(guard));
+    let mut metrics_addr = None;
     let server = match metrics_listener {
         Some(listener) => {
             let addr = listener.local_addr().context("metrics endpoint address")?;
+            metrics_addr = Some(addr);
             info!("serving Prometheus metrics on http://{addr}/metrics");
             let endpoint = metrics::Endpoint {
                 guard: guard.clone(),
@@ -145,11 +148,22 @@ pub async fn run(
     let mut tick = tokio::time::interval(cfg.sweep_interval);
     let mut sweeper = sweep::Sweeper::default();
     let mut watch = InterfaceWatch::default();
+    // Enforcing on every interface, metrics listening, signal handlers installed: ready.
+    notify::ready(&status_line(&lock(&guard), &cfg, metrics_addr));
+    // Pinged from this loop only, so a daemon stuck in a sweep or a scrape stops pinging and
+    // systemd restarts it (WatchdogSec=).
+    let mut watchdog = notify::watchdog_interval();
     loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM"); break; }
-            _ = int.recv() => { info!("SIGINT"); break; }
-            _ = hup.recv() => reload(&mut lock(&guard), &mut cfg, config_path.as_deref()),
+            _ = term.recv() => { info!("SIGTERM"); notify::stopping(); break; }
+            _ = int.recv() => { info!("SIGINT"); notify::stopping(); break; }
+            _ = hup.recv() => {
+                notify::reloading();
+                let mut guard = lock(&guard);
+                reload(&mut guard, &mut cfg, config_path.as_deref());
+                notify::ready(&status_line(&guard, &cfg, metrics_addr));
+            }
+            _ = notify::next_ping(&mut watchdog) => notify::watchdog(),
             _ = tick.tick() => {
                 let mut guard = lock(&guard);
                 watch.check(&mut guard, xdp_mode);
@@ -182,6 +196,88 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// The one-line STATUS= for systemd: where it enforces, how many ports, where metrics are.
+fn status_line(guard: &Guard, cfg: &Config, metrics: Option<std::net::SocketAddr>) -> String {
+    let on: Vec<String> = guard
+        .attachments()
+        .iter()
+        .map(|a| format!("{} ({} XDP)", a.interface, a.mode))
+        .collect();
+    let metrics = match metrics {
+        Some(addr) => format!("metrics on {addr}"),
+        None => "metrics off".into(),
+    };
+    format!(
+        "enforcing on {}; {} protected port(s){}; {metrics}",
+        on.join(", "),
+        cfg.ports.len(),
+        if cfg.monitor { " in monitor mode" } else { "" }
+    )
+}
+
+/// systemd's notification protocol (sd_notify(3), `Type=notify`). Every call is a no-op when
+/// `NOTIFY_SOCKET` is unset, i.e. when not started by systemd; a failed send is logged and
+/// otherwise ignored (enforcement does not depend on it).
+mod notify {
+    use std::time::Duration;
+
+    use log::{debug, warn};
+    use sd_notify::NotifyState;
+
+    fn send(what: &str, states: &[NotifyState]) {
+        if let Err(e) = sd_notify::notify(states) {
+            warn!("sd_notify {what}: {e}");
+        }
+    }
+
+    /// READY=1 with a STATUS= summary: start-up (or a reload) is complete.
+    pub fn ready(status: &str) {
+        send("READY", &[NotifyState::Ready, NotifyState::Status(status)]);
+    }
+
+    /// RELOADING=1 before a SIGHUP reload (with the MONOTONIC_USEC= that systemd 253 and
+    /// later require for `Type=notify-reload`); [`ready`] ends it.
+    pub fn reloading() {
+        let mut states = vec![NotifyState::Reloading, NotifyState::Status("reloading")];
+        if let Ok(now) = NotifyState::monotonic_usec_now() {
+            states.push(now);
+        }
+        send("RELOADING", &states);
+    }
+
+    /// STOPPING=1 on SIGTERM or SIGINT.
+    pub fn stopping() {
+        send("STOPPING", &[NotifyState::Stopping]);
+    }
+
+    /// WATCHDOG=1: the main loop is alive.
+    pub fn watchdog() {
+        if let Err(e) = sd_notify::notify(&[NotifyState::Watchdog]) {
+            debug!("sd_notify WATCHDOG: {e}");
+        }
+    }
+
+    /// With a watchdog (WATCHDOG_USEC=, and WATCHDOG_PID= unset or this process), a timer at
+    /// half its interval, as sd_watchdog_enabled(3) recommends.
+    pub fn watchdog_interval() -> Option<tokio::time::Interval> {
+        let usec = sd_notify::watchdog_enabled()?;
+        let period = (usec / 2).max(Duration::from_millis(1));
+        let mut i = tokio::time::interval(period);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Some(i)
+    }
+
+    /// The next watchdog tick; never, without a watchdog.
+    pub async fn next_ping(interval: &mut Option<tokio::time::Interval>) {
+        match interval {
+            Some(i) => {
+                i.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// Refuses to start without the privileges loading and attaching need, with an error that says

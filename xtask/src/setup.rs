@@ -26,6 +26,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("python3", "python3"),
     // The real server and promtool of the metrics tests.
     ("prometheus", "promtool"),
+    // systemd-analyze verify checks packaging/ws-guard.service (tests/systemd.rs).
+    ("systemd", "systemd-analyze"),
 ];
 
 fn say(step: &str, msg: impl std::fmt::Display) {
