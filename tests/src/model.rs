@@ -299,7 +299,13 @@ impl Model {
             family: seg.family,
             _pad: 0,
         };
-        if self.pending.contains_key(&flow) || self.owned.contains_key(&flow) {
+        if let Some(t) = self.pending.get_mut(&flow) {
+            // The kernel restamps a half-open attempt on each retransmitted SYN.
+            t.since = Since::Within(during.0, during.1);
+            self.count(counted, bucket, Counter::SynRetransmits);
+            return None;
+        }
+        if self.owned.contains_key(&flow) {
             self.count(counted, bucket, Counter::SynRetransmits);
             return None;
         }

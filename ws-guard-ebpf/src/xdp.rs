@@ -80,8 +80,16 @@ fn new_attempt(
         family: seg.family,
         _pad: 0,
     };
-    // SAFETY: lookups only compare presence.
-    if unsafe { WSG_PENDING.get(&flow).is_some() || WSG_OWNED.get(&flow).is_some() } {
+    if let Some(pending) = WSG_PENDING.get_ptr_mut(&flow) {
+        // The kernel may have dropped the first SYN (full backlog): the sweep releases a
+        // half-open attempt that has no socket a second after its *last* SYN, not its first.
+        // SAFETY: a live map value; a racing writer can only store another "now".
+        unsafe { (*pending).since_ns = bpf_ktime_get_ns() };
+        count(bucket, Counter::SynRetransmits);
+        return Verdict::Pass;
+    }
+    // SAFETY: the lookup only tests presence.
+    if unsafe { WSG_OWNED.get(&flow).is_some() } {
         count(bucket, Counter::SynRetransmits);
         return Verdict::Pass;
     }
