@@ -15,26 +15,11 @@ use std::{
 };
 
 use ws_guard_tests::{
+    binary::binary,
     netns::{Testbed, ip_output, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
 };
-
-/// target/<profile>/ws-guard, beside target/<profile>/deps/<this test>.
-fn binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable outside target/<profile>/deps");
-    let bin = dir.join("ws-guard");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first with `cargo build -p ws-guard` (cargo xtask test does)",
-        bin.display()
-    );
-    bin
-}
 
 fn lines_contain(lines: &Mutex<Vec<String>>, needle: &str) -> bool {
     lines.lock().unwrap().iter().any(|l| l.contains(needle))

@@ -9,7 +9,7 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, TcpStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex,
@@ -19,26 +19,12 @@ use std::{
 };
 
 use ws_guard_tests::{
+    binary::binary,
+    binary::pins_under,
     netns::{Testbed, in_ns, ip_output, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
 };
-
-/// target/<profile>/ws-guard, beside target/<profile>/deps/<this test>.
-fn binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable outside target/<profile>/deps");
-    let bin = dir.join("ws-guard");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first with `cargo build -p ws-guard` (cargo xtask test does)",
-        bin.display()
-    );
-    bin
-}
 
 /// A pin root of this test only; whatever is left under it is removed on drop.
 struct PinRoot(PathBuf);
@@ -161,24 +147,6 @@ fn active_connections(ns: &str, metrics_port: u16, port: u16) -> Option<u64> {
 
 fn xdp_on(tb: &Testbed) -> bool {
     ip_output(&["-n", &tb.srv, "link", "show", "dev", &tb.srv_if]).contains("xdp")
-}
-
-fn pins_under(root: &Path) -> usize {
-    let mut n = 0;
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten().take(1000) {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                dirs.push(e.path());
-            } else {
-                n += 1;
-            }
-        }
-    }
-    n
 }
 
 #[test]

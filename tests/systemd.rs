@@ -17,25 +17,10 @@ use std::{
 };
 
 use ws_guard_tests::{
+    binary::binary,
     netns::{Testbed, in_ns, ip_output, test_port, wait_until},
     privileged,
 };
-
-/// target/<profile>/ws-guard, beside target/<profile>/deps/<this test>.
-fn binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable outside target/<profile>/deps");
-    let bin = dir.join("ws-guard");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first with `cargo build -p ws-guard` (cargo xtask test does)",
-        bin.display()
-    );
-    bin
-}
 
 fn unit_file() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/ws-guard.service")

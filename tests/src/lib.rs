@@ -1,6 +1,7 @@
 //! Helpers for ws-guard's integration tests.
 
 pub mod bench;
+pub mod binary;
 pub mod frames;
 pub mod model;
 pub mod netns;
