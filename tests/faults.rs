@@ -7,13 +7,13 @@
 //! exec` would give it a private bpffs), with a pin root of its own per test.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, TcpStream},
     os::unix::fs::PermissionsExt as _,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -25,7 +25,7 @@ use ws_guard::{
 };
 use ws_guard_tests::{
     binary::binary,
-    binary::pins_under,
+    binary::{Daemon, pins_under},
     netns::{Testbed, in_ns, ip, ip_output, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
@@ -102,107 +102,6 @@ fn run_to_exit(mut cmd: Command) -> (std::process::ExitStatus, String) {
     let err = reader.join().unwrap();
     eprintln!("{cmd:?}: {status}\n{err}");
     (status, err)
-}
-
-/// A running daemon, its stderr collected line by line; killed by PID on drop if still running.
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Daemon {
-    /// Starts `cmd` and waits (20 s at most) for "enforcing on".
-    fn start(mut cmd: Command) -> Self {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting the daemon");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let reader = {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().take(100_000) {
-                    let Ok(line) = line else { break };
-                    eprintln!("daemon: {line}");
-                    log.lock().unwrap().push(line);
-                }
-            })
-        };
-        let mut d = Self {
-            child,
-            log,
-            reader: Some(reader),
-        };
-        let started = wait_until(Duration::from_secs(20), || {
-            d.contains("enforcing on") || d.child.try_wait().ok().flatten().is_some()
-        });
-        assert!(
-            started && d.contains("enforcing on"),
-            "the daemon did not start: {:?}",
-            d.lines()
-        );
-        d
-    }
-
-    fn contains(&self, needle: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn wait_for(&self, needle: &str, limit: Duration) -> bool {
-        wait_until(limit, || self.contains(needle))
-    }
-
-    /// Sends `signal` to the (unreaped, so still ours) process and waits for its exit.
-    fn stop(&mut self, signal: i32) -> std::process::ExitStatus {
-        assert!(
-            matches!(self.child.try_wait(), Ok(None)),
-            "the daemon exited early: {:?}",
-            self.lines()
-        );
-        // SAFETY: kill(2) on our own unreaped child.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
-        let start = Instant::now();
-        let status = loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                break st;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "no exit within 10 s of signal {signal}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if let Some(r) = self.reader.take() {
-            r.join().unwrap();
-        }
-        status
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// The daemon's metrics page in `ns`.

@@ -7,12 +7,12 @@
 //! the process.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{IpAddr, TcpStream},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -20,7 +20,7 @@ use std::{
 
 use ws_guard_tests::{
     binary::binary,
-    binary::pins_under,
+    binary::{Daemon, pins_under},
     netns::{Testbed, in_ns, ip_output, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
@@ -33,97 +33,6 @@ impl Drop for PinRoot {
     fn drop(&mut self) {
         if let Err(e) = ws_guard::pin::teardown(&self.0) {
             eprintln!("warning: removing {}: {e:#}", self.0.display());
-        }
-    }
-}
-
-/// The daemon, run in a namespace with `nsenter --net` (which execs it: the PID is its own);
-/// killed by PID on drop if still running.
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Daemon {
-    fn start(ns: &str, args: &[&str]) -> Self {
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{ns}"))
-            .arg(binary())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting the daemon with nsenter");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let reader = {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().take(100_000) {
-                    let Ok(line) = line else { break };
-                    eprintln!("daemon: {line}");
-                    log.lock().unwrap().push(line);
-                }
-            })
-        };
-        let mut d = Self {
-            child,
-            log,
-            reader: Some(reader),
-        };
-        let started = wait_until(Duration::from_secs(20), || {
-            d.contains("enforcing on") || d.child.try_wait().ok().flatten().is_some()
-        });
-        assert!(
-            started && d.contains("enforcing on"),
-            "the daemon did not start: {:?}",
-            d.lines()
-        );
-        d
-    }
-
-    fn contains(&self, needle: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Sends `signal` to the (unreaped, so still ours) process and waits for its exit.
-    fn stop(&mut self, signal: i32) -> std::process::ExitStatus {
-        assert!(
-            matches!(self.child.try_wait(), Ok(None)),
-            "the daemon exited early: {:?}",
-            self.lines()
-        );
-        // SAFETY: kill(2) on our own unreaped child.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
-        let start = Instant::now();
-        let status = loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                break st;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "no exit within 10 s of signal {signal}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if let Some(r) = self.reader.take() {
-            r.join().unwrap();
-        }
-        status
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }
@@ -176,7 +85,7 @@ fn enforcement_survives_kill_and_restart_adopts_the_counts() {
     let cfg_path = cfg.path().to_str().unwrap().to_owned();
     let args = ["run", "--config", &cfg_path, "--pin-dir", &root_s];
 
-    let mut first = Daemon::start(&tb.srv, &args);
+    let mut first = Daemon::start_in(&tb.srv, &args);
     assert!(first.contains("no pinned state"), "{:?}", first.lines());
     let dst = sa(tb.server_v4(), port);
     let a: IpAddr = tb.client_v4(0);
@@ -258,7 +167,7 @@ fn enforcement_survives_kill_and_restart_adopts_the_counts() {
             }
         })
     };
-    let mut second = Daemon::start(&tb.srv, &args);
+    let mut second = Daemon::start_in(&tb.srv, &args);
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     hammer.join().unwrap();
@@ -328,7 +237,7 @@ fn detach_on_exit_removes_everything() {
     )
     .unwrap();
     let cfg_path = cfg.path().to_str().unwrap().to_owned();
-    let mut d = Daemon::start(
+    let mut d = Daemon::start_in(
         &tb.srv,
         &[
             "run",

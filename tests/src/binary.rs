@@ -1,6 +1,14 @@
 //! The ws-guard binary the integration tests run, and what it leaves on bpffs.
 
-use std::path::{Path, PathBuf};
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use crate::netns::wait_until;
 
 /// target/<profile>/ws-guard, beside target/<profile>/deps/<this test>.
 pub fn binary() -> PathBuf {
@@ -35,4 +43,115 @@ pub fn pins_under(root: &Path) -> usize {
         }
     }
     n
+}
+
+/// A running daemon, its stderr collected line by line; killed by PID on drop if still running.
+pub struct Daemon {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Starts `cmd` and waits (20 s at most) for "enforcing on".
+    pub fn start(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the daemon");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let reader = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().take(100_000) {
+                    let Ok(line) = line else { break };
+                    eprintln!("daemon: {line}");
+                    log.lock().unwrap().push(line);
+                }
+            })
+        };
+        let mut d = Self {
+            child,
+            log,
+            reader: Some(reader),
+        };
+        let started = wait_until(Duration::from_secs(20), || {
+            d.contains("enforcing on") || d.child.try_wait().ok().flatten().is_some()
+        });
+        assert!(
+            started && d.contains("enforcing on"),
+            "the daemon did not start: {:?}",
+            d.lines()
+        );
+        d
+    }
+
+    /// Starts the binary with `args` in network namespace `ns` through `nsenter --net` (which
+    /// execs it, so the PID is the daemon's and it keeps the host's bpffs pins).
+    pub fn start_in(ns: &str, args: &[&str]) -> Self {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}"))
+            .arg(binary())
+            .args(args);
+        Self::start(cmd)
+    }
+
+    pub fn contains(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn wait_for(&self, needle: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.contains(needle))
+    }
+
+    /// Sends `signal` to the (unreaped, so still ours) process and waits for its exit.
+    pub fn stop(&mut self, signal: i32) -> std::process::ExitStatus {
+        assert!(
+            matches!(self.child.try_wait(), Ok(None)),
+            "the daemon exited early: {:?}",
+            self.lines()
+        );
+        // SAFETY: kill(2) on our own unreaped child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+        let start = Instant::now();
+        let status = loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                break st;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no exit within 10 s of signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        status
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
