@@ -120,7 +120,11 @@ pub async fn run(
     let pins = PinDir::new(&opts.pin_root);
     // With nothing pinned before, a failed start removes whatever it pinned; with adopted
     // state, the previous daemon's pins keep enforcing.
-    let fresh = !pins.has_state();
+    let fresh = !pins.has_state()
+        && !pins
+            .other_versions()
+            .iter()
+            .any(|d| d.join("links").exists());
     let root_existed = opts.pin_root.exists();
     let started = start(&cfg, &pins, &interfaces);
     let guard = match started {
@@ -439,8 +443,9 @@ fn start(cfg: &Config, pins: &PinDir, interfaces: &[String]) -> anyhow::Result<G
 
     for interface in interfaces {
         if let Err(e) = guard.attach_xdp(interface, cfg.xdp_mode) {
-            // Never leave some interfaces protected and others not.
-            if let Err(d) = guard.detach_all() {
+            // Never leave some interfaces protected and others not, except that links an
+            // earlier daemon left enforcing keep enforcing.
+            if let Err(d) = guard.undo_new_attachments() {
                 error!("while undoing a failed attach: {d:#}");
             }
             return Err(e);
