@@ -15,7 +15,7 @@ use std::{
 };
 
 use ws_guard_tests::{
-    binary::binary,
+    binary::{Daemon, PinRoot, binary},
     netns::{Testbed, ip_output, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
@@ -157,4 +157,108 @@ fn check_config_accepts_the_shipped_config() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("valid"), "{stdout}");
     assert!(stdout.contains("port 9000"), "{stdout}");
+}
+
+/// SIGHUP with a changed file applies only the difference: the changed port's new limit
+/// takes effect, the unchanged port keeps its counts, and connections held through the reload
+/// keep working. An invalid file is refused and the running limits stay.
+#[test]
+fn sighup_applies_only_the_difference_and_held_connections_survive() {
+    if !privileged("sighup_applies_only_the_difference_and_held_connections_survive") {
+        return;
+    }
+    use std::io::{Read as _, Write as _};
+    let (p1, p2) = (test_port(25), test_port(26));
+    let tb = Testbed::new("hup", 25);
+    let root = PinRoot::new("hup");
+    let s1 = Server::start(&tb.srv, p1, Stack::Separate);
+    let s2 = Server::start(&tb.srv, p2, Stack::Separate);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("config.toml");
+    let write_cfg = |max2: u32, extra: &str| {
+        std::fs::write(
+            &cfg_path,
+            format!(
+                "interfaces = [\"{}\"]\nstate_file = \"{}\"\n{extra}\n[control]\nsocket = \"{}\"\n\
+                 [metrics]\nlisten = \"off\"\n\
+                 [[port]]\nport = {p1}\nmax_connections = 2\n\
+                 [[port]]\nport = {p2}\nmax_connections = {max2}\n",
+                tb.srv_if,
+                dir.path().join("runtime.toml").display(),
+                dir.path().join("control.sock").display(),
+            ),
+        )
+        .unwrap();
+    };
+    write_cfg(1, "");
+    let cfg_s = cfg_path.to_str().unwrap().to_owned();
+    let mut d = Daemon::start_in(
+        &tb.srv,
+        &[
+            "run",
+            "--config",
+            &cfg_s,
+            "--pin-dir",
+            &root.path(),
+            "--detach-on-exit",
+        ],
+    );
+    let a = tb.client_v4(0);
+    let (d1, d2) = (sa(tb.server_v4(), p1), sa(tb.server_v4(), p2));
+    let connect = |dst| connect_from(&tb.cli, a, dst, Duration::from_secs(2));
+    let mut held1 = connect(d1).stream();
+    let mut held1b = connect(d1).stream();
+    let held2 = connect(d2).stream();
+    assert!(s1.wait_held(2, Duration::from_secs(5)) && s2.wait_held(1, Duration::from_secs(5)));
+    assert!(matches!(connect(d1), Outcome::Refused));
+    assert!(matches!(connect(d2), Outcome::Refused));
+
+    // Raise port 2's limit only.
+    write_cfg(2, "");
+    d.signal(libc::SIGHUP);
+    assert!(
+        d.wait_for("reload: port", Duration::from_secs(5)),
+        "{:?}",
+        d.lines()
+    );
+    assert!(
+        d.contains(&format!("reload: port {p2}: max_connections 1 -> 2")),
+        "{:?}",
+        d.lines()
+    );
+    assert!(
+        !d.lines()
+            .iter()
+            .any(|l| l.contains(&format!("reload: port {p1}"))),
+        "the unchanged port was reported changed: {:?}",
+        d.lines()
+    );
+    // Port 2 takes one more; port 1 kept its count of 2 and still refuses.
+    let extra2 = connect(d2).stream();
+    assert!(matches!(connect(d2), Outcome::Refused));
+    assert!(matches!(connect(d1), Outcome::Refused));
+    // The connections held through the reload still carry data.
+    for s in [&mut held1, &mut held1b] {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(b"p").unwrap();
+        s1.echo_once(s.local_addr().unwrap(), Duration::from_secs(2))
+            .expect("a held connection died in the reload");
+        let mut buf = [0u8; 1];
+        s.read_exact(&mut buf)
+            .expect("no echo on a held connection");
+        assert_eq!(&buf, b"p");
+    }
+
+    // An invalid file is refused; the limits stay.
+    std::fs::write(&cfg_path, "[[port]]\nport = 0\n").unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(
+        d.wait_for("reload refused", Duration::from_secs(5)),
+        "{:?}",
+        d.lines()
+    );
+    assert!(matches!(connect(d2), Outcome::Refused));
+    assert!(matches!(connect(d1), Outcome::Refused));
+    drop((held1, held1b, held2, extra2));
+    assert!(d.stop(libc::SIGTERM).success());
 }

@@ -10,7 +10,6 @@ use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, TcpStream},
     os::unix::fs::PermissionsExt as _,
-    path::PathBuf,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -24,36 +23,13 @@ use ws_guard::{
     guard::{Guard, LoadOptions, check_format_text},
 };
 use ws_guard_tests::{
+    binary::PinRoot,
     binary::binary,
     binary::{Daemon, pins_under},
     netns::{Testbed, in_ns, ip, ip_output, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
 };
-
-/// A pin root of this test only; whatever is left under it is removed on drop.
-struct PinRoot(PathBuf);
-
-impl PinRoot {
-    fn new(tag: &str) -> Self {
-        Self(PathBuf::from(format!(
-            "/sys/fs/bpf/ws-guard-faults-{tag}-{}",
-            std::process::id()
-        )))
-    }
-
-    fn path(&self) -> String {
-        self.0.to_str().unwrap().to_owned()
-    }
-}
-
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        if let Err(e) = ws_guard::pin::teardown(&self.0) {
-            eprintln!("warning: removing {}: {e:#}", self.0.display());
-        }
-    }
-}
 
 /// A config file readable by anybody (the unprivileged run must get past reading it).
 fn config_file(text: &str) -> tempfile::NamedTempFile {

@@ -19,23 +19,13 @@ use std::{
 };
 
 use ws_guard_tests::{
+    binary::PinRoot,
     binary::binary,
     binary::{Daemon, pins_under},
     netns::{Testbed, in_ns, ip_output, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
 };
-
-/// A pin root of this test only; whatever is left under it is removed on drop.
-struct PinRoot(PathBuf);
-
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        if let Err(e) = ws_guard::pin::teardown(&self.0) {
-            eprintln!("warning: removing {}: {e:#}", self.0.display());
-        }
-    }
-}
 
 /// `ws_guard_active_connections` of `port` (IPv4) from the daemon's metrics endpoint in `ns`.
 fn active_connections(ns: &str, metrics_port: u16, port: u16) -> Option<u64> {
@@ -67,10 +57,7 @@ fn enforcement_survives_kill_and_restart_adopts_the_counts() {
     let metrics_port = 9105;
     let tb = Testbed::new("rst", 21);
     // Declared after the test bed: dropped (pins removed) before its namespaces go.
-    let root = PinRoot(PathBuf::from(format!(
-        "/sys/fs/bpf/ws-guard-test-{}",
-        std::process::id()
-    )));
+    let root = PinRoot::new("rst");
     let root_s = root.0.to_str().unwrap().to_owned();
     let server = Server::start(&tb.srv, port, Stack::Separate);
     let mut cfg = tempfile::NamedTempFile::new().unwrap();
@@ -223,10 +210,7 @@ fn detach_on_exit_removes_everything() {
     }
     let port = test_port(22);
     let tb = Testbed::new("rsd", 22);
-    let root = PinRoot(PathBuf::from(format!(
-        "/sys/fs/bpf/ws-guard-test-{}-d",
-        std::process::id()
-    )));
+    let root = PinRoot::new("d");
     let root_s = root.0.to_str().unwrap().to_owned();
     let _server = Server::start(&tb.srv, port, Stack::Separate);
     let mut cfg = tempfile::NamedTempFile::new().unwrap();
@@ -321,10 +305,7 @@ fn upgrade_across_layout_versions_takes_over_the_link() {
     use ws_guard_common::names::LAYOUT_VERSION;
     let port = test_port(23);
     let tb = Testbed::new("rsu", 23);
-    let root = PinRoot(PathBuf::from(format!(
-        "/sys/fs/bpf/ws-guard-test-{}-u",
-        std::process::id()
-    )));
+    let root = PinRoot::new("u");
     let root_s = root.0.to_str().unwrap().to_owned();
     let server = Server::start(&tb.srv, port, Stack::Separate);
     let mut cfg = tempfile::NamedTempFile::new().unwrap();
@@ -416,10 +397,7 @@ fn failed_restart_keeps_the_taken_over_link() {
     }
     let port = test_port(24);
     let tb = Testbed::new("rsf", 24);
-    let root = PinRoot(PathBuf::from(format!(
-        "/sys/fs/bpf/ws-guard-test-{}-f",
-        std::process::id()
-    )));
+    let root = PinRoot::new("f");
     let root_s = root.0.to_str().unwrap().to_owned();
     let server = Server::start(&tb.srv, port, Stack::Separate);
     // A dummy interface has no native XDP: attaching to it in native mode fails.

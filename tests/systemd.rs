@@ -17,6 +17,7 @@ use std::{
 };
 
 use ws_guard_tests::{
+    binary::PinRoot,
     binary::binary,
     netns::{Testbed, in_ns, ip_output, test_port, wait_until},
     privileged,
@@ -121,17 +122,6 @@ fn unit_file_passes_systemd_analyze_verify() {
     );
 }
 
-/// A pin root of this test only; whatever is left under it is removed on drop.
-struct PinRoot(PathBuf);
-
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        if let Err(e) = ws_guard::pin::teardown(&self.0) {
-            eprintln!("warning: removing {}: {e:#}", self.0.display());
-        }
-    }
-}
-
 /// Our child (its PID is the daemon's, see the module comment); killed by PID on drop.
 struct Daemon(Child);
 
@@ -194,10 +184,7 @@ fn daemon_notifies_ready_watchdog_reload_and_stop() {
     let metrics_port = test_port(13);
     let tb = Testbed::new("sdn", 46);
     // Declared after the test bed: dropped (pins removed) before its namespaces go.
-    let root = PinRoot(PathBuf::from(format!(
-        "/sys/fs/bpf/ws-guard-test-sdn-{}",
-        std::process::id()
-    )));
+    let root = PinRoot::new("sdn");
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = NotifySocket(UnixDatagram::bind(&sock_path).expect("binding the notify socket"));
@@ -332,10 +319,7 @@ fn watchdog_pid_of_another_process_sends_no_pings() {
     }
     let port = test_port(16);
     let tb = Testbed::new("sdw", 47);
-    let root = PinRoot(PathBuf::from(format!(
-        "/sys/fs/bpf/ws-guard-test-sdw-{}",
-        std::process::id()
-    )));
+    let root = PinRoot::new("sdw");
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = NotifySocket(UnixDatagram::bind(&sock_path).expect("binding the notify socket"));

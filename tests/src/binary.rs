@@ -120,6 +120,17 @@ impl Daemon {
         wait_until(limit, || self.contains(needle))
     }
 
+    /// Sends `signal` to the (unreaped, so still ours) process, e.g. SIGHUP.
+    pub fn signal(&mut self, signal: i32) {
+        assert!(
+            matches!(self.child.try_wait(), Ok(None)),
+            "the daemon exited early: {:?}",
+            self.lines()
+        );
+        // SAFETY: kill(2) on our own unreaped child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
     /// Sends `signal` to the (unreaped, so still ours) process and waits for its exit.
     pub fn stop(&mut self, signal: i32) -> std::process::ExitStatus {
         assert!(
@@ -152,6 +163,32 @@ impl Drop for Daemon {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// A pin root of one test (`/sys/fs/bpf/ws-guard-test-TAG-PID`); whatever is left under it is
+/// removed on drop. Declare it after the test bed, so it is dropped before the namespaces go.
+pub struct PinRoot(pub PathBuf);
+
+impl PinRoot {
+    pub fn new(tag: &str) -> Self {
+        Self(PathBuf::from(format!(
+            "/sys/fs/bpf/ws-guard-test-{tag}-{}",
+            std::process::id()
+        )))
+    }
+
+    /// The root as a `--pin-dir` argument.
+    pub fn path(&self) -> String {
+        self.0.to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        if let Err(e) = ws_guard::pin::teardown(&self.0) {
+            eprintln!("warning: removing {}: {e:#}", self.0.display());
         }
     }
 }

@@ -686,6 +686,108 @@ impl Config {
         }
     }
 
+    /// What differs from `self` in `new`, one line per change, in words an operator reads in
+    /// a reload's log (`port 9000: max_connections 3 -> 5`). Empty: nothing changed.
+    pub fn changes(&self, new: &Config) -> Vec<String> {
+        let mut out = Vec::new();
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "none".into());
+        let old_ports: std::collections::BTreeMap<u32, &PortLimits> =
+            self.ports.iter().map(|p| (p.port, p)).collect();
+        let new_ports: std::collections::BTreeMap<u32, &PortLimits> =
+            new.ports.iter().map(|p| (p.port, p)).collect();
+        for port in old_ports.keys() {
+            if !new_ports.contains_key(port) {
+                out.push(format!("port {port}: no longer protected"));
+            }
+        }
+        for (port, p) in &new_ports {
+            let Some(old) = old_ports.get(port) else {
+                out.push(format!("port {port}: now protected"));
+                continue;
+            };
+            let mut field = |name: &str, a: String, b: String| {
+                if a != b {
+                    out.push(format!("port {port}: {name} {a} -> {b}"));
+                }
+            };
+            field(
+                "max_connections",
+                opt(old.max_connections.map(|n| n.to_string())),
+                opt(p.max_connections.map(|n| n.to_string())),
+            );
+            field(
+                "new_connections",
+                opt(old.new_connections.map(|r| r.to_string())),
+                opt(p.new_connections.map(|r| r.to_string())),
+            );
+            field(
+                "connection_action",
+                old.connection_action.to_string(),
+                p.connection_action.to_string(),
+            );
+            field(
+                "rate_action",
+                old.rate_action.to_string(),
+                p.rate_action.to_string(),
+            );
+        }
+        let mut field = |name: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{name} {a} -> {b}"));
+            }
+        };
+        field("monitor", self.monitor.to_string(), new.monitor.to_string());
+        field(
+            "ipv4_prefix",
+            self.ipv4_prefix.to_string(),
+            new.ipv4_prefix.to_string(),
+        );
+        field(
+            "ipv6_prefix",
+            self.ipv6_prefix.to_string(),
+            new.ipv6_prefix.to_string(),
+        );
+        field(
+            "on_map_full",
+            format!("{:?}", self.on_map_full).to_lowercase(),
+            format!("{:?}", new.on_map_full).to_lowercase(),
+        );
+        field(
+            "ban_duration",
+            humantime::format_duration(self.ban_duration).to_string(),
+            humantime::format_duration(new.ban_duration).to_string(),
+        );
+        field(
+            "handshake_timeout",
+            humantime::format_duration(self.handshake_timeout).to_string(),
+            humantime::format_duration(new.handshake_timeout).to_string(),
+        );
+        field(
+            "sweep_interval",
+            humantime::format_duration(self.sweep_interval).to_string(),
+            humantime::format_duration(new.sweep_interval).to_string(),
+        );
+        field(
+            "kernel_log",
+            self.kernel_log.clone(),
+            new.kernel_log.clone(),
+        );
+        for (name, a, b) in [
+            ("allow", &self.allow, &new.allow),
+            ("deny", &self.deny, &new.deny),
+        ] {
+            let a: BTreeSet<&IpNet> = a.iter().collect();
+            let b: BTreeSet<&IpNet> = b.iter().collect();
+            for added in b.difference(&a) {
+                out.push(format!("{name}: + {added}"));
+            }
+            for removed in a.difference(&b) {
+                out.push(format!("{name}: - {removed}"));
+            }
+        }
+        out
+    }
+
     /// aya-log's number for `kernel_log`.
     pub fn kernel_log_level(&self) -> u8 {
         KERNEL_LOG_LEVELS
@@ -981,6 +1083,32 @@ mod tests {
                 "[control]\nsocket = \"{long}\"\n[[port]]\nport = 1\n"
             )),
             "control.socket"
+        );
+    }
+
+    #[test]
+    fn changes_list_only_the_difference() {
+        let a = parse(
+            "allow = [\"198.18.0.5\"]\n[[port]]\nport = 9000\nmax_connections = 3\n\
+             [[port]]\nport = 9001\nnew_connections = \"5/1s\"\n",
+        )
+        .unwrap();
+        assert!(a.changes(&a).is_empty());
+        let b = parse(
+            "monitor = true\nallow = [\"198.18.0.6\"]\n[[port]]\nport = 9000\nmax_connections = 4\n\
+             [[port]]\nport = 9002\n",
+        )
+        .unwrap();
+        assert_eq!(
+            a.changes(&b),
+            [
+                "port 9001: no longer protected",
+                "port 9000: max_connections 3 -> 4",
+                "port 9002: now protected",
+                "monitor false -> true",
+                "allow: + 198.18.0.6/32",
+                "allow: - 198.18.0.5/32",
+            ]
         );
     }
 

@@ -478,11 +478,16 @@ fn reload(guard: &mut Guard, cfg: &mut Config, path: Option<&Path>) {
             {
                 warn!("interfaces, xdp_mode, capacity and [metrics] take effect on restart only");
             }
+            let changes = cfg.changes(&new);
             match guard.apply(&new) {
                 Ok(()) => {
-                    info!("reloaded {}", path.display());
-                    for line in describe(&new) {
-                        info!("{line}");
+                    if changes.is_empty() {
+                        info!("reloaded {}: nothing changed", path.display());
+                    } else {
+                        info!("reloaded {}: {} change(s)", path.display(), changes.len());
+                    }
+                    for line in changes {
+                        info!("reload: {line}");
                     }
                     *cfg = new;
                 }
