@@ -55,14 +55,14 @@ pub fn socket_table(ports: &HashSet<u16>) -> anyhow::Result<HashMap<FlowKey, Soc
     let si = procfs::current_system_info();
     // thread-self: the namespace of this thread, which is the one the daemon attached in.
     for file in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
-        let reader = match std::fs::File::open(file) {
-            Ok(f) => std::io::BufReader::new(f),
+        let text = match read_whole(file) {
+            Ok(t) => t,
             // No IPv6 in this kernel or namespace.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e).with_context(|| format!("reading {file}")),
         };
-        let entries =
-            TcpNetEntries::from_buf_read(reader, si).with_context(|| format!("parsing {file}"))?;
+        let entries = TcpNetEntries::from_buf_read(&text[..], si)
+            .with_context(|| format!("parsing {file}"))?;
         for e in entries.0 {
             if !ports.contains(&e.local_address.port()) {
                 continue;
@@ -77,6 +77,29 @@ pub fn socket_table(ports: &HashSet<u16>) -> anyhow::Result<HashMap<FlowKey, Soc
         }
     }
     Ok(out)
+}
+
+/// Reads a /proc/net table in as few read(2) calls as possible. The kernel produces it in
+/// chunks, one per read, and finds where the next chunk starts by counting sockets again:
+/// sockets that close meanwhile shift the count, and a live socket can be skipped. Big reads
+/// make that rare; the sweep's two-round rule (see [`Sweeper`]) makes it harmless.
+fn read_whole(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = Vec::with_capacity(4 << 20);
+    loop {
+        if buf.capacity() - buf.len() < (1 << 20) {
+            buf.reserve(buf.capacity());
+        }
+        let len = buf.len();
+        let spare = buf.capacity() - len;
+        buf.resize(len + spare, 0);
+        let n = f.read(&mut buf[len..])?;
+        buf.truncate(len + n);
+        if n == 0 {
+            return Ok(buf);
+        }
+    }
 }
 
 /// The flow key of a server socket, normalizing IPv4-mapped IPv6 to IPv4 as the XDP program
@@ -119,14 +142,28 @@ pub fn monotonic_ns() -> u64 {
 
 /// Keeps what one periodic sweep learned for the next.
 ///
-/// A connected socket the maps do not know may be a connection established and closed between
-/// the moment the maps were read and the moment the socket table was: counting it at once would
-/// charge its source for a connection that is gone (and a later connection reusing its ports
-/// would pass as a retransmission). So a periodic sweep only counts a socket that two sweeps in
-/// a row found unknown; start-up, before the XDP program sees a SYN, counts at once.
+/// Neither the maps nor the socket table can be read atomically, and the kernel may skip a
+/// socket of the table when connections close while it is read. So a periodic sweep acts
+/// only on what two sweeps in a row agree on:
+/// - a connected socket the maps do not know is counted when the previous sweep did not know
+///   it either (it may be a connection established and closed between the two reads: counting
+///   it at once would charge its source for a connection that is gone);
+/// - a tracked connection without a socket is released when the previous sweep found none
+///   either (a socket skipped by one read must not lose its count).
+///
+/// Start-up, before the XDP program sees a SYN, acts at once.
 #[derive(Debug, Default)]
 pub struct Sweeper {
-    suspects: HashSet<FlowKey>,
+    suspects: Rounds,
+}
+
+/// The flows one sweep found suspect, for the next to confirm.
+#[derive(Debug, Default)]
+struct Rounds {
+    /// Connected sockets the maps did not know.
+    unknown: HashSet<FlowKey>,
+    /// Tracked flows (half-open or established) the socket table did not have.
+    missing: HashSet<FlowKey>,
 }
 
 impl Sweeper {
@@ -153,13 +190,15 @@ pub fn sweep_now(guard: &mut Guard, handshake_timeout: Duration) -> anyhow::Resu
 ///   older than `handshake_timeout` whatever the kernel still has;
 /// - an established connection at least [`GRACE`] old without a socket is released (its close
 ///   was not seen, e.g. it ended while the programs were being replaced);
-/// - a connected socket the maps do not know is counted: at once without `suspects`, otherwise
-///   when it was already in `suspects` (unknown to the previous sweep too);
+/// - a connected socket the maps do not know is counted;
 /// - counters at zero are removed when the counter map is more than half full.
+///
+/// Without `rounds` (start-up) at once; otherwise a release or a count needs the previous
+/// round to have found the same (see [`Sweeper`]).
 fn sweep(
     guard: &mut Guard,
     handshake_timeout: Duration,
-    suspects: Option<&mut HashSet<FlowKey>>,
+    rounds: Option<&mut Rounds>,
 ) -> anyhow::Result<SweepReport> {
     let pending = guard.pending()?;
     let owned = guard.owned()?;
@@ -169,10 +208,20 @@ fn sweep(
     let grace = GRACE.as_nanos() as u64;
     let timeout = handshake_timeout.as_nanos() as u64;
     let mut report = SweepReport::default();
+    let missing: HashSet<FlowKey> = pending
+        .iter()
+        .chain(owned.iter())
+        .filter(|(flow, _)| !sockets.contains_key(flow))
+        .map(|(flow, _)| *flow)
+        .collect();
+    let confirmed_missing = |flow: &FlowKey| match &rounds {
+        None => true,
+        Some(r) => r.missing.contains(flow),
+    };
 
     for (flow, v) in &pending {
         let age = now.saturating_sub(v.since_ns);
-        let gone = age >= grace && !sockets.contains_key(flow);
+        let gone = age >= grace && missing.contains(flow) && confirmed_missing(flow);
         if (gone || age >= timeout) && guard.control(op(OP_EXPIRE_PENDING, *flow))? {
             report.expired += 1;
         }
@@ -180,7 +229,8 @@ fn sweep(
     for (flow, v) in &owned {
         let age = now.saturating_sub(v.since_ns);
         if age >= grace
-            && !sockets.contains_key(flow)
+            && missing.contains(flow)
+            && confirmed_missing(flow)
             && guard.control(op(OP_RELEASE_OWNED, *flow))?
         {
             report.released += 1;
@@ -196,11 +246,12 @@ fn sweep(
         .filter(|(flow, kind)| **kind == SocketKind::Connected && !known.contains(flow))
         .map(|(flow, _)| *flow)
         .collect();
-    let adopt: Vec<FlowKey> = match suspects {
+    let adopt: Vec<FlowKey> = match rounds {
         None => unknown.into_iter().collect(),
-        Some(suspects) => {
-            let confirmed = unknown.intersection(suspects).copied().collect();
-            *suspects = unknown;
+        Some(rounds) => {
+            let confirmed = unknown.intersection(&rounds.unknown).copied().collect();
+            rounds.unknown = unknown;
+            rounds.missing = missing;
             confirmed
         }
     };
