@@ -395,12 +395,34 @@ fn layer2_smoke_floods_every_filter() {
             }
         }
     }
-    assert!(
-        r.measurements
+    // The rule-based filters: each rule's counter read, and the one-source flood refused by
+    // the connection limit (the first rule), as ws-guard refuses it.
+    for (id, rules) in [
+        (
+            "iptables",
+            &["connlimit_reject", "recent_set", "recent_drop"][..],
+        ),
+        (
+            "iptables_hashlimit",
+            &["connlimit_reject", "hashlimit_drop"][..],
+        ),
+        ("nftables", &["ct_count_reject", "meter_drop"][..]),
+    ] {
+        let m = r
+            .measurements
             .iter()
-            .any(|m| m.filter_id == "iptables_hashlimit"),
-        "hashlimit not measured"
-    );
+            .find(|m| m.filter_id == id)
+            .unwrap_or_else(|| panic!("{id} not measured"));
+        let names: Vec<&str> = m.verdict_counts.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, rules, "{id}: {}", m.verdicts);
+        let refused = m.verdict_counts[0].1;
+        assert!(
+            refused * 100 >= m.processed * 90,
+            "{id}: {refused} of {} refused at the limit: {}",
+            m.processed,
+            m.verdicts
+        );
+    }
     // ws-guard saw the one-source flood for what it is: a few admitted, the rest refused at
     // the concurrency limit (RSTs with reject, silently with drop).
     for (id, rst) in [("ws_guard", true), ("ws_guard_drop", false)] {

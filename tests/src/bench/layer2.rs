@@ -22,6 +22,12 @@
 //! veth took off its ring (its rx_packets), both over the same wall time; then, for XDP
 //! receivers, a shorter phase with BPF run-time statistics on gives the program's own
 //! ns/packet (the statistics cost a clock read per run, so they are off while Mpps is measured).
+//! For every receiver, the flooded CPU's system and softirq time over the measured flood
+//! (/proc/stat) per packet processed; for the iptables and nftables receivers, each rule's packet
+//! counter. Then, for the scenarios and filters of [`Options::client_scenarios`] and
+//! [`Options::client_filters`], legitimate clients connect while the flood goes on (from
+//! addresses of their own on the generator's side, whose sink passes their replies), first with
+//! SYN cookies on, then off (see [`ClientOptions`]).
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -1327,8 +1333,8 @@ fn setup_filter(
                  set conns {{ type {fam}; size {size}; flags dynamic; }}\n\
                  set rate {{ type {fam}; size {size}; flags dynamic,timeout; timeout 100s; }}\n\
                  chain input {{ type filter hook input priority 0; policy accept;\n\
-                 tcp dport {PORT} ct state new add @conns {{ {addr} ct count over 3 }} reject with tcp reset\n\
-                 tcp dport {PORT} ct state new update @rate {{ {addr} limit rate over 6/minute burst 9 packets }} drop\n\
+                 tcp dport {PORT} ct state new add @conns {{ {addr} ct count over 3 }} counter reject with tcp reset\n\
+                 tcp dport {PORT} ct state new update @rate {{ {addr} limit rate over 6/minute burst 9 packets }} counter drop\n\
                  }}\n}}\n"
             );
             let file = std::env::temp_dir().join(format!("wsgb-{}.nft", std::process::id()));
@@ -1339,6 +1345,98 @@ fn setup_filter(
             Receiver::Plain
         }
     })
+}
+
+/// The packet counters of the iptables and nftables rules on the receiver, named by what the
+/// rule does (None for the other filters). iptables counts every rule; the nftables rules
+/// carry a `counter` for this.
+fn rule_counters(
+    bed: &Bed,
+    scenario: Scenario,
+    filter: Filter,
+) -> anyhow::Result<Option<Vec<(&'static str, u64)>>> {
+    match filter {
+        Filter::Iptables | Filter::Hashlimit => {
+            let ipt = if scenario.ipv6() {
+                "ip6tables"
+            } else {
+                "iptables"
+            };
+            let out = bed.netns_exec(&[ipt, "-w", "-n", "-v", "-x", "-L", "INPUT"])?;
+            let mut v = Vec::new();
+            for line in out.lines().skip(2) {
+                let pkts: u64 = line
+                    .split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .with_context(|| format!("{ipt} -L: {line}"))?;
+                let name = if line.contains("#conn") {
+                    "connlimit_reject"
+                } else if line.contains("recent: SET") {
+                    "recent_set"
+                } else if line.contains("recent: UPDATE") {
+                    "recent_drop"
+                } else if line.contains("limit: above") {
+                    "hashlimit_drop"
+                } else {
+                    bail!("{ipt} -L: a rule of unknown kind: {line}");
+                };
+                v.push((name, pkts));
+            }
+            Ok(Some(v))
+        }
+        Filter::Nftables => {
+            let out = bed.netns_exec(&["nft", "-j", "list", "table", "inet", "wsgbench"])?;
+            let js: Value = serde_json::from_str(&out).context("parsing `nft -j list table`")?;
+            let mut v = Vec::new();
+            for item in js["nftables"].as_array().into_iter().flatten() {
+                let Some(expr) = item["rule"]["expr"].as_array() else {
+                    continue;
+                };
+                let pkts = expr
+                    .iter()
+                    .find_map(|e| e["counter"]["packets"].as_u64())
+                    .context("an nftables rule without its counter")?;
+                let text = serde_json::to_string(expr)?;
+                let name = if text.contains("\"reject\"") {
+                    "ct_count_reject"
+                } else if text.contains("\"drop\"") {
+                    "meter_drop"
+                } else {
+                    bail!("nft: a rule of unknown kind: {text}");
+                };
+                v.push((name, pkts));
+            }
+            Ok(Some(v))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// What the rules did with the measured flood: each rule's packets, as a share of the frames
+/// the receiver took.
+fn rule_verdicts(
+    before: &[(&'static str, u64)],
+    after: &[(&'static str, u64)],
+    processed: u64,
+) -> (String, Vec<(&'static str, u64)>) {
+    let d: Vec<(&'static str, u64)> = after
+        .iter()
+        .map(|(n, a)| {
+            let b = before
+                .iter()
+                .find(|(m, _)| m == n)
+                .map(|(_, b)| *b)
+                .unwrap_or(0);
+            (*n, a.saturating_sub(b))
+        })
+        .collect();
+    let text = d
+        .iter()
+        .map(|(n, v)| format!("{n} {:.2}%", 100.0 * *v as f64 / processed.max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (text, d)
 }
 
 fn map_memory(g: &mut Guard) -> anyhow::Result<MapMemory> {
@@ -1499,12 +1597,14 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
                 let rate = warm as f64 / took.as_secs_f64();
                 let sent = frames_for(rate, opts.measure);
                 let c0 = counters(&receiver)?;
+                let r0 = rule_counters(&bed, scenario, filter)?;
                 let rx0 = bed.rx_packets()?;
                 let t0 = cpu_ticks(opts.cpu)?;
                 let took = flood(&generator, &frame, gen_if, opts.batch, sent)?;
                 let t1 = cpu_ticks(opts.cpu)?;
                 let rx1 = bed.rx_packets()?;
                 let c1 = counters(&receiver)?;
+                let r1 = rule_counters(&bed, scenario, filter)?;
                 let prog_fd = guard_fd.as_ref().map(|f| f.as_fd()).or(raw_fd);
                 let program_ns = match prog_fd {
                     Some(fd) if !opts.stats_phase.is_zero() => {
@@ -1521,8 +1621,9 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
                 let processed = rx1.saturating_sub(rx0);
                 let cpu = cpu_use(&t0, &t1, processed);
                 let secs = took.as_secs_f64();
-                let (text, counts) = match (&c0, &c1) {
-                    (Some(a), Some(b)) => verdicts(a, b),
+                let (text, counts) = match (&c0, &c1, &r0, &r1) {
+                    (Some(a), Some(b), _, _) => verdicts(a, b),
+                    (_, _, Some(a), Some(b)) => rule_verdicts(a, b, processed),
                     _ => (String::new(), Vec::new()),
                 };
                 Ok(Measurement {
