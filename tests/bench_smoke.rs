@@ -372,6 +372,12 @@ fn layer2_smoke_floods_every_filter() {
                 "{c:?}"
             );
             assert!(c.flood_mpps > 0.0 && c.seconds > 0.0, "{c:?}");
+            assert!(c.syn_retransmitted <= c.succeeded, "{c:?}");
+            // A connection that waited past the client's first SYN retransmission (1 s) had
+            // its SYN retransmitted.
+            if c.max_ms > 1000.0 {
+                assert!(c.syn_retransmitted > 0, "{c:?}");
+            }
             if c.succeeded > 0 {
                 assert!(
                     0.0 < c.p50_ms && c.p50_ms <= c.p99_ms && c.p99_ms <= c.max_ms,

@@ -384,6 +384,16 @@ pub struct ClientStats {
     pub attempts: u32,
     /// Connected, and the byte sent came back.
     pub succeeded: u32,
+    /// Of those, how many had to send their SYN again (TCP_INFO): the first one, or its reply,
+    /// was lost.
+    pub syn_retransmitted: u32,
+    /// Frames the veth pair dropped on the way to the receiver during the phase (the generator
+    /// veth's tx_dropped + the receiving veth's rx_dropped): the flood's and the clients'.
+    pub frames_dropped_in: u64,
+    /// Frames the veth pair dropped on the way back to the generator's side during the phase
+    /// (the receiving side's tx_dropped + the generator side's rx_dropped): replies to the
+    /// flood and to the clients alike.
+    pub replies_dropped: u64,
     pub timed_out: u32,
     pub refused: u32,
     /// Connected, but the echo did not come back (or another error).
@@ -566,6 +576,9 @@ impl Report {
                     "listen_backlog": c.backlog,
                     "attempts": c.attempts,
                     "succeeded": c.succeeded,
+                    "syn_retransmitted": c.syn_retransmitted,
+                    "replies_dropped": c.replies_dropped,
+                    "frames_dropped_in": c.frames_dropped_in,
                     "success_share": c.success_share(),
                     "timed_out": c.timed_out,
                     "refused": c.refused,
@@ -756,8 +769,8 @@ fn serve(listener: &std::net::TcpListener, stop: &AtomicBool) -> anyhow::Result<
 /// What became of one client's attempt.
 #[derive(Clone, Copy, Debug)]
 enum Attempt {
-    /// Connected in this long, and the byte came back.
-    Connected(Duration),
+    /// Connected in this long (with this many SYN retransmissions), and the byte came back.
+    Connected(Duration, u32),
     TimedOut,
     Refused,
     Failed,
@@ -785,11 +798,12 @@ fn client(addr: Ipv4Addr, c: &ClientOptions, start: Instant) -> anyhow::Result<V
         let took = t0.elapsed();
         out.push(match r {
             Ok(()) => {
+                let retrans = total_retrans(&s)?;
                 let mut st: std::net::TcpStream = s.into();
                 st.set_read_timeout(Some(c.timeout))?;
                 let mut b = [0u8; 1];
                 if st.write_all(&[0x5a]).is_ok() && st.read_exact(&mut b).is_ok() && b[0] == 0x5a {
-                    Attempt::Connected(took)
+                    Attempt::Connected(took, retrans)
                 } else {
                     Attempt::Failed
                 }
@@ -802,6 +816,28 @@ fn client(addr: Ipv4Addr, c: &ClientOptions, start: Instant) -> anyhow::Result<V
         });
     }
     Ok(out)
+}
+
+/// Segments the socket retransmitted so far (TCP_INFO); right after connect(), its SYNs.
+fn total_retrans(s: &socket2::Socket) -> anyhow::Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket, a buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt TCP_INFO");
+    }
+    Ok(info.tcpi_total_retrans)
 }
 
 /// The `q` quantile of sorted `v` (nearest rank), NaN when empty.
@@ -845,7 +881,7 @@ fn client_phase(
     let stop_flood = AtomicBool::new(false);
     let flooding = AtomicBool::new(false);
     let stop_server = AtomicBool::new(false);
-    let (attempts, flood, served, seconds, rx) = std::thread::scope(|s| {
+    let (attempts, flood, served, seconds, rx, drops) = std::thread::scope(|s| {
         let flood_t = s.spawn(|| {
             in_ns(&bed.gen_ns, || -> anyhow::Result<u64> {
                 pin_to_cpu(opts.cpu)?;
@@ -861,7 +897,7 @@ fn client_phase(
             })
         });
         let server_t = s.spawn(|| serve(listener, &stop_server));
-        let clients = (|| -> anyhow::Result<(Vec<Attempt>, f64, u64)> {
+        let clients = (|| -> anyhow::Result<(Vec<Attempt>, f64, u64, (u64, u64))> {
             let t = Instant::now();
             while !flooding.load(Ordering::SeqCst) {
                 if t.elapsed() > Duration::from_secs(5) || flood_t.is_finished() {
@@ -872,6 +908,7 @@ fn client_phase(
             // Let the flood reach its pace before the first client.
             std::thread::sleep(c.chunk / 4);
             let rx0 = bed.rx_packets()?;
+            let d0 = bed.drops()?;
             let t0 = Instant::now();
             let n = c.addresses.max(1) as u32;
             let handles: Vec<_> = (0..c.addresses)
@@ -890,7 +927,9 @@ fn client_phase(
             }
             let secs = t0.elapsed().as_secs_f64();
             let rx1 = bed.rx_packets()?;
-            Ok((all, secs, rx1.saturating_sub(rx0)))
+            let d1 = bed.drops()?;
+            let d = (d1.0.saturating_sub(d0.0), d1.1.saturating_sub(d0.1));
+            Ok((all, secs, rx1.saturating_sub(rx0), d))
         })();
         // Whatever happened, the flood and the server stop (the scope waits for them).
         stop_flood.store(true, Ordering::SeqCst);
@@ -902,7 +941,7 @@ fn client_phase(
             .join()
             .map_err(|_| anyhow!("the server thread panicked"));
         match clients {
-            Ok((a, secs, rx)) => Ok((a, flood, served, secs, rx)),
+            Ok((a, secs, rx, drops)) => Ok((a, flood, served, secs, rx, drops)),
             Err(e) => Err(e),
         }
     })?;
@@ -912,7 +951,7 @@ fn client_phase(
     let mut ms: Vec<f64> = attempts
         .iter()
         .filter_map(|a| match a {
-            Attempt::Connected(d) => Some(d.as_secs_f64() * 1e3),
+            Attempt::Connected(d, _) => Some(d.as_secs_f64() * 1e3),
             _ => None,
         })
         .collect();
@@ -932,6 +971,9 @@ fn client_phase(
         backlog: c.backlog,
         attempts: attempts.len() as u32,
         succeeded,
+        syn_retransmitted: count(|a| matches!(a, Attempt::Connected(_, r) if *r > 0)),
+        frames_dropped_in: drops.0,
+        replies_dropped: drops.1,
         timed_out: count(|a| matches!(a, Attempt::TimedOut)),
         refused: count(|a| matches!(a, Attempt::Refused)),
         other_failures: count(|a| matches!(a, Attempt::Failed)),
@@ -1081,6 +1123,23 @@ impl Bed {
         let link = in_ns(&gen_ns, || sink.attach(ifindex(GEN_IF)?))?;
         bed._sink = Some(link);
         Ok(bed)
+    }
+
+    /// Frames the veth pair dropped: (towards the receiver: the generator veth's tx_dropped
+    /// plus the receiving veth's rx_dropped, back: the receiving veth's tx_dropped plus the
+    /// generator veth's rx_dropped).
+    fn drops(&self) -> anyhow::Result<(u64, u64)> {
+        let stat = |ns: &str, dev: &str, dir: &str| -> anyhow::Result<u64> {
+            let out = sh(&["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev])?;
+            let v: Value = serde_json::from_str(&out).context("parsing `ip -j -s link`")?;
+            v[0]["stats64"][dir]["dropped"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("no {dir} dropped in `ip -j -s link` output"))
+        };
+        Ok((
+            stat(&self.gen_ns, GEN_IF, "tx")? + stat(&self.srv_ns, SRV_IF, "rx")?,
+            stat(&self.srv_ns, SRV_IF, "tx")? + stat(&self.gen_ns, GEN_IF, "rx")?,
+        ))
     }
 
     fn rx_packets(&self) -> anyhow::Result<u64> {
@@ -1675,17 +1734,22 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
                         &bed, &listener, &generator, &frame, rate, opts, cookies, first,
                     )?;
                     log(&format!(
-                        "    clients, SYN cookies {}: {}/{} connected, p50 {} ms, p99 {} ms \
-                         ({} timed out, {} refused, {} other; flood {:.3} Mpps)",
+                        "    clients, SYN cookies {}: {}/{} connected ({} after a SYN \
+                         retransmission), p50 {} ms, p99 {} ms ({} timed out, {} refused, {} \
+                         other; flood {:.3} Mpps, frames dropped by the veth pair: {} on the \
+                         way in, {} on the way back)",
                         if cookies { "on" } else { "off" },
                         c.succeeded,
                         c.attempts,
+                        c.syn_retransmitted,
                         report_ms(c.p50_ms),
                         report_ms(c.p99_ms),
                         c.timed_out,
                         c.refused,
                         c.other_failures,
-                        c.flood_mpps
+                        c.flood_mpps,
+                        c.frames_dropped_in,
+                        c.replies_dropped
                     ));
                     m.clients.push(c);
                 }

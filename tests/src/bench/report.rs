@@ -133,10 +133,14 @@ pub fn clients_table(r: &layer2::Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| scenario | filter | SYN cookies | connected | p50 ms | p99 ms | timed out | refused | \
-         other | flood Mpps meanwhile | target |"
+        "| scenario | filter | SYN cookies | connected | after a SYN retransmission | p50 ms | \
+         p99 ms | timed out | refused | other | flood Mpps meanwhile | frames the veth pair \
+         dropped (in / back) | target |"
     );
-    let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(
+        s,
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    );
     for m in &r.measurements {
         for c in &m.clients {
             let share = c.success_share();
@@ -151,7 +155,7 @@ pub fn clients_table(r: &layer2::Report) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {}/{} ({}%) | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {}/{} ({}%) | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 m.scenario,
                 // The cookies are the next column's.
                 m.filter.trim_end_matches(" (SYN cookies)"),
@@ -159,12 +163,14 @@ pub fn clients_table(r: &layer2::Report) -> String {
                 c.succeeded,
                 c.attempts,
                 f(share * 100.0, 1),
+                c.syn_retransmitted,
                 layer2::report_ms(c.p50_ms),
                 layer2::report_ms(c.p99_ms),
                 c.timed_out,
                 c.refused,
                 c.other_failures,
                 f(c.flood_mpps, 3),
+                format!("{} / {}", c.frames_dropped_in, c.replies_dropped),
                 target
             );
         }
