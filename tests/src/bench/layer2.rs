@@ -818,6 +818,10 @@ fn client(addr: Ipv4Addr, c: &ClientOptions, start: Instant) -> anyhow::Result<V
     Ok(out)
 }
 
+/// The clients' attempts, the phase's seconds, frames the receiver took, and the veth pair's
+/// drops (in, back).
+type PhaseOutcome = (Vec<Attempt>, f64, u64, (u64, u64));
+
 /// Segments the socket retransmitted so far (TCP_INFO); right after connect(), its SYNs.
 fn total_retrans(s: &socket2::Socket) -> anyhow::Result<u32> {
     use std::os::fd::AsRawFd as _;
@@ -897,7 +901,7 @@ fn client_phase(
             })
         });
         let server_t = s.spawn(|| serve(listener, &stop_server));
-        let clients = (|| -> anyhow::Result<(Vec<Attempt>, f64, u64, (u64, u64))> {
+        let clients = (|| -> anyhow::Result<PhaseOutcome> {
             let t = Instant::now();
             while !flooding.load(Ordering::SeqCst) {
                 if t.elapsed() > Duration::from_secs(5) || flood_t.is_finished() {

@@ -155,7 +155,7 @@ pub fn clients_table(r: &layer2::Report) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {}/{} ({}%) | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {}/{} ({}%) | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
                 m.scenario,
                 // The cookies are the next column's.
                 m.filter.trim_end_matches(" (SYN cookies)"),
@@ -170,7 +170,8 @@ pub fn clients_table(r: &layer2::Report) -> String {
                 c.refused,
                 c.other_failures,
                 f(c.flood_mpps, 3),
-                format!("{} / {}", c.frames_dropped_in, c.replies_dropped),
+                c.frames_dropped_in,
+                c.replies_dropped,
                 target
             );
         }
