@@ -8,10 +8,13 @@ use std::{
 };
 
 use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
-use ws_guard_tests::bench::{
-    Machine,
-    bpf::{self, GenMode, RawProgram, TestRun, XDP_TX},
-    layer1, layer2, report,
+use ws_guard_tests::{
+    bench::{
+        Machine,
+        bpf::{self, GenMode, RawProgram, TestRun, XDP_DROP, XDP_PASS, XDP_TX},
+        layer1, layer2, report,
+    },
+    frames::{FrameBuilder, Tcp},
 };
 
 fn results(layer1: Option<layer1::Report>, layer2: Option<layer2::Report>) -> report::Results {
@@ -231,6 +234,73 @@ fn flood_generator_writes_valid_varied_syns() {
     }
 }
 
+/// The generator side's sink drops the flood's replies and passes what the legitimate clients
+/// need (their replies, ARP).
+#[test]
+fn sink_passes_clients_and_drops_flood_replies() {
+    if !ws_guard_tests::privileged("sink_passes_clients_and_drops_flood_replies") {
+        return;
+    }
+    let prog = RawProgram::load_xdp("wsgb_sink_test", &bpf::sink_program()).expect("loading");
+    let srv4 = Ipv4Addr::new(198, 18, 0, 1);
+    let srv6 = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+    let synack = || Tcp::with_flags(layer2::PORT, 40000, 1, 0x12);
+    for (what, frame, want) in [
+        (
+            "SYN-ACK to a client",
+            FrameBuilder::ipv4(srv4, Ipv4Addr::new(198, 18, 0, 64))
+                .tcp(synack())
+                .build(),
+            XDP_PASS,
+        ),
+        (
+            "SYN-ACK to the generator's address",
+            FrameBuilder::ipv4(srv4, Ipv4Addr::new(198, 18, 0, 2))
+                .tcp(synack())
+                .build(),
+            XDP_PASS,
+        ),
+        (
+            "ARP request",
+            FrameBuilder::arp_request(srv4, Ipv4Addr::new(198, 18, 0, 2)).build(),
+            XDP_PASS,
+        ),
+        (
+            "SYN-ACK to the one-source flood",
+            FrameBuilder::ipv4(srv4, Ipv4Addr::new(198, 19, 0, 1))
+                .tcp(synack())
+                .build(),
+            XDP_DROP,
+        ),
+        (
+            "RST to a random flood source",
+            FrameBuilder::ipv4(srv4, Ipv4Addr::new(198, 19, 77, 9))
+                .tcp(Tcp::with_flags(layer2::PORT, 40000, 0, 0x14))
+                .build(),
+            XDP_DROP,
+        ),
+        (
+            "IPv6 SYN-ACK to a flood source",
+            FrameBuilder::ipv6(srv6, Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 3, 7))
+                .tcp(synack())
+                .build(),
+            XDP_DROP,
+        ),
+    ] {
+        let r = bpf::test_run(
+            prog.fd(),
+            TestRun {
+                data_in: &frame,
+                data_out: None,
+                repeat: 1,
+                live: None,
+            },
+        )
+        .expect("running the sink");
+        assert_eq!(r.retval, want, "{what}");
+    }
+}
+
 #[test]
 fn layer2_smoke_floods_every_filter() {
     if !ws_guard_tests::privileged("layer2_smoke_floods_every_filter") {
@@ -266,6 +336,98 @@ fn layer2_smoke_floods_every_filter() {
         if let Some(ns) = m.program_ns {
             assert!(ns > 0.0 && ns.is_finite(), "{m:?}");
         }
+        // The receiving CPU's time, for every filter: ticks were counted, some of them ours.
+        let cpu = m.cpu.as_ref().expect("CPU time measured");
+        assert!(cpu.ticks > 0, "{m:?}");
+        let ns = cpu.system_ns + cpu.softirq_ns;
+        assert!(ns > 0.0 && ns.is_finite() && ns < 1e7, "{m:?}");
+        assert!((0.0..=1.0).contains(&cpu.busy_share), "{m:?}");
+        // Legitimate clients: cookies on, then off, where asked for; every attempt accounted.
+        let scenario = layer2::Scenario::ALL
+            .into_iter()
+            .find(|s| s.id() == m.scenario_id)
+            .unwrap();
+        let filter = layer2::Filter::ALL
+            .into_iter()
+            .find(|f| f.id() == m.filter_id)
+            .unwrap();
+        if !(opts.client_scenarios.contains(&scenario) && opts.client_filters.contains(&filter)) {
+            assert!(m.clients.is_empty(), "{m:?}");
+            continue;
+        }
+        assert_eq!(m.clients.len(), 2, "{m:?}");
+        for (c, cookies) in m.clients.iter().zip([true, false]) {
+            assert_eq!(c.syn_cookies, cookies, "{c:?}");
+            assert_eq!(c.syncookies_sysctl, u32::from(cookies), "{c:?}");
+            assert_eq!(c.backlog, layer2::BACKLOG);
+            assert!(c.max_syn_backlog > 0, "{c:?}");
+            assert_eq!(
+                c.attempts,
+                opts.clients.addresses as u32 * opts.clients.attempts,
+                "{c:?}"
+            );
+            assert_eq!(
+                c.succeeded + c.timed_out + c.refused + c.other_failures,
+                c.attempts,
+                "{c:?}"
+            );
+            assert!(c.flood_mpps > 0.0 && c.seconds > 0.0, "{c:?}");
+            assert!(c.syn_retransmitted <= c.succeeded, "{c:?}");
+            // A connection that waited past the client's first SYN retransmission (1 s) had
+            // its SYN retransmitted.
+            if c.max_ms > 1000.0 {
+                assert!(c.syn_retransmitted > 0, "{c:?}");
+            }
+            if c.succeeded > 0 {
+                assert!(
+                    0.0 < c.p50_ms && c.p50_ms <= c.p99_ms && c.p99_ms <= c.max_ms,
+                    "{c:?}"
+                );
+                assert!(
+                    c.max_ms <= opts.clients.timeout.as_secs_f64() * 1e3 + 50.0,
+                    "{c:?}"
+                );
+            } else {
+                assert!(c.p50_ms.is_nan() && c.p99_ms.is_nan(), "{c:?}");
+            }
+            // With SYN cookies every filter admits clients under its limits: the sink passed
+            // their replies, the server echoed their byte.
+            if cookies {
+                assert!(
+                    c.succeeded > 0,
+                    "{}: no client connected during the flood: {c:?}",
+                    m.filter
+                );
+            }
+        }
+    }
+    // The rule-based filters: each rule's counter read, and the one-source flood refused by
+    // the connection limit (the first rule), as ws-guard refuses it.
+    for (id, rules) in [
+        (
+            "iptables",
+            &["connlimit_reject", "recent_set", "recent_drop"][..],
+        ),
+        (
+            "iptables_hashlimit",
+            &["connlimit_reject", "hashlimit_drop"][..],
+        ),
+        ("nftables", &["ct_count_reject", "meter_drop"][..]),
+    ] {
+        let m = r
+            .measurements
+            .iter()
+            .find(|m| m.filter_id == id)
+            .unwrap_or_else(|| panic!("{id} not measured"));
+        let names: Vec<&str> = m.verdict_counts.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, rules, "{id}: {}", m.verdicts);
+        let refused = m.verdict_counts[0].1;
+        assert!(
+            refused * 100 >= m.processed * 90,
+            "{id}: {refused} of {} refused at the limit: {}",
+            m.processed,
+            m.verdicts
+        );
     }
     // ws-guard saw the one-source flood for what it is: a few admitted, the rest refused at
     // the concurrency limit (RSTs with reject, silently with drop).
@@ -298,6 +460,26 @@ fn layer2_smoke_floods_every_filter() {
         lines.iter().any(|l| l.contains("of the XDP_DROP ceiling")),
         "{lines:?}"
     );
-    let labels: Vec<String> = r.measurements.iter().map(|m| m.filter.to_owned()).collect();
+    for cookies in ["SYN cookies on", "SYN cookies off"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("Legitimate clients") && l.contains(cookies)),
+            "{lines:?}"
+        );
+    }
+    let md = report::clients_table(&r);
+    assert_eq!(
+        md.lines().count(),
+        2 + 2 * opts.client_filters.len() * opts.client_scenarios.len(),
+        "{md}"
+    );
+    let js = r.to_json();
+    for m in js["measurements"].as_array().unwrap() {
+        assert!(m["cpu"]["ns_per_packet"].as_f64().unwrap() > 0.0, "{m}");
+    }
+    let mut labels: Vec<String> = r.measurements.iter().map(|m| m.filter.to_owned()).collect();
+    labels.push("Legitimate clients during the floods".into());
+    labels.push("CPU ns/packet (softirq)".into());
     check_outputs(&results(None, Some(r)), &labels);
 }

@@ -76,7 +76,9 @@ const RSH: u8 = 0x70;
 const MOV: u8 = 0xb0;
 const END: u8 = 0xd0;
 const TO_BE: u8 = 0x08;
+const JEQ: u8 = 0x10;
 const JGT: u8 = 0x20;
+const JNE: u8 = 0x50;
 const CALL: u8 = 0x80;
 const EXIT: u8 = 0x90;
 
@@ -176,6 +178,20 @@ impl Asm {
         self.0.push(insn(STX | MEM | H, dst, src, off, 0));
         self
     }
+    fn ldx_h(&mut self, dst: u8, src: u8, off: i16) -> &mut Self {
+        self.0.push(insn(LDX | MEM | H, dst, src, off, 0));
+        self
+    }
+    /// `if dst == imm goto +off`.
+    fn jeq_imm(&mut self, dst: u8, imm: i32, off: i16) -> &mut Self {
+        self.0.push(insn(JMP | JEQ | K, dst, 0, off, imm));
+        self
+    }
+    /// `if dst != imm goto +off`.
+    fn jne_imm(&mut self, dst: u8, imm: i32, off: i16) -> &mut Self {
+        self.0.push(insn(JMP | JNE | K, dst, 0, off, imm));
+        self
+    }
     fn jgt(&mut self, dst: u8, src: u8, off: i16) -> &mut Self {
         self.0.push(insn(JMP | JGT | X, dst, src, off, 0));
         self
@@ -215,6 +231,40 @@ pub fn pass_program() -> Vec<Insn> {
 pub fn drop_program() -> Vec<Insn> {
     let mut a = Asm::default();
     a.mov_imm(0, XDP_DROP as i32).exit();
+    a.0
+}
+
+/// The generator side's sink: XDP_DROP of the flood's replies (everything), except ARP and
+/// IPv4 to 198.18.0.0/16 (the generator's own address and the legitimate clients'), which it
+/// passes to the stack, so real clients can connect from the generator's side during a flood.
+/// The flood's replies go to 198.19.0.0/16 and 2001:2:0:1::/64: dropped after about 10
+/// instructions.
+pub fn sink_program() -> Vec<Insn> {
+    let mut a = Asm::default();
+    // r2 = data, r3 = data_end; r4 = data + 34 (Ethernet + an IPv4 header without options).
+    a.ldx_w(2, 1, 0).ldx_w(3, 1, 4);
+    a.mov(4, 2).alu_imm(ADD, 4, 34);
+    let short = a.0.len();
+    a.jgt(4, 3, 0);
+    // The EtherType, loaded little-endian: 0x0008 is IPv4, 0x0608 ARP.
+    a.ldx_h(5, 2, 12);
+    let arp = a.0.len();
+    a.jeq_imm(5, 0x0608, 0);
+    let not_v4 = a.0.len();
+    a.jne_imm(5, 0x0008, 0);
+    // The destination address's first two bytes, 198.18 (c6 12), loaded little-endian.
+    a.ldx_h(5, 2, 30);
+    let ours = a.0.len();
+    a.jeq_imm(5, 0x12c6, 0);
+    let drop_at = a.0.len();
+    a.mov_imm(0, XDP_DROP as i32).exit();
+    let pass_at = a.0.len();
+    a.mov_imm(0, XDP_PASS as i32).exit();
+    // A frame too short for the checks is an ARP frame or a runt: pass it (ARP is 42 bytes).
+    a.0[short].off = (pass_at - short - 1) as i16;
+    a.0[arp].off = (pass_at - arp - 1) as i16;
+    a.0[not_v4].off = (drop_at - not_v4 - 1) as i16;
+    a.0[ours].off = (pass_at - ours - 1) as i16;
     a.0
 }
 

@@ -22,12 +22,19 @@
 //! veth took off its ring (its rx_packets), both over the same wall time; then, for XDP
 //! receivers, a shorter phase with BPF run-time statistics on gives the program's own
 //! ns/packet (the statistics cost a clock read per run, so they are off while Mpps is measured).
+//! For every receiver, the flooded CPU's system and softirq time over the measured flood
+//! (/proc/stat) per packet processed; for the iptables and nftables receivers, each rule's packet
+//! counter. Then, for the scenarios and filters of [`Options::client_scenarios`] and
+//! [`Options::client_filters`], legitimate clients connect while the flood goes on (from
+//! addresses of their own on the generator's side, whose sink passes their replies), first with
+//! SYN cookies on, then off (see [`ClientOptions`]).
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, OwnedFd},
     path::Path,
     process::Command,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -173,18 +180,32 @@ pub enum Filter {
     WsGuardDrop,
     /// The iptables recipe (DESIGN.md): connlimit + recent (ip6tables for IPv6).
     Iptables,
+    /// The recipe with its rate rule (`recent`, 9 per 100 s) replaced by `hashlimit`: per
+    /// source, above 6/minute with a burst of 9 (the same token bucket as the nftables meter).
+    Hashlimit,
     /// nftables: `ct count over 3` reject + a per-source `limit rate` meter.
     Nftables,
 }
 
 impl Filter {
-    pub const ALL: [Filter; 7] = [
+    pub const ALL: [Filter; 8] = [
         Filter::None,
         Filter::Pass,
         Filter::Drop,
         Filter::WsGuard,
         Filter::WsGuardDrop,
         Filter::Iptables,
+        Filter::Hashlimit,
+        Filter::Nftables,
+    ];
+
+    /// The filters legitimate clients are measured through (the XDP floor and ceiling are not
+    /// filters a server would run; the drop variant of ws-guard admits the same clients).
+    pub const WITH_CLIENTS: [Filter; 5] = [
+        Filter::None,
+        Filter::WsGuard,
+        Filter::Iptables,
+        Filter::Hashlimit,
         Filter::Nftables,
     ];
 
@@ -196,6 +217,7 @@ impl Filter {
             Filter::WsGuard => "ws-guard",
             Filter::WsGuardDrop => "ws-guard, drop instead of reject",
             Filter::Iptables => "iptables recipe",
+            Filter::Hashlimit => "iptables connlimit + hashlimit",
             Filter::Nftables => "nftables ct count + meter",
         }
     }
@@ -208,6 +230,7 @@ impl Filter {
             Filter::WsGuard => "ws_guard",
             Filter::WsGuardDrop => "ws_guard_drop",
             Filter::Iptables => "iptables",
+            Filter::Hashlimit => "iptables_hashlimit",
             Filter::Nftables => "nftables",
         }
     }
@@ -230,6 +253,32 @@ pub struct Options {
     pub warmup: Duration,
     /// Frames per live-frames batch.
     pub batch: u32,
+    /// Legitimate clients during the floods of these scenarios and filters.
+    pub client_scenarios: Vec<Scenario>,
+    pub client_filters: Vec<Filter>,
+    pub clients: ClientOptions,
+}
+
+/// Legitimate clients connecting during a flood: per phase (SYN cookies on, then off),
+/// `addresses` client addresses of their own, each making `attempts` connections one after the
+/// other (connect, send a byte, read it back, close), so each stays under every filter's
+/// limits (3 connections; 9 per 100 s). Without the daemon's tracepoint a connection's slot in
+/// ws-guard is not released when it closes, so `attempts` must stay <= 3.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Client addresses per phase (198.18.0.64.. with SYN cookies on, 198.18.0.128.. off).
+    pub addresses: u8,
+    pub attempts: u32,
+    /// The clients' first attempts start spread over this long.
+    pub spread: Duration,
+    /// Pause between one client's attempts.
+    pub gap: Duration,
+    /// Per attempt: connecting, and then reading the echoed byte.
+    pub timeout: Duration,
+    /// The flood runs in calls of about this long until the last client is done.
+    pub chunk: Duration,
+    /// The listener's backlog (every cell).
+    pub backlog: i32,
 }
 
 impl Options {
@@ -243,6 +292,18 @@ impl Options {
             stats_phase: Duration::from_secs(1),
             cpu: last_cpu(),
             batch: 64,
+            client_scenarios: vec![Scenario::OneSource, Scenario::Random65k],
+            client_filters: Filter::WITH_CLIENTS.to_vec(),
+            clients: ClientOptions {
+                addresses: 64,
+                attempts: 3,
+                spread: Duration::from_secs(1),
+                gap: Duration::from_millis(200),
+                // Room for the client's first SYN retransmission (1 s), not its second (3 s).
+                timeout: Duration::from_millis(2500),
+                chunk: Duration::from_millis(500),
+                backlog: BACKLOG,
+            },
         }
     }
 
@@ -257,9 +318,27 @@ impl Options {
             stats_phase: Duration::from_millis(100),
             cpu: last_cpu(),
             batch: 64,
+            client_scenarios: vec![Scenario::OneSource],
+            client_filters: Filter::WITH_CLIENTS.to_vec(),
+            clients: ClientOptions {
+                addresses: 4,
+                attempts: 2,
+                spread: Duration::from_millis(40),
+                gap: Duration::from_millis(20),
+                timeout: Duration::from_millis(1500),
+                chunk: Duration::from_millis(100),
+                backlog: BACKLOG,
+            },
         }
     }
 }
+
+/// The listener's backlog: nginx's and Node.js's default.
+pub const BACKLOG: i32 = 511;
+
+/// The CPU of the legitimate clients and the server's accept loop: CPU 0, while the flood runs
+/// on the last CPU (the same one only on a one-CPU machine).
+const CLIENT_CPU: usize = 0;
 
 fn last_cpu() -> usize {
     std::thread::available_parallelism()
@@ -276,6 +355,62 @@ pub struct MapMemory {
     /// The per-source maps (connection counts and rate windows) divided by their capacity.
     pub bytes_per_source: f64,
     pub source_capacity: u32,
+}
+
+/// CPU time of the receiving CPU over the measured flood (/proc/stat), per packet processed.
+/// The generator runs on that CPU too, in system time (its BPF_PROG_TEST_RUN call), and the
+/// receiver in softirq, so system + softirq is the whole cost of a packet on this bed, and
+/// softirq roughly the receiver's share (tick-sampled: this kernel has no IRQ time
+/// accounting).
+#[derive(Clone, Debug)]
+pub struct CpuUse {
+    pub system_ns: f64,
+    pub softirq_ns: f64,
+    /// (system + softirq) / all ticks of the CPU over the interval: below 1, something else
+    /// (user time of other work, idle) had part of the CPU.
+    pub busy_share: f64,
+    pub ticks: u64,
+}
+
+/// Legitimate clients' connections during a flood (one phase).
+#[derive(Clone, Debug)]
+pub struct ClientStats {
+    pub syn_cookies: bool,
+    /// net.ipv4.tcp_syncookies in the receiver's namespace, read back.
+    pub syncookies_sysctl: u32,
+    /// net.ipv4.tcp_max_syn_backlog there, and the listener's backlog.
+    pub max_syn_backlog: u32,
+    pub backlog: i32,
+    pub attempts: u32,
+    /// Connected, and the byte sent came back.
+    pub succeeded: u32,
+    /// Of those, how many had to send their SYN again (TCP_INFO): the first one, or its reply,
+    /// was lost.
+    pub syn_retransmitted: u32,
+    /// Frames the veth pair dropped on the way to the receiver during the phase (the generator
+    /// veth's tx_dropped + the receiving veth's rx_dropped): the flood's and the clients'.
+    pub frames_dropped_in: u64,
+    /// Frames the veth pair dropped on the way back to the generator's side during the phase
+    /// (the receiving side's tx_dropped + the generator side's rx_dropped): replies to the
+    /// flood and to the clients alike.
+    pub replies_dropped: u64,
+    pub timed_out: u32,
+    pub refused: u32,
+    /// Connected, but the echo did not come back (or another error).
+    pub other_failures: u32,
+    /// Of the successful attempts, connect() time in milliseconds.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// The flood during the phase: frames the receiver took, per second.
+    pub flood_mpps: f64,
+    pub seconds: f64,
+}
+
+impl ClientStats {
+    pub fn success_share(&self) -> f64 {
+        self.succeeded as f64 / self.attempts.max(1) as f64
+    }
 }
 
 /// One (scenario, filter) measurement.
@@ -298,6 +433,10 @@ pub struct Measurement {
     pub verdicts: String,
     pub verdict_counts: Vec<(&'static str, u64)>,
     pub map_memory: Option<MapMemory>,
+    /// The receiving CPU's time over the measured flood.
+    pub cpu: Option<CpuUse>,
+    /// Legitimate clients during the flood: SYN cookies on, then off (where measured).
+    pub clients: Vec<ClientStats>,
 }
 
 /// Everything layer 2 measured.
@@ -359,6 +498,30 @@ impl Report {
                 w.processed_mpps / i.processed_mpps
             ));
         }
+        for scenario in Scenario::ALL {
+            let Some(w) = self.find(scenario, Filter::WsGuard) else {
+                continue;
+            };
+            for c in &w.clients {
+                let share = c.success_share();
+                out.push(format!(
+                    "Legitimate clients during the {} flood, SYN cookies {}: {} of {} connected \
+                     through ws-guard ({}; p50 {} ms, p99 {} ms); target >= 99%: {}",
+                    scenario.name(),
+                    if c.syn_cookies { "on" } else { "off" },
+                    c.succeeded,
+                    c.attempts,
+                    pct(share),
+                    report_ms(c.p50_ms),
+                    report_ms(c.p99_ms),
+                    if share >= 0.99 {
+                        "met".to_owned()
+                    } else {
+                        format!("MISSED by {:.1} points", (0.99 - share) * 100.0)
+                    }
+                ));
+            }
+        }
         if let Some(w) = self.find(Scenario::Random1M, Filter::WsGuard) {
             if let Some(ns) = w.program_ns {
                 out.push(format!(
@@ -399,6 +562,33 @@ impl Report {
                 "program_ns_per_packet": m.program_ns,
                 "verdicts": m.verdict_counts.iter().map(|(k, v)| (k.to_string(), json!(v)))
                     .collect::<serde_json::Map<_, _>>(),
+                "cpu": m.cpu.as_ref().map(|c| json!({
+                    "system_ns_per_packet": c.system_ns,
+                    "softirq_ns_per_packet": c.softirq_ns,
+                    "ns_per_packet": c.system_ns + c.softirq_ns,
+                    "busy_share": c.busy_share,
+                    "ticks": c.ticks,
+                })),
+                "clients": m.clients.iter().map(|c| json!({
+                    "syn_cookies": c.syn_cookies,
+                    "syncookies_sysctl": c.syncookies_sysctl,
+                    "tcp_max_syn_backlog": c.max_syn_backlog,
+                    "listen_backlog": c.backlog,
+                    "attempts": c.attempts,
+                    "succeeded": c.succeeded,
+                    "syn_retransmitted": c.syn_retransmitted,
+                    "replies_dropped": c.replies_dropped,
+                    "frames_dropped_in": c.frames_dropped_in,
+                    "success_share": c.success_share(),
+                    "timed_out": c.timed_out,
+                    "refused": c.refused,
+                    "other_failures": c.other_failures,
+                    "connect_p50_ms": finite(c.p50_ms),
+                    "connect_p99_ms": finite(c.p99_ms),
+                    "connect_max_ms": finite(c.max_ms),
+                    "flood_processed_mpps": c.flood_mpps,
+                    "seconds": c.seconds,
+                })).collect::<Vec<_>>(),
                 "map_memory": m.map_memory.as_ref().map(|mm| json!({
                     "total_bytes": mm.total_bytes,
                     "bytes_per_source": mm.bytes_per_source,
@@ -447,6 +637,19 @@ fn short_scenario(id: &str) -> &'static str {
     }
 }
 
+/// Milliseconds for the report, "n/a" when there was nothing to measure.
+pub fn report_ms(ms: f64) -> String {
+    if ms.is_finite() {
+        format!("{ms:.2}")
+    } else {
+        "n/a".into()
+    }
+}
+
+fn finite(x: f64) -> Value {
+    if x.is_finite() { json!(x) } else { Value::Null }
+}
+
 fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
 }
@@ -465,6 +668,325 @@ fn sh(args: &[&str]) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `ip -n ns -batch -` with `lines` on its standard input.
+fn ip_batch(ns: &str, lines: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("running ip -batch")?;
+    child
+        .stdin
+        .take()
+        .context("ip -batch stdin")?
+        .write_all(lines.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "`ip -n {ns} -batch -` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The first legitimate client address's last byte: 198.18.0.64-127 connect with SYN cookies
+/// on, 198.18.0.128-191 with them off (fresh sources for each phase's limits).
+const CLIENTS_FIRST: u8 = 64;
+
+/// Ticks of one CPU from /proc/stat: user, nice, system, idle, iowait, irq, softirq, steal.
+fn cpu_ticks(cpu: usize) -> anyhow::Result<[u64; 8]> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let want = format!("cpu{cpu} ");
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with(&want))
+        .ok_or_else(|| anyhow!("no {want:?} line in /proc/stat"))?;
+    let mut t = [0u64; 8];
+    for (i, v) in line.split_whitespace().skip(1).take(8).enumerate() {
+        t[i] = v.parse().with_context(|| format!("/proc/stat: {line}"))?;
+    }
+    Ok(t)
+}
+
+/// CPU time per packet between two /proc/stat samples.
+fn cpu_use(before: &[u64; 8], after: &[u64; 8], packets: u64) -> CpuUse {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let d: Vec<u64> = (0..8).map(|i| after[i].saturating_sub(before[i])).collect();
+    let ticks: u64 = d.iter().sum();
+    let per = |t: u64| t as f64 * 1e9 / hz / packets.max(1) as f64;
+    CpuUse {
+        system_ns: per(d[2]),
+        softirq_ns: per(d[6]),
+        busy_share: (d[2] + d[6]) as f64 / ticks.max(1) as f64,
+        ticks,
+    }
+}
+
+/// The listener on [::]:9000 (dual-stack) with `backlog`, in the calling thread's namespace.
+fn listen(backlog: i32) -> anyhow::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    s.set_only_v6(false)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT)).into())?;
+    s.listen(backlog)?;
+    Ok(s.into())
+}
+
+/// The server: accepts, reads one byte, writes it back, closes; until `stop`.
+fn serve(listener: &std::net::TcpListener, stop: &AtomicBool) -> anyhow::Result<u64> {
+    use std::io::{Read as _, Write as _};
+    pin_to_cpu(CLIENT_CPU)?;
+    listener.set_nonblocking(true)?;
+    let mut served = 0;
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((mut c, _)) => {
+                c.set_nonblocking(false)?;
+                c.set_read_timeout(Some(Duration::from_secs(1)))?;
+                let mut b = [0u8; 1];
+                if c.read_exact(&mut b).is_ok() && c.write_all(&b).is_ok() {
+                    served += 1;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => return Err(e).context("accepting a client"),
+        }
+    }
+    listener.set_nonblocking(false)?;
+    Ok(served)
+}
+
+/// What became of one client's attempt.
+#[derive(Clone, Copy, Debug)]
+enum Attempt {
+    /// Connected in this long (with this many SYN retransmissions), and the byte came back.
+    Connected(Duration, u32),
+    TimedOut,
+    Refused,
+    Failed,
+}
+
+/// One legitimate client: `attempts` connections from `addr`, one after the other.
+fn client(addr: Ipv4Addr, c: &ClientOptions, start: Instant) -> anyhow::Result<Vec<Attempt>> {
+    use socket2::{Domain, Socket, Type};
+    use std::io::{ErrorKind, Read as _, Write as _};
+    pin_to_cpu(CLIENT_CPU)?;
+    let server = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 1), PORT));
+    let mut out = Vec::new();
+    if let Some(wait) = start.checked_duration_since(Instant::now()) {
+        std::thread::sleep(wait);
+    }
+    for k in 0..c.attempts {
+        if k > 0 {
+            std::thread::sleep(c.gap);
+        }
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        s.bind(&SocketAddr::from((addr, 0)).into())
+            .with_context(|| format!("binding a client to {addr}"))?;
+        let t0 = Instant::now();
+        let r = s.connect_timeout(&server.into(), c.timeout);
+        let took = t0.elapsed();
+        out.push(match r {
+            Ok(()) => {
+                let retrans = total_retrans(&s)?;
+                let mut st: std::net::TcpStream = s.into();
+                st.set_read_timeout(Some(c.timeout))?;
+                let mut b = [0u8; 1];
+                if st.write_all(&[0x5a]).is_ok() && st.read_exact(&mut b).is_ok() && b[0] == 0x5a {
+                    Attempt::Connected(took, retrans)
+                } else {
+                    Attempt::Failed
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::TimedOut || e.kind() == ErrorKind::WouldBlock => {
+                Attempt::TimedOut
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => Attempt::Refused,
+            Err(_) => Attempt::Failed,
+        });
+    }
+    Ok(out)
+}
+
+/// The clients' attempts, the phase's seconds, frames the receiver took, and the veth pair's
+/// drops (in, back).
+type PhaseOutcome = (Vec<Attempt>, f64, u64, (u64, u64));
+
+/// Segments the socket retransmitted so far (TCP_INFO); right after connect(), its SYNs.
+fn total_retrans(s: &socket2::Socket) -> anyhow::Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket, a buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt TCP_INFO");
+    }
+    Ok(info.tcpi_total_retrans)
+}
+
+/// The `q` quantile of sorted `v` (nearest rank), NaN when empty.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
+}
+
+/// Legitimate clients connecting while the flood runs: sets SYN cookies on or off in the
+/// receiver's namespace, starts the flood (in calls of `chunk` until the last client is done)
+/// and the server, then the clients (first address `198.18.0.first`).
+#[allow(clippy::too_many_arguments)]
+fn client_phase(
+    bed: &Bed,
+    listener: &std::net::TcpListener,
+    generator: &RawProgram,
+    frame: &[u8],
+    rate: f64,
+    opts: &Options,
+    cookies: bool,
+    first: u8,
+) -> anyhow::Result<ClientStats> {
+    let c = &opts.clients;
+    bed.netns_exec(&[
+        "sysctl",
+        "-q",
+        "-w",
+        &format!("net.ipv4.tcp_syncookies={}", u8::from(cookies)),
+    ])?;
+    let read = |k: &str| -> anyhow::Result<u32> {
+        let v = bed.netns_exec(&["sysctl", "-n", k])?;
+        v.trim()
+            .parse()
+            .with_context(|| format!("sysctl {k}: {v:?}"))
+    };
+    let syncookies_sysctl = read("net.ipv4.tcp_syncookies")?;
+    let max_syn_backlog = read("net.ipv4.tcp_max_syn_backlog")?;
+    let stop_flood = AtomicBool::new(false);
+    let flooding = AtomicBool::new(false);
+    let stop_server = AtomicBool::new(false);
+    let (attempts, flood, served, seconds, rx, drops) = std::thread::scope(|s| {
+        let flood_t = s.spawn(|| {
+            in_ns(&bed.gen_ns, || -> anyhow::Result<u64> {
+                pin_to_cpu(opts.cpu)?;
+                let gen_if = ifindex(GEN_IF)?;
+                let n = frames_for(rate, c.chunk);
+                let mut sent = 0;
+                flooding.store(true, Ordering::SeqCst);
+                while !stop_flood.load(Ordering::SeqCst) {
+                    flood(generator, frame, gen_if, opts.batch, n)?;
+                    sent += n;
+                }
+                Ok(sent)
+            })
+        });
+        let server_t = s.spawn(|| serve(listener, &stop_server));
+        let clients = (|| -> anyhow::Result<PhaseOutcome> {
+            let t = Instant::now();
+            while !flooding.load(Ordering::SeqCst) {
+                if t.elapsed() > Duration::from_secs(5) || flood_t.is_finished() {
+                    bail!("the flood did not start");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Let the flood reach its pace before the first client.
+            std::thread::sleep(c.chunk / 4);
+            let rx0 = bed.rx_packets()?;
+            let d0 = bed.drops()?;
+            let t0 = Instant::now();
+            let n = c.addresses.max(1) as u32;
+            let handles: Vec<_> = (0..c.addresses)
+                .map(|i| {
+                    let addr = Ipv4Addr::new(198, 18, 0, first + i);
+                    let start = t0 + c.spread * i as u32 / n;
+                    s.spawn(move || in_ns(&bed.gen_ns, || client(addr, c, start)))
+                })
+                .collect();
+            let mut all = Vec::new();
+            for h in handles {
+                all.extend(
+                    h.join()
+                        .map_err(|_| anyhow!("a client thread panicked"))??,
+                );
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let rx1 = bed.rx_packets()?;
+            let d1 = bed.drops()?;
+            let d = (d1.0.saturating_sub(d0.0), d1.1.saturating_sub(d0.1));
+            Ok((all, secs, rx1.saturating_sub(rx0), d))
+        })();
+        // Whatever happened, the flood and the server stop (the scope waits for them).
+        stop_flood.store(true, Ordering::SeqCst);
+        let flood = flood_t
+            .join()
+            .map_err(|_| anyhow!("the flood thread panicked"));
+        stop_server.store(true, Ordering::SeqCst);
+        let served = server_t
+            .join()
+            .map_err(|_| anyhow!("the server thread panicked"));
+        match clients {
+            Ok((a, secs, rx, drops)) => Ok((a, flood, served, secs, rx, drops)),
+            Err(e) => Err(e),
+        }
+    })?;
+    let sent = flood??;
+    let served = served??;
+    anyhow::ensure!(sent > 0, "no flood ran during the clients' phase");
+    let mut ms: Vec<f64> = attempts
+        .iter()
+        .filter_map(|a| match a {
+            Attempt::Connected(d, _) => Some(d.as_secs_f64() * 1e3),
+            _ => None,
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let count = |f: fn(&Attempt) -> bool| attempts.iter().filter(|a| f(a)).count() as u32;
+    let succeeded = ms.len() as u32;
+    // Every successful client was served (the server may also have served one whose echo
+    // was lost on the way back, never fewer).
+    anyhow::ensure!(
+        served >= succeeded as u64,
+        "{succeeded} clients got their byte back but the server served {served}"
+    );
+    Ok(ClientStats {
+        syn_cookies: cookies,
+        syncookies_sysctl,
+        max_syn_backlog,
+        backlog: c.backlog,
+        attempts: attempts.len() as u32,
+        succeeded,
+        syn_retransmitted: count(|a| matches!(a, Attempt::Connected(_, r) if *r > 0)),
+        frames_dropped_in: drops.0,
+        replies_dropped: drops.1,
+        timed_out: count(|a| matches!(a, Attempt::TimedOut)),
+        refused: count(|a| matches!(a, Attempt::Refused)),
+        other_failures: count(|a| matches!(a, Attempt::Failed)),
+        p50_ms: quantile(&ms, 0.5),
+        p99_ms: quantile(&ms, 0.99),
+        max_ms: ms.last().copied().unwrap_or(f64::NAN),
+        flood_mpps: rx as f64 / seconds / 1e6,
+        seconds,
+    })
 }
 
 /// The two namespaces and the veth pair of one measurement; removed by name on drop.
@@ -607,6 +1129,23 @@ impl Bed {
         Ok(bed)
     }
 
+    /// Frames the veth pair dropped: (towards the receiver: the generator veth's tx_dropped
+    /// plus the receiving veth's rx_dropped, back: the receiving veth's tx_dropped plus the
+    /// generator veth's rx_dropped).
+    fn drops(&self) -> anyhow::Result<(u64, u64)> {
+        let stat = |ns: &str, dev: &str, dir: &str| -> anyhow::Result<u64> {
+            let out = sh(&["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev])?;
+            let v: Value = serde_json::from_str(&out).context("parsing `ip -j -s link`")?;
+            v[0]["stats64"][dir]["dropped"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("no {dir} dropped in `ip -j -s link` output"))
+        };
+        Ok((
+            stat(&self.gen_ns, GEN_IF, "tx")? + stat(&self.srv_ns, SRV_IF, "rx")?,
+            stat(&self.srv_ns, SRV_IF, "tx")? + stat(&self.gen_ns, GEN_IF, "rx")?,
+        ))
+    }
+
     fn rx_packets(&self) -> anyhow::Result<u64> {
         let out = sh(&[
             "ip",
@@ -623,6 +1162,50 @@ impl Bed {
         v[0]["stats64"]["rx"]["packets"]
             .as_u64()
             .ok_or_else(|| anyhow!("no rx packets in `ip -j -s link` output"))
+    }
+
+    /// The legitimate clients' addresses on the generator's side (198.18.0.64-191, /32 each),
+    /// the server's address as a permanent neighbour there, and routes back to the clients
+    /// through the generator side's permanent neighbour: no ARP while the flood runs.
+    fn add_clients(&self) -> anyhow::Result<()> {
+        let lines: String = (CLIENTS_FIRST..CLIENTS_FIRST + 128)
+            .map(|i| format!("addr add 198.18.0.{i}/32 dev {GEN_IF}\n"))
+            .collect();
+        ip_batch(&self.gen_ns, &lines)?;
+        let smac = SRV_MAC
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        sh(&[
+            "ip",
+            "-n",
+            &self.gen_ns,
+            "neigh",
+            "replace",
+            "198.18.0.1",
+            "lladdr",
+            &smac,
+            "dev",
+            GEN_IF,
+            "nud",
+            "permanent",
+        ])?;
+        for net in ["198.18.0.64/26", "198.18.0.128/26"] {
+            sh(&[
+                "ip",
+                "-n",
+                &self.srv_ns,
+                "route",
+                "add",
+                net,
+                "via",
+                "198.18.0.2",
+                "dev",
+                SRV_IF,
+            ])?;
+        }
+        Ok(())
     }
 
     fn netns_exec(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -739,6 +1322,69 @@ fn setup_filter(
             ])?;
             Receiver::Plain
         }
+        Filter::Hashlimit => {
+            let (ipt, mask) = if scenario.ipv6() {
+                ("ip6tables", "128")
+            } else {
+                ("iptables", "32")
+            };
+            // The hash table holds every source of the scenario (as the nftables sets do).
+            let max = scenario.sources().max(65536).to_string();
+            bed.netns_exec(&[
+                ipt,
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "--syn",
+                "--dport",
+                &p,
+                "-m",
+                "connlimit",
+                "--connlimit-above",
+                "3",
+                "--connlimit-mask",
+                mask,
+                "-j",
+                "REJECT",
+            ])?;
+            bed.netns_exec(&[
+                ipt,
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                &p,
+                "-i",
+                SRV_IF,
+                "-m",
+                "state",
+                "--state",
+                "NEW",
+                "-m",
+                "hashlimit",
+                "--hashlimit-name",
+                "wsgb",
+                "--hashlimit-mode",
+                "srcip",
+                "--hashlimit-srcmask",
+                mask,
+                "--hashlimit-above",
+                "6/minute",
+                "--hashlimit-burst",
+                "9",
+                "--hashlimit-htable-size",
+                "65536",
+                "--hashlimit-htable-max",
+                &max,
+                "--hashlimit-htable-expire",
+                "100000",
+                "-j",
+                "DROP",
+            ])?;
+            Receiver::Plain
+        }
         Filter::Nftables => {
             let (fam, addr, size) = if scenario.ipv6() {
                 ("ipv6_addr", "ip6 saddr", 1 << 20)
@@ -750,8 +1396,8 @@ fn setup_filter(
                  set conns {{ type {fam}; size {size}; flags dynamic; }}\n\
                  set rate {{ type {fam}; size {size}; flags dynamic,timeout; timeout 100s; }}\n\
                  chain input {{ type filter hook input priority 0; policy accept;\n\
-                 tcp dport {PORT} ct state new add @conns {{ {addr} ct count over 3 }} reject with tcp reset\n\
-                 tcp dport {PORT} ct state new update @rate {{ {addr} limit rate over 6/minute burst 9 packets }} drop\n\
+                 tcp dport {PORT} ct state new add @conns {{ {addr} ct count over 3 }} counter reject with tcp reset\n\
+                 tcp dport {PORT} ct state new update @rate {{ {addr} limit rate over 6/minute burst 9 packets }} counter drop\n\
                  }}\n}}\n"
             );
             let file = std::env::temp_dir().join(format!("wsgb-{}.nft", std::process::id()));
@@ -762,6 +1408,98 @@ fn setup_filter(
             Receiver::Plain
         }
     })
+}
+
+/// The packet counters of the iptables and nftables rules on the receiver, named by what the
+/// rule does (None for the other filters). iptables counts every rule; the nftables rules
+/// carry a `counter` for this.
+fn rule_counters(
+    bed: &Bed,
+    scenario: Scenario,
+    filter: Filter,
+) -> anyhow::Result<Option<Vec<(&'static str, u64)>>> {
+    match filter {
+        Filter::Iptables | Filter::Hashlimit => {
+            let ipt = if scenario.ipv6() {
+                "ip6tables"
+            } else {
+                "iptables"
+            };
+            let out = bed.netns_exec(&[ipt, "-w", "-n", "-v", "-x", "-L", "INPUT"])?;
+            let mut v = Vec::new();
+            for line in out.lines().skip(2) {
+                let pkts: u64 = line
+                    .split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .with_context(|| format!("{ipt} -L: {line}"))?;
+                let name = if line.contains("#conn") {
+                    "connlimit_reject"
+                } else if line.contains("recent: SET") {
+                    "recent_set"
+                } else if line.contains("recent: UPDATE") {
+                    "recent_drop"
+                } else if line.contains("limit: above") {
+                    "hashlimit_drop"
+                } else {
+                    bail!("{ipt} -L: a rule of unknown kind: {line}");
+                };
+                v.push((name, pkts));
+            }
+            Ok(Some(v))
+        }
+        Filter::Nftables => {
+            let out = bed.netns_exec(&["nft", "-j", "list", "table", "inet", "wsgbench"])?;
+            let js: Value = serde_json::from_str(&out).context("parsing `nft -j list table`")?;
+            let mut v = Vec::new();
+            for item in js["nftables"].as_array().into_iter().flatten() {
+                let Some(expr) = item["rule"]["expr"].as_array() else {
+                    continue;
+                };
+                let pkts = expr
+                    .iter()
+                    .find_map(|e| e["counter"]["packets"].as_u64())
+                    .context("an nftables rule without its counter")?;
+                let text = serde_json::to_string(expr)?;
+                let name = if text.contains("\"reject\"") {
+                    "ct_count_reject"
+                } else if text.contains("\"drop\"") {
+                    "meter_drop"
+                } else {
+                    bail!("nft: a rule of unknown kind: {text}");
+                };
+                v.push((name, pkts));
+            }
+            Ok(Some(v))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// What the rules did with the measured flood: each rule's packets, as a share of the frames
+/// the receiver took.
+fn rule_verdicts(
+    before: &[(&'static str, u64)],
+    after: &[(&'static str, u64)],
+    processed: u64,
+) -> (String, Vec<(&'static str, u64)>) {
+    let d: Vec<(&'static str, u64)> = after
+        .iter()
+        .map(|(n, a)| {
+            let b = before
+                .iter()
+                .find(|(m, _)| m == n)
+                .map(|(_, b)| *b)
+                .unwrap_or(0);
+            (*n, a.saturating_sub(b))
+        })
+        .collect();
+    let text = d
+        .iter()
+        .map(|(n, v)| format!("{n} {:.2}%", 100.0 * *v as f64 / processed.max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (text, d)
 }
 
 fn map_memory(g: &mut Guard) -> anyhow::Result<MapMemory> {
@@ -869,7 +1607,7 @@ fn frames_for(rate: f64, d: Duration) -> u64 {
 pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> {
     let pass_prog = RawProgram::load_xdp("wsgb_pass", &bpf::pass_program())?;
     let drop_prog = RawProgram::load_xdp("wsgb_drop", &bpf::drop_program())?;
-    let sink = RawProgram::load_xdp("wsgb_sink", &bpf::drop_program())?;
+    let sink = RawProgram::load_xdp("wsgb_sink", &bpf::sink_program())?;
     let mut out = Vec::new();
     let mut n = 0;
     for &scenario in &opts.scenarios {
@@ -880,11 +1618,14 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
             n += 1;
             log(&format!("layer 2: {} / {}", scenario.name(), filter.name()));
             let bed = Bed::new(n, &sink)?;
+            let with_clients =
+                opts.client_scenarios.contains(&scenario) && opts.client_filters.contains(&filter);
+            if with_clients {
+                bed.add_clients()?;
+            }
             // A listener for the admitted SYNs (SYN cookies on: the namespace's default).
-            let listener = in_ns(&bed.srv_ns, || {
-                std::net::TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT)))
-            })
-            .context("listening on [::]:9000 in the server namespace")?;
+            let listener = in_ns(&bed.srv_ns, || listen(opts.clients.backlog))
+                .context("listening on [::]:9000 in the server namespace")?;
             let mut receiver = setup_filter(&bed, scenario, filter, &pass_prog, &drop_prog)?;
             let guard_fd = match &mut receiver {
                 Receiver::Guard(g) => Some(
@@ -919,10 +1660,14 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
                 let rate = warm as f64 / took.as_secs_f64();
                 let sent = frames_for(rate, opts.measure);
                 let c0 = counters(&receiver)?;
+                let r0 = rule_counters(&bed, scenario, filter)?;
                 let rx0 = bed.rx_packets()?;
+                let t0 = cpu_ticks(opts.cpu)?;
                 let took = flood(&generator, &frame, gen_if, opts.batch, sent)?;
+                let t1 = cpu_ticks(opts.cpu)?;
                 let rx1 = bed.rx_packets()?;
                 let c1 = counters(&receiver)?;
+                let r1 = rule_counters(&bed, scenario, filter)?;
                 let prog_fd = guard_fd.as_ref().map(|f| f.as_fd()).or(raw_fd);
                 let program_ns = match prog_fd {
                     Some(fd) if !opts.stats_phase.is_zero() => {
@@ -937,9 +1682,11 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
                     _ => None,
                 };
                 let processed = rx1.saturating_sub(rx0);
+                let cpu = cpu_use(&t0, &t1, processed);
                 let secs = took.as_secs_f64();
-                let (text, counts) = match (&c0, &c1) {
-                    (Some(a), Some(b)) => verdicts(a, b),
+                let (text, counts) = match (&c0, &c1, &r0, &r1) {
+                    (Some(a), Some(b), _, _) => verdicts(a, b),
+                    (_, _, Some(a), Some(b)) => rule_verdicts(a, b, processed),
                     _ => (String::new(), Vec::new()),
                 };
                 Ok(Measurement {
@@ -957,17 +1704,24 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
                     verdicts: text,
                     verdict_counts: counts,
                     map_memory: None,
+                    cpu: Some(cpu),
+                    clients: Vec::new(),
                 })
             })?;
             let mut m = m;
-            if let Receiver::Guard(g) = &mut receiver {
-                m.map_memory = Some(map_memory(g)?);
-                g.detach_all()?;
-            }
             log(&format!(
-                "    offered {:.3} Mpps, processed {:.3} Mpps{}{}",
+                "    offered {:.3} Mpps, processed {:.3} Mpps, CPU {} ns/packet{}{}",
                 m.offered_mpps,
                 m.processed_mpps,
+                m.cpu
+                    .as_ref()
+                    .map(|c| format!(
+                        "{:.0} (softirq {:.0}, busy {:.0}%)",
+                        c.system_ns + c.softirq_ns,
+                        c.softirq_ns,
+                        c.busy_share * 100.0
+                    ))
+                    .unwrap_or_default(),
                 m.program_ns
                     .map(|ns| format!(", program {ns:.1} ns/packet"))
                     .unwrap_or_default(),
@@ -977,6 +1731,37 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
                     format!(", {}", m.verdicts)
                 }
             ));
+            if with_clients {
+                let rate = m.offered as f64 / m.seconds;
+                for (cookies, first) in [(true, CLIENTS_FIRST), (false, CLIENTS_FIRST + 64)] {
+                    let c = client_phase(
+                        &bed, &listener, &generator, &frame, rate, opts, cookies, first,
+                    )?;
+                    log(&format!(
+                        "    clients, SYN cookies {}: {}/{} connected ({} after a SYN \
+                         retransmission), p50 {} ms, p99 {} ms ({} timed out, {} refused, {} \
+                         other; flood {:.3} Mpps, frames dropped by the veth pair: {} on the \
+                         way in, {} on the way back)",
+                        if cookies { "on" } else { "off" },
+                        c.succeeded,
+                        c.attempts,
+                        c.syn_retransmitted,
+                        report_ms(c.p50_ms),
+                        report_ms(c.p99_ms),
+                        c.timed_out,
+                        c.refused,
+                        c.other_failures,
+                        c.flood_mpps,
+                        c.frames_dropped_in,
+                        c.replies_dropped
+                    ));
+                    m.clients.push(c);
+                }
+            }
+            if let Receiver::Guard(g) = &mut receiver {
+                m.map_memory = Some(map_memory(g)?);
+                g.detach_all()?;
+            }
             drop(receiver);
             drop(listener);
             drop(bed);
