@@ -65,6 +65,24 @@ pub fn describe(cfg: &Config) -> Vec<String> {
             p.port, cfg.ipv4_prefix, cfg.ipv6_prefix
         ));
     }
+    let cidrs = |l: &[ipnet::IpNet]| {
+        l.iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !cfg.allow.is_empty() {
+        lines.push(format!("never limited (allow): {}", cidrs(&cfg.allow)));
+    }
+    if !cfg.deny.is_empty() {
+        lines.push(format!("always dropped (deny): {}", cidrs(&cfg.deny)));
+    }
+    if !cfg.ban_duration.is_zero() {
+        lines.push(format!(
+            "a source over a port's new_connections is banned from it for {}",
+            humantime::format_duration(cfg.ban_duration)
+        ));
+    }
     if cfg.monitor {
         lines.push("monitor mode: nothing is refused, would-be refusals are counted".into());
     }
