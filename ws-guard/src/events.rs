@@ -184,16 +184,25 @@ pub fn drain(ring: &mut RingBuf<MapData>) -> Vec<BanEvent> {
 }
 
 /// Starts the task that logs the kernel's ban events; returns the log the daemon's other ban
-/// lines go through ([`expire_bans`]).
-pub fn start(guard: &Arc<Mutex<Guard>>) -> anyhow::Result<Arc<EventLog>> {
+/// lines go through ([`expire_bans`]). When the ring buffer cannot be watched, says so and
+/// goes on without the kernel's events: bans still apply.
+pub fn start(guard: &Arc<Mutex<Guard>>) -> Arc<EventLog> {
+    let log = Arc::new(EventLog::default());
+    match watch(guard) {
+        Ok(fd) => {
+            tokio::spawn(run(fd, guard.clone(), log.clone()));
+        }
+        Err(e) => warn!("ban events will not be logged: {e:#}; `ws-guard bans` lists the bans"),
+    }
+    log
+}
+
+fn watch(guard: &Arc<Mutex<Guard>>) -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
     let ring = lock(guard).take_events()?;
     // SAFETY: the ring buffer owns its map's fd, which stays open and the same until the
     // AsyncFd (which owns the ring buffer) is dropped.
-    let fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| anyhow!("watching the ban event ring buffer: {e}"))?;
-    let log = Arc::new(EventLog::default());
-    tokio::spawn(run(fd, guard.clone(), log.clone()));
-    Ok(log)
+    unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow!("watching the ban event ring buffer: {e}"))
 }
 
 async fn run(mut fd: AsyncFd<RingBuf<MapData>>, guard: Arc<Mutex<Guard>>, log: Arc<EventLog>) {
