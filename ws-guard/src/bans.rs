@@ -72,7 +72,7 @@ fn duration_ns(d: Duration) -> u64 {
 
 impl Guard {
     /// Every entry of the ban map, expired ones included, deduplicated.
-    fn ban_entries(&self) -> anyhow::Result<Vec<(SourceKey, BanValue)>> {
+    pub(crate) fn ban_entries(&self) -> anyhow::Result<Vec<(SourceKey, BanValue)>> {
         let m: HashMap<&MapData, SourceKey, BanValue> = self.map(names::MAP_BANS)?;
         let cap = self.capacity(names::MAP_BANS)? as usize;
         // A key deleted during the walk restarts it: bounded, and deduplicated.
