@@ -474,3 +474,88 @@ fn lists_and_bans_survive_a_reload_from_pins() {
     drop(g);
     assert!(!root.0.join("v3").exists());
 }
+
+/// The daemon in a network namespace: the config's lists apply to real connections, a source
+/// over the rate is banned, and the ban's start and end are logged as the daemon reads them from
+/// the ring buffer and its sweep expires the ban.
+#[test]
+fn daemon_applies_lists_and_logs_bans() {
+    use ws_guard_tests::{
+        binary::Daemon,
+        netns::{Testbed, sa, test_port},
+        traffic::{Outcome, Server, Stack, connect_from},
+    };
+    if !privileged("daemon_applies_lists_and_logs_bans") {
+        return;
+    }
+    let port = test_port(25);
+    let tb = Testbed::new("bans", 25);
+    // Declared after the test bed: dropped (pins removed) before its namespaces go.
+    let root = PinRoot(PathBuf::from(format!(
+        "/sys/fs/bpf/wsg-bans-test-{}",
+        std::process::id()
+    )));
+    let _server = Server::start(&tb.srv, port, Stack::Separate);
+    let (hammer, denied, allowed) = (tb.client_v4(0), tb.client_v4(1), tb.client_v4(2));
+    let mut cfg = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(
+        &mut cfg,
+        format!(
+            "interfaces = [\"{}\"]\nsweep_interval = \"200ms\"\nban_duration = \"2s\"\n\
+             allow = [\"{allowed}/32\"]\ndeny = [\"{denied}/32\"]\n\
+             [capacity]\nsources = 1024\nflows = 4096\n\n\
+             [[port]]\nport = {port}\nnew_connections = \"2/100s\"\nrate_action = \"drop\"\n",
+            tb.srv_if
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let cfg_path = cfg.path().to_str().unwrap().to_owned();
+    let root_s = root.0.to_str().unwrap().to_owned();
+    let mut daemon = Daemon::start_in(
+        &tb.srv,
+        &[
+            "run",
+            "--config",
+            &cfg_path,
+            "--pin-dir",
+            &root_s,
+            "--detach-on-exit",
+        ],
+    );
+    let dst = sa(tb.server_v4(), port);
+    let short = Duration::from_millis(700);
+
+    // Denied: dropped from the first attempt.
+    assert!(matches!(
+        connect_from(&tb.cli, denied, dst, short),
+        Outcome::TimedOut
+    ));
+    // Allowed: never limited.
+    let held: Vec<_> = (0..4)
+        .map(|_| connect_from(&tb.cli, allowed, dst, Duration::from_secs(2)).stream())
+        .collect();
+    // Two per window, then the third attempt is refused and bans the source.
+    let a = connect_from(&tb.cli, hammer, dst, Duration::from_secs(2)).stream();
+    let b = connect_from(&tb.cli, hammer, dst, Duration::from_secs(2)).stream();
+    assert!(matches!(
+        connect_from(&tb.cli, hammer, dst, short),
+        Outcome::TimedOut
+    ));
+    let started = format!("ban started: source={hammer}/32 port={port} reason=rate duration=2s");
+    assert!(
+        daemon.wait_for(&started, Duration::from_secs(3)),
+        "no {started:?} in {:?}",
+        daemon.lines()
+    );
+    // The sweep ends it about 2 s later.
+    let ended = format!("ban ended: source={hammer}/32 port={port} reason=expired");
+    assert!(
+        daemon.wait_for(&ended, Duration::from_secs(5)),
+        "no {ended:?} in {:?}",
+        daemon.lines()
+    );
+    assert_eq!(daemon.count("ban started"), 1, "{:?}", daemon.lines());
+    drop((a, b, held));
+    assert!(daemon.stop(libc::SIGTERM).success());
+}

@@ -28,6 +28,11 @@ use crate::{
     config::{self, Config},
     pin::PinDir,
 };
+// The list and ban types of the Guard API, where the rest of it is.
+pub use crate::{
+    bans::{Ban, BanReason},
+    lists::{List, Policy},
+};
 
 /// The kernel object, built by build.rs from the ws-guard-ebpf crate.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ws-guard-ebpf"));
