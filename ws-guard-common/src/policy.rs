@@ -71,10 +71,11 @@ impl CidrKey {
     }
 }
 
-/// Whether a ban is still in force at `now_ns`; it ends at `until_ns` exactly.
+/// Whether a ban ending at `until_ns` ([`BanValue::until_ns`]) is still in force at `now_ns`;
+/// it ends at `until_ns` exactly.
 #[inline(always)]
-pub fn ban_active(ban: &BanValue, now_ns: u64) -> bool {
-    now_ns < ban.until_ns
+pub fn ban_active(until_ns: u64, now_ns: u64) -> bool {
+    now_ns < until_ns
 }
 
 /// When a ban of `duration_ns` starting at `now_ns` ends (saturating: never wraps into the past).
@@ -228,9 +229,9 @@ mod tests {
             reason: crate::maps::BAN_RATE,
             _pad: 0,
         };
-        assert!(ban_active(&b, 0));
-        assert!(ban_active(&b, 99));
-        assert!(!ban_active(&b, 100));
+        assert!(ban_active(b.until_ns, 0));
+        assert!(ban_active(b.until_ns, 99));
+        assert!(!ban_active(b.until_ns, 100));
         assert_eq!(ban_remaining(&b, 40), 60);
         assert_eq!(ban_remaining(&b, 400), 0);
         assert_eq!(ban_until(5, 10), 15);

@@ -178,15 +178,6 @@ pub fn in_deny(family: u16, addr: &[u8; 16]) -> bool {
     WSG_DENY.get(list_key(family, addr)).is_some()
 }
 
-/// The global flags and whether monitor mode is on, read in place.
-#[inline(always)]
-pub fn flags_monitor() -> (u32, bool) {
-    match WSG_GLOBAL.get(0) {
-        Some(g) => (g.flags, g.monitor != 0),
-        None => (0, false),
-    }
-}
-
 /// Sends a ban event to the daemon, written in place in the ring buffer (no copy on the
 /// stack, which is near its limit); counted as lost when the ring buffer is full.
 #[inline(always)]

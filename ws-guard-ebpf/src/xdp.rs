@@ -12,11 +12,10 @@ use ws_guard_common::{
     key::source_key,
     maps::{
         ACTION_DROP, ACTION_REJECT, AF_INET, BAN_RATE, BanValue, Counter, EVENT_BAN_ENDED,
-        EVENT_BAN_STARTED, FLAG_ALLOW, FLAG_BANS, FLAG_DENY, FlowKey, FlowValue, GlobalConfig,
-        PortConfig, SourceKey,
+        EVENT_BAN_STARTED, FLAG_BANS, FlowKey, FlowValue, GlobalConfig, PortConfig, SourceKey,
     },
     parse::{self, Packet, Parsed, TcpSegment},
-    policy::ban_until,
+    policy::{ListVerdict, ban_active, ban_until, list_verdict},
     rst,
 };
 
@@ -113,7 +112,7 @@ fn new_attempt(
     let mut limited = true;
     let mut would_block = false;
     if global.flags != 0 {
-        match gate(&flow.client, &source, now, bucket) {
+        match gate(&flow.client, &source, global, now, bucket) {
             Gate::Continue => {}
             Gate::Allowed => {
                 tracked_as = Counter::Allowed;
@@ -211,24 +210,33 @@ enum Gate {
 }
 
 /// The allowlist (beats the denylist), the denylist, then an active ban of `source`; each map
-/// is looked up only when its flag says it can hit. An expired ban found here is ended (the
-/// rule is [`ws_guard_common::policy::ban_active`]). Kept lean (scalars, events written in
-/// place): the program's stack is near its 512-byte limit.
+/// is looked up only when its flag says it can hit. An expired ban found here is ended. Kept
+/// lean (scalars, events written in place): the program's stack is near its 512-byte limit.
 #[inline(always)]
-fn gate(client: &[u8; 16], source: &SourceKey, now: u64, bucket: Bucket) -> Gate {
-    let (flags, monitor) = maps::flags_monitor();
-    if flags & FLAG_ALLOW != 0 && maps::in_allow(source.family, client) {
-        return Gate::Allowed;
-    }
-    if flags & FLAG_DENY != 0 && maps::in_deny(source.family, client) {
-        if monitor {
-            return Gate::WouldBlock;
+fn gate(
+    client: &[u8; 16],
+    source: &SourceKey,
+    global: &GlobalConfig,
+    now: u64,
+    bucket: Bucket,
+) -> Gate {
+    let monitor = global.monitor != 0;
+    let lists = list_verdict(
+        global,
+        || maps::in_allow(source.family, client),
+        || maps::in_deny(source.family, client),
+    );
+    match lists {
+        ListVerdict::Allowed => return Gate::Allowed,
+        ListVerdict::Denied if monitor => return Gate::WouldBlock,
+        ListVerdict::Denied => {
+            maps::note_refusal(source);
+            count(bucket, Counter::Denied);
+            return Gate::Refuse;
         }
-        maps::note_refusal(source);
-        count(bucket, Counter::Denied);
-        return Gate::Refuse;
+        ListVerdict::Neither => {}
     }
-    if flags & FLAG_BANS == 0 {
+    if global.flags & FLAG_BANS == 0 {
         return Gate::Continue;
     }
     // SAFETY: read at once; userspace may delete the entry meanwhile.
@@ -236,8 +244,7 @@ fn gate(client: &[u8; 16], source: &SourceKey, now: u64, bucket: Bucket) -> Gate
         Some(b) => (b.until_ns, b.reason),
         None => return Gate::Continue,
     };
-    if now >= until_ns {
-        // Expired: `policy::ban_active` is false from `until_ns` on.
+    if !ban_active(until_ns, now) {
         end_ban(source, until_ns, reason, bucket);
         return Gate::Continue;
     }
@@ -278,8 +285,9 @@ fn start_ban(source: &SourceKey, now: u64, ban_ns: u64, bucket: Bucket) {
     }
 }
 
-/// Records an admitted attempt as half-open (counted as `counter`); its slot is already taken. False when
-/// `WSG_PENDING` is full: the slot is given back and nothing counted (see [`map_full`]).
+/// Records an admitted attempt as half-open (counted as `counter`); its slot is already taken.
+/// False when `WSG_PENDING` is full: the slot is given back and nothing counted (see
+/// [`map_full`]).
 #[inline(always)]
 fn admit(
     flow: &FlowKey,

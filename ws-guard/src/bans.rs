@@ -124,7 +124,7 @@ impl Guard {
         Ok(self
             .ban_entries()?
             .into_iter()
-            .filter(|(_, v)| ban_active(v, now))
+            .filter(|(_, v)| ban_active(v.until_ns, now))
             .map(|(source, v)| Ban {
                 source,
                 remaining: Duration::from_nanos(ban_remaining(&v, now)),
@@ -157,7 +157,7 @@ impl Guard {
             let mut m: HashMap<&mut MapData, SourceKey, BanValue> =
                 self.map_mut(names::MAP_BANS)?;
             let active = match m.get(source, 0) {
-                Ok(v) => ban_active(&v, monotonic_ns()),
+                Ok(v) => ban_active(v.until_ns, monotonic_ns()),
                 Err(MapError::KeyNotFound) => return Ok(false),
                 Err(e) => return Err(e).context("reading the ban"),
             };
@@ -178,7 +178,7 @@ impl Guard {
             let now = monotonic_ns();
             self.ban_entries()?
                 .into_iter()
-                .filter(|(_, v)| !ban_active(v, now))
+                .filter(|(_, v)| !ban_active(v.until_ns, now))
                 .map(|(k, _)| k)
                 .collect()
         };
@@ -189,7 +189,7 @@ impl Guard {
             for k in expired {
                 // Checked again right before the delete: the kernel may have renewed it.
                 match m.get(&k, 0) {
-                    Ok(v) if !ban_active(&v, monotonic_ns()) => {}
+                    Ok(v) if !ban_active(v.until_ns, monotonic_ns()) => {}
                     _ => continue,
                 }
                 match m.remove(&k) {
