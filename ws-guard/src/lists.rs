@@ -122,6 +122,37 @@ fn diff(list: List, have: &BTreeSet<IpNet>, want: &BTreeSet<IpNet>) -> Vec<Chang
     out
 }
 
+/// Makes `changes` in order with `apply`, then runs `finish`. When a step fails, the changes
+/// made are undone in reverse order (a failed undo is logged: nothing better can be done) and
+/// the step's error is returned.
+fn transact<S: ?Sized>(
+    state: &mut S,
+    changes: &[Change],
+    mut apply: impl FnMut(&mut S, Change) -> anyhow::Result<()>,
+    finish: impl FnOnce(&mut S) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut done = 0;
+    let mut result = Ok(());
+    for c in changes {
+        if let Err(e) = apply(state, *c) {
+            result = Err(e);
+            break;
+        }
+        done += 1;
+    }
+    if result.is_ok() {
+        result = finish(state);
+    }
+    if result.is_err() {
+        for c in changes[..done].iter().rev() {
+            if let Err(u) = apply(state, c.undo()) {
+                log::error!("restoring the lists after a failed change: {u:#}");
+            }
+        }
+    }
+    result
+}
+
 fn normalized(nets: &[IpNet]) -> BTreeSet<IpNet> {
     nets.iter().map(|n| n.trunc()).collect()
 }
@@ -194,24 +225,13 @@ impl Guard {
             ..old
         };
         self.write_global(during)?;
-        let mut done = Vec::with_capacity(changes.len());
-        let mut result = Ok(());
-        for c in &changes {
-            if let Err(e) = self.change_list(*c) {
-                result = Err(e);
-                break;
-            }
-            done.push(*c);
-        }
-        if result.is_ok() {
-            result = self.set_global(GlobalConfig { ban_ns, ..old });
-        }
+        let result = transact(
+            self,
+            &changes,
+            |g, c| g.change_list(c),
+            |g| g.set_global(GlobalConfig { ban_ns, ..old }),
+        );
         if let Err(e) = result {
-            for c in done.iter().rev() {
-                if let Err(u) = self.change_list(c.undo()) {
-                    log::error!("restoring the lists after a failed change: {u:#}");
-                }
-            }
             if let Err(u) = self.write_global(old) {
                 log::error!("restoring the global settings after a failed change: {u:#}");
             }
@@ -247,6 +267,56 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    /// A list held in memory whose changes fail at chosen points.
+    struct Fake {
+        entries: BTreeSet<(List, IpNet)>,
+        fail_on: Option<Change>,
+        applied: usize,
+    }
+
+    fn fake_apply(f: &mut Fake, c: Change) -> anyhow::Result<()> {
+        if f.fail_on == Some(c) {
+            anyhow::bail!("refused {c:?}");
+        }
+        f.applied += 1;
+        match c {
+            Change::Add(l, n) => f.entries.insert((l, n)),
+            Change::Remove(l, n) => f.entries.remove(&(l, n)),
+        };
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_change_restores_the_lists() {
+        let have: BTreeSet<_> = [net("198.18.0.0/24"), net("198.18.1.0/24")].into();
+        let want: BTreeSet<_> = [net("198.18.1.0/24"), net("198.18.2.0/24"), net("::/0")].into();
+        let changes = diff(List::Deny, &have, &want);
+        let start: BTreeSet<_> = have.iter().map(|n| (List::Deny, *n)).collect();
+        // Every point of failure, the last step (`finish`) included.
+        for k in 0..=changes.len() {
+            let mut f = Fake {
+                entries: start.clone(),
+                fail_on: changes.get(k).copied(),
+                applied: 0,
+            };
+            let r = transact(&mut f, &changes, fake_apply, |_| {
+                anyhow::ensure!(k < changes.len(), "finish failed");
+                Ok(())
+            });
+            assert!(r.is_err(), "step {k}");
+            assert_eq!(f.entries, start, "failure at step {k}");
+            assert_eq!(f.applied, 2 * k, "{k} changes made and undone");
+        }
+        let mut f = Fake {
+            entries: start,
+            fail_on: None,
+            applied: 0,
+        };
+        transact(&mut f, &changes, fake_apply, |_| Ok(())).unwrap();
+        let end: BTreeSet<_> = want.iter().map(|n| (List::Deny, *n)).collect();
+        assert_eq!(f.entries, end);
     }
 
     #[test]
