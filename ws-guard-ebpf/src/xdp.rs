@@ -1,5 +1,6 @@
-//! The XDP limiter: on a new connection attempt to a protected port, the concurrency limit, then
-//! the rate limit, then track the attempt as half-open. Everything else passes.
+//! The XDP limiter: on a new connection attempt to a protected port, the allowlist, the
+//! denylist, an active ban, the concurrency limit, then the rate limit (whose refusal may start
+//! a ban), then track the attempt as half-open. Everything else passes.
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
@@ -10,15 +11,17 @@ use aya_log_ebpf::debug;
 use ws_guard_common::{
     key::source_key,
     maps::{
-        ACTION_REJECT, AF_INET, Counter, FlowKey, FlowValue, GlobalConfig, PortConfig, SourceKey,
+        ACTION_DROP, ACTION_REJECT, AF_INET, BAN_RATE, BanValue, Counter, EVENT_BAN_ENDED,
+        EVENT_BAN_STARTED, FLAG_BANS, FlowKey, FlowValue, GlobalConfig, PortConfig, SourceKey,
     },
     parse::{self, Packet, Parsed, TcpSegment},
+    policy::{ListVerdict, ban_active, ban_until, list_verdict},
     rst,
 };
 
 use crate::{
     frame::Frame,
-    maps::{self, Bucket, WSG_OWNED, WSG_PENDING, count},
+    maps::{self, Bucket, WSG_BANS, WSG_OWNED, WSG_PENDING, count},
 };
 
 enum Verdict {
@@ -94,45 +97,75 @@ fn new_attempt(
         return Verdict::Pass;
     }
 
-    let global = maps::global();
+    // A reference, not a copy: the program's stack is near its 512-byte limit. Index 0 of a
+    // one-entry array always exists.
+    let Some(global) = maps::WSG_GLOBAL.get(0) else {
+        return Verdict::Pass;
+    };
     let monitor = global.monitor != 0;
-    let source = source_key(seg.family, client, seg.dport, &global);
+    let source = source_key(seg.family, client, seg.dport, global);
     let now = unsafe { bpf_ktime_get_ns() };
+
+    // How the attempt is tracked: `limited` false skips the limits (allowlisted, or already
+    // judged by monitor mode); `would_block` says monitor mode counted it already.
+    let mut tracked_as = Counter::Admitted;
+    let mut limited = true;
+    let mut would_block = false;
+    if global.flags != 0 {
+        match gate(&flow.client, &source, global, now, bucket) {
+            Gate::Continue => {}
+            Gate::Allowed => {
+                tracked_as = Counter::Allowed;
+                limited = false;
+            }
+            Gate::Refuse => {
+                debug!(ctx, "port {} source denylisted or banned", seg.dport);
+                return Verdict::Refuse(ACTION_DROP);
+            }
+            Gate::WouldBlock => {
+                count(bucket, Counter::MonitorWouldBlock);
+                limited = false;
+                would_block = true;
+            }
+        }
+    }
 
     // No room for a new source's counter: it cannot be limited, so the operator's choice
     // decides. Sources that have a counter never get here (WSG_CONNS is never evicted from).
     let Some(slots) = maps::conns_counter(&source) else {
-        return map_full(port, &global, bucket, false);
+        return untracked(port, global, bucket, tracked_as, would_block);
     };
     let taken = maps::take_slot(slots);
-    if port.max_connections != 0 && taken >= port.max_connections {
+    if limited && port.max_connections != 0 && taken >= port.max_connections {
         if !monitor {
             maps::give_slot(slots);
+            maps::note_refusal(&source);
             count(bucket, Counter::ConnLimited);
             debug!(ctx, "port {} over max_connections ({})", seg.dport, taken);
             return Verdict::Refuse(port.conn_action);
         }
         // Monitor mode admits it, and, as when enforcing, it does not count toward the rate.
         count(bucket, Counter::MonitorWouldBlock);
-        if !admit(&flow, source, now, slots, bucket) {
-            return map_full(port, &global, bucket, true);
-        }
-        return Verdict::Pass;
+        limited = false;
+        would_block = true;
     }
 
-    let mut would_block = false;
-    if port.rate_limit != 0 {
-        if let Some(state) = maps::rate_state(&source) {
-            let seq = maps::claim_attempt(state);
+    if limited && port.rate_limit != 0 {
+        if let Some(state_ptr) = maps::rate_state(&source) {
+            let seq = maps::claim_attempt(state_ptr);
             // SAFETY: a live map value; concurrent writers only race on distinct slots.
-            let state = unsafe { &mut *state };
+            let state = unsafe { &mut *state_ptr };
             let ok = state.admits(seq, now, port.rate_limit, port.rate_window_ns);
             state.record(seq, now);
             if !ok {
                 if !monitor {
                     maps::give_slot(slots);
+                    maps::note_refusal_in(state_ptr);
                     count(bucket, Counter::RateLimited);
                     debug!(ctx, "port {} over new_connections", seg.dport);
+                    if global.ban_ns != 0 {
+                        start_ban(&source, now, global.ban_ns, bucket);
+                    }
                     return Verdict::Refuse(port.rate_action);
                 }
                 count(bucket, Counter::MonitorWouldBlock);
@@ -141,23 +174,136 @@ fn new_attempt(
         }
     }
 
-    if !admit(&flow, source, now, slots, bucket) {
-        return map_full(port, &global, bucket, would_block);
+    if !admit(&flow, source, now, slots, bucket, tracked_as) {
+        return untracked(port, global, bucket, tracked_as, would_block);
     }
     Verdict::Pass
 }
 
-/// Records an admitted attempt as half-open; its slot is already taken. False when
-/// `WSG_PENDING` is full: the slot is given back and nothing counted (see [`map_full`]).
+/// An attempt a full map keeps from being tracked: [`map_full`] decides, except for an
+/// allowlisted source, which passes untracked whatever `fail_closed` says (never refused).
 #[inline(always)]
-fn admit(flow: &FlowKey, source: SourceKey, now: u64, slots: *mut u32, bucket: Bucket) -> bool {
+fn untracked(
+    port: &PortConfig,
+    global: &GlobalConfig,
+    bucket: Bucket,
+    tracked_as: Counter,
+    would_block: bool,
+) -> Verdict {
+    if tracked_as == Counter::Allowed {
+        count(bucket, Counter::MapFull);
+        return Verdict::Pass;
+    }
+    map_full(port, global, bucket, would_block)
+}
+
+/// What the lists and bans say about a new attempt.
+enum Gate {
+    /// Neither listed nor banned: the limits decide.
+    Continue,
+    /// Allowlisted: not limited, tracked.
+    Allowed,
+    /// Denylisted or banned: dropped (already counted).
+    Refuse,
+    /// Denylisted or banned in monitor mode: passed and tracked.
+    WouldBlock,
+}
+
+/// The allowlist (beats the denylist), the denylist, then an active ban of `source`; each map
+/// is looked up only when its flag says it can hit. An expired ban found here is ended. Kept
+/// lean (scalars, events written in place): the program's stack is near its 512-byte limit.
+#[inline(always)]
+fn gate(
+    client: &[u8; 16],
+    source: &SourceKey,
+    global: &GlobalConfig,
+    now: u64,
+    bucket: Bucket,
+) -> Gate {
+    let monitor = global.monitor != 0;
+    let lists = list_verdict(
+        global,
+        || maps::in_allow(source.family, client),
+        || maps::in_deny(source.family, client),
+    );
+    match lists {
+        ListVerdict::Allowed => return Gate::Allowed,
+        ListVerdict::Denied if monitor => return Gate::WouldBlock,
+        ListVerdict::Denied => {
+            maps::note_refusal(source);
+            count(bucket, Counter::Denied);
+            return Gate::Refuse;
+        }
+        ListVerdict::Neither => {}
+    }
+    if global.flags & FLAG_BANS == 0 {
+        return Gate::Continue;
+    }
+    // SAFETY: read at once; userspace may delete the entry meanwhile.
+    let (until_ns, reason) = match unsafe { WSG_BANS.get(source) } {
+        Some(b) => (b.until_ns, b.reason),
+        None => return Gate::Continue,
+    };
+    if !ban_active(until_ns, now) {
+        end_ban(source, until_ns, reason, bucket);
+        return Gate::Continue;
+    }
+    if monitor {
+        return Gate::WouldBlock;
+    }
+    maps::note_refusal(source);
+    count(bucket, Counter::Banned);
+    Gate::Refuse
+}
+
+/// An expired ban found on a new attempt: whoever deletes it (this CPU, another, userspace's
+/// expiry) reports its end.
+#[inline(always)]
+fn end_ban(source: &SourceKey, until_ns: u64, reason: u32, bucket: Bucket) {
+    if WSG_BANS.remove(source).is_ok() {
+        count(bucket, Counter::BansEnded);
+        maps::emit(bucket, EVENT_BAN_ENDED, reason, source, until_ns);
+    }
+}
+
+/// Bans `source` for `ban_ns` after a rate-limit refusal and tells the daemon. A ban already
+/// there (another CPU's, a moment ago) is kept; a full ban map is counted, not evicted from.
+#[inline(always)]
+fn start_ban(source: &SourceKey, now: u64, ban_ns: u64, bucket: Bucket) {
+    let value = BanValue {
+        until_ns: ban_until(now, ban_ns),
+        reason: BAN_RATE,
+        _pad: 0,
+    };
+    match WSG_BANS.insert(source, &value, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            count(bucket, Counter::BansStarted);
+            maps::emit(bucket, EVENT_BAN_STARTED, BAN_RATE, source, value.until_ns);
+        }
+        Err(maps::EEXIST) => {}
+        Err(_) => count(bucket, Counter::BansFull),
+    }
+}
+
+/// Records an admitted attempt as half-open (counted as `counter`); its slot is already taken.
+/// False when `WSG_PENDING` is full: the slot is given back and nothing counted (see
+/// [`map_full`]).
+#[inline(always)]
+fn admit(
+    flow: &FlowKey,
+    source: SourceKey,
+    now: u64,
+    slots: *mut u32,
+    bucket: Bucket,
+    counter: Counter,
+) -> bool {
     let value = FlowValue {
         source,
         _pad: 0,
         since_ns: now,
     };
     match WSG_PENDING.insert(flow, &value, BPF_NOEXIST as u64) {
-        Ok(()) => count(bucket, Counter::Admitted),
+        Ok(()) => count(bucket, counter),
         // The same SYN, retransmitted, won on another CPU.
         Err(maps::EEXIST) => {
             maps::give_slot(slots);

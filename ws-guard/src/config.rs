@@ -620,6 +620,9 @@ impl Config {
             ipv4_prefix: self.ipv4_prefix,
             ipv6_prefix: self.ipv6_prefix,
             fail_closed: (self.on_map_full == OnMapFull::Closed) as u32,
+            ban_ns: u64::try_from(self.ban_duration.as_nanos()).unwrap_or(u64::MAX),
+            // `flags` follow the maps' contents: the guard sets them.
+            ..GlobalConfig::default()
         }
     }
 

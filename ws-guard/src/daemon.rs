@@ -146,6 +146,7 @@ pub async fn run(
 
     // Shared with the metrics endpoint, which reads the maps when Prometheus scrapes.
     let guard = Arc::new(Mutex::new(guard));
+    let ban_log = crate::events::start(&guard);
     let mut metrics_addr = None;
     let server = match metrics_listener {
         Some(listener) => {
@@ -190,6 +191,7 @@ pub async fn run(
                 let mut guard = lock(&guard);
                 watch.check(&mut guard, xdp_mode);
                 guard.flush_kernel_log();
+                crate::events::expire_bans(&mut guard, &ban_log);
                 match sweeper.run(&mut guard, cfg.handshake_timeout) {
                     Ok(r) if r.expired + r.released + r.adopted > 0 => log::debug!("sweep: {r:?}"),
                     Ok(_) => {}
@@ -412,6 +414,8 @@ fn start(cfg: &Config, pins: &PinDir, interfaces: &[String]) -> anyhow::Result<G
         for (name, want) in [
             (ws_guard_common::names::MAP_CONNS, cfg.capacity.sources),
             (ws_guard_common::names::MAP_PENDING, cfg.capacity.flows),
+            (ws_guard_common::names::MAP_BANS, cfg.capacity.bans),
+            (ws_guard_common::names::MAP_ALLOW, cfg.capacity.cidrs),
         ] {
             let have = guard.capacity(name)?;
             if have != want {

@@ -33,11 +33,14 @@ use ws_guard_common::{
     names,
 };
 
-use crate::guard::{Guard, Stats};
+use crate::{
+    guard::{Guard, Stats},
+    lists::List,
+};
 
 /// Every metric name the endpoint can expose (the top-sources one only when enabled). The
 /// dashboard and the alert rules may use these and nothing else; a test checks both.
-pub const METRIC_NAMES: [&str; 19] = [
+pub const METRIC_NAMES: [&str; 22] = [
     "ws_guard_build_info",
     "ws_guard_xdp_attached",
     "ws_guard_monitor_mode",
@@ -48,6 +51,7 @@ pub const METRIC_NAMES: [&str; 19] = [
     "ws_guard_other_segments_total",
     "ws_guard_unjudged_packets_total",
     "ws_guard_connection_events_total",
+    "ws_guard_ban_events_total",
     "ws_guard_tracked_sources",
     "ws_guard_active_connections",
     "ws_guard_half_open_connections",
@@ -55,17 +59,30 @@ pub const METRIC_NAMES: [&str; 19] = [
     "ws_guard_map_entries",
     "ws_guard_map_capacity",
     "ws_guard_map_fill_ratio",
+    "ws_guard_bans_active",
+    "ws_guard_list_entries",
     "ws_guard_source_connections",
     "ws_guard_scrape_duration_seconds",
 ];
 
 /// Decisions on new connection attempts: each attempt to a protected port adds to exactly one.
-pub const DECISIONS: [Counter; 5] = [
+pub const DECISIONS: [Counter; 8] = [
     Counter::Admitted,
     Counter::ConnLimited,
     Counter::RateLimited,
     Counter::SynRetransmits,
     Counter::MapFull,
+    Counter::Allowed,
+    Counter::Denied,
+    Counter::Banned,
+];
+
+/// What happened to bans, and to their events.
+pub const BAN_EVENTS: [Counter; 4] = [
+    Counter::BansStarted,
+    Counter::BansEnded,
+    Counter::BansFull,
+    Counter::EventsLost,
 ];
 
 /// Frames passed without judgement; not tied to a protected port.
@@ -130,6 +147,10 @@ pub struct Snapshot {
     pub maps: Vec<MapFill>,
     /// The sources holding the most connections, most first (empty unless enabled).
     pub top_sources: Vec<(String, u16, u16, u32)>,
+    /// Bans in force.
+    pub bans_active: u64,
+    /// Entries of each list: ("allow" | "deny", entries).
+    pub list_entries: Vec<(&'static str, u64)>,
     /// How long reading the kernel took.
     pub read_seconds: f64,
 }
@@ -169,6 +190,16 @@ pub fn snapshot(guard: &Guard, top_sources: usize) -> anyhow::Result<Snapshot> {
         .flow_keys(names::MAP_OWNED)
         .context("reading the established connections")?;
     let rate_entries = guard.rate_entries().context("reading the rate windows")?;
+    let bans_active = guard.bans().context("reading the bans")?.len() as u64;
+    let ban_entries = guard.ban_entries().context("reading the bans")?.len();
+    let mut list_entries = Vec::new();
+    for list in [List::Allow, List::Deny] {
+        let n = guard
+            .list_entries(list)
+            .with_context(|| format!("reading the {} list", list.name()))?
+            .len();
+        list_entries.push((list.name(), n as u64));
+    }
 
     let mut gauges: BTreeMap<(u16, u16), PortGauges> = stats
         .ports
@@ -191,6 +222,9 @@ pub fn snapshot(guard: &Guard, top_sources: usize) -> anyhow::Result<Snapshot> {
         (names::MAP_RATE, rate_entries),
         (names::MAP_PENDING, pending.len()),
         (names::MAP_OWNED, owned.len()),
+        (names::MAP_BANS, ban_entries),
+        (names::MAP_ALLOW, list_entries[0].1 as usize),
+        (names::MAP_DENY, list_entries[1].1 as usize),
     ] {
         maps.push(MapFill {
             map,
@@ -223,6 +257,8 @@ pub fn snapshot(guard: &Guard, top_sources: usize) -> anyhow::Result<Snapshot> {
         gauges,
         maps,
         top_sources,
+        bans_active,
+        list_entries,
         read_seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -287,8 +323,17 @@ fn registry(s: &Snapshot) -> prometheus::Result<Registry> {
         "New connection attempts (TCP SYN) to a protected port by decision; each attempt adds \
          to exactly one reason: admitted, conn_limited (over max_connections), rate_limited \
          (over new_connections), syn_retransmits (a SYN of an attempt already admitted), \
-         map_full (passed untracked).",
+         map_full (passed untracked), allowed (allowlisted: not limited, tracked), denied \
+         (denylisted: dropped), banned (the source key is banned: dropped).",
         &["port", "family", "reason"],
+    )?;
+    let ban_events = counter(
+        "ws_guard_ban_events_total",
+        "Bans by event: bans_started (a source over new_connections while ban_duration > 0), \
+         bans_ended (an expired ban found by the XDP program; the daemon's expiry is logged, \
+         not counted), bans_full (not banned: the ban map was full), events_lost (ban events \
+         the daemon could not be told: ring buffer full).",
+        &["port", "family", "event"],
     )?;
     let would_block = counter(
         "ws_guard_monitor_would_block_total",
@@ -341,6 +386,11 @@ fn registry(s: &Snapshot) -> prometheus::Result<Registry> {
         }
         for e in CONNECTION_EVENTS {
             events
+                .with_label_values(&[port.as_str(), fam, e.name()])
+                .inc_by(c[e as usize]);
+        }
+        for e in BAN_EVENTS {
+            ban_events
                 .with_label_values(&[port.as_str(), fam, e.name()])
                 .inc_by(c[e as usize]);
         }
@@ -421,6 +471,21 @@ fn registry(s: &Snapshot) -> prometheus::Result<Registry> {
             m.entries as f64 / m.capacity as f64
         };
         fill.with_label_values(&[m.map]).set(ratio);
+    }
+
+    let bans = IntGauge::with_opts(Opts::new(
+        "ws_guard_bans_active",
+        "Source keys banned now (automatic and manual); `ws-guard bans` lists them.",
+    ))?;
+    bans.set(s.bans_active as i64);
+    r.register(Box::new(bans))?;
+    let lists = gauge(
+        "ws_guard_list_entries",
+        "CIDRs in each list: allow (never limited) and deny (always dropped).",
+        &["list"],
+    )?;
+    for (list, n) in &s.list_entries {
+        lists.with_label_values(&[list]).set(*n as i64);
     }
 
     if !s.top_sources.is_empty() {
@@ -653,6 +718,8 @@ mod tests {
                 },
             ],
             top_sources: vec![("198.18.0.9/32".into(), 9000, AF_INET, 3)],
+            bans_active: 2,
+            list_entries: vec![("allow", 1), ("deny", 3)],
             read_seconds: 0.25,
         }
     }
@@ -697,15 +764,22 @@ mod tests {
             r#"ws_guard_map_capacity{map="WSG_CONNS"} 65536"#,
             r#"ws_guard_map_fill_ratio{map="WSG_CONNS"} 0.25"#,
             r#"ws_guard_map_fill_ratio{map="WSG_PENDING"} 0"#,
+            "ws_guard_bans_active 2",
+            r#"ws_guard_list_entries{list="allow"} 1"#,
+            r#"ws_guard_list_entries{list="deny"} 3"#,
+            r#"ws_guard_decisions_total{family="ipv4",port="9000",reason="banned"} 0"#,
+            r#"ws_guard_ban_events_total{event="bans_started",family="ipv4",port="9000"} 0"#,
             r#"ws_guard_source_connections{family="ipv4",port="9000",source="198.18.0.9/32"} 3"#,
             "ws_guard_scrape_duration_seconds 0.25",
         ] {
             assert!(got.contains(&want), "missing {want:?} in\n{text}");
         }
-        // 5 decisions, 4 per-port counters, 5 events per port and family; 3 unjudged.
+        // 8 decisions, 4 per-port counters, 5 connection and 4 ban events per port and family;
+        // 3 unjudged.
         let n = |prefix: &str| got.iter().filter(|l| l.starts_with(prefix)).count();
-        assert_eq!(n("ws_guard_decisions_total{"), 10);
+        assert_eq!(n("ws_guard_decisions_total{"), 16);
         assert_eq!(n("ws_guard_connection_events_total{"), 10);
+        assert_eq!(n("ws_guard_ban_events_total{"), 8);
         assert_eq!(n("ws_guard_unjudged_packets_total{"), 3);
         assert_eq!(n("ws_guard_source_connections{"), 1);
         // Unattributed closes are not reported per port.
