@@ -288,7 +288,7 @@ impl Guard {
     /// After adopting pinned maps: takes the protected ports' stats buckets from the pinned
     /// limits, and marks every bucket holding counts as used (so reusing it retires them).
     fn adopt_buckets(&mut self) -> anyhow::Result<()> {
-        for (port, limits) in self.ports()? {
+        for (port, limits) in self.scan_ports()? {
             self.port_index.insert(port, limits.index);
             self.used_buckets.insert(limits.index);
         }
@@ -372,12 +372,20 @@ impl Guard {
             .iter()
             .map(|p| (p.port as u16, p.to_kernel()))
             .collect();
-        for (port, old) in self.ports()? {
-            if !wanted.contains_key(&port) && old.enabled != 0 {
-                self.set_port(port, PortConfig::default())?;
+        let current: BTreeMap<u16, PortConfig> = self.ports()?.into_iter().collect();
+        for (port, old) in &current {
+            if !wanted.contains_key(port) && old.enabled != 0 {
+                self.set_port(*port, PortConfig::default())?;
             }
         }
-        for (port, limits) in wanted {
+        for (port, mut limits) in wanted {
+            // Only what changed is written (a reload rewrites nothing it does not change).
+            if let Some(cur) = current.get(&port) {
+                limits.index = cur.index;
+                if limits == *cur {
+                    continue;
+                }
+            }
             self.set_port(port, limits)?;
         }
         Ok(())
@@ -464,6 +472,25 @@ impl Guard {
 
     /// Every protected port and its limits.
     pub fn ports(&self) -> anyhow::Result<Vec<(u16, PortConfig)>> {
+        // The guard knows which ports it protects (it set them, or scanned the adopted map
+        // once): reading only those saves a system call per port of the 65,536-entry array,
+        // ~0.1 s of every sweep.
+        let m: Array<&MapData, PortConfig> = self.map(names::MAP_PORTS)?;
+        let mut out = Vec::new();
+        for port in self.port_index.keys() {
+            let v = m
+                .get(&(*port as u32), 0)
+                .with_context(|| format!("reading the limits of port {port}"))?;
+            if v.enabled != 0 {
+                out.push((*port, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every protected port of the map, read entry by entry (65,536 system calls): for
+    /// adopting a pinned map, whose ports this guard has not set.
+    fn scan_ports(&self) -> anyhow::Result<Vec<(u16, PortConfig)>> {
         let m: Array<&MapData, PortConfig> = self.map(names::MAP_PORTS)?;
         let mut out = Vec::new();
         for (i, v) in m.iter().enumerate() {

@@ -86,18 +86,18 @@ pub fn socket_table(ports: &HashSet<u16>) -> anyhow::Result<HashMap<FlowKey, Soc
 fn read_whole(path: &str) -> std::io::Result<Vec<u8>> {
     use std::io::Read as _;
     let mut f = std::fs::File::open(path)?;
-    let mut buf = Vec::with_capacity(4 << 20);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0;
     loop {
-        if buf.capacity() - buf.len() < (1 << 20) {
-            buf.reserve(buf.capacity());
+        if buf.len() - len < (64 << 10) {
+            buf.resize(buf.len() * 2, 0);
         }
-        let len = buf.len();
-        let spare = buf.capacity() - len;
-        buf.resize(len + spare, 0);
-        let n = f.read(&mut buf[len..])?;
-        buf.truncate(len + n);
-        if n == 0 {
-            return Ok(buf);
+        match f.read(&mut buf[len..])? {
+            0 => {
+                buf.truncate(len);
+                return Ok(buf);
+            }
+            n => len += n,
         }
     }
 }
