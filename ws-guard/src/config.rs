@@ -320,11 +320,13 @@ impl Config {
             path: origin.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        cfg.validate(origin)?;
+        cfg.check(origin)?;
         Ok(cfg)
     }
 
-    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+    /// Validates a whole configuration (what [`Config::parse`] checks after reading the TOML);
+    /// `origin` names it in errors.
+    pub fn check(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |field: String, message: String| ConfigError::Invalid {
             path: origin.to_owned(),
             field,

@@ -1,10 +1,13 @@
 //! ws-guard's userspace: configuration, loading and attaching the kernel programs, keeping the
 //! accounting in step with the kernel's sockets, and the daemon around them.
 
+pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod guard;
 pub mod interfaces;
 pub mod metrics;
 pub mod pin;
+pub mod state;
 pub mod sweep;

@@ -1,0 +1,257 @@
+//! What the daemon does with each control request.
+
+use std::collections::BTreeMap;
+
+use log::{error, info};
+use ws_guard_common::maps::{AF_INET6, Counter};
+
+use super::protocol::{
+    ChangeReply, InterfaceInfo, LimitsReply, ListName, MapInfo, PortCounters, PortInfo, Request,
+    Response, SortBy, SourceInfo, SourcesReply, StatusReply,
+};
+use crate::{
+    daemon::Shared,
+    metrics,
+    state::{self, Overrides},
+};
+
+/// Answers one request. Changes are whole or nothing: see [`change`].
+pub fn handle(s: &mut Shared, req: Request) -> Response {
+    match req {
+        Request::Status => status(s),
+        Request::LimitsGet { port } => limits_get(s, port),
+        Request::LimitsSet { port, change } => {
+            if port == 0 {
+                return Response::error("port 0 is not a TCP port (1-65535)");
+            }
+            if change.is_empty() {
+                return Response::error(
+                    "nothing to change: give --max-connections, --new-connections, --action, \
+                     --connection-action or --rate-action",
+                );
+            }
+            let what = format!("port {port}: limits set");
+            apply_change(s, &what, |o, _| {
+                o.set_port(port, &change);
+                Ok(())
+            })
+        }
+        Request::LimitsReset { port } => {
+            apply_change(s, &format!("port {port}: override dropped"), |o, _| {
+                if o.reset_port(port) {
+                    Ok(())
+                } else {
+                    Err(format!("port {port} has no runtime override to reset"))
+                }
+            })
+        }
+        Request::Monitor { on } => {
+            let what = format!("monitor mode {}", if on { "on" } else { "off" });
+            apply_change(s, &what, |o, _| {
+                o.monitor = Some(on);
+                Ok(())
+            })
+        }
+        Request::ListAdd { list, cidr } => list_change(s, list, &cidr, true),
+        Request::ListRemove { list, cidr } => list_change(s, list, &cidr, false),
+        Request::ListShow { list } => list_show(s, list),
+        Request::SourcesTop { by, n } => sources_top(s, by, n),
+        Request::BansList => bans_list(s),
+        Request::BanAdd {
+            addr,
+            port,
+            duration_ms,
+        } => ban_add(s, addr, port, duration_ms),
+        Request::BanRemove { addr, port } => ban_remove(s, addr, port),
+    }
+}
+
+fn port_infos(s: &Shared, port: Option<u16>) -> Vec<PortInfo> {
+    let mut ports: Vec<PortInfo> = s
+        .cfg
+        .ports
+        .iter()
+        .filter(|p| port.is_none_or(|q| p.port == q as u32))
+        .map(|p| {
+            let mut i = state::port_info(p);
+            i.source = state::origin(&s.file, &s.overrides, i.port).into();
+            i
+        })
+        .collect();
+    ports.sort_by_key(|p| p.port);
+    ports
+}
+
+fn limits_get(s: &Shared, port: Option<u16>) -> Response {
+    let ports = port_infos(s, port);
+    if let Some(p) = port
+        && ports.is_empty()
+    {
+        return Response::error(format!("port {p} is not protected"));
+    }
+    Response::ok(&LimitsReply {
+        monitor: s.cfg.monitor,
+        ports,
+    })
+}
+
+fn status(s: &Shared) -> Response {
+    let snap = match metrics::snapshot(&s.guard, 0) {
+        Ok(snap) => snap,
+        Err(e) => return Response::error(format!("reading the kernel's state: {e:#}")),
+    };
+    let mut counters = Vec::new();
+    for ((port, family), c) in &snap.stats.ports {
+        let g = snap
+            .gauges
+            .get(&(*port, *family))
+            .copied()
+            .unwrap_or_default();
+        counters.push(PortCounters {
+            port: *port,
+            family: if *family == AF_INET6 { "ipv6" } else { "ipv4" }.into(),
+            tracked_sources: g.tracked_sources,
+            active_connections: g.active_connections,
+            half_open: g.half_open,
+            established: g.established,
+            counters: Counter::ALL
+                .iter()
+                .map(|k| (k.name().to_owned(), c[*k as usize]))
+                .collect::<BTreeMap<_, _>>(),
+        });
+    }
+    Response::ok(&StatusReply {
+        version: snap.version,
+        pid: std::process::id(),
+        monitor: snap.monitor,
+        config_file: s.config_path.as_ref().map(|p| p.display().to_string()),
+        state_file: s.state_file.display().to_string(),
+        interfaces: snap
+            .attachments
+            .iter()
+            .map(|a| InterfaceInfo {
+                interface: a.interface.clone(),
+                mode: a.mode.into(),
+                attached: a.attached,
+            })
+            .collect(),
+        ports: port_infos(s, None),
+        counters,
+        maps: snap
+            .maps
+            .iter()
+            .map(|m| MapInfo {
+                map: m.map.into(),
+                entries: m.entries,
+                capacity: m.capacity,
+            })
+            .collect(),
+    })
+}
+
+/// Applies a change of the overrides: builds the effective config, validates it whole,
+/// applies it, then persists it. Nothing changes when any step fails: a failed apply is
+/// undone by applying the previous config, and so is a failed write of the state file.
+pub fn apply_change(
+    s: &mut Shared,
+    what: &str,
+    f: impl FnOnce(&mut Overrides, &crate::config::Config) -> Result<(), String>,
+) -> Response {
+    let mut next = s.overrides.clone();
+    if let Err(e) = f(&mut next, &s.file) {
+        return Response::error(e);
+    }
+    let cfg = match state::effective(&s.file, &next) {
+        Ok(c) => c,
+        Err(e) => return Response::error(format!("refused, nothing changed: {e}")),
+    };
+    if let Err(e) = s.guard.apply(&cfg) {
+        let undo = s.guard.apply(&s.cfg);
+        if let Err(u) = &undo {
+            error!("undoing a failed runtime change also failed: {u:#}");
+        }
+        return Response::error(format!(
+            "applying failed ({e:#}); {}",
+            match undo {
+                Ok(()) => "the previous settings are back in force".to_owned(),
+                Err(u) => format!("restoring the previous settings failed too: {u:#}"),
+            }
+        ));
+    }
+    if let Err(e) = next.save(&s.state_file) {
+        let undo = s.guard.apply(&s.cfg);
+        return Response::error(format!(
+            "{e}; the change was not kept: {}",
+            match undo {
+                Ok(()) => "the previous settings are back in force".to_owned(),
+                Err(u) => format!("restoring the previous settings failed too: {u:#}"),
+            }
+        ));
+    }
+    info!(
+        "runtime change: {what} (kept in {})",
+        s.state_file.display()
+    );
+    s.overrides = next;
+    s.cfg = cfg;
+    Response::ok(&ChangeReply {
+        message: what.to_owned(),
+        persisted: true,
+    })
+}
+
+fn list_change(s: &mut Shared, list: ListName, cidr: &str, add: bool) -> Response {
+    let _ = (s, list, cidr, add);
+    Response::error("allow/deny lists are not supported by this daemon yet")
+}
+
+fn list_show(s: &Shared, list: ListName) -> Response {
+    let _ = (s, list);
+    Response::error("allow/deny lists are not supported by this daemon yet")
+}
+
+fn sources_top(s: &Shared, by: SortBy, n: usize) -> Response {
+    let conns = match s.guard.connections() {
+        Ok(c) => c,
+        Err(e) => return Response::error(format!("reading the source counters: {e:#}")),
+    };
+    let global = match s.guard.global() {
+        Ok(g) => g,
+        Err(e) => return Response::error(format!("reading the global settings: {e:#}")),
+    };
+    if by == SortBy::Drops {
+        return Response::error("sources top --by drops is not supported by this daemon yet");
+    }
+    let mut sources: Vec<SourceInfo> = conns
+        .iter()
+        .filter(|(_, n)| **n != 0)
+        .map(|(k, c)| SourceInfo {
+            source: metrics::source_label(k, &global),
+            port: k.port,
+            connections: *c as u64,
+            drops: 0,
+        })
+        .collect();
+    sources.sort_by(|a, b| {
+        b.connections
+            .cmp(&a.connections)
+            .then_with(|| a.source.cmp(&b.source))
+    });
+    sources.truncate(n);
+    Response::ok(&SourcesReply { by, sources })
+}
+
+fn bans_list(s: &Shared) -> Response {
+    let _ = s;
+    Response::error("bans are not supported by this daemon yet")
+}
+
+fn ban_add(s: &mut Shared, addr: std::net::IpAddr, port: Option<u16>, ms: Option<u64>) -> Response {
+    let _ = (s, addr, port, ms);
+    Response::error("bans are not supported by this daemon yet")
+}
+
+fn ban_remove(s: &mut Shared, addr: std::net::IpAddr, port: Option<u16>) -> Response {
+    let _ = (s, addr, port);
+    Response::error("bans are not supported by this daemon yet")
+}
