@@ -41,9 +41,10 @@ Exit codes:
 #[derive(Parser)]
 #[command(name = "ws-guard", version, about, after_help = EXIT_CODES)]
 pub struct Cli {
-    /// The daemon's control socket (its `[control] socket` setting).
-    #[arg(long, global = true, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
-    pub socket: PathBuf,
+    /// The daemon's control socket (its `[control] socket` setting). For `run`: overrides the
+    /// config file's.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
     /// Print the daemon's answer as JSON (stable field names) instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -66,9 +67,10 @@ pub enum Command {
         /// and keeps enforcing, and the next start adopts it.
         #[arg(long)]
         detach_on_exit: bool,
-        /// Where runtime changes (limits set, monitor, allow/deny) are kept.
-        #[arg(long, value_name = "PATH", default_value = crate::state::DEFAULT_STATE_FILE)]
-        state_file: PathBuf,
+        /// Where runtime changes (limits set, monitor, allow/deny) are kept; overrides the
+        /// config file's `state_file`.
+        #[arg(long, value_name = "PATH")]
+        state_file: Option<PathBuf>,
     },
     /// Detach and remove everything pinned (works with no daemon running).
     Teardown {
@@ -302,6 +304,7 @@ pub fn main() -> ExitCode {
         },
         local => return run_local(local, socket),
     };
+    let socket = socket.unwrap_or_else(|| PathBuf::from(control::DEFAULT_SOCKET));
     match request(&socket, &req) {
         Ok(data) => {
             if json {
@@ -346,7 +349,7 @@ fn list_request(list: ListName, c: ListCommand) -> Request {
 }
 
 /// The commands that do not talk to a daemon.
-fn run_local(command: Command, socket: PathBuf) -> ExitCode {
+fn run_local(command: Command, socket: Option<PathBuf>) -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match local(command, socket) {
         Ok(()) => ExitCode::SUCCESS,
@@ -358,7 +361,7 @@ fn run_local(command: Command, socket: PathBuf) -> ExitCode {
     }
 }
 
-fn local(command: Command, socket: PathBuf) -> anyhow::Result<()> {
+fn local(command: Command, socket: Option<PathBuf>) -> anyhow::Result<()> {
     match command {
         Command::Run {
             config,
@@ -380,8 +383,10 @@ fn local(command: Command, socket: PathBuf) -> anyhow::Result<()> {
                     daemon::RunOptions {
                         pin_root: pin_dir,
                         detach_on_exit,
-                        control_socket: socket,
-                        state_file,
+                        control_socket: socket
+                            .unwrap_or_else(|| PathBuf::from(control::DEFAULT_SOCKET)),
+                        state_file: state_file
+                            .unwrap_or_else(|| PathBuf::from(crate::state::DEFAULT_STATE_FILE)),
                     },
                 ))
         }
