@@ -308,3 +308,197 @@ fn pin_directory_another_user_can_change_is_refused() {
         "{e}"
     );
 }
+
+/// An upgrade to a daemon with another map layout (a new `LAYOUT_VERSION`) takes over the older
+/// daemon's XDP link and swaps its program atomically: the interface is never without XDP, the
+/// older version's pins are removed, the connection held through the upgrade is counted again
+/// from the kernel's socket table, and the limit holds right after.
+#[test]
+fn upgrade_across_layout_versions_takes_over_the_link() {
+    if !privileged("upgrade_across_layout_versions_takes_over_the_link") {
+        return;
+    }
+    use ws_guard_common::names::LAYOUT_VERSION;
+    let port = test_port(23);
+    let tb = Testbed::new("rsu", 23);
+    let root = PinRoot(PathBuf::from(format!(
+        "/sys/fs/bpf/ws-guard-test-{}-u",
+        std::process::id()
+    )));
+    let root_s = root.0.to_str().unwrap().to_owned();
+    let server = Server::start(&tb.srv, port, Stack::Separate);
+    let mut cfg = tempfile::NamedTempFile::new().unwrap();
+    write!(
+        cfg,
+        "interfaces = [\"{}\"]\n[metrics]\nlisten = \"off\"\n[[port]]\nport = {port}\nmax_connections = 1\n",
+        tb.srv_if
+    )
+    .unwrap();
+    let cfg_path = cfg.path().to_str().unwrap().to_owned();
+    let args = ["run", "--config", &cfg_path, "--pin-dir", &root_s];
+    let mut old = Daemon::start_in(&tb.srv, &args);
+    let dst = sa(tb.server_v4(), port);
+    let a = tb.client_v4(0);
+    let held = connect_from(&tb.cli, a, dst, Duration::from_secs(2)).stream();
+    assert!(server.wait_held(1, Duration::from_secs(5)));
+    assert!(matches!(
+        connect_from(&tb.cli, a, dst, Duration::from_secs(2)),
+        Outcome::Refused
+    ));
+    assert!(old.stop(libc::SIGTERM).success(), "{:?}", old.lines());
+    // What an older release left: the same pins under an older version's directory.
+    let mine = root.0.join(format!("v{LAYOUT_VERSION}"));
+    let older = root.0.join(format!("v{}", LAYOUT_VERSION - 1));
+    std::fs::rename(&mine, &older).unwrap();
+    assert!(xdp_on(&tb), "the older version's link must be enforcing");
+
+    // Watch the interface through the upgrade: XDP must never be missing.
+    let stop = Arc::new(AtomicBool::new(false));
+    let gaps = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let (stop, gaps) = (stop.clone(), gaps.clone());
+        let (srv, srv_if) = (tb.srv.clone(), tb.srv_if.clone());
+        std::thread::spawn(move || {
+            let mut polls = 0;
+            while !stop.load(Ordering::Relaxed) && polls < 2000 {
+                if !ip_output(&["-n", &srv, "link", "show", "dev", &srv_if]).contains("xdp") {
+                    gaps.fetch_add(1, Ordering::Relaxed);
+                }
+                polls += 1;
+            }
+            polls
+        })
+    };
+    let mut new = Daemon::start_in(&tb.srv, &args);
+    stop.store(true, Ordering::Relaxed);
+    let polls = watcher.join().unwrap();
+    assert!(polls > 0);
+    assert_eq!(
+        gaps.load(Ordering::Relaxed),
+        0,
+        "XDP missing during the upgrade"
+    );
+    assert!(
+        new.contains("took over the XDP link of another layout version"),
+        "{:?}",
+        new.lines()
+    );
+    assert!(!older.exists(), "the older version's pins are left");
+    assert!(mine.join("links").exists());
+    // The held connection was counted again: the source is still at its maximum.
+    assert!(matches!(
+        connect_from(&tb.cli, a, dst, Duration::from_secs(2)),
+        Outcome::Refused
+    ));
+    // Closing it gives the slot back through the new version's tracepoint.
+    assert!(server.reset(held.local_addr().unwrap()));
+    drop(held);
+    assert!(
+        wait_until(Duration::from_secs(5), || connect_from(
+            &tb.cli,
+            a,
+            dst,
+            Duration::from_secs(2)
+        )
+        .is_connected()),
+        "the slot was not given back after the upgrade"
+    );
+    assert!(new.stop(libc::SIGTERM).success(), "{:?}", new.lines());
+}
+
+/// A restart that fails half-way (a second interface without native XDP) keeps the link it took
+/// over from the earlier daemon: the protected interface stays protected with its counts, and
+/// the interface the failed start attached anew is detached.
+#[test]
+fn failed_restart_keeps_the_taken_over_link() {
+    if !privileged("failed_restart_keeps_the_taken_over_link") {
+        return;
+    }
+    let port = test_port(24);
+    let tb = Testbed::new("rsf", 24);
+    let root = PinRoot(PathBuf::from(format!(
+        "/sys/fs/bpf/ws-guard-test-{}-f",
+        std::process::id()
+    )));
+    let root_s = root.0.to_str().unwrap().to_owned();
+    let server = Server::start(&tb.srv, port, Stack::Separate);
+    // A dummy interface has no native XDP: attaching to it in native mode fails.
+    let dummy = Command::new("ip")
+        .args(["-n", &tb.srv, "link", "add", "wsgf0", "type", "dummy"])
+        .output()
+        .expect("ip");
+    if !dummy.status.success() {
+        let out = Command::new("ip")
+            .args(["-n", &tb.srv, "link", "add", "wsgf0", "type", "bridge"])
+            .output()
+            .expect("ip");
+        assert!(out.status.success(), "{out:?}");
+    }
+    let up = Command::new("ip")
+        .args(["-n", &tb.srv, "link", "set", "wsgf0", "up"])
+        .status()
+        .expect("ip");
+    assert!(up.success());
+    let config = |interfaces: &str| {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        write!(
+            f,
+            "interfaces = [{interfaces}]\nxdp_mode = \"native\"\n[metrics]\nlisten = \"off\"\n\
+             [[port]]\nport = {port}\nmax_connections = 1\n"
+        )
+        .unwrap();
+        f
+    };
+    let good = config(&format!("\"{}\"", tb.srv_if));
+    let bad = config(&format!("\"{}\", \"wsgf0\"", tb.srv_if));
+    let run = |f: &tempfile::NamedTempFile| {
+        vec![
+            "run".to_owned(),
+            "--config".to_owned(),
+            f.path().to_str().unwrap().to_owned(),
+            "--pin-dir".to_owned(),
+            root_s.clone(),
+        ]
+    };
+    let good_args = run(&good);
+    let good_args: Vec<&str> = good_args.iter().map(String::as_str).collect();
+    let mut first = Daemon::start_in(&tb.srv, &good_args);
+    let dst = sa(tb.server_v4(), port);
+    let a = tb.client_v4(0);
+    let held = connect_from(&tb.cli, a, dst, Duration::from_secs(2)).stream();
+    assert!(server.wait_held(1, Duration::from_secs(5)));
+    assert!(first.stop(libc::SIGTERM).success());
+
+    let bad_args = run(&bad);
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", tb.srv))
+        .arg(binary())
+        .args(&bad_args)
+        .output()
+        .expect("running ws-guard");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the start should fail: {log}");
+    assert!(log.contains("wsgf0"), "{log}");
+    assert!(log.contains("keeping the link taken over"), "{log}");
+    assert!(xdp_on(&tb), "the taken-over link was detached:\n{log}");
+    let wsgf0 = ip_output(&["-n", &tb.srv, "link", "show", "dev", "wsgf0"]);
+    assert!(!wsgf0.contains("xdp"), "{wsgf0}");
+    // Still enforcing, with the count of the held connection.
+    assert!(matches!(
+        connect_from(&tb.cli, a, dst, Duration::from_secs(2)),
+        Outcome::Refused
+    ));
+    // And a good start afterwards adopts everything.
+    let mut again = Daemon::start_in(&tb.srv, &good_args);
+    assert!(
+        again.contains("adopted the pinned state"),
+        "{:?}",
+        again.lines()
+    );
+    assert!(matches!(
+        connect_from(&tb.cli, a, dst, Duration::from_secs(2)),
+        Outcome::Refused
+    ));
+    assert!(again.stop(libc::SIGTERM).success());
+    drop(held);
+}

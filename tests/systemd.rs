@@ -103,11 +103,18 @@ fn unit_file_passes_systemd_analyze_verify() {
         "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON",
         "ProtectSystem=strict",
         "ReadWritePaths=/sys/fs/bpf",
+        "RuntimeDirectory=ws-guard",
+        "RuntimeDirectoryMode=0700",
+        "StateDirectory=ws-guard",
+        "StateDirectoryMode=0700",
         "NoNewPrivileges=yes",
         "LimitMEMLOCK=infinity",
     ] {
         assert!(settings.contains(&want), "the unit lacks {want}");
     }
+    // The directories systemd creates are where the default config puts the socket and state.
+    assert!(ws_guard::config::DEFAULT_CONTROL_SOCKET.starts_with("/run/ws-guard/"));
+    assert!(ws_guard::config::DEFAULT_STATE_FILE.starts_with("/var/lib/ws-guard/"));
     assert!(
         !settings.iter().any(|l| l.starts_with("ExecStop")),
         "stopping must leave the pins enforcing"

@@ -1,7 +1,16 @@
 //! The TOML configuration: parsing, defaults and validation. A config is checked whole before
 //! anything is applied; every error names the field and the problem.
 
-use std::{collections::BTreeSet, fmt, net::SocketAddr, path::Path, str::FromStr, time::Duration};
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use ipnet::IpNet;
 
 use serde::{Deserialize, Deserializer, de};
 use thiserror::Error;
@@ -19,9 +28,11 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
-    #[error("{path}: {field}: {message}")]
+    #[error("{path}{}: {field}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     Invalid {
         path: String,
+        /// 1-based line of the field in the file, when the text is known and has the field.
+        line: Option<usize>,
         field: String,
         message: String,
     },
@@ -194,6 +205,11 @@ pub struct Capacity {
     pub sources: u32,
     /// Connections (half-open and established) tracked at once.
     pub flows: u32,
+    /// Active bans at once. Bans are never evicted: when full, a source over the rate is
+    /// still refused but not banned (counted as `bans_full`).
+    pub bans: u32,
+    /// CIDRs per list (allow, deny).
+    pub cidrs: u32,
 }
 
 impl Default for Capacity {
@@ -201,6 +217,8 @@ impl Default for Capacity {
         Self {
             sources: 65_536,
             flows: 262_144,
+            bans: 65_536,
+            cidrs: 16_384,
         }
     }
 }
@@ -244,6 +262,58 @@ impl MetricsSettings {
     }
 }
 
+/// Where the daemon's control socket is by default.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/ws-guard/control.sock";
+/// Where runtime changes made with the CLI are kept by default.
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/ws-guard/runtime.toml";
+
+/// The control socket the CLI talks to (root only).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSettings {
+    /// Path of the Unix socket; its directory is created 0700 and the socket is 0600.
+    pub socket: PathBuf,
+}
+
+impl Default for ControlSettings {
+    fn default() -> Self {
+        Self {
+            socket: DEFAULT_CONTROL_SOCKET.into(),
+        }
+    }
+}
+
+fn cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    list.iter()
+        .map(|s| parse_cidr(s).map_err(de::Error::custom))
+        .collect()
+}
+
+/// Parses `ADDRESS/PREFIX` (or a bare address: a /32 or /128). Host bits must be zero, so
+/// `198.18.0.1/24` is refused rather than silently widened.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    let net = match s.parse::<IpNet>() {
+        Ok(n) => n,
+        Err(_) => match s.parse::<std::net::IpAddr>() {
+            Ok(a) => IpNet::from(a),
+            Err(_) => {
+                return Err(format!(
+                    "{s:?} is not a CIDR such as \"198.18.0.0/24\" or \"2001:2::/48\""
+                ));
+            }
+        },
+    };
+    if net.trunc() != net {
+        return Err(format!(
+            "{s:?} has host bits set; did you mean \"{}\"?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -280,6 +350,22 @@ pub struct Config {
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsSettings,
+    /// Sources never limited (still counted). CIDRs, IPv4 or IPv6.
+    #[serde(default, deserialize_with = "cidrs")]
+    pub allow: Vec<IpNet>,
+    /// Sources whose new connections are always dropped. CIDRs, IPv4 or IPv6.
+    #[serde(default, deserialize_with = "cidrs")]
+    pub deny: Vec<IpNet>,
+    /// A source refused by a port's `new_connections` is banned from that port for this long
+    /// (every new attempt dropped). Zero: no automatic bans.
+    #[serde(default, deserialize_with = "duration")]
+    pub ban_duration: Duration,
+    /// Where runtime changes made with the CLI are kept (README, "Changing limits at runtime").
+    #[serde(default = "default_state_file")]
+    pub state_file: PathBuf,
+    /// The control socket.
+    #[serde(default)]
+    pub control: ControlSettings,
     /// Protected ports. Omitted: refused by validation with a message saying why.
     #[serde(rename = "port", default)]
     pub ports: Vec<PortLimits>,
@@ -296,6 +382,9 @@ fn default_handshake_timeout() -> Duration {
 }
 fn default_sweep_interval() -> Duration {
     Duration::from_secs(1)
+}
+fn default_state_file() -> PathBuf {
+    DEFAULT_STATE_FILE.into()
 }
 fn default_kernel_log() -> String {
     "warn".into()
@@ -320,15 +409,29 @@ impl Config {
             path: origin.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        cfg.check(origin)?;
+        cfg.check(origin).map_err(|e| match e {
+            ConfigError::Invalid {
+                path,
+                line: None,
+                field,
+                message,
+            } => ConfigError::Invalid {
+                path,
+                line: locate::line_of(text, &field),
+                field,
+                message,
+            },
+            e => e,
+        })?;
         Ok(cfg)
     }
 
-    /// Validates a whole configuration (what [`Config::parse`] checks after reading the TOML);
-    /// `origin` names it in errors.
+    /// Validates a whole configuration (as [`Config::parse`] does after reading the TOML), e.g.
+    /// one built from a file plus runtime changes. `origin` names it in errors.
     pub fn check(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |field: String, message: String| ConfigError::Invalid {
             path: origin.to_owned(),
+            line: None,
             field,
             message,
         };
@@ -408,6 +511,8 @@ impl Config {
         for (name, v) in [
             ("capacity.sources", self.capacity.sources),
             ("capacity.flows", self.capacity.flows),
+            ("capacity.bans", self.capacity.bans),
+            ("capacity.cidrs", self.capacity.cidrs),
         ] {
             if !(64..=16_777_216).contains(&v) {
                 return Err(invalid(
@@ -446,6 +551,64 @@ impl Config {
                     format!("{name:?} is listed twice"),
                 ));
             }
+        }
+        for (name, list) in [("allow", &self.allow), ("deny", &self.deny)] {
+            if list.len() > self.capacity.cidrs as usize {
+                return Err(invalid(
+                    name.into(),
+                    format!(
+                        "{} CIDRs; capacity.cidrs allows {}",
+                        list.len(),
+                        self.capacity.cidrs
+                    ),
+                ));
+            }
+            for (i, net) in list.iter().enumerate() {
+                parse_cidr(&net.to_string()).map_err(|m| invalid(format!("{name}[{i}]"), m))?;
+            }
+            if let Some((i, j)) = first_overlap(list) {
+                return Err(invalid(
+                    format!("{name}[{j}]"),
+                    format!(
+                        "{} overlaps {name}[{i}] = {}; list each range once",
+                        list[j], list[i]
+                    ),
+                ));
+            }
+        }
+        if let Some(j) = self.deny.iter().position(|d| self.allow.contains(d)) {
+            return Err(invalid(
+                format!("deny[{j}]"),
+                format!(
+                    "{} is also in allow (a range inside an allowed one may be denied, and \
+                     allow wins, but the same range in both says nothing)",
+                    self.deny[j]
+                ),
+            ));
+        }
+        if self.ban_duration > Duration::from_secs(86_400 * 365) {
+            return Err(invalid(
+                "ban_duration".into(),
+                "must be at most 365 days".into(),
+            ));
+        }
+        for (name, path) in [
+            ("state_file", &self.state_file),
+            ("control.socket", &self.control.socket),
+        ] {
+            if !path.is_absolute() || path.file_name().is_none() {
+                return Err(invalid(
+                    name.into(),
+                    format!("{} is not an absolute file path", path.display()),
+                ));
+            }
+        }
+        // sun_path holds 108 bytes, the terminating NUL included.
+        if self.control.socket.as_os_str().len() > 107 {
+            return Err(invalid(
+                "control.socket".into(),
+                "longer than the 107 bytes a Unix socket path may have".into(),
+            ));
         }
         Ok(())
     }
@@ -494,7 +657,12 @@ impl Config {
                 (self.on_map_full == OnMapFull::Closed) as u32
             )
         );
-        for v in [self.capacity.sources, self.capacity.flows] {
+        for v in [
+            self.capacity.sources,
+            self.capacity.flows,
+            self.capacity.bans,
+            self.capacity.cidrs,
+        ] {
             assert!((64..=16_777_216).contains(&v), "capacity {v}");
         }
         assert!(self.handshake_timeout >= Duration::from_secs(1));
@@ -505,6 +673,12 @@ impl Config {
         assert!((self.kernel_log_level() as usize) < KERNEL_LOG_LEVELS.len());
         assert!(self.metrics.listen_addr().is_ok());
         assert!(self.metrics.top_sources <= MAX_TOP_SOURCES);
+        for list in [&self.allow, &self.deny] {
+            assert!(list.len() <= self.capacity.cidrs as usize);
+            assert!(list.iter().all(|n| n.trunc() == *n) && first_overlap(list).is_none());
+        }
+        assert!(self.deny.iter().all(|d| !self.allow.contains(d)));
+        assert!(self.state_file.is_absolute() && self.control.socket.is_absolute());
         let mut names = BTreeSet::new();
         for n in &self.interfaces {
             assert!(!n.is_empty() && n.len() <= 15 && !n.contains('/'), "{n:?}");
@@ -518,6 +692,49 @@ impl Config {
             .iter()
             .position(|l| *l == self.kernel_log)
             .unwrap_or(2) as u8
+    }
+}
+
+/// The indexes `(i, j)` of two CIDRs of `list` that overlap (one contains the other), if any.
+pub fn first_overlap(list: &[IpNet]) -> Option<(usize, usize)> {
+    let mut order: Vec<usize> = (0..list.len()).collect();
+    // By family, network address, then shorter prefix first: CIDRs are nested or disjoint, so
+    // if any two overlap, two neighbours in this order do.
+    order.sort_by_key(|&i| (list[i].network(), list[i].prefix_len()));
+    order.windows(2).find_map(|w| {
+        let (a, b) = (&list[w[0]], &list[w[1]]);
+        (a.contains(b) || b.contains(a)).then(|| (w[0].min(w[1]), w[0].max(w[1])))
+    })
+}
+
+/// Where a field is in TOML text, for error messages.
+mod locate {
+    use toml_edit::{ImDocument, Item};
+
+    /// The 1-based line of `field` (`a.b`, `port[2].max_connections`, `allow[1]`) in `text`:
+    /// of its value, or of the innermost enclosing item the text has.
+    pub fn line_of(text: &str, field: &str) -> Option<usize> {
+        let doc = ImDocument::parse(text).ok()?;
+        let mut item: &Item = doc.as_item();
+        let mut span = None;
+        'walk: for seg in field.split('.') {
+            let (name, index) = match seg.split_once('[') {
+                Some((n, i)) => (n, i.trim_end_matches(']').parse::<usize>().ok()),
+                None => (seg, None),
+            };
+            let Some(next) = item.get(name) else {
+                break 'walk;
+            };
+            span = next.span().or(span);
+            item = next;
+            if let Some(i) = index {
+                let Some(next) = item.get(i) else { break 'walk };
+                span = next.span().or(span);
+                item = next;
+            }
+        }
+        let start = span?.start.min(text.len());
+        Some(text[..start].matches('\n').count() + 1)
     }
 }
 
@@ -628,6 +845,143 @@ mod tests {
             .map(|p| format!("[[port]]\nport = {p}\n"))
             .collect();
         assert!(parse(&most).is_ok());
+    }
+
+    #[test]
+    fn semantic_errors_name_file_line_and_field() {
+        let text = "monitor = false\n\n[[port]]\nport = 9000\n\n[[port]]\nport = 9001\nmax_connections = 0\n";
+        let e = parse(text).unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Invalid { line: Some(8), .. }),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "test.toml:8: port[1].max_connections: 0 would refuse every connection; leave it out \
+             for no limit"
+        );
+        let e = parse("ipv4_prefix = 40\n[[port]]\nport = 1\n").unwrap_err();
+        assert!(
+            e.to_string().starts_with("test.toml:1: ipv4_prefix:"),
+            "{e}"
+        );
+        let e = parse("[[port]]\nport = 1\n[capacity]\nflows = 3\n").unwrap_err();
+        assert!(
+            e.to_string().starts_with("test.toml:4: capacity.flows:"),
+            "{e}"
+        );
+        let e = parse(
+            "allow = [\n  \"198.18.0.0/24\",\n  \"198.18.0.128/25\",\n]\n[[port]]\nport = 1\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("test.toml:3: allow[1]:"), "{e}");
+        // A field the text does not have (a missing [[port]]) has no line.
+        let e = parse("monitor = true\n").unwrap_err();
+        assert!(e.to_string().starts_with("test.toml: port:"), "{e}");
+        // check() on a config built in code has no text, hence no line.
+        let mut c = parse("[[port]]\nport = 1\n").unwrap();
+        c.ipv6_prefix = 200;
+        assert!(matches!(
+            c.check("runtime"),
+            Err(ConfigError::Invalid { line: None, .. })
+        ));
+    }
+
+    #[test]
+    fn cidr_lists() {
+        let c = parse(
+            "allow = [\"198.18.0.0/24\", \"2001:2::/48\", \"198.19.0.7\"]\n\
+             deny = [\"198.18.0.0/16\"]\nban_duration = \"10m\"\n[[port]]\nport = 1\n",
+        )
+        .unwrap();
+        assert_eq!(c.allow.len(), 3);
+        assert_eq!(c.allow[2].to_string(), "198.19.0.7/32");
+        assert_eq!(c.deny[0].prefix_len(), 16);
+        assert_eq!(c.ban_duration, Duration::from_secs(600));
+        let e = parse("deny = [\"198.18.0.1/24\"]\n[[port]]\nport = 1\n").unwrap_err();
+        assert!(
+            e.to_string().contains("did you mean \"198.18.0.0/24\""),
+            "{e}"
+        );
+        assert!(e.to_string().contains("line 1"), "{e}");
+        for bad in ["198.18.0.0/33", "nonsense", "2001:2::/129", "198.18.0.0/"] {
+            let e = parse(&format!("allow = [\"{bad}\"]\n[[port]]\nport = 1\n")).unwrap_err();
+            assert!(e.to_string().contains("is not a CIDR"), "{bad}: {e}");
+        }
+        assert_eq!(
+            invalid_field("deny = [\"2001:2::/48\", \"2001:2:0:1::/64\"]\n[[port]]\nport = 1\n"),
+            "deny[1]"
+        );
+        assert_eq!(
+            invalid_field(
+                "allow = [\"198.18.0.0/24\"]\ndeny = [\"198.18.0.0/24\"]\n[[port]]\nport = 1\n"
+            ),
+            "deny[0]"
+        );
+        // A denied range with an allowed hole in it is the usual pattern.
+        assert!(
+            parse("allow = [\"198.18.0.5\"]\ndeny = [\"198.18.0.0/24\"]\n[[port]]\nport = 1\n")
+                .is_ok()
+        );
+        // IPv4 and IPv6 never overlap.
+        assert!(parse("allow = [\"0.0.0.0/0\", \"::/0\"]\n[[port]]\nport = 1\n").is_ok());
+        let many: Vec<String> = (0..65).map(|i| format!("\"198.18.1.{i}\"")).collect();
+        let text = format!(
+            "allow = [{}]\n[capacity]\ncidrs = 64\n[[port]]\nport = 1\n",
+            many.join(", ")
+        );
+        assert_eq!(invalid_field(&text), "allow");
+        assert!(parse(&text.replace("cidrs = 64", "cidrs = 65")).is_ok());
+    }
+
+    #[test]
+    fn overlap_finder_is_exhaustive() {
+        // Against the quadratic definition, on random small CIDRs that often overlap.
+        let mut rng: u64 = 0x1234_5678_9abc_def1;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for _ in 0..2000 {
+            let n = 1 + (next() % 6) as usize;
+            let list: Vec<IpNet> = (0..n)
+                .map(|_| {
+                    let prefix = 28 + (next() % 5) as u8;
+                    let addr = std::net::Ipv4Addr::from(0xC612_0000 | (next() % 64) as u32);
+                    IpNet::new(addr.into(), prefix).unwrap().trunc()
+                })
+                .collect();
+            let quadratic = (0..n).any(|i| {
+                (0..n).any(|j| i != j && (list[i].contains(&list[j]) || list[j].contains(&list[i])))
+            });
+            let found = first_overlap(&list);
+            assert_eq!(found.is_some(), quadratic, "{list:?}");
+            if let Some((i, j)) = found {
+                assert!(i < j && (list[i].contains(&list[j]) || list[j].contains(&list[i])));
+            }
+        }
+    }
+
+    #[test]
+    fn control_and_state_paths() {
+        let c = parse("[[port]]\nport = 1\n").unwrap();
+        assert_eq!(c.control.socket, Path::new(DEFAULT_CONTROL_SOCKET));
+        assert_eq!(c.state_file, Path::new(DEFAULT_STATE_FILE));
+        assert_eq!(c.capacity.bans, 65_536);
+        assert_eq!(c.ban_duration, Duration::ZERO);
+        assert_eq!(
+            invalid_field("state_file = \"relative.toml\"\n[[port]]\nport = 1\n"),
+            "state_file"
+        );
+        let long = format!("/run/{}.sock", "x".repeat(120));
+        assert_eq!(
+            invalid_field(&format!(
+                "[control]\nsocket = \"{long}\"\n[[port]]\nport = 1\n"
+            )),
+            "control.socket"
+        );
     }
 
     #[test]

@@ -93,6 +93,24 @@ pub fn describe(cfg: &Config) -> Vec<String> {
             p.port, cfg.ipv4_prefix, cfg.ipv6_prefix
         ));
     }
+    let cidrs = |l: &[ipnet::IpNet]| {
+        l.iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !cfg.allow.is_empty() {
+        lines.push(format!("never limited (allow): {}", cidrs(&cfg.allow)));
+    }
+    if !cfg.deny.is_empty() {
+        lines.push(format!("always dropped (deny): {}", cidrs(&cfg.deny)));
+    }
+    if !cfg.ban_duration.is_zero() {
+        lines.push(format!(
+            "a source over a port's new_connections is banned from it for {}",
+            humantime::format_duration(cfg.ban_duration)
+        ));
+    }
     if cfg.monitor {
         lines.push("monitor mode: nothing is refused, would-be refusals are counted".into());
     }
@@ -146,7 +164,11 @@ pub async fn run(
     let pins = PinDir::new(&opts.pin_root);
     // With nothing pinned before, a failed start removes whatever it pinned; with adopted
     // state, the previous daemon's pins keep enforcing.
-    let fresh = !pins.has_state();
+    let fresh = !pins.has_state()
+        && !pins
+            .other_versions()
+            .iter()
+            .any(|d| d.join("links").exists());
     let root_existed = opts.pin_root.exists();
     let started = start(&cfg, &pins, &interfaces);
     let guard = match started {
@@ -485,8 +507,9 @@ fn start(cfg: &Config, pins: &PinDir, interfaces: &[String]) -> anyhow::Result<G
 
     for interface in interfaces {
         if let Err(e) = guard.attach_xdp(interface, cfg.xdp_mode) {
-            // Never leave some interfaces protected and others not.
-            if let Err(d) = guard.detach_all() {
+            // Never leave some interfaces protected and others not, except that links an
+            // earlier daemon left enforcing keep enforcing.
+            if let Err(d) = guard.undo_new_attachments() {
                 error!("while undoing a failed attach: {d:#}");
             }
             return Err(e);

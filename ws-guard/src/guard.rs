@@ -74,6 +74,9 @@ pub struct Attachment {
     /// The interface's index when attached; the link goes with the interface if it is deleted.
     pub ifindex: u32,
     link: AttachLink,
+    /// The link was pinned by an earlier daemon and this one took it over (its program
+    /// swapped): it was enforcing before this start, so a failed start keeps it.
+    pub taken_over: bool,
 }
 
 /// How an XDP attachment is held.
@@ -503,7 +506,39 @@ impl Guard {
             .ok_or_else(|| anyhow!("XDP program missing"))?
             .try_into()?;
         if let Some(pins) = &pins {
-            if let Some((path, mode_name)) = pins.find_xdp_link(interface) {
+            let own = pins.find_xdp_link(interface);
+            let other = own
+                .is_none()
+                .then(|| pins.find_xdp_link_other_version(interface))
+                .flatten();
+            if let Some((old_path, mode_name)) = &other {
+                // An upgrade across layout versions: the older daemon's link keeps enforcing
+                // (with its own maps) until its program is swapped for this one, atomically.
+                match take_over_pinned_xdp(prog, old_path, &pins.xdp_link(interface, mode_name)) {
+                    Ok(pinned) => {
+                        info!(
+                            "{interface}: took over the XDP link of another layout version \
+                             ({}), swapping its program atomically; counts restart from the \
+                             kernel's socket table",
+                            old_path.display()
+                        );
+                        self.attachments.push(Attachment {
+                            interface: interface.to_owned(),
+                            mode: mode_name,
+                            ifindex: index,
+                            link: AttachLink::Pinned(pinned),
+                            taken_over: true,
+                        });
+                        return Ok(mode_name);
+                    }
+                    Err(e) => warn!(
+                        "{interface}: the XDP link of another layout version ({}) cannot be \
+                         taken over ({e:#}); attaching anew",
+                        old_path.display()
+                    ),
+                }
+            }
+            if let Some((path, mode_name)) = own {
                 match replace_pinned_xdp(prog, &path) {
                     Ok(pinned) => {
                         info!(
@@ -526,6 +561,7 @@ impl Guard {
                             mode: mode_name,
                             ifindex: index,
                             link: AttachLink::Pinned(pinned),
+                            taken_over: true,
                         });
                         return Ok(mode_name);
                     }
@@ -591,6 +627,7 @@ impl Guard {
             mode: mode_name,
             ifindex: index,
             link,
+            taken_over: false,
         });
         Ok(mode_name)
     }
@@ -617,6 +654,22 @@ impl Guard {
             info!("detached from {}", a.interface);
         }
         Ok(())
+    }
+
+    /// Undoes the attachments of a start that failed half-way: detaches the interfaces this
+    /// start attached anew, and leaves pinned the links it took over from an earlier daemon
+    /// (they were enforcing before, with the same maps, and keep doing so).
+    pub fn undo_new_attachments(&mut self) -> anyhow::Result<()> {
+        let (kept, new): (Vec<_>, Vec<_>) = self.attachments.drain(..).partition(|a| a.taken_over);
+        self.attachments = new;
+        let result = self.detach_all();
+        for a in &kept {
+            info!(
+                "{}: keeping the link taken over from the earlier daemon",
+                a.interface
+            );
+        }
+        result
     }
 
     /// Attaches the XDP program again to `interface` after the interface it was attached to
@@ -675,6 +728,7 @@ impl Guard {
                         mode: mode_name,
                         ifindex,
                         link: AttachLink::Released,
+                        taken_over: false,
                     });
                 }
                 Err(e)
@@ -930,6 +984,20 @@ impl Guard {
 
 /// Replaces the program of the XDP link pinned at `path` by `prog`, atomically
 /// (bpf_link_update): the interface is never without a program. Returns the link, still pinned.
+/// Swaps the program of the XDP link pinned at `old` (another layout version's) for `prog`,
+/// then moves the pin to `new`. The link is never detached.
+fn take_over_pinned_xdp(prog: &mut Xdp, old: &Path, new: &Path) -> anyhow::Result<PinnedLink> {
+    replace_pinned_xdp(prog, old)?;
+    let fd: FdLink = PinnedLink::from_pin(old)
+        .context("reopening the pinned link")?
+        .into();
+    let pinned = fd
+        .pin(new)
+        .with_context(|| format!("pinning the link at {}", new.display()))?;
+    std::fs::remove_file(old).with_context(|| format!("removing the old pin {}", old.display()))?;
+    Ok(pinned)
+}
+
 fn replace_pinned_xdp(prog: &mut Xdp, path: &Path) -> anyhow::Result<PinnedLink> {
     let pinned = PinnedLink::from_pin(path).context("opening the pinned link")?;
     let fd: FdLink = pinned.into();

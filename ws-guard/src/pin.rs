@@ -80,6 +80,26 @@ impl PinDir {
             .find(|(p, _)| p.exists())
     }
 
+    /// The pinned XDP link of `interface` left by a daemon of another layout version, with its
+    /// mode: an upgrade takes it over (the link keeps enforcing while its program is swapped).
+    /// The newest other version first.
+    pub fn find_xdp_link_other_version(&self, interface: &str) -> Option<(PathBuf, &'static str)> {
+        let mut dirs = self.other_versions();
+        dirs.sort_by_key(|d| {
+            d.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix('v'))
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(std::cmp::Reverse)
+        });
+        dirs.iter().find_map(|d| {
+            ["native", "generic"].into_iter().find_map(|m| {
+                let p = d.join("links").join(format!("xdp-{interface}-{m}"));
+                p.exists().then_some((p, m))
+            })
+        })
+    }
+
     /// The interfaces with a pinned XDP link in this version's directory, with the link's pin.
     pub fn xdp_links(&self) -> Vec<(String, PathBuf)> {
         let Ok(rd) = std::fs::read_dir(self.dir().join("links")) else {

@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// The state file's default path (`state_file`).
-pub const DEFAULT_STATE_FILE: &str = "/var/lib/ws-guard/runtime.toml";
+pub const DEFAULT_STATE_FILE: &str = crate::config::DEFAULT_STATE_FILE;
 
 /// Why the state file could not be read or written.
 #[derive(Debug, Error)]
@@ -330,8 +330,11 @@ pub fn effective(file: &Config, overrides: &Overrides) -> Result<Config, String>
 }
 
 impl Overrides {
-    /// The allow/deny lists of the effective config. (Filled in once the config has lists.)
-    fn overlay_lists(&self, _cfg: &mut Config, _file: &Config) {}
+    /// The allow/deny lists of the effective config: the file's, with these changes.
+    fn overlay_lists(&self, cfg: &mut Config, file: &Config) {
+        cfg.allow = self.list_entries(ListName::Allow, &file.allow);
+        cfg.deny = self.list_entries(ListName::Deny, &file.deny);
+    }
 }
 
 /// Validates the effective config like a config file.

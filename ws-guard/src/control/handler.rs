@@ -6,8 +6,8 @@ use log::{error, info};
 use ws_guard_common::maps::{AF_INET6, Counter};
 
 use super::protocol::{
-    ChangeReply, InterfaceInfo, LimitsReply, ListName, MapInfo, PortCounters, PortInfo, Request,
-    Response, SortBy, SourceInfo, SourcesReply, StatusReply,
+    ChangeReply, InterfaceInfo, LimitsReply, ListName, ListReply, MapInfo, PortCounters, PortInfo,
+    Request, Response, SortBy, SourceInfo, SourcesReply, StatusReply,
 };
 use crate::{
     daemon::Shared,
@@ -201,13 +201,36 @@ pub fn apply_change(
 }
 
 fn list_change(s: &mut Shared, list: ListName, cidr: &str, add: bool) -> Response {
-    let _ = (s, list, cidr, add);
-    Response::error("allow/deny lists are not supported by this daemon yet")
+    let net = match crate::config::parse_cidr(cidr) {
+        Ok(n) => n,
+        Err(e) => return Response::error(e),
+    };
+    let what = format!(
+        "{net} {} the {list}list",
+        if add { "added to" } else { "removed from" }
+    );
+    apply_change(s, &what, |o, file| {
+        let entries = match list {
+            ListName::Allow => &file.allow,
+            ListName::Deny => &file.deny,
+        };
+        if add {
+            o.list_add(list, entries, net)
+        } else {
+            o.list_remove(list, entries, net)
+        }
+    })
 }
 
 fn list_show(s: &Shared, list: ListName) -> Response {
-    let _ = (s, list);
-    Response::error("allow/deny lists are not supported by this daemon yet")
+    let entries = match list {
+        ListName::Allow => &s.cfg.allow,
+        ListName::Deny => &s.cfg.deny,
+    };
+    Response::ok(&ListReply {
+        list,
+        cidrs: entries.iter().map(|c| c.to_string()).collect(),
+    })
 }
 
 fn sources_top(s: &Shared, by: SortBy, n: usize) -> Response {

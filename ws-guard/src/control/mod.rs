@@ -7,4 +7,4 @@ pub mod protocol;
 pub mod server;
 
 /// The control socket's default path (`[control] socket`).
-pub const DEFAULT_SOCKET: &str = "/run/ws-guard/control.sock";
+pub const DEFAULT_SOCKET: &str = crate::config::DEFAULT_CONTROL_SOCKET;
