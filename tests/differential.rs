@@ -532,6 +532,7 @@ impl Gen {
             } else {
                 0
             },
+            ..GlobalConfig::default()
         }
     }
 

@@ -168,6 +168,7 @@ fn recreate_veth(tb: &Testbed) -> Guard {
         sources: 64,
         flows: 64,
         kernel_log_level: 0,
+        ..LoadOptions::default()
     })
     .expect("loading the client-side pass-through XDP program");
     in_ns(cli, || pass.attach_xdp(c, XdpMode::Auto))

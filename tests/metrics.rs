@@ -85,6 +85,7 @@ fn counters_are_split_by_port_and_family() {
         sources: 1024,
         flows: 4096,
         kernel_log_level: 0,
+        ..LoadOptions::default()
     })
     .expect("load");
     g.apply(&config(
@@ -462,6 +463,7 @@ fn exposition_of_real_maps_is_exact_and_passes_promtool() {
         sources: 1024,
         flows: 4096,
         kernel_log_level: 0,
+        ..LoadOptions::default()
     })
     .expect("load");
     g.apply(&config(
@@ -529,6 +531,7 @@ fn endpoint_caps_connections_and_closes_idle_ones() {
         sources: 1024,
         flows: 4096,
         kernel_log_level: 0,
+        ..LoadOptions::default()
     })
     .expect("load");
     let endpoint = Arc::new(metrics::Endpoint {
@@ -1014,6 +1017,7 @@ fn per_cpu_counters_are_summed() {
         sources: 1024,
         flows: 4096,
         kernel_log_level: 0,
+        ..LoadOptions::default()
     })
     .expect("load");
     g.apply(&config("[[port]]\nport = 9321\n")).expect("apply");

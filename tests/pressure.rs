@@ -177,6 +177,7 @@ fn load(sources: u32, flows: u32, port: PortConfig, global: GlobalConfig) -> Gua
         sources,
         flows,
         kernel_log_level: 0,
+        ..LoadOptions::default()
     })
     .expect("load the programs");
     g.set_global(global).expect("global settings");

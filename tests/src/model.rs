@@ -318,6 +318,10 @@ impl Model {
         if port.max_connections != 0 && taken >= port.max_connections {
             if !monitor {
                 self.give_slot(&slots);
+                // Refusals are counted in the source's rate state, when it has one.
+                if let Some(st) = self.rate.get_mut(&source) {
+                    st.refused = st.refused.wrapping_add(1);
+                }
                 self.count(counted, bucket, Counter::ConnLimited);
                 return Some(port.conn_action);
             }
@@ -339,6 +343,7 @@ impl Model {
             since = Since::Exact(now);
             if !ok {
                 if !monitor {
+                    state.refused = state.refused.wrapping_add(1);
                     self.give_slot(&slots);
                     self.count(counted, bucket, Counter::RateLimited);
                     return Some(port.rate_action);

@@ -294,6 +294,7 @@ impl Testbed {
             sources: 64,
             flows: 64,
             kernel_log_level: 0,
+            ..LoadOptions::default()
         })
         .expect("loading the client-side pass-through XDP program");
         in_ns(&cli, || pass.attach_xdp(&c, XdpMode::Auto))

@@ -8,6 +8,7 @@ pub mod key;
 pub mod maps;
 pub mod names;
 pub mod parse;
+pub mod policy;
 pub mod rate;
 pub mod rst;
 pub mod tracepoint;

@@ -117,7 +117,20 @@ pub struct GlobalConfig {
     /// counts [`Counter::MonitorWouldBlock`] instead. Sources that already have a counter are
     /// judged as usual: `WSG_CONNS` is never evicted from.
     pub fail_closed: u32,
+    /// [`FLAG_ALLOW`], [`FLAG_DENY`], [`FLAG_BANS`]: which lookups a new attempt needs, so the
+    /// hot path skips the maps that are empty. Maintained by userspace from the maps' contents.
+    pub flags: u32,
+    pub _pad: u32,
+    /// How long a source refused by the rate limit is banned; zero: no automatic bans.
+    pub ban_ns: u64,
 }
+
+/// [`GlobalConfig::flags`]: the allowlist trie (`WSG_ALLOW`) has entries.
+pub const FLAG_ALLOW: u32 = 1;
+/// [`GlobalConfig::flags`]: the denylist trie (`WSG_DENY`) has entries.
+pub const FLAG_DENY: u32 = 2;
+/// [`GlobalConfig::flags`]: bans may exist (automatic bans are on, or `WSG_BANS` has entries).
+pub const FLAG_BANS: u32 = 4;
 
 impl Default for GlobalConfig {
     fn default() -> Self {
@@ -126,6 +139,9 @@ impl Default for GlobalConfig {
             ipv4_prefix: 32,
             ipv6_prefix: 64,
             fail_closed: 0,
+            flags: 0,
+            _pad: 0,
+            ban_ns: 0,
         }
     }
 }
@@ -137,7 +153,9 @@ impl Default for GlobalConfig {
 pub struct RateState {
     /// Sequence number the next attempt claims.
     pub next: u32,
-    pub _pad: u32,
+    /// Attempts of this source refused while it had a rate state (rate, `max_connections`,
+    /// denylist, ban), wrapping: the "drops" of `sources top`. Only ever added to atomically.
+    pub refused: u32,
     /// `bpf_ktime_get_ns` of attempt `seq` at `seq % RATE_SLOTS`; zero when never used.
     pub stamps: [u64; RATE_SLOTS],
 }
@@ -146,7 +164,7 @@ impl Default for RateState {
     fn default() -> Self {
         Self {
             next: 0,
-            _pad: 0,
+            refused: 0,
             stamps: [0; RATE_SLOTS],
         }
     }
@@ -194,11 +212,25 @@ pub enum Counter {
     Expired,
     /// Established connections left untracked because a map was full (tracepoint side).
     UntrackedFull,
+    /// New attempts of allowlisted sources (not limited, tracked like admitted ones).
+    Allowed,
+    /// Attempts dropped because the source is on the denylist.
+    Denied,
+    /// Attempts dropped because the source key is banned.
+    Banned,
+    /// Bans the XDP program started (a rate-limit refusal while `ban_duration` > 0).
+    BansStarted,
+    /// Expired bans the XDP program found and ended (userspace's expiry not included).
+    BansEnded,
+    /// Ban events lost because the ring buffer was full.
+    EventsLost,
+    /// Bans not started because the ban map was full.
+    BansFull,
 }
 
 impl Counter {
     /// Number of counters; the size of one bucket of the stats map.
-    pub const COUNT: u32 = Counter::UntrackedFull as u32 + 1;
+    pub const COUNT: u32 = Counter::BansFull as u32 + 1;
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NotProtected,
@@ -218,10 +250,17 @@ impl Counter {
         Counter::Adopted,
         Counter::Expired,
         Counter::UntrackedFull,
+        Counter::Allowed,
+        Counter::Denied,
+        Counter::Banned,
+        Counter::BansStarted,
+        Counter::BansEnded,
+        Counter::EventsLost,
+        Counter::BansFull,
     ];
 
     /// The counters whose sum is the number of frames the XDP program saw.
-    pub const FRAME_OUTCOMES: [Counter; 9] = [
+    pub const FRAME_OUTCOMES: [Counter; 12] = [
         Counter::NotProtected,
         Counter::Fragments,
         Counter::Malformed,
@@ -231,6 +270,9 @@ impl Counter {
         Counter::ConnLimited,
         Counter::RateLimited,
         Counter::MapFull,
+        Counter::Allowed,
+        Counter::Denied,
+        Counter::Banned,
     ];
 
     /// A stable snake_case name for logs and metrics.
@@ -253,7 +295,60 @@ impl Counter {
             Counter::Adopted => "adopted",
             Counter::Expired => "expired",
             Counter::UntrackedFull => "untracked_full",
+            Counter::Allowed => "allowed",
+            Counter::Denied => "denied",
+            Counter::Banned => "banned",
+            Counter::BansStarted => "bans_started",
+            Counter::BansEnded => "bans_ended",
+            Counter::EventsLost => "events_lost",
+            Counter::BansFull => "bans_full",
         }
+    }
+}
+
+/// [`BanValue::reason`]: refused by the new-connection rate while `ban_duration` > 0.
+pub const BAN_RATE: u32 = 1;
+/// [`BanValue::reason`]: banned by the operator.
+pub const BAN_MANUAL: u32 = 2;
+
+/// A banned source key (`WSG_BANS`): every new attempt of it is dropped until `until_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BanValue {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the ban ends.
+    pub until_ns: u64,
+    /// [`BAN_RATE`] or [`BAN_MANUAL`].
+    pub reason: u32,
+    pub _pad: u32,
+}
+
+/// [`BanEvent::kind`]: a ban started.
+pub const EVENT_BAN_STARTED: u32 = 1;
+/// [`BanEvent::kind`]: a ban ended (the XDP program found it expired).
+pub const EVENT_BAN_ENDED: u32 = 2;
+
+/// A record of the `WSG_EVENTS` ring buffer, from the XDP program to the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BanEvent {
+    /// [`EVENT_BAN_STARTED`] or [`EVENT_BAN_ENDED`].
+    pub kind: u32,
+    /// The ban's [`BanValue::reason`].
+    pub reason: u32,
+    pub source: SourceKey,
+    pub _pad: u32,
+    /// When the ban ends (or ended), `bpf_ktime_get_ns`.
+    pub until_ns: u64,
+}
+
+impl BanEvent {
+    /// The event from its bytes as the ring buffer holds them; `None` if too short.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() < size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: length checked; every bit pattern is a valid BanEvent (integers only).
+        Some(unsafe { core::ptr::read_unaligned(b.as_ptr().cast::<Self>()) })
     }
 }
 
@@ -286,7 +381,9 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<FlowValue>() == 32);
     assert!(size_of::<PortConfig>() == 32);
-    assert!(size_of::<GlobalConfig>() == 16);
+    assert!(size_of::<GlobalConfig>() == 32);
+    assert!(size_of::<BanValue>() == 16);
+    assert!(size_of::<BanEvent>() == 40);
     assert!(size_of::<RateState>() == 8 + 8 * RATE_SLOTS);
     assert!(size_of::<ControlOp>() == 72);
     assert!(Counter::ALL.len() == Counter::COUNT as usize);
@@ -304,6 +401,8 @@ mod pod {
     unsafe impl aya::Pod for GlobalConfig {}
     unsafe impl aya::Pod for RateState {}
     unsafe impl aya::Pod for ControlOp {}
+    unsafe impl aya::Pod for BanValue {}
+    unsafe impl aya::Pod for BanEvent {}
 }
 
 #[cfg(test)]

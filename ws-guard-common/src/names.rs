@@ -27,10 +27,19 @@ pub const MAP_RATE_ZERO: &str = "WSG_RATE_ZERO";
 /// family (see [`crate::maps::stats_bucket`]).
 pub const MAP_STATS: &str = "WSG_STATS";
 
+/// Allowlist: a longest-prefix-match trie of CIDRs (see [`crate::policy::cidr_key`]).
+pub const MAP_ALLOW: &str = "WSG_ALLOW";
+/// Denylist: a longest-prefix-match trie of CIDRs.
+pub const MAP_DENY: &str = "WSG_DENY";
+/// Banned source keys and until when ([`crate::maps::BanValue`]); never evicted from.
+pub const MAP_BANS: &str = "WSG_BANS";
+/// Ring buffer of [`crate::maps::BanEvent`]s, from the XDP program to the daemon.
+pub const MAP_EVENTS: &str = "WSG_EVENTS";
+
 /// Every program name.
 pub const PROGRAMS: [&str; 3] = [PROG_XDP, PROG_SOCK_STATE, PROG_CONTROL];
 /// Every map name the program defines (the aya-log map excluded).
-pub const MAPS: [&str; 8] = [
+pub const MAPS: [&str; 12] = [
     MAP_PORTS,
     MAP_RATE_ZERO,
     MAP_GLOBAL,
@@ -39,6 +48,10 @@ pub const MAPS: [&str; 8] = [
     MAP_PENDING,
     MAP_OWNED,
     MAP_STATS,
+    MAP_ALLOW,
+    MAP_DENY,
+    MAP_BANS,
+    MAP_EVENTS,
 ];
 
 /// The kernel's limit on object names (BPF_OBJ_NAME_LEN - 1).
@@ -58,4 +71,4 @@ const _: () = assert!(all_fit(&PROGRAMS) && all_fit(&MAPS));
 
 /// Version of the map layouts; part of the pin directory so a daemon never adopts maps whose
 /// layout it does not know.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;

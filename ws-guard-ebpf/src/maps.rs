@@ -7,13 +7,16 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
-use ws_guard_common::maps::{
-    Counter, FlowKey, FlowValue, GlobalConfig, PortConfig, RateState, STATS_ENTRIES, SourceKey,
-    UNATTRIBUTED, stats_bucket,
+use ws_guard_common::{
+    maps::{
+        BanEvent, BanValue, Counter, FlowKey, FlowValue, GlobalConfig, PortConfig, RateState,
+        STATS_ENTRIES, SourceKey, UNATTRIBUTED, stats_bucket,
+    },
+    policy::{CIDR_DATA_LEN, lookup_key},
 };
 
 // Capacities of the hash maps are defaults; userspace sets them from the config at load time.
@@ -35,6 +38,19 @@ pub static WSG_OWNED: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(26
 pub static WSG_RATE_ZERO: Array<RateState> = Array::with_max_entries(1, 0);
 #[map]
 pub static WSG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
+// The lists: written by userspace only; values unused (presence is the answer).
+#[map]
+pub static WSG_ALLOW: LpmTrie<[u8; CIDR_DATA_LEN], u32> =
+    LpmTrie::with_max_entries(16384, BPF_F_NO_PREALLOC);
+#[map]
+pub static WSG_DENY: LpmTrie<[u8; CIDR_DATA_LEN], u32> =
+    LpmTrie::with_max_entries(16384, BPF_F_NO_PREALLOC);
+// A plain hash, never LRU: a flood must not evict a ban.
+#[map]
+pub static WSG_BANS: HashMap<SourceKey, BanValue> = HashMap::with_max_entries(65536, 0);
+/// Ban events for the daemon's log; 256 KiB holds over 6000 events.
+#[map]
+pub static WSG_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 /// `-EEXIST`, as map updates with BPF_NOEXIST return it.
 pub const EEXIST: i32 = -17;
@@ -138,4 +154,46 @@ pub fn rate_state(key: &SourceKey) -> Option<*mut RateState> {
 pub fn claim_attempt(state: *mut RateState) -> u32 {
     // SAFETY: `next` is a u32 inside a live map value.
     unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*state).next, 1) }
+}
+
+// The lookups and the ban bookkeeping below are BPF-to-BPF calls, not inlined: each has a
+// stack frame of its own, which keeps the XDP program's frame under the 512-byte limit.
+
+/// Whether `addr` of `family` is inside an entry of the allowlist (longest-prefix match).
+#[inline(never)]
+pub fn in_allow(family: u16, addr: &[u8; 16]) -> bool {
+    let k = lookup_key(family, *addr);
+    WSG_ALLOW.get(Key::new(k.prefix_len, k.data)).is_some()
+}
+
+/// Whether `addr` of `family` is inside an entry of the denylist.
+#[inline(never)]
+pub fn in_deny(family: u16, addr: &[u8; 16]) -> bool {
+    let k = lookup_key(family, *addr);
+    WSG_DENY.get(Key::new(k.prefix_len, k.data)).is_some()
+}
+
+/// Sends a ban event to the daemon; counts it as lost when the ring buffer is full.
+#[inline(always)]
+pub fn emit(b: Bucket, event: &BanEvent) {
+    if WSG_EVENTS.output::<BanEvent>(event, 0).is_err() {
+        count(b, Counter::EventsLost);
+    }
+}
+
+/// Adds one to the refusal count of `key`'s rate state, if it has one (never creates one).
+#[inline(always)]
+pub fn note_refusal(key: &SourceKey) {
+    if let Some(p) = WSG_RATE.get_ptr_mut(key) {
+        note_refusal_in(p);
+    }
+}
+
+/// Adds one to the refusal count of a rate state.
+#[inline(always)]
+pub fn note_refusal_in(state: *mut RateState) {
+    // SAFETY: `refused` is a u32 inside a live map value.
+    unsafe {
+        atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*state).refused, 1);
+    }
 }

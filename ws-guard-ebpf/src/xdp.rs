@@ -1,5 +1,6 @@
-//! The XDP limiter: on a new connection attempt to a protected port, the concurrency limit, then
-//! the rate limit, then track the attempt as half-open. Everything else passes.
+//! The XDP limiter: on a new connection attempt to a protected port, the allowlist, the
+//! denylist, an active ban, the concurrency limit, then the rate limit (whose refusal may start
+//! a ban), then track the attempt as half-open. Everything else passes.
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
@@ -10,15 +11,18 @@ use aya_log_ebpf::debug;
 use ws_guard_common::{
     key::source_key,
     maps::{
-        ACTION_REJECT, AF_INET, Counter, FlowKey, FlowValue, GlobalConfig, PortConfig, SourceKey,
+        ACTION_DROP, ACTION_REJECT, AF_INET, BAN_RATE, BanEvent, BanValue, Counter,
+        EVENT_BAN_ENDED, EVENT_BAN_STARTED, FLAG_BANS, FlowKey, FlowValue, GlobalConfig,
+        PortConfig, SourceKey,
     },
     parse::{self, Packet, Parsed, TcpSegment},
+    policy::{ListVerdict, ban_active, ban_until, list_verdict},
     rst,
 };
 
 use crate::{
     frame::Frame,
-    maps::{self, Bucket, WSG_OWNED, WSG_PENDING, count},
+    maps::{self, Bucket, WSG_BANS, WSG_OWNED, WSG_PENDING, count},
 };
 
 enum Verdict {
@@ -99,6 +103,39 @@ fn new_attempt(
     let source = source_key(seg.family, client, seg.dport, &global);
     let now = unsafe { bpf_ktime_get_ns() };
 
+    // The lists, then bans: each map is looked up only when its flag says it can hit.
+    let lists = list_verdict(
+        &global,
+        || maps::in_allow(seg.family, &client),
+        || maps::in_deny(seg.family, &client),
+    );
+    match lists {
+        ListVerdict::Allowed => return allowed(&flow, source, now, bucket),
+        ListVerdict::Denied if !monitor => {
+            maps::note_refusal(&source);
+            count(bucket, Counter::Denied);
+            debug!(ctx, "port {} source denylisted", seg.dport);
+            return Verdict::Refuse(ACTION_DROP);
+        }
+        ListVerdict::Denied => return monitor_admit(&flow, source, now, port, &global, bucket),
+        ListVerdict::Neither => {}
+    }
+    if global.flags & FLAG_BANS != 0 {
+        // SAFETY: copied out at once; userspace may delete the entry meanwhile.
+        if let Some(ban) = unsafe { WSG_BANS.get(&source) } {
+            let ban = *ban;
+            if ban_active(&ban, now) {
+                if monitor {
+                    return monitor_admit(&flow, source, now, port, &global, bucket);
+                }
+                maps::note_refusal(&source);
+                count(bucket, Counter::Banned);
+                return Verdict::Refuse(ACTION_DROP);
+            }
+            end_ban(&source, &ban, bucket);
+        }
+    }
+
     // No room for a new source's counter: it cannot be limited, so the operator's choice
     // decides. Sources that have a counter never get here (WSG_CONNS is never evicted from).
     let Some(slots) = maps::conns_counter(&source) else {
@@ -108,13 +145,14 @@ fn new_attempt(
     if port.max_connections != 0 && taken >= port.max_connections {
         if !monitor {
             maps::give_slot(slots);
+            maps::note_refusal(&source);
             count(bucket, Counter::ConnLimited);
             debug!(ctx, "port {} over max_connections ({})", seg.dport, taken);
             return Verdict::Refuse(port.conn_action);
         }
         // Monitor mode admits it, and, as when enforcing, it does not count toward the rate.
         count(bucket, Counter::MonitorWouldBlock);
-        if !admit(&flow, source, now, slots, bucket) {
+        if !admit(&flow, source, now, slots, bucket, Counter::Admitted) {
             return map_full(port, &global, bucket, true);
         }
         return Verdict::Pass;
@@ -122,17 +160,21 @@ fn new_attempt(
 
     let mut would_block = false;
     if port.rate_limit != 0 {
-        if let Some(state) = maps::rate_state(&source) {
-            let seq = maps::claim_attempt(state);
+        if let Some(state_ptr) = maps::rate_state(&source) {
+            let seq = maps::claim_attempt(state_ptr);
             // SAFETY: a live map value; concurrent writers only race on distinct slots.
-            let state = unsafe { &mut *state };
+            let state = unsafe { &mut *state_ptr };
             let ok = state.admits(seq, now, port.rate_limit, port.rate_window_ns);
             state.record(seq, now);
             if !ok {
                 if !monitor {
                     maps::give_slot(slots);
+                    maps::note_refusal_in(state_ptr);
                     count(bucket, Counter::RateLimited);
                     debug!(ctx, "port {} over new_connections", seg.dport);
+                    if global.ban_ns != 0 {
+                        start_ban(&source, now, global.ban_ns, bucket);
+                    }
                     return Verdict::Refuse(port.rate_action);
                 }
                 count(bucket, Counter::MonitorWouldBlock);
@@ -141,23 +183,111 @@ fn new_attempt(
         }
     }
 
-    if !admit(&flow, source, now, slots, bucket) {
+    if !admit(&flow, source, now, slots, bucket, Counter::Admitted) {
         return map_full(port, &global, bucket, would_block);
     }
     Verdict::Pass
 }
 
-/// Records an admitted attempt as half-open; its slot is already taken. False when
+/// An allowlisted source's attempt: no limit, no ban, but tracked (counted `allowed`) so its
+/// connections count once it leaves the list. A full map passes it untracked, whatever
+/// `fail_closed` says: the allowlist is never refused.
+#[inline(always)]
+fn allowed(flow: &FlowKey, source: SourceKey, now: u64, bucket: Bucket) -> Verdict {
+    let Some(slots) = maps::conns_counter(&source) else {
+        count(bucket, Counter::MapFull);
+        return Verdict::Pass;
+    };
+    maps::take_slot(slots);
+    if !admit(flow, source, now, slots, bucket, Counter::Allowed) {
+        count(bucket, Counter::MapFull);
+    }
+    Verdict::Pass
+}
+
+/// Monitor mode and a denylisted or banned source: counted as one enforcing would refuse, then
+/// tracked like an admitted attempt without consulting the limits (as over `max_connections`).
+#[inline(always)]
+fn monitor_admit(
+    flow: &FlowKey,
+    source: SourceKey,
+    now: u64,
+    port: &PortConfig,
+    global: &GlobalConfig,
+    bucket: Bucket,
+) -> Verdict {
+    count(bucket, Counter::MonitorWouldBlock);
+    let Some(slots) = maps::conns_counter(&source) else {
+        return map_full(port, global, bucket, true);
+    };
+    maps::take_slot(slots);
+    if !admit(flow, source, now, slots, bucket, Counter::Admitted) {
+        return map_full(port, global, bucket, true);
+    }
+    Verdict::Pass
+}
+
+/// An expired ban found on a new attempt: whoever deletes it (this CPU, another, userspace's
+/// expiry) reports its end.
+#[inline(never)]
+fn end_ban(source: &SourceKey, ban: &BanValue, bucket: Bucket) {
+    if WSG_BANS.remove(source).is_ok() {
+        count(bucket, Counter::BansEnded);
+        let event = BanEvent {
+            kind: EVENT_BAN_ENDED,
+            reason: ban.reason,
+            source: *source,
+            _pad: 0,
+            until_ns: ban.until_ns,
+        };
+        maps::emit(bucket, &event);
+    }
+}
+
+/// Bans `source` for `ban_ns` after a rate-limit refusal and tells the daemon. A ban already
+/// there (another CPU's, a moment ago) is kept; a full ban map is counted, not evicted from.
+#[inline(never)]
+fn start_ban(source: &SourceKey, now: u64, ban_ns: u64, bucket: Bucket) {
+    let value = BanValue {
+        until_ns: ban_until(now, ban_ns),
+        reason: BAN_RATE,
+        _pad: 0,
+    };
+    match WSG_BANS.insert(source, &value, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            count(bucket, Counter::BansStarted);
+            let event = BanEvent {
+                kind: EVENT_BAN_STARTED,
+                reason: BAN_RATE,
+                source: *source,
+                _pad: 0,
+                until_ns: value.until_ns,
+            };
+            maps::emit(bucket, &event);
+        }
+        Err(maps::EEXIST) => {}
+        Err(_) => count(bucket, Counter::BansFull),
+    }
+}
+
+/// Records an admitted attempt as half-open (counted as `counter`); its slot is already taken. False when
 /// `WSG_PENDING` is full: the slot is given back and nothing counted (see [`map_full`]).
 #[inline(always)]
-fn admit(flow: &FlowKey, source: SourceKey, now: u64, slots: *mut u32, bucket: Bucket) -> bool {
+fn admit(
+    flow: &FlowKey,
+    source: SourceKey,
+    now: u64,
+    slots: *mut u32,
+    bucket: Bucket,
+    counter: Counter,
+) -> bool {
     let value = FlowValue {
         source,
         _pad: 0,
         since_ns: now,
     };
     match WSG_PENDING.insert(flow, &value, BPF_NOEXIST as u64) {
-        Ok(()) => count(bucket, Counter::Admitted),
+        Ok(()) => count(bucket, counter),
         // The same SYN, retransmitted, won on another CPU.
         Err(maps::EEXIST) => {
             maps::give_slot(slots);

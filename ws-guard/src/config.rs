@@ -620,6 +620,9 @@ impl Config {
             ipv4_prefix: self.ipv4_prefix,
             ipv6_prefix: self.ipv6_prefix,
             fail_closed: (self.on_map_full == OnMapFull::Closed) as u32,
+            // `flags` follow the maps' contents (the guard sets them); `ban_ns` arrives with
+            // the `ban_duration` key.
+            ..GlobalConfig::default()
         }
     }
 

@@ -492,7 +492,7 @@ fn start(cfg: &Config, pins: &PinDir, interfaces: &[String]) -> anyhow::Result<G
         );
     }
     // New limits apply to the adopted maps; counts and tracked connections stay.
-    guard.apply(cfg)?;
+    state::apply(&mut guard, cfg)?;
     guard.attach_tracepoint()?;
     if !guard.adopted() {
         // Before XDP sees a SYN: count the connections that already exist. (Adopted maps are
@@ -569,7 +569,7 @@ fn reload(shared: &mut Shared) {
     {
         warn!("interfaces, xdp_mode, capacity and [metrics] take effect on restart only");
     }
-    match shared.guard.apply(&new) {
+    match state::apply(&mut shared.guard, &new) {
         Ok(()) => {
             info!("reloaded {}", path.display());
             for line in describe(&new) {
@@ -581,7 +581,7 @@ fn reload(shared: &mut Shared) {
         }
         Err(e) => {
             error!("reload of {} failed while applying: {e:#}", path.display());
-            if let Err(u) = shared.guard.apply(&shared.cfg) {
+            if let Err(u) = state::apply(&mut shared.guard, &shared.cfg) {
                 error!("restoring the previous limits failed too: {u:#}");
             }
         }

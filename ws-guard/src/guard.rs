@@ -32,6 +32,11 @@ use crate::{
 /// The kernel object, built by build.rs from the ws-guard-ebpf crate.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ws-guard-ebpf"));
 
+/// Default capacity of the ban map.
+pub const DEFAULT_BANS: u32 = 65_536;
+/// Default capacity of each CIDR list.
+pub const DEFAULT_CIDRS: u32 = 16_384;
+
 /// What [`Guard::load`] needs before the maps exist.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -39,6 +44,10 @@ pub struct LoadOptions {
     pub sources: u32,
     /// Capacity of the per-connection maps.
     pub flows: u32,
+    /// Capacity of the ban map (`WSG_BANS`).
+    pub bans: u32,
+    /// Capacity of each CIDR list (`WSG_ALLOW`, `WSG_DENY`).
+    pub cidrs: u32,
     /// aya-log level compiled into the programs' checks (0 = off ... 5 = trace).
     pub kernel_log_level: u8,
 }
@@ -49,6 +58,8 @@ impl Default for LoadOptions {
         Self {
             sources: c.sources,
             flows: c.flows,
+            bans: DEFAULT_BANS,
+            cidrs: DEFAULT_CIDRS,
             kernel_log_level: 2,
         }
     }
@@ -60,6 +71,8 @@ impl LoadOptions {
         Self {
             sources: cfg.capacity.sources,
             flows: cfg.capacity.flows,
+            bans: DEFAULT_BANS,
+            cidrs: DEFAULT_CIDRS,
             kernel_log_level: cfg.kernel_log_level(),
         }
     }
@@ -185,6 +198,9 @@ impl Guard {
             .map_max_entries(names::MAP_RATE, opts.sources)
             .map_max_entries(names::MAP_PENDING, opts.flows)
             .map_max_entries(names::MAP_OWNED, opts.flows)
+            .map_max_entries(names::MAP_BANS, opts.bans)
+            .map_max_entries(names::MAP_ALLOW, opts.cidrs)
+            .map_max_entries(names::MAP_DENY, opts.cidrs)
             // Levels above this are removed by the verifier as dead code.
             .override_global("AYA_LOG_LEVEL", &level, false)
             .load(OBJECT)
@@ -370,8 +386,15 @@ impl Guard {
         Ok(())
     }
 
-    /// Sets the global settings; the next packet sees them.
-    pub fn set_global(&mut self, g: GlobalConfig) -> anyhow::Result<()> {
+    /// Sets the global settings; the next packet sees them. `g.flags` is ignored: the flags
+    /// follow the lists' and the ban map's contents (and `g.ban_ns`).
+    pub fn set_global(&mut self, mut g: GlobalConfig) -> anyhow::Result<()> {
+        g.flags = self.live_flags(g.ban_ns)?;
+        self.write_global(g)
+    }
+
+    /// Writes the global settings as given, flags included.
+    pub(crate) fn write_global(&mut self, g: GlobalConfig) -> anyhow::Result<()> {
         let mut m: Array<&mut MapData, GlobalConfig> = self.map_mut(names::MAP_GLOBAL)?;
         m.set(0, g, 0).context("writing global settings")?;
         Ok(())
@@ -841,7 +864,8 @@ impl Guard {
             aya::maps::Map::HashMap(d)
             | aya::maps::Map::LruHashMap(d)
             | aya::maps::Map::Array(d)
-            | aya::maps::Map::PerCpuArray(d) => d,
+            | aya::maps::Map::PerCpuArray(d)
+            | aya::maps::Map::LpmTrie(d) => d,
             _ => bail!("map {name} has an unexpected type"),
         };
         Ok(data.info()?.max_entries())
@@ -959,7 +983,12 @@ impl Guard {
         }
     }
 
-    fn map<'a, T>(&'a self, name: &str) -> anyhow::Result<T>
+    /// The object's maps, e.g. to take one out for a task of its own (the event ring buffer).
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    pub(crate) fn map<'a, T>(&'a self, name: &str) -> anyhow::Result<T>
     where
         T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
     {
@@ -970,7 +999,7 @@ impl Guard {
         T::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
     }
 
-    fn map_mut<'a, T>(&'a mut self, name: &str) -> anyhow::Result<T>
+    pub(crate) fn map_mut<'a, T>(&'a mut self, name: &str) -> anyhow::Result<T>
     where
         T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
     {

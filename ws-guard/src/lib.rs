@@ -1,12 +1,15 @@
 //! ws-guard's userspace: configuration, loading and attaching the kernel programs, keeping the
 //! accounting in step with the kernel's sockets, and the daemon around them.
 
+pub mod bans;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod events;
 pub mod guard;
 pub mod interfaces;
+pub mod lists;
 pub mod metrics;
 pub mod pin;
 pub mod state;

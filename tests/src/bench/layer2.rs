@@ -658,6 +658,7 @@ fn setup_filter(
                 // Three half-open attempts per source fit.
                 flows: (sources * 4).max(262_144),
                 kernel_log_level: 2,
+                ..LoadOptions::default()
             })?;
             g.set_global(GlobalConfig {
                 monitor: 0,

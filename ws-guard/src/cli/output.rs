@@ -231,7 +231,11 @@ pub fn human(req: &Request, data: serde_json::Value) -> anyhow::Result<String> {
         }
         _ => {
             let c: ChangeReply = serde_json::from_value(data.clone()).with_context(bad)?;
-            format!("{} (in force now, kept across restarts)\n", c.message)
+            if c.persisted {
+                format!("{} (in force now; kept in the state file)\n", c.message)
+            } else {
+                format!("{} (in force now)\n", c.message)
+            }
         }
     })
 }

@@ -1,13 +1,16 @@
 //! What the daemon does with each control request.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+/// A manual ban without --duration, when ban_duration is 0.
+pub const DEFAULT_MANUAL_BAN: Duration = Duration::from_secs(3600);
 
 use log::{error, info};
-use ws_guard_common::maps::{AF_INET6, Counter};
+use ws_guard_common::maps::{AF_INET6, Counter, SourceKey};
 
 use super::protocol::{
-    ChangeReply, InterfaceInfo, LimitsReply, ListName, ListReply, MapInfo, PortCounters, PortInfo,
-    Request, Response, SortBy, SourceInfo, SourcesReply, StatusReply,
+    BanInfo, BansReply, ChangeReply, InterfaceInfo, LimitsReply, ListName, ListReply, MapInfo,
+    PortCounters, PortInfo, Request, Response, SortBy, SourceInfo, SourcesReply, StatusReply,
 };
 use crate::{
     daemon::Shared,
@@ -165,8 +168,8 @@ pub fn apply_change(
         Ok(c) => c,
         Err(e) => return Response::error(format!("refused, nothing changed: {e}")),
     };
-    if let Err(e) = s.guard.apply(&cfg) {
-        let undo = s.guard.apply(&s.cfg);
+    if let Err(e) = state::apply(&mut s.guard, &cfg) {
+        let undo = state::apply(&mut s.guard, &s.cfg);
         if let Err(u) = &undo {
             error!("undoing a failed runtime change also failed: {u:#}");
         }
@@ -179,7 +182,7 @@ pub fn apply_change(
         ));
     }
     if let Err(e) = next.save(&s.state_file) {
-        let undo = s.guard.apply(&s.cfg);
+        let undo = state::apply(&mut s.guard, &s.cfg);
         return Response::error(format!(
             "{e}; the change was not kept: {}",
             match undo {
@@ -234,47 +237,174 @@ fn list_show(s: &Shared, list: ListName) -> Response {
 }
 
 fn sources_top(s: &Shared, by: SortBy, n: usize) -> Response {
-    let conns = match s.guard.connections() {
-        Ok(c) => c,
-        Err(e) => return Response::error(format!("reading the source counters: {e:#}")),
+    let read = || -> anyhow::Result<Vec<SourceInfo>> {
+        let global = s.guard.global()?;
+        let mut by_key: BTreeMap<SourceKey, (u64, u64)> = BTreeMap::new();
+        for (k, c) in s.guard.connections()? {
+            if c != 0 {
+                by_key.entry(k).or_default().0 = c as u64;
+            }
+        }
+        for (k, d) in s.guard.source_refusals()? {
+            by_key.entry(k).or_default().1 = d;
+        }
+        Ok(by_key
+            .iter()
+            .map(|(k, (c, d))| SourceInfo {
+                source: metrics::source_label(k, &global),
+                port: k.port,
+                connections: *c,
+                drops: *d,
+            })
+            .collect())
     };
-    let global = match s.guard.global() {
-        Ok(g) => g,
-        Err(e) => return Response::error(format!("reading the global settings: {e:#}")),
+    let mut sources = match read() {
+        Ok(v) => v,
+        Err(e) => return Response::error(format!("reading the sources: {e:#}")),
     };
-    if by == SortBy::Drops {
-        return Response::error("sources top --by drops is not supported by this daemon yet");
-    }
-    let mut sources: Vec<SourceInfo> = conns
-        .iter()
-        .filter(|(_, n)| **n != 0)
-        .map(|(k, c)| SourceInfo {
-            source: metrics::source_label(k, &global),
-            port: k.port,
-            connections: *c as u64,
-            drops: 0,
-        })
-        .collect();
+    let key = |x: &SourceInfo| match by {
+        SortBy::Connections => (x.connections, x.drops),
+        SortBy::Drops => (x.drops, x.connections),
+    };
+    sources.retain(|x| key(x).0 != 0);
     sources.sort_by(|a, b| {
-        b.connections
-            .cmp(&a.connections)
+        key(b)
+            .cmp(&key(a))
             .then_with(|| a.source.cmp(&b.source))
+            .then(a.port.cmp(&b.port))
     });
     sources.truncate(n);
     Response::ok(&SourcesReply { by, sources })
 }
 
 fn bans_list(s: &Shared) -> Response {
-    let _ = s;
-    Response::error("bans are not supported by this daemon yet")
+    let read = || -> anyhow::Result<Vec<BanInfo>> {
+        let global = s.guard.global()?;
+        let mut bans: Vec<BanInfo> = s
+            .guard
+            .bans()?
+            .iter()
+            .map(|b| BanInfo {
+                source: metrics::source_label(&b.source, &global),
+                port: b.source.port,
+                remaining_ms: b.remaining.as_millis() as u64,
+                reason: b.reason.name().into(),
+            })
+            .collect();
+        bans.sort_by(|a, b| (&a.source, a.port).cmp(&(&b.source, b.port)));
+        Ok(bans)
+    };
+    match read() {
+        Ok(bans) => Response::ok(&BansReply { bans }),
+        Err(e) => Response::error(format!("reading the bans: {e:#}")),
+    }
 }
 
-fn ban_add(s: &mut Shared, addr: std::net::IpAddr, port: Option<u16>, ms: Option<u64>) -> Response {
-    let _ = (s, addr, port, ms);
-    Response::error("bans are not supported by this daemon yet")
+/// The ports a ban command covers: `port` if protected, else every protected port.
+fn ban_ports(s: &Shared, port: Option<u16>) -> Result<Vec<u16>, String> {
+    let protected: Vec<u16> = s.cfg.ports.iter().map(|p| p.port as u16).collect();
+    match port {
+        Some(p) if protected.contains(&p) => Ok(vec![p]),
+        Some(p) => Err(format!(
+            "port {p} is not protected (protected: {})",
+            protected
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        None => Ok(protected),
+    }
 }
 
-fn ban_remove(s: &mut Shared, addr: std::net::IpAddr, port: Option<u16>) -> Response {
-    let _ = (s, addr, port);
-    Response::error("bans are not supported by this daemon yet")
+fn ban_add(s: &mut Shared, addr: IpAddr, port: Option<u16>, ms: Option<u64>) -> Response {
+    let ports = match ban_ports(s, port) {
+        Ok(p) => p,
+        Err(e) => return Response::error(e),
+    };
+    let duration = match ms {
+        Some(0) => return Response::error("a ban lasts at least 1s"),
+        Some(ms) => Duration::from_millis(ms),
+        None if s.cfg.ban_duration.is_zero() => DEFAULT_MANUAL_BAN,
+        None => s.cfg.ban_duration,
+    };
+    let mut done = Vec::new();
+    let mut label = String::new();
+    for p in &ports {
+        let r = s.guard.source_key(addr, *p).and_then(|k| {
+            label = metrics::source_label(&k, &s.guard.global()?);
+            s.guard.ban(k, duration).map(|()| k)
+        });
+        match r {
+            Ok(k) => done.push(k),
+            Err(e) => {
+                // Whole or nothing: lift the bans this request added.
+                for k in &done {
+                    let _ = s.guard.unban(k);
+                }
+                return Response::error(format!("banning {addr} on port {p}: {e:#}"));
+            }
+        }
+    }
+    let what = format!(
+        "{label} banned for {} on port{} {}",
+        humantime::format_duration(duration),
+        if ports.len() == 1 { "" } else { "s" },
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    info!("control: {what}");
+    Response::ok(&ChangeReply {
+        message: what,
+        persisted: false,
+    })
+}
+
+fn ban_remove(s: &mut Shared, addr: IpAddr, port: Option<u16>) -> Response {
+    let run = |s: &mut Shared| -> anyhow::Result<Vec<u16>> {
+        // Every port the address has a ban on (also ports no longer protected), or just `port`.
+        let ports: Vec<u16> = match port {
+            Some(p) => vec![p],
+            None => {
+                let mut ps: Vec<u16> = s.guard.bans()?.iter().map(|b| b.source.port).collect();
+                ps.sort();
+                ps.dedup();
+                ps
+            }
+        };
+        let mut lifted = Vec::new();
+        for p in ports {
+            let k = s.guard.source_key(addr, p)?;
+            if s.guard.unban(&k)? {
+                lifted.push(p);
+            }
+        }
+        Ok(lifted)
+    };
+    match run(s) {
+        Ok(lifted) if lifted.is_empty() => Response::error(match port {
+            Some(p) => format!("{addr} is not banned on port {p}"),
+            None => format!("{addr} is not banned"),
+        }),
+        Ok(lifted) => {
+            let what = format!(
+                "ban of {addr} lifted on port{} {}",
+                if lifted.len() == 1 { "" } else { "s" },
+                lifted
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            info!("control: {what}");
+            Response::ok(&ChangeReply {
+                message: what,
+                persisted: false,
+            })
+        }
+        Err(e) => Response::error(format!("lifting the ban of {addr}: {e:#}")),
+    }
 }

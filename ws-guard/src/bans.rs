@@ -1,0 +1,243 @@
+//! Bans (`WSG_BANS`): source keys whose new attempts are dropped until a deadline, started by
+//! the XDP program after a rate-limit refusal (`ban_duration` > 0) or by the operator. The map
+//! is pinned, so bans survive a daemon restart; expired ones are removed by the XDP program
+//! when the source tries again, or by [`Guard::expire_bans`] from the sweep.
+
+use std::{collections::HashSet, net::IpAddr, time::Duration};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, MapData, MapError};
+use ws_guard_common::{
+    key,
+    maps::{AF_INET, AF_INET6, BAN_MANUAL, BAN_RATE, BanValue, RateState, SourceKey},
+    names,
+    policy::{ban_active, ban_remaining, ban_until},
+};
+
+use crate::guard::Guard;
+
+/// Why a source is banned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BanReason {
+    /// Refused by the new-connection rate while `ban_duration` > 0.
+    Rate,
+    /// Banned by the operator ([`Guard::ban`]).
+    Manual,
+}
+
+impl BanReason {
+    /// From [`BanValue::reason`]; unknown values read as manual.
+    pub fn from_kernel(reason: u32) -> Self {
+        if reason == BAN_RATE {
+            BanReason::Rate
+        } else {
+            BanReason::Manual
+        }
+    }
+
+    /// "rate" or "manual", for logs and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            BanReason::Rate => "rate",
+            BanReason::Manual => "manual",
+        }
+    }
+}
+
+/// An active ban.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ban {
+    pub source: SourceKey,
+    /// Time left until it ends.
+    pub remaining: Duration,
+    pub reason: BanReason,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which the ban deadlines use.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Guard {
+    /// Every entry of the ban map, expired ones included, deduplicated.
+    fn ban_entries(&self) -> anyhow::Result<Vec<(SourceKey, BanValue)>> {
+        let m: HashMap<&MapData, SourceKey, BanValue> = self.map(names::MAP_BANS)?;
+        let cap = self.capacity(names::MAP_BANS)? as usize;
+        // A key deleted during the walk restarts it: bounded, and deduplicated.
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for kv in m.iter().take(cap.saturating_mul(2)) {
+            let (k, v) = kv.context("reading the bans")?;
+            if seen.insert(k) {
+                out.push((k, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the ban map has entries (one key read).
+    pub(crate) fn bans_nonempty(&self) -> anyhow::Result<bool> {
+        let m: HashMap<&MapData, SourceKey, BanValue> = self.map(names::MAP_BANS)?;
+        Ok(m.keys().next().is_some())
+    }
+
+    /// Re-derives the global flags from the maps (after a ban was added or removed).
+    fn refresh_flags(&mut self) -> anyhow::Result<()> {
+        let g = self.global()?;
+        self.set_global(g)
+    }
+
+    /// The source key `addr` is charged to on `port`, masked with the live prefixes. An
+    /// IPv4-mapped IPv6 address is taken as the IPv4 address (as it arrives on the wire).
+    pub fn source_key(&self, addr: IpAddr, port: u16) -> anyhow::Result<SourceKey> {
+        let global = self.global()?;
+        let addr = match addr {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(a)),
+            a => a,
+        };
+        let (family, bytes) = match addr {
+            IpAddr::V4(a) => {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&a.octets());
+                (AF_INET, b)
+            }
+            IpAddr::V6(a) => (AF_INET6, a.octets()),
+        };
+        Ok(key::source_key(family, bytes, port, &global))
+    }
+
+    /// Active bans (expired ones not yet removed are left out).
+    pub fn bans(&self) -> anyhow::Result<Vec<Ban>> {
+        let now = monotonic_ns();
+        Ok(self
+            .ban_entries()?
+            .into_iter()
+            .filter(|(_, v)| ban_active(v, now))
+            .map(|(source, v)| Ban {
+                source,
+                remaining: Duration::from_nanos(ban_remaining(&v, now)),
+                reason: BanReason::from_kernel(v.reason),
+            })
+            .collect())
+    }
+
+    /// Bans `source` for `duration` from now (replacing a ban it has).
+    pub fn ban(&mut self, source: SourceKey, duration: Duration) -> anyhow::Result<()> {
+        let value = BanValue {
+            until_ns: ban_until(monotonic_ns(), duration_ns(duration)),
+            reason: BAN_MANUAL,
+            _pad: 0,
+        };
+        {
+            let mut m: HashMap<&mut MapData, SourceKey, BanValue> =
+                self.map_mut(names::MAP_BANS)?;
+            m.insert(source, value, 0).context(
+                "adding the ban (the ban map may be full: capacity.bans, takes effect after \
+                 `ws-guard teardown`)",
+            )?;
+        }
+        self.refresh_flags()
+    }
+
+    /// Lifts the ban of `source`; false if it was not banned (an expired ban counts as not).
+    pub fn unban(&mut self, source: &SourceKey) -> anyhow::Result<bool> {
+        let active = {
+            let mut m: HashMap<&mut MapData, SourceKey, BanValue> =
+                self.map_mut(names::MAP_BANS)?;
+            let active = match m.get(source, 0) {
+                Ok(v) => ban_active(&v, monotonic_ns()),
+                Err(MapError::KeyNotFound) => return Ok(false),
+                Err(e) => return Err(e).context("reading the ban"),
+            };
+            match m.remove(source) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing the ban"),
+            }
+            active
+        };
+        self.refresh_flags()?;
+        Ok(active)
+    }
+
+    /// Removes the bans that have ended; returns their sources. A ban the XDP program ended
+    /// meanwhile is not returned (it reported that end itself).
+    pub fn expire_bans(&mut self) -> anyhow::Result<Vec<SourceKey>> {
+        let expired: Vec<SourceKey> = {
+            let now = monotonic_ns();
+            self.ban_entries()?
+                .into_iter()
+                .filter(|(_, v)| !ban_active(v, now))
+                .map(|(k, _)| k)
+                .collect()
+        };
+        let mut out = Vec::new();
+        {
+            let mut m: HashMap<&mut MapData, SourceKey, BanValue> =
+                self.map_mut(names::MAP_BANS)?;
+            for k in expired {
+                // Checked again right before the delete: the kernel may have renewed it.
+                match m.get(&k, 0) {
+                    Ok(v) if !ban_active(&v, monotonic_ns()) => {}
+                    _ => continue,
+                }
+                match m.remove(&k) {
+                    Ok(()) => out.push(k),
+                    Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e).context("removing an expired ban"),
+                }
+            }
+        }
+        if !out.is_empty() {
+            self.refresh_flags()?;
+        }
+        Ok(out)
+    }
+
+    /// Refused attempts per source key (rate, `max_connections`, denylist, ban) while it had a
+    /// rate window; sources without refusals left out. The count wraps at 2^32 and goes when the
+    /// LRU rate map evicts the source.
+    pub fn source_refusals(&self) -> anyhow::Result<Vec<(SourceKey, u64)>> {
+        let m: HashMap<&MapData, SourceKey, RateState> = self.map(names::MAP_RATE)?;
+        let cap = self.capacity(names::MAP_RATE)? as usize;
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for kv in m.iter().take(cap.saturating_mul(2)) {
+            let (k, v) = kv.context("reading the rate windows")?;
+            if seen.insert(k) && v.refused != 0 {
+                out.push((k, v.refused as u64));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_from_the_kernel() {
+        assert_eq!(BanReason::from_kernel(BAN_RATE), BanReason::Rate);
+        assert_eq!(BanReason::from_kernel(BAN_MANUAL), BanReason::Manual);
+        assert_eq!(BanReason::Rate.name(), "rate");
+    }
+
+    #[test]
+    fn monotonic_clock_moves_forward() {
+        let a = monotonic_ns();
+        let b = monotonic_ns();
+        assert!(a > 0 && b >= a);
+    }
+}
