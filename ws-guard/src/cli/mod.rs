@@ -39,7 +39,7 @@ Exit codes:
 
 /// Per-source connection limits for WebSocket servers, enforced in XDP.
 #[derive(Parser)]
-#[command(name = "ws-guard", version, about, after_help = EXIT_CODES)]
+#[command(name = "ws-guard", version, about)]
 pub struct Cli {
     /// The daemon's control socket (its `[control] socket` setting). For `run`: overrides the
     /// config file's.
@@ -86,26 +86,24 @@ pub enum Command {
     /// Print the built-in default configuration.
     DefaultConfig,
     /// What is attached where, limits per port, counters and map fill.
-    #[command(after_help = EXIT_CODES)]
     Status,
     /// Show or change per-port limits (changes take effect on the next packet and are kept
     /// across restarts in the state file).
-    #[command(subcommand, after_help = EXIT_CODES)]
+    #[command(subcommand)]
     Limits(LimitsCommand),
     /// Sources that are never limited nor banned (still counted).
-    #[command(subcommand, after_help = EXIT_CODES)]
+    #[command(subcommand)]
     Allow(ListCommand),
     /// Sources whose every new connection is dropped.
-    #[command(subcommand, after_help = EXIT_CODES)]
+    #[command(subcommand)]
     Deny(ListCommand),
     /// Sources blocked for a while (by the rate limit with ban_duration, or by hand).
-    #[command(subcommand, after_help = EXIT_CODES)]
+    #[command(subcommand)]
     Bans(BansCommand),
     /// The sources holding the most connections or refused most often.
-    #[command(subcommand, after_help = EXIT_CODES)]
+    #[command(subcommand)]
     Sources(SourcesCommand),
     /// Monitor mode: count what would be refused, refuse nothing.
-    #[command(after_help = EXIT_CODES)]
     Monitor {
         #[arg(value_enum)]
         state: OnOff,
@@ -115,8 +113,12 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff).
-    Man,
+    /// Print the man page (roff), or write one page per command into a directory.
+    Man {
+        /// Write ws-guard.1, ws-guard-limits-set.1, ... here instead of printing ws-guard.1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -141,6 +143,7 @@ pub enum LimitsCommand {
     Set(SetArgs),
     /// Drop the runtime override of a port: back to the config file's limits.
     Reset {
+        /// The TCP port (1-65535).
         #[arg(long, value_parser = port_arg())]
         port: u16,
     },
@@ -148,6 +151,7 @@ pub enum LimitsCommand {
 
 #[derive(Args)]
 pub struct SetArgs {
+    /// The TCP port (1-65535).
     #[arg(long, value_parser = port_arg())]
     pub port: u16,
     /// Concurrent connections per source, or `none`.
@@ -230,9 +234,29 @@ pub enum SourcesCommand {
     },
 }
 
+/// The clap definition, with the exit codes under every command's --help.
+pub fn command() -> clap::Command {
+    fn with_exit_codes(c: clap::Command) -> clap::Command {
+        let names: Vec<String> = c
+            .get_subcommands()
+            .map(|s| s.get_name().to_owned())
+            .collect();
+        let mut c = c.after_help(EXIT_CODES);
+        for n in names {
+            c = c.mut_subcommand(n, with_exit_codes);
+        }
+        c
+    }
+    with_exit_codes(Cli::command())
+}
+
 /// Parses the command line and runs it; the process's exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = {
+        use clap::FromArgMatches as _;
+        let matches = command().get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    };
     let json = cli.json;
     let socket = cli.socket.clone();
     let req = match cli.command {
@@ -246,7 +270,7 @@ pub fn main() -> ExitCode {
                 rate_action: a.rate_action.or(a.action),
             };
             if change.is_empty() {
-                Cli::command()
+                command()
                     .error(
                         clap::error::ErrorKind::MissingRequiredArgument,
                         "limits set needs at least one of --max-connections, \
@@ -326,9 +350,9 @@ fn list_request(list: ListName, c: ListCommand) -> Request {
 }
 
 /// The commands that do not talk to a daemon.
-fn run_local(command: Command, socket: Option<PathBuf>) -> ExitCode {
+fn run_local(cmd: Command, socket: Option<PathBuf>) -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match local(command, socket) {
+    match local(cmd, socket) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // The whole chain of context, one line, no backtrace: what failed and why.
@@ -338,8 +362,8 @@ fn run_local(command: Command, socket: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn local(command: Command, socket: Option<PathBuf>) -> anyhow::Result<()> {
-    match command {
+fn local(cmd: Command, socket: Option<PathBuf>) -> anyhow::Result<()> {
+    match cmd {
         Command::Run {
             config,
             pin_dir,
@@ -391,17 +415,19 @@ fn local(command: Command, socket: Option<PathBuf>) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "ws-guard",
-                &mut std::io::stdout(),
-            );
+            clap_complete::generate(shell, &mut command(), "ws-guard", &mut std::io::stdout());
             Ok(())
         }
-        Command::Man => clap_mangen::Man::new(Cli::command())
+        Command::Man { dir: None } => clap_mangen::Man::new(command())
             .render(&mut std::io::stdout())
             .context("writing the man page"),
+        Command::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(command(), &dir)
+                .with_context(|| format!("writing the man pages into {}", dir.display()))?;
+            println!("man pages written to {}", dir.display());
+            Ok(())
+        }
         _ => unreachable!("client commands are sent to the daemon"),
     }
 }
@@ -412,7 +438,27 @@ mod tests {
 
     #[test]
     fn cli_definition_is_consistent() {
-        Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    #[test]
+    fn man_page_and_completions_come_from_the_definitions() {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(command()).render(&mut page).unwrap();
+        let page = String::from_utf8(page).unwrap();
+        assert!(
+            page.contains(".TH ws-guard 1") && page.contains("Exit codes"),
+            "{page}"
+        );
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut command(), "ws-guard", &mut out);
+            let out = String::from_utf8(out).unwrap();
+            assert!(
+                out.contains("max-connections") && out.contains("sources"),
+                "{shell}"
+            );
+        }
     }
 
     #[test]
