@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 pub const DEFAULT_MANUAL_BAN: Duration = Duration::from_secs(3600);
 
 use log::{error, info};
-use ws_guard_common::maps::{AF_INET6, Counter, SourceKey};
+use ws_guard_common::{
+    maps::{AF_INET6, Counter, SourceKey},
+    names,
+};
 
 use super::protocol::{
     BanInfo, BansReply, ChangeReply, InterfaceInfo, LimitsReply, ListName, ListReply, MapInfo,
@@ -14,6 +17,7 @@ use super::protocol::{
 };
 use crate::{
     daemon::Shared,
+    lists::List,
     metrics,
     state::{self, Overrides},
 };
@@ -123,6 +127,39 @@ fn status(s: &Shared) -> Response {
                 .collect::<BTreeMap<_, _>>(),
         });
     }
+    let mut maps: Vec<MapInfo> = snap
+        .maps
+        .iter()
+        .map(|m| MapInfo {
+            map: m.map.into(),
+            entries: m.entries,
+            capacity: m.capacity,
+        })
+        .collect();
+    // The tries and the ban map (entries read whole: they are small next to the hash maps).
+    let more = || -> anyhow::Result<Vec<MapInfo>> {
+        let mut out = Vec::new();
+        for (list, name) in [
+            (List::Allow, names::MAP_ALLOW),
+            (List::Deny, names::MAP_DENY),
+        ] {
+            out.push(MapInfo {
+                map: name.into(),
+                entries: s.guard.list_entries(list)?.len() as u64,
+                capacity: s.guard.capacity(name)? as u64,
+            });
+        }
+        out.push(MapInfo {
+            map: names::MAP_BANS.into(),
+            entries: s.guard.bans()?.len() as u64,
+            capacity: s.guard.capacity(names::MAP_BANS)? as u64,
+        });
+        Ok(out)
+    };
+    match more() {
+        Ok(m) => maps.extend(m),
+        Err(e) => return Response::error(format!("reading the lists and bans: {e:#}")),
+    }
     Response::ok(&StatusReply {
         version: snap.version,
         pid: std::process::id(),
@@ -140,15 +177,7 @@ fn status(s: &Shared) -> Response {
             .collect(),
         ports: port_infos(s, None),
         counters,
-        maps: snap
-            .maps
-            .iter()
-            .map(|m| MapInfo {
-                map: m.map.into(),
-                entries: m.entries,
-                capacity: m.capacity,
-            })
-            .collect(),
+        maps,
     })
 }
 
