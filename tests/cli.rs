@@ -277,6 +277,15 @@ fn every_command_takes_effect_and_survives_a_restart() {
     assert_eq!(l["ports"][0]["new_connections"], "2/1m", "{l}");
     assert_eq!(l["ports"][0]["rate_action"], "reject", "{l}");
     assert_eq!(l["ports"][0]["connection_action"], "reject", "{l}");
+    // sources top --by drops: `b`, refused once.
+    let top = wsg(&sock, &["--json", "sources", "top", "--by", "drops"]).json();
+    let bs = top["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["source"] == format!("{b}/32"))
+        .unwrap_or_else(|| panic!("{b} not among the top sources by drops: {top}"));
+    assert!(bs["drops"].as_u64().unwrap() >= 1, "{top}");
     drop((b1, b2));
     wsg(
         &sock,
@@ -402,12 +411,27 @@ fn every_command_takes_effect_and_survives_a_restart() {
         !connect(&tb, b, port).is_connected(),
         "the denylist entry is lost"
     );
-    // limits reset: back to the config file's 3.
+    // SIGHUP with a changed config file (4 instead of 3): the runtime change stays on top.
+    let text = std::fs::read_to_string(paths.config()).unwrap();
+    std::fs::write(
+        paths.config(),
+        text.replace("max_connections = 3", "max_connections = 4"),
+    )
+    .unwrap();
+    daemon2.signal(libc::SIGHUP);
+    assert!(daemon2.wait_for("reloaded", Duration::from_secs(5)));
+    let l = wsg(&sock, &["--json", "limits", "get"]).json();
+    assert_eq!(l["ports"][0]["max_connections"], "2", "{l}");
+    assert!(matches!(connect(&tb, c, port), Outcome::Refused));
+    // limits reset: back to the config file's, now 4.
     wsg(&sock, &["limits", "reset", "--port", &port.to_string()]).ok();
     let c3 = connect(&tb, c, port).stream();
+    let c4 = connect(&tb, c, port).stream();
+    assert!(matches!(connect(&tb, c, port), Outcome::Refused));
     let l = wsg(&sock, &["--json", "limits", "get"]).json();
     assert_eq!(l["ports"][0]["source"], "config");
-    drop((a1, a2, a3, c1, c2, c3));
+    assert_eq!(l["ports"][0]["max_connections"], "4");
+    drop((a1, a2, a3, c1, c2, c3, c4));
     assert!(
         daemon2.contains("runtime changes from"),
         "{:?}",

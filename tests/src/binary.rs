@@ -120,6 +120,12 @@ impl Daemon {
         wait_until(limit, || self.contains(needle))
     }
 
+    /// Sends `signal` (e.g. SIGHUP) to the still running, unreaped process; does not wait.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own unreaped child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
     /// Sends `signal` to the (unreaped, so still ours) process and waits for its exit.
     pub fn stop(&mut self, signal: i32) -> std::process::ExitStatus {
         assert!(
