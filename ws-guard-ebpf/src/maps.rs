@@ -16,7 +16,7 @@ use ws_guard_common::{
         BanEvent, BanValue, Counter, FlowKey, FlowValue, GlobalConfig, PortConfig, RateState,
         STATS_ENTRIES, SourceKey, UNATTRIBUTED, stats_bucket,
     },
-    policy::{CIDR_DATA_LEN, lookup_key},
+    policy::{CIDR_DATA_LEN, TAG_BITS, address_bits},
 };
 
 // Capacities of the hash maps are defaults; userspace sets them from the config at load time.
@@ -156,28 +156,55 @@ pub fn claim_attempt(state: *mut RateState) -> u32 {
     unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*state).next, 1) }
 }
 
-// The lookups and the ban bookkeeping below are BPF-to-BPF calls, not inlined: each has a
-// stack frame of its own, which keeps the XDP program's frame under the 512-byte limit.
+/// The lookup key of one address: the family tag, then all of the address (as
+/// [`ws_guard_common::policy::lookup_key`] builds it, without its masking copies).
+#[inline(always)]
+fn list_key(family: u16, addr: &[u8; 16]) -> Key<[u8; CIDR_DATA_LEN]> {
+    let mut data = [0u8; CIDR_DATA_LEN];
+    data[0] = family as u8;
+    data[1..].copy_from_slice(addr);
+    Key::new(TAG_BITS + address_bits(family), data)
+}
 
 /// Whether `addr` of `family` is inside an entry of the allowlist (longest-prefix match).
-#[inline(never)]
+#[inline(always)]
 pub fn in_allow(family: u16, addr: &[u8; 16]) -> bool {
-    let k = lookup_key(family, *addr);
-    WSG_ALLOW.get(Key::new(k.prefix_len, k.data)).is_some()
+    WSG_ALLOW.get(list_key(family, addr)).is_some()
 }
 
 /// Whether `addr` of `family` is inside an entry of the denylist.
-#[inline(never)]
+#[inline(always)]
 pub fn in_deny(family: u16, addr: &[u8; 16]) -> bool {
-    let k = lookup_key(family, *addr);
-    WSG_DENY.get(Key::new(k.prefix_len, k.data)).is_some()
+    WSG_DENY.get(list_key(family, addr)).is_some()
 }
 
-/// Sends a ban event to the daemon; counts it as lost when the ring buffer is full.
+/// The global flags and whether monitor mode is on, read in place.
 #[inline(always)]
-pub fn emit(b: Bucket, event: &BanEvent) {
-    if WSG_EVENTS.output::<BanEvent>(event, 0).is_err() {
-        count(b, Counter::EventsLost);
+pub fn flags_monitor() -> (u32, bool) {
+    match WSG_GLOBAL.get(0) {
+        Some(g) => (g.flags, g.monitor != 0),
+        None => (0, false),
+    }
+}
+
+/// Sends a ban event to the daemon, written in place in the ring buffer (no copy on the
+/// stack, which is near its limit); counted as lost when the ring buffer is full.
+#[inline(always)]
+pub fn emit(b: Bucket, kind: u32, reason: u32, source: &SourceKey, until_ns: u64) {
+    match WSG_EVENTS.reserve::<BanEvent>(0) {
+        Some(mut entry) => {
+            let p = entry.as_mut_ptr();
+            // SAFETY: a reserved, exclusively owned record of the event's size.
+            unsafe {
+                (*p).kind = kind;
+                (*p).reason = reason;
+                (*p).source = *source;
+                (*p)._pad = 0;
+                (*p).until_ns = until_ns;
+            }
+            entry.submit(0);
+        }
+        None => count(b, Counter::EventsLost),
     }
 }
 

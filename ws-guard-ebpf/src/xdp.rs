@@ -11,12 +11,12 @@ use aya_log_ebpf::debug;
 use ws_guard_common::{
     key::source_key,
     maps::{
-        ACTION_DROP, ACTION_REJECT, AF_INET, BAN_RATE, BanEvent, BanValue, Counter,
-        EVENT_BAN_ENDED, EVENT_BAN_STARTED, FLAG_BANS, FlowKey, FlowValue, GlobalConfig,
+        ACTION_DROP, ACTION_REJECT, AF_INET, BAN_RATE, BanValue, Counter, EVENT_BAN_ENDED,
+        EVENT_BAN_STARTED, FLAG_ALLOW, FLAG_BANS, FLAG_DENY, FlowKey, FlowValue, GlobalConfig,
         PortConfig, SourceKey,
     },
     parse::{self, Packet, Parsed, TcpSegment},
-    policy::{ListVerdict, ban_active, ban_until, list_verdict},
+    policy::ban_until,
     rst,
 };
 
@@ -98,51 +98,46 @@ fn new_attempt(
         return Verdict::Pass;
     }
 
-    let global = maps::global();
+    // A reference, not a copy: the program's stack is near its 512-byte limit. Index 0 of a
+    // one-entry array always exists.
+    let Some(global) = maps::WSG_GLOBAL.get(0) else {
+        return Verdict::Pass;
+    };
     let monitor = global.monitor != 0;
-    let source = source_key(seg.family, client, seg.dport, &global);
+    let source = source_key(seg.family, client, seg.dport, global);
     let now = unsafe { bpf_ktime_get_ns() };
 
-    // The lists, then bans: each map is looked up only when its flag says it can hit.
-    let lists = list_verdict(
-        &global,
-        || maps::in_allow(seg.family, &client),
-        || maps::in_deny(seg.family, &client),
-    );
-    match lists {
-        ListVerdict::Allowed => return allowed(&flow, source, now, bucket),
-        ListVerdict::Denied if !monitor => {
-            maps::note_refusal(&source);
-            count(bucket, Counter::Denied);
-            debug!(ctx, "port {} source denylisted", seg.dport);
-            return Verdict::Refuse(ACTION_DROP);
-        }
-        ListVerdict::Denied => return monitor_admit(&flow, source, now, port, &global, bucket),
-        ListVerdict::Neither => {}
-    }
-    if global.flags & FLAG_BANS != 0 {
-        // SAFETY: copied out at once; userspace may delete the entry meanwhile.
-        if let Some(ban) = unsafe { WSG_BANS.get(&source) } {
-            let ban = *ban;
-            if ban_active(&ban, now) {
-                if monitor {
-                    return monitor_admit(&flow, source, now, port, &global, bucket);
-                }
-                maps::note_refusal(&source);
-                count(bucket, Counter::Banned);
+    // How the attempt is tracked: `limited` false skips the limits (allowlisted, or already
+    // judged by monitor mode); `would_block` says monitor mode counted it already.
+    let mut tracked_as = Counter::Admitted;
+    let mut limited = true;
+    let mut would_block = false;
+    if global.flags != 0 {
+        match gate(&flow.client, &source, now, bucket) {
+            Gate::Continue => {}
+            Gate::Allowed => {
+                tracked_as = Counter::Allowed;
+                limited = false;
+            }
+            Gate::Refuse => {
+                debug!(ctx, "port {} source denylisted or banned", seg.dport);
                 return Verdict::Refuse(ACTION_DROP);
             }
-            end_ban(&source, &ban, bucket);
+            Gate::WouldBlock => {
+                count(bucket, Counter::MonitorWouldBlock);
+                limited = false;
+                would_block = true;
+            }
         }
     }
 
     // No room for a new source's counter: it cannot be limited, so the operator's choice
     // decides. Sources that have a counter never get here (WSG_CONNS is never evicted from).
     let Some(slots) = maps::conns_counter(&source) else {
-        return map_full(port, &global, bucket, false);
+        return untracked(port, global, bucket, tracked_as, would_block);
     };
     let taken = maps::take_slot(slots);
-    if port.max_connections != 0 && taken >= port.max_connections {
+    if limited && port.max_connections != 0 && taken >= port.max_connections {
         if !monitor {
             maps::give_slot(slots);
             maps::note_refusal(&source);
@@ -152,14 +147,11 @@ fn new_attempt(
         }
         // Monitor mode admits it, and, as when enforcing, it does not count toward the rate.
         count(bucket, Counter::MonitorWouldBlock);
-        if !admit(&flow, source, now, slots, bucket, Counter::Admitted) {
-            return map_full(port, &global, bucket, true);
-        }
-        return Verdict::Pass;
+        limited = false;
+        would_block = true;
     }
 
-    let mut would_block = false;
-    if port.rate_limit != 0 {
+    if limited && port.rate_limit != 0 {
         if let Some(state_ptr) = maps::rate_state(&source) {
             let seq = maps::claim_attempt(state_ptr);
             // SAFETY: a live map value; concurrent writers only race on distinct slots.
@@ -183,70 +175,93 @@ fn new_attempt(
         }
     }
 
-    if !admit(&flow, source, now, slots, bucket, Counter::Admitted) {
-        return map_full(port, &global, bucket, would_block);
+    if !admit(&flow, source, now, slots, bucket, tracked_as) {
+        return untracked(port, global, bucket, tracked_as, would_block);
     }
     Verdict::Pass
 }
 
-/// An allowlisted source's attempt: no limit, no ban, but tracked (counted `allowed`) so its
-/// connections count once it leaves the list. A full map passes it untracked, whatever
-/// `fail_closed` says: the allowlist is never refused.
+/// An attempt a full map keeps from being tracked: [`map_full`] decides, except for an
+/// allowlisted source, which passes untracked whatever `fail_closed` says (never refused).
 #[inline(always)]
-fn allowed(flow: &FlowKey, source: SourceKey, now: u64, bucket: Bucket) -> Verdict {
-    let Some(slots) = maps::conns_counter(&source) else {
-        count(bucket, Counter::MapFull);
-        return Verdict::Pass;
-    };
-    maps::take_slot(slots);
-    if !admit(flow, source, now, slots, bucket, Counter::Allowed) {
-        count(bucket, Counter::MapFull);
-    }
-    Verdict::Pass
-}
-
-/// Monitor mode and a denylisted or banned source: counted as one enforcing would refuse, then
-/// tracked like an admitted attempt without consulting the limits (as over `max_connections`).
-#[inline(always)]
-fn monitor_admit(
-    flow: &FlowKey,
-    source: SourceKey,
-    now: u64,
+fn untracked(
     port: &PortConfig,
     global: &GlobalConfig,
     bucket: Bucket,
+    tracked_as: Counter,
+    would_block: bool,
 ) -> Verdict {
-    count(bucket, Counter::MonitorWouldBlock);
-    let Some(slots) = maps::conns_counter(&source) else {
-        return map_full(port, global, bucket, true);
-    };
-    maps::take_slot(slots);
-    if !admit(flow, source, now, slots, bucket, Counter::Admitted) {
-        return map_full(port, global, bucket, true);
+    if tracked_as == Counter::Allowed {
+        count(bucket, Counter::MapFull);
+        return Verdict::Pass;
     }
-    Verdict::Pass
+    map_full(port, global, bucket, would_block)
+}
+
+/// What the lists and bans say about a new attempt.
+enum Gate {
+    /// Neither listed nor banned: the limits decide.
+    Continue,
+    /// Allowlisted: not limited, tracked.
+    Allowed,
+    /// Denylisted or banned: dropped (already counted).
+    Refuse,
+    /// Denylisted or banned in monitor mode: passed and tracked.
+    WouldBlock,
+}
+
+/// The allowlist (beats the denylist), the denylist, then an active ban of `source`; each map
+/// is looked up only when its flag says it can hit. An expired ban found here is ended (the
+/// rule is [`ws_guard_common::policy::ban_active`]). Kept lean (scalars, events written in
+/// place): the program's stack is near its 512-byte limit.
+#[inline(always)]
+fn gate(client: &[u8; 16], source: &SourceKey, now: u64, bucket: Bucket) -> Gate {
+    let (flags, monitor) = maps::flags_monitor();
+    if flags & FLAG_ALLOW != 0 && maps::in_allow(source.family, client) {
+        return Gate::Allowed;
+    }
+    if flags & FLAG_DENY != 0 && maps::in_deny(source.family, client) {
+        if monitor {
+            return Gate::WouldBlock;
+        }
+        maps::note_refusal(source);
+        count(bucket, Counter::Denied);
+        return Gate::Refuse;
+    }
+    if flags & FLAG_BANS == 0 {
+        return Gate::Continue;
+    }
+    // SAFETY: read at once; userspace may delete the entry meanwhile.
+    let (until_ns, reason) = match unsafe { WSG_BANS.get(source) } {
+        Some(b) => (b.until_ns, b.reason),
+        None => return Gate::Continue,
+    };
+    if now >= until_ns {
+        // Expired: `policy::ban_active` is false from `until_ns` on.
+        end_ban(source, until_ns, reason, bucket);
+        return Gate::Continue;
+    }
+    if monitor {
+        return Gate::WouldBlock;
+    }
+    maps::note_refusal(source);
+    count(bucket, Counter::Banned);
+    Gate::Refuse
 }
 
 /// An expired ban found on a new attempt: whoever deletes it (this CPU, another, userspace's
 /// expiry) reports its end.
-#[inline(never)]
-fn end_ban(source: &SourceKey, ban: &BanValue, bucket: Bucket) {
+#[inline(always)]
+fn end_ban(source: &SourceKey, until_ns: u64, reason: u32, bucket: Bucket) {
     if WSG_BANS.remove(source).is_ok() {
         count(bucket, Counter::BansEnded);
-        let event = BanEvent {
-            kind: EVENT_BAN_ENDED,
-            reason: ban.reason,
-            source: *source,
-            _pad: 0,
-            until_ns: ban.until_ns,
-        };
-        maps::emit(bucket, &event);
+        maps::emit(bucket, EVENT_BAN_ENDED, reason, source, until_ns);
     }
 }
 
 /// Bans `source` for `ban_ns` after a rate-limit refusal and tells the daemon. A ban already
 /// there (another CPU's, a moment ago) is kept; a full ban map is counted, not evicted from.
-#[inline(never)]
+#[inline(always)]
 fn start_ban(source: &SourceKey, now: u64, ban_ns: u64, bucket: Bucket) {
     let value = BanValue {
         until_ns: ban_until(now, ban_ns),
@@ -256,14 +271,7 @@ fn start_ban(source: &SourceKey, now: u64, ban_ns: u64, bucket: Bucket) {
     match WSG_BANS.insert(source, &value, BPF_NOEXIST as u64) {
         Ok(()) => {
             count(bucket, Counter::BansStarted);
-            let event = BanEvent {
-                kind: EVENT_BAN_STARTED,
-                reason: BAN_RATE,
-                source: *source,
-                _pad: 0,
-                until_ns: value.until_ns,
-            };
-            maps::emit(bucket, &event);
+            maps::emit(bucket, EVENT_BAN_STARTED, BAN_RATE, source, value.until_ns);
         }
         Err(maps::EEXIST) => {}
         Err(_) => count(bucket, Counter::BansFull),

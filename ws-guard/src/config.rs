@@ -620,8 +620,8 @@ impl Config {
             ipv4_prefix: self.ipv4_prefix,
             ipv6_prefix: self.ipv6_prefix,
             fail_closed: (self.on_map_full == OnMapFull::Closed) as u32,
-            // `flags` follow the maps' contents (the guard sets them); `ban_ns` arrives with
-            // the `ban_duration` key.
+            ban_ns: u64::try_from(self.ban_duration.as_nanos()).unwrap_or(u64::MAX),
+            // `flags` follow the maps' contents: the guard sets them.
             ..GlobalConfig::default()
         }
     }

@@ -57,6 +57,12 @@ impl AsRef<Guard> for Shared {
     }
 }
 
+impl AsMut<Guard> for Shared {
+    fn as_mut(&mut self) -> &mut Guard {
+        &mut self.guard
+    }
+}
+
 impl Default for RunOptions {
     fn default() -> Self {
         Self {
@@ -197,6 +203,7 @@ pub async fn run(
         config_path: config_path.clone(),
         state_file,
     }));
+    let ban_log = crate::events::start(&shared);
     let mut metrics_addr = None;
     let server = match metrics_listener {
         Some(listener) => {
@@ -248,6 +255,7 @@ pub async fn run(
                 let guard = &mut shared.guard;
                 watch.check(guard, xdp_mode);
                 guard.flush_kernel_log();
+                crate::events::expire_bans(guard, &ban_log);
                 match sweeper.run(guard, handshake_timeout) {
                     Ok(r) if r.expired + r.released + r.adopted > 0 => log::debug!("sweep: {r:?}"),
                     Ok(_) => {}
@@ -476,6 +484,8 @@ fn start(cfg: &Config, pins: &PinDir, interfaces: &[String]) -> anyhow::Result<G
         for (name, want) in [
             (ws_guard_common::names::MAP_CONNS, cfg.capacity.sources),
             (ws_guard_common::names::MAP_PENDING, cfg.capacity.flows),
+            (ws_guard_common::names::MAP_BANS, cfg.capacity.bans),
+            (ws_guard_common::names::MAP_ALLOW, cfg.capacity.cidrs),
         ] {
             let have = guard.capacity(name)?;
             if have != want {

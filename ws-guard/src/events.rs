@@ -184,19 +184,36 @@ pub fn drain(ring: &mut RingBuf<MapData>) -> Vec<BanEvent> {
 }
 
 /// Starts the task that logs the kernel's ban events; returns the log the daemon's other ban
-/// lines go through ([`expire_bans`]).
-pub fn start(guard: &Arc<Mutex<Guard>>) -> anyhow::Result<Arc<EventLog>> {
-    let ring = lock(guard).take_events()?;
-    // SAFETY: the ring buffer owns its map's fd, which stays open and the same until the
-    // AsyncFd (which owns the ring buffer) is dropped.
-    let fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| anyhow!("watching the ban event ring buffer: {e}"))?;
+/// lines go through ([`expire_bans`]). When the ring buffer cannot be watched, says so and
+/// goes on without the kernel's events: bans still apply.
+///
+/// `G`: the guard, or the daemon's state holding it.
+pub fn start<G: AsRef<Guard> + AsMut<Guard> + Send + 'static>(
+    guard: &Arc<Mutex<G>>,
+) -> Arc<EventLog> {
     let log = Arc::new(EventLog::default());
-    tokio::spawn(run(fd, guard.clone(), log.clone()));
-    Ok(log)
+    match watch(guard) {
+        Ok(fd) => {
+            tokio::spawn(run(fd, guard.clone(), log.clone()));
+        }
+        Err(e) => warn!("ban events will not be logged: {e:#}; `ws-guard bans` lists the bans"),
+    }
+    log
 }
 
-async fn run(mut fd: AsyncFd<RingBuf<MapData>>, guard: Arc<Mutex<Guard>>, log: Arc<EventLog>) {
+fn watch<G: AsMut<Guard>>(guard: &Arc<Mutex<G>>) -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
+    let ring = lock(guard).as_mut().take_events()?;
+    // SAFETY: the ring buffer owns its map's fd, which stays open and the same until the
+    // AsyncFd (which owns the ring buffer) is dropped.
+    unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow!("watching the ban event ring buffer: {e}"))
+}
+
+async fn run<G: AsRef<Guard>>(
+    mut fd: AsyncFd<RingBuf<MapData>>,
+    guard: Arc<Mutex<G>>,
+    log: Arc<EventLog>,
+) {
     let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -215,7 +232,7 @@ async fn run(mut fd: AsyncFd<RingBuf<MapData>>, guard: Arc<Mutex<Guard>>, log: A
                 if events.is_empty() {
                     continue;
                 }
-                let global = match lock(&guard).global() {
+                let global = match lock(&guard).as_ref().global() {
                     Ok(g) => g,
                     Err(e) => {
                         warn!("reading the global settings for ban events: {e:#}");
@@ -246,7 +263,7 @@ pub fn expire_bans(guard: &mut Guard, log: &EventLog) {
     }
 }
 
-fn lock(guard: &Mutex<Guard>) -> std::sync::MutexGuard<'_, Guard> {
+fn lock<G>(guard: &Mutex<G>) -> std::sync::MutexGuard<'_, G> {
     guard.lock().unwrap_or_else(|e| e.into_inner())
 }
 

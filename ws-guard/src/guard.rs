@@ -32,11 +32,6 @@ use crate::{
 /// The kernel object, built by build.rs from the ws-guard-ebpf crate.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ws-guard-ebpf"));
 
-/// Default capacity of the ban map.
-pub const DEFAULT_BANS: u32 = 65_536;
-/// Default capacity of each CIDR list.
-pub const DEFAULT_CIDRS: u32 = 16_384;
-
 /// What [`Guard::load`] needs before the maps exist.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -58,8 +53,8 @@ impl Default for LoadOptions {
         Self {
             sources: c.sources,
             flows: c.flows,
-            bans: DEFAULT_BANS,
-            cidrs: DEFAULT_CIDRS,
+            bans: c.bans,
+            cidrs: c.cidrs,
             kernel_log_level: 2,
         }
     }
@@ -71,8 +66,8 @@ impl LoadOptions {
         Self {
             sources: cfg.capacity.sources,
             flows: cfg.capacity.flows,
-            bans: DEFAULT_BANS,
-            cidrs: DEFAULT_CIDRS,
+            bans: cfg.capacity.bans,
+            cidrs: cfg.capacity.cidrs,
             kernel_log_level: cfg.kernel_log_level(),
         }
     }
@@ -162,6 +157,12 @@ impl Counters {
 
 impl AsRef<Guard> for Guard {
     fn as_ref(&self) -> &Guard {
+        self
+    }
+}
+
+impl AsMut<Guard> for Guard {
+    fn as_mut(&mut self) -> &mut Guard {
         self
     }
 }
@@ -367,8 +368,11 @@ impl Guard {
     }
 
     /// Writes the configuration's limits and settings into the maps. Ports not in `cfg` stop
-    /// being protected; tracked connections are left alone.
+    /// being protected; tracked connections are left alone. The allow and deny lists become
+    /// exactly `cfg.allow` / `cfg.deny` first, whole or nothing ([`Guard::apply_policy`]): when
+    /// that fails, nothing is changed.
     pub fn apply(&mut self, cfg: &Config) -> anyhow::Result<()> {
+        self.apply_policy(&crate::lists::Policy::from_config(cfg))?;
         self.set_global(cfg.global())?;
         let wanted: BTreeMap<u16, PortConfig> = cfg
             .ports

@@ -55,6 +55,17 @@ pub struct Policy {
     pub ban_duration: Duration,
 }
 
+impl Policy {
+    /// The configuration's lists and ban duration.
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Self {
+            allow: cfg.allow.clone(),
+            deny: cfg.deny.clone(),
+            ban_duration: cfg.ban_duration,
+        }
+    }
+}
+
 type TrieKey = Key<[u8; CIDR_DATA_LEN]>;
 
 /// The trie key of a CIDR (host bits cleared).

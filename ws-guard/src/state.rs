@@ -337,15 +337,10 @@ impl Overrides {
     }
 }
 
-/// Puts `cfg` in force: limits and global settings, then the allow/deny lists and the ban
-/// duration (each step whole or nothing; on an error the caller applies the previous config).
+/// Puts `cfg` in force ([`crate::guard::Guard::apply`]: the allow/deny lists whole or nothing,
+/// then the global settings and the ports; on an error the caller applies the previous config).
 pub fn apply(guard: &mut crate::guard::Guard, cfg: &Config) -> anyhow::Result<()> {
-    guard.apply(cfg)?;
-    guard.apply_policy(&crate::lists::Policy {
-        allow: cfg.allow.clone(),
-        deny: cfg.deny.clone(),
-        ban_duration: cfg.ban_duration,
-    })
+    guard.apply(cfg)
 }
 
 /// Validates the effective config like a config file.
