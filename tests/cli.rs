@@ -115,11 +115,13 @@ fn run_cmd(mut cmd: Command) -> Run {
 fn wsg(socket: &Path, args: &[&str]) -> Run {
     let mut cmd = Command::new(binary());
     cmd.arg("--socket").arg(socket).args(args);
+    let start = Instant::now();
     let r = run_cmd(cmd);
     eprintln!(
-        "$ ws-guard {} -> {}\n{}{}",
+        "$ ws-guard {} -> {} in {:?}\n{}{}",
         args.join(" "),
         r.code,
+        start.elapsed(),
         r.stdout,
         r.stderr
     );

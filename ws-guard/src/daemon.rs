@@ -231,6 +231,10 @@ pub async fn run(
     );
     let control = tokio::spawn(control::server::serve(control, shared.clone()));
     let mut tick = tokio::time::interval(cfg.sweep_interval);
+    // A sweep that overran its interval is not followed by a burst of catch-up sweeps: those
+    // would run back to back and starve the control socket and the metrics endpoint (same
+    // thread) for seconds on a loaded host.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweeper = sweep::Sweeper::default();
     let mut watch = InterfaceWatch::default();
     // Enforcing on every interface, metrics listening, signal handlers installed: ready.
