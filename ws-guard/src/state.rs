@@ -402,8 +402,10 @@ mod tests {
     fn save_is_atomic_and_round_trips() {
         let dir = tempfile_dir();
         let path = dir.join("sub/runtime.toml");
-        let mut o = Overrides::default();
-        o.monitor = Some(false);
+        let mut o = Overrides {
+            monitor: Some(false),
+            ..Default::default()
+        };
         o.set_port(
             9000,
             &LimitChange {
