@@ -15,7 +15,7 @@ use std::{
 };
 
 use ws_guard_tests::{
-    binary::{Daemon, PinRoot, binary},
+    binary::{Daemon, PinRoot, Private, binary},
     netns::{Testbed, ip_output, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
@@ -46,10 +46,21 @@ fn daemon_enforces_then_detaches_on_sigterm() {
     .unwrap();
     let cfg_path = cfg.path().to_str().unwrap().to_owned();
 
+    let private = Private::new();
+    let [a, b, c, d] = private.args();
     let daemon = tb.spawn_in(
         &tb.srv,
         bin.to_str().unwrap(),
-        &["run", "--config", &cfg_path, "--detach-on-exit"],
+        &[
+            "run",
+            "--config",
+            &cfg_path,
+            "--detach-on-exit",
+            &a,
+            &b,
+            &c,
+            &d,
+        ],
         Stdio::piped(),
     );
     let stderr = daemon.child().stderr.take().unwrap();

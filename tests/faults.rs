@@ -51,6 +51,10 @@ fn in_netns(ns: &str, args: &[&str]) -> Command {
 
 /// Runs `cmd` to its exit (at most 30 s; killed by PID after that): its status and stderr.
 fn run_to_exit(mut cmd: Command) -> (std::process::ExitStatus, String) {
+    let private = ws_guard_tests::binary::Private::unless_chosen(&cmd);
+    if let Some(p) = &private {
+        cmd.args(p.args());
+    }
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -448,16 +452,18 @@ fn bpffs_not_mounted_is_mounted_by_the_daemon() {
     // A private mount namespace (nothing propagates back to the host's), with every bpffs at
     // /sys/fs/bpf unmounted in it; the daemon then finds none. Its pins live in the bpffs it
     // mounts there, which goes with the namespace.
+    let private = ws_guard_tests::binary::Private::new();
     let script = format!(
         "for i in 1 2 3 4 5 6 7 8; do \
            [ \"$(stat -f -c %T /sys/fs/bpf)\" = bpf_fs ] || break; \
            umount /sys/fs/bpf || exit 97; \
          done; \
          [ \"$(stat -f -c %T /sys/fs/bpf)\" = bpf_fs ] && exit 98; \
-         exec nsenter --net=/run/netns/{} {} run --config {} --detach-on-exit",
+         exec nsenter --net=/run/netns/{} {} run --config {} --detach-on-exit {}",
         tb.srv,
         binary().display(),
-        cfg.path().display()
+        cfg.path().display(),
+        private.args().join(" ")
     );
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);

@@ -720,10 +720,20 @@ fn prometheus_scrapes_exact_counts_from_the_daemon() {
         ),
     )
     .unwrap();
+    let private = ws_guard_tests::binary::Private::new();
+    let [a, b, c, d] = private.args();
     let daemon = tb.spawn_in(
         &tb.srv,
         bin.to_str().unwrap(),
-        &["run", "--config", cfg_path.to_str().unwrap()],
+        &[
+            "run",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            &a,
+            &b,
+            &c,
+            &d,
+        ],
         Stdio::piped(),
     );
     let stderr = daemon.child().stderr.take().unwrap();

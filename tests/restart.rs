@@ -448,10 +448,12 @@ fn failed_restart_keeps_the_taken_over_link() {
     assert!(first.stop(libc::SIGTERM).success());
 
     let bad_args = run(&bad);
+    let private = ws_guard_tests::binary::Private::new();
     let out = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", tb.srv))
         .arg(binary())
         .args(&bad_args)
+        .args(private.args())
         .output()
         .expect("running ws-guard");
     let log = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -202,6 +202,7 @@ fn daemon_notifies_ready_watchdog_reload_and_stop() {
     };
     write_cfg(2);
 
+    let private = ws_guard_tests::binary::Private::new();
     // WATCHDOG_PID is the shell's PID, which exec keeps through nsenter to the daemon: the
     // daemon checks it is its own (sd_watchdog_enabled(3)).
     let child = Command::new("sh")
@@ -213,6 +214,7 @@ fn daemon_notifies_ready_watchdog_reload_and_stop() {
         .arg(binary())
         .args(["run", "--config", cfg_path.to_str().unwrap()])
         .args(["--pin-dir", root.0.to_str().unwrap(), "--detach-on-exit"])
+        .args(private.args())
         .env("NOTIFY_SOCKET", &sock_path)
         .env("WATCHDOG_USEC", "1000000")
         .env_remove("WATCHDOG_PID")
@@ -333,6 +335,7 @@ fn watchdog_pid_of_another_process_sends_no_pings() {
         ),
     )
     .unwrap();
+    let private = ws_guard_tests::binary::Private::new();
     // The watchdog belongs to PID 1, not to the daemon: it must not ping (a forked helper
     // would otherwise keep a hung main process alive).
     let child = Command::new("nsenter")
@@ -340,6 +343,7 @@ fn watchdog_pid_of_another_process_sends_no_pings() {
         .arg(binary())
         .args(["run", "--config", cfg_path.to_str().unwrap()])
         .args(["--pin-dir", root.0.to_str().unwrap(), "--detach-on-exit"])
+        .args(private.args())
         .env("NOTIFY_SOCKET", &sock_path)
         .env("WATCHDOG_USEC", "200000")
         .env("WATCHDOG_PID", "1")

@@ -45,16 +45,70 @@ pub fn pins_under(root: &Path) -> usize {
     n
 }
 
+/// A control socket and a state file of one daemon of a test, in a directory removed on drop,
+/// so test daemons never use (or leave) /run/ws-guard or /var/lib/ws-guard.
+pub struct Private(tempfile::TempDir);
+
+impl Private {
+    pub fn new() -> Self {
+        Self(tempfile::tempdir().expect("creating a private directory"))
+    }
+
+    /// `--socket S --state-file F` for `ws-guard run`.
+    pub fn args(&self) -> [String; 4] {
+        let p = |name: &str| self.0.path().join(name).to_str().unwrap().to_owned();
+        [
+            "--socket".into(),
+            p("control.sock"),
+            "--state-file".into(),
+            p("runtime.toml"),
+        ]
+    }
+}
+
+impl Private {
+    /// For a `ws-guard run` command line that does not choose its socket and state file (in
+    /// its arguments or its config file), private ones; else None.
+    pub fn unless_chosen(cmd: &Command) -> Option<Self> {
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let config = args
+            .iter()
+            .position(|a| a == "--config")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .unwrap_or_default();
+        let chosen = args.iter().any(|a| a == "--socket" || a == "--state-file")
+            || config.contains("[control]")
+            || config.contains("state_file");
+        (args.iter().any(|a| a == "run") && !chosen).then(Private::new)
+    }
+}
+
+impl Default for Private {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A running daemon, its stderr collected line by line; killed by PID on drop if still running.
 pub struct Daemon {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
     reader: Option<std::thread::JoinHandle<()>>,
+    /// Its socket and state file, unless the test chose them.
+    _private: Option<Private>,
 }
 
 impl Daemon {
     /// Starts `cmd` and waits (20 s at most) for "enforcing on".
     pub fn start(mut cmd: Command) -> Self {
+        let private = Private::unless_chosen(&cmd);
+        if let Some(p) = &private {
+            cmd.args(p.args());
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -77,6 +131,7 @@ impl Daemon {
             child,
             log,
             reader: Some(reader),
+            _private: private,
         };
         let started = wait_until(Duration::from_secs(20), || {
             d.contains("enforcing on") || d.child.try_wait().ok().flatten().is_some()
@@ -120,13 +175,8 @@ impl Daemon {
         wait_until(limit, || self.contains(needle))
     }
 
-    /// Sends `signal` to the (unreaped, so still ours) process, e.g. SIGHUP.
-    pub fn signal(&mut self, signal: i32) {
-        assert!(
-            matches!(self.child.try_wait(), Ok(None)),
-            "the daemon exited early: {:?}",
-            self.lines()
-        );
+    /// Sends `signal` (e.g. SIGHUP) to the still running, unreaped process; does not wait.
+    pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own unreaped child.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
     }

@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeSet,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -16,9 +16,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     config::Config,
     config::XdpMode,
+    control,
     guard::{self, Guard, LoadOptions},
     interfaces, metrics,
     pin::PinDir,
+    state::{self, Overrides},
     sweep,
 };
 
@@ -29,6 +31,36 @@ pub struct RunOptions {
     pub pin_root: PathBuf,
     /// On SIGINT/SIGTERM, detach and remove every pin instead of leaving them enforcing.
     pub detach_on_exit: bool,
+    /// The control socket (`[control] socket`).
+    pub control_socket: PathBuf,
+    /// Where runtime changes are kept (`state_file`).
+    pub state_file: PathBuf,
+}
+
+/// The daemon's state, shared by the main loop, the metrics endpoint and the control socket
+/// (behind one mutex: a control change, a reload and a sweep never interleave).
+pub struct Shared {
+    pub guard: Guard,
+    /// The configuration file as loaded (or the built-in default).
+    pub file: Config,
+    /// Runtime changes (the state file's content).
+    pub overrides: Overrides,
+    /// What is in force: `file` with `overrides` laid over it.
+    pub cfg: Config,
+    pub config_path: Option<PathBuf>,
+    pub state_file: PathBuf,
+}
+
+impl AsRef<Guard> for Shared {
+    fn as_ref(&self) -> &Guard {
+        &self.guard
+    }
+}
+
+impl AsMut<Guard> for Shared {
+    fn as_mut(&mut self) -> &mut Guard {
+        &mut self.guard
+    }
 }
 
 impl Default for RunOptions {
@@ -36,6 +68,8 @@ impl Default for RunOptions {
         Self {
             pin_root: PathBuf::from(crate::pin::DEFAULT_ROOT),
             detach_on_exit: false,
+            control_socket: PathBuf::from(crate::control::DEFAULT_SOCKET),
+            state_file: PathBuf::from(crate::state::DEFAULT_STATE_FILE),
         }
     }
 }
@@ -92,11 +126,26 @@ pub fn describe(cfg: &Config) -> Vec<String> {
 /// Loads (adopting what a previous daemon pinned), attaches and enforces `cfg` until SIGINT or
 /// SIGTERM; then leaves it pinned, or removes everything with `opts.detach_on_exit`.
 pub async fn run(
-    mut cfg: Config,
+    file: Config,
     config_path: Option<PathBuf>,
     opts: RunOptions,
 ) -> anyhow::Result<()> {
     check_privileges()?;
+    let state_file = opts.state_file.clone();
+    let overrides = Overrides::load(&state_file)?;
+    let cfg = state::effective(&file, &overrides).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\n(the runtime changes in {} do not fit this config file: fix the file, or \
+             remove the state file to drop every runtime change)",
+            state_file.display()
+        )
+    })?;
+    if overrides != Overrides::default() {
+        info!(
+            "runtime changes from {} are laid over the config file",
+            state_file.display()
+        );
+    }
     // Every interface is looked up before anything is loaded: a missing one is refused with
     // nothing attached or pinned.
     let interfaces = if cfg.interfaces.is_empty() {
@@ -117,6 +166,7 @@ pub async fn run(
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
+    let control = control::server::bind(&opts.control_socket)?;
     let pins = PinDir::new(&opts.pin_root);
     // With nothing pinned before, a failed start removes whatever it pinned; with adopted
     // state, the previous daemon's pins keep enforcing.
@@ -145,8 +195,15 @@ pub async fn run(
     }
 
     // Shared with the metrics endpoint, which reads the maps when Prometheus scrapes.
-    let guard = Arc::new(Mutex::new(guard));
-    let ban_log = crate::events::start(&guard);
+    let shared = Arc::new(Mutex::new(Shared {
+        guard,
+        file,
+        overrides,
+        cfg: cfg.clone(),
+        config_path: config_path.clone(),
+        state_file,
+    }));
+    let ban_log = crate::events::start(&shared);
     let mut metrics_addr = None;
     let server = match metrics_listener {
         Some(listener) => {
@@ -154,7 +211,7 @@ pub async fn run(
             metrics_addr = Some(addr);
             info!("serving Prometheus metrics on http://{addr}/metrics");
             let endpoint = metrics::Endpoint {
-                guard: guard.clone(),
+                guard: shared.clone(),
                 top_sources: cfg.metrics.top_sources as usize,
             };
             Some(tokio::spawn(metrics::serve(listener, Arc::new(endpoint))))
@@ -168,11 +225,20 @@ pub async fn run(
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    info!(
+        "control socket on {} (root only)",
+        opts.control_socket.display()
+    );
+    let control = tokio::spawn(control::server::serve(control, shared.clone()));
     let mut tick = tokio::time::interval(cfg.sweep_interval);
+    // A sweep that overran its interval is not followed by a burst of catch-up sweeps: those
+    // would run back to back and starve the control socket and the metrics endpoint (same
+    // thread) for seconds on a loaded host.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweeper = sweep::Sweeper::default();
     let mut watch = InterfaceWatch::default();
     // Enforcing on every interface, metrics listening, signal handlers installed: ready.
-    notify::ready(&status_line(&lock(&guard), &cfg, metrics_addr));
+    notify::ready(&status_line(&lock(&shared), metrics_addr));
     // Pinged from this loop only, so a daemon stuck in a sweep or a scrape stops pinging and
     // systemd restarts it (WatchdogSec=).
     let mut watchdog = notify::watchdog_interval();
@@ -182,17 +248,19 @@ pub async fn run(
             _ = int.recv() => { info!("SIGINT"); notify::stopping(); break; }
             _ = hup.recv() => {
                 notify::reloading();
-                let mut guard = lock(&guard);
-                reload(&mut guard, &mut cfg, config_path.as_deref());
-                notify::ready(&status_line(&guard, &cfg, metrics_addr));
+                let mut shared = lock(&shared);
+                reload(&mut shared);
+                notify::ready(&status_line(&shared, metrics_addr));
             }
             _ = notify::next_ping(&mut watchdog) => notify::watchdog(),
             _ = tick.tick() => {
-                let mut guard = lock(&guard);
-                watch.check(&mut guard, xdp_mode);
+                let mut shared = lock(&shared);
+                let handshake_timeout = shared.cfg.handshake_timeout;
+                let guard = &mut shared.guard;
+                watch.check(guard, xdp_mode);
                 guard.flush_kernel_log();
-                crate::events::expire_bans(&mut guard, &ban_log);
-                match sweeper.run(&mut guard, cfg.handshake_timeout) {
+                crate::events::expire_bans(guard, &ban_log);
+                match sweeper.run(guard, handshake_timeout) {
                     Ok(r) if r.expired + r.released + r.adopted > 0 => log::debug!("sweep: {r:?}"),
                     Ok(_) => {}
                     Err(e) => warn!("sweep failed (accounting not checked this round): {e:#}"),
@@ -203,7 +271,11 @@ pub async fn run(
     if let Some(server) = server {
         server.abort();
     }
-    let mut guard = lock(&guard);
+    control.abort();
+    // The socket file goes with the task (dropped once the abort is seen).
+    let _ = control.await;
+    let mut shared = lock(&shared);
+    let guard = &mut shared.guard;
     if opts.detach_on_exit {
         let removed = guard.teardown()?;
         info!(
@@ -223,8 +295,10 @@ pub async fn run(
 }
 
 /// The one-line STATUS= for systemd: where it enforces, how many ports, where metrics are.
-fn status_line(guard: &Guard, cfg: &Config, metrics: Option<std::net::SocketAddr>) -> String {
-    let on: Vec<String> = guard
+fn status_line(shared: &Shared, metrics: Option<std::net::SocketAddr>) -> String {
+    let cfg = &shared.cfg;
+    let on: Vec<String> = shared
+        .guard
         .attachments()
         .iter()
         .map(|a| format!("{} ({} XDP)", a.interface, a.mode))
@@ -432,7 +506,7 @@ fn start(cfg: &Config, pins: &PinDir, interfaces: &[String]) -> anyhow::Result<G
         );
     }
     // New limits apply to the adopted maps; counts and tracked connections stay.
-    guard.apply(cfg)?;
+    state::apply(&mut guard, cfg)?;
     guard.attach_tracepoint()?;
     if !guard.adopted() {
         // Before XDP sees a SYN: count the connections that already exist. (Adopted maps are
@@ -463,41 +537,72 @@ fn start(cfg: &Config, pins: &PinDir, interfaces: &[String]) -> anyhow::Result<G
 
 /// The guard, also when a scrape panicked while holding it (the maps are still consistent:
 /// scrapes only read them).
-fn lock(guard: &Mutex<Guard>) -> MutexGuard<'_, Guard> {
-    guard.lock().unwrap_or_else(|p| p.into_inner())
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// SIGHUP: apply the file's limits and settings, or keep the running ones if it is invalid.
-fn reload(guard: &mut Guard, cfg: &mut Config, path: Option<&Path>) {
-    let Some(path) = path else {
+/// SIGHUP: apply the file's limits and settings with the runtime changes laid over them, or
+/// keep the running ones if either is invalid.
+fn reload(shared: &mut Shared) {
+    let Some(path) = shared.config_path.clone() else {
         warn!("SIGHUP ignored: running with the built-in default config, no file to reload");
         return;
     };
-    match Config::load(path) {
-        Ok(new) => {
-            if new.interfaces != cfg.interfaces
-                || new.xdp_mode != cfg.xdp_mode
-                || new.capacity != cfg.capacity
-                || new.metrics != cfg.metrics
-            {
-                warn!("interfaces, xdp_mode, capacity and [metrics] take effect on restart only");
+    let new_file = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("reload refused, the running limits stay: {e}");
+            return;
+        }
+    };
+    // The state file too: an operator may have edited it while the daemon was stopped.
+    let overrides = match Overrides::load(&shared.state_file) {
+        Ok(o) => o,
+        Err(e) => {
+            error!("reload refused, the running limits stay: {e}");
+            return;
+        }
+    };
+    let new = match state::effective(&new_file, &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(
+                "reload refused, the running limits stay: {e} (the runtime changes in {} do \
+                 not fit the new config file; `ws-guard limits reset` or `allow|deny remove` \
+                 drop single changes)",
+                shared.state_file.display()
+            );
+            return;
+        }
+    };
+    let cfg = &shared.cfg;
+    if new.interfaces != cfg.interfaces
+        || new.xdp_mode != cfg.xdp_mode
+        || new.capacity != cfg.capacity
+        || new.metrics != cfg.metrics
+    {
+        warn!("interfaces, xdp_mode, capacity and [metrics] take effect on restart only");
+    }
+    let changes = cfg.changes(&new);
+    match state::apply(&mut shared.guard, &new) {
+        Ok(()) => {
+            if changes.is_empty() {
+                info!("reloaded {}: nothing changed", path.display());
+            } else {
+                info!("reloaded {}: {} change(s)", path.display(), changes.len());
             }
-            let changes = cfg.changes(&new);
-            match guard.apply(&new) {
-                Ok(()) => {
-                    if changes.is_empty() {
-                        info!("reloaded {}: nothing changed", path.display());
-                    } else {
-                        info!("reloaded {}: {} change(s)", path.display(), changes.len());
-                    }
-                    for line in changes {
-                        info!("reload: {line}");
-                    }
-                    *cfg = new;
-                }
-                Err(e) => error!("reload of {} failed while applying: {e:#}", path.display()),
+            for line in changes {
+                info!("reload: {line}");
+            }
+            shared.file = new_file;
+            shared.overrides = overrides;
+            shared.cfg = new;
+        }
+        Err(e) => {
+            error!("reload of {} failed while applying: {e:#}", path.display());
+            if let Err(u) = state::apply(&mut shared.guard, &shared.cfg) {
+                error!("restoring the previous limits failed too: {u:#}");
             }
         }
-        Err(e) => error!("reload refused, the running limits stay: {e}"),
     }
 }

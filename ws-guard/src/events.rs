@@ -186,7 +186,11 @@ pub fn drain(ring: &mut RingBuf<MapData>) -> Vec<BanEvent> {
 /// Starts the task that logs the kernel's ban events; returns the log the daemon's other ban
 /// lines go through ([`expire_bans`]). When the ring buffer cannot be watched, says so and
 /// goes on without the kernel's events: bans still apply.
-pub fn start(guard: &Arc<Mutex<Guard>>) -> Arc<EventLog> {
+///
+/// `G`: the guard, or the daemon's state holding it.
+pub fn start<G: AsRef<Guard> + AsMut<Guard> + Send + 'static>(
+    guard: &Arc<Mutex<G>>,
+) -> Arc<EventLog> {
     let log = Arc::new(EventLog::default());
     match watch(guard) {
         Ok(fd) => {
@@ -197,15 +201,19 @@ pub fn start(guard: &Arc<Mutex<Guard>>) -> Arc<EventLog> {
     log
 }
 
-fn watch(guard: &Arc<Mutex<Guard>>) -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
-    let ring = lock(guard).take_events()?;
+fn watch<G: AsMut<Guard>>(guard: &Arc<Mutex<G>>) -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
+    let ring = lock(guard).as_mut().take_events()?;
     // SAFETY: the ring buffer owns its map's fd, which stays open and the same until the
     // AsyncFd (which owns the ring buffer) is dropped.
     unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| anyhow!("watching the ban event ring buffer: {e}"))
 }
 
-async fn run(mut fd: AsyncFd<RingBuf<MapData>>, guard: Arc<Mutex<Guard>>, log: Arc<EventLog>) {
+async fn run<G: AsRef<Guard>>(
+    mut fd: AsyncFd<RingBuf<MapData>>,
+    guard: Arc<Mutex<G>>,
+    log: Arc<EventLog>,
+) {
     let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -224,7 +232,7 @@ async fn run(mut fd: AsyncFd<RingBuf<MapData>>, guard: Arc<Mutex<Guard>>, log: A
                 if events.is_empty() {
                     continue;
                 }
-                let global = match lock(&guard).global() {
+                let global = match lock(&guard).as_ref().global() {
                     Ok(g) => g,
                     Err(e) => {
                         warn!("reading the global settings for ban events: {e:#}");
@@ -255,7 +263,7 @@ pub fn expire_bans(guard: &mut Guard, log: &EventLog) {
     }
 }
 
-fn lock(guard: &Mutex<Guard>) -> std::sync::MutexGuard<'_, Guard> {
+fn lock<G>(guard: &Mutex<G>) -> std::sync::MutexGuard<'_, G> {
     guard.lock().unwrap_or_else(|e| e.into_inner())
 }
 

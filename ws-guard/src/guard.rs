@@ -160,6 +160,18 @@ impl Counters {
     }
 }
 
+impl AsRef<Guard> for Guard {
+    fn as_ref(&self) -> &Guard {
+        self
+    }
+}
+
+impl AsMut<Guard> for Guard {
+    fn as_mut(&mut self) -> &mut Guard {
+        self
+    }
+}
+
 impl Guard {
     /// Loads the programs into the kernel (verifier included) without attaching anything.
     pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {

@@ -2,7 +2,9 @@
 //! accounting in step with the kernel's sockets, and the daemon around them.
 
 pub mod bans;
+pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod guard;
@@ -10,4 +12,5 @@ pub mod interfaces;
 pub mod lists;
 pub mod metrics;
 pub mod pin;
+pub mod state;
 pub mod sweep;

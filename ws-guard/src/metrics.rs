@@ -520,9 +520,10 @@ pub fn encode(s: &Snapshot) -> anyhow::Result<String> {
         .context("encoding the metrics")
 }
 
-/// What the endpoint needs.
-pub struct Endpoint {
-    pub guard: Arc<Mutex<Guard>>,
+/// What the endpoint needs: the guard (or the daemon's state holding it) and how many sources
+/// to export.
+pub struct Endpoint<G = Guard> {
+    pub guard: Arc<Mutex<G>>,
     /// `metrics.top_sources`.
     pub top_sources: usize,
 }
@@ -547,7 +548,10 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves `/metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
+pub async fn serve<G: AsRef<Guard> + Send + 'static>(
+    listener: TcpListener,
+    endpoint: Arc<Endpoint<G>>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -594,7 +598,10 @@ pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
     }
 }
 
-fn respond(endpoint: &Endpoint, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn respond<G: AsRef<Guard>>(
+    endpoint: &Endpoint<G>,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n".into());
     }
@@ -602,7 +609,7 @@ fn respond(endpoint: &Endpoint, req: &Request<Incoming>) -> Response<Full<Bytes>
         "/metrics" => {
             let body = {
                 let guard = endpoint.guard.lock().unwrap_or_else(|p| p.into_inner());
-                snapshot(&guard, endpoint.top_sources)
+                snapshot((*guard).as_ref(), endpoint.top_sources)
             }
             .and_then(|s| encode(&s));
             match body {

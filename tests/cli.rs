@@ -1,0 +1,653 @@
+//! Every client command end to end: the real daemon in a network namespace, the real CLI over
+//! its control socket, and TCP traffic from the client namespace showing each change take
+//! effect (and survive a restart). Bad arguments change nothing; a non-root user is refused.
+
+use std::{
+    net::IpAddr,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use ws_guard_tests::{
+    binary::{Daemon, binary},
+    netns::{Testbed, sa, test_port, wait_until},
+    privileged,
+    traffic::{Outcome, Server, Stack, connect_from},
+};
+
+/// A pin root and a private directory (config, socket, state file) of one test; removed on drop.
+struct Paths {
+    pins: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Paths {
+    fn new(tag: &str) -> Self {
+        Self {
+            pins: PathBuf::from(format!(
+                "/sys/fs/bpf/ws-guard-test-{tag}-{}",
+                std::process::id()
+            )),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("run/control.sock")
+    }
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("lib/runtime.toml")
+    }
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// Writes the config: one port, 3 concurrent connections per source, rejected above.
+    fn write_config(&self, tb: &Testbed, port: u16) {
+        std::fs::write(
+            self.config(),
+            format!(
+                "interfaces = [\"{}\"]\nsweep_interval = \"200ms\"\nstate_file = \"{}\"\n\
+                 [control]\nsocket = \"{}\"\n[capacity]\nsources = 1024\nflows = 4096\n\
+                 [metrics]\nlisten = \"off\"\n\n[[port]]\nport = {port}\nmax_connections = 3\n\
+                 connection_action = \"reject\"\n",
+                tb.srv_if,
+                self.state().display(),
+                self.socket().display()
+            ),
+        )
+        .unwrap();
+    }
+
+    fn start(&self, tb: &Testbed) -> Daemon {
+        Daemon::start_in(
+            &tb.srv,
+            &[
+                "run",
+                "--config",
+                self.config().to_str().unwrap(),
+                "--pin-dir",
+                self.pins.to_str().unwrap(),
+            ],
+        )
+    }
+}
+
+impl Drop for Paths {
+    fn drop(&mut self) {
+        if let Err(e) = ws_guard::pin::teardown(&self.pins) {
+            eprintln!("warning: removing {}: {e:#}", self.pins.display());
+        }
+    }
+}
+
+/// What one CLI run gave.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "{self:?}");
+        self
+    }
+    fn json(self) -> Value {
+        let r = self.ok();
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+    }
+}
+
+fn run_cmd(mut cmd: Command) -> Run {
+    let out = cmd.output().expect("running the CLI");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `ws-guard --socket SOCKET ARGS...` (from the host namespace: the socket is a file).
+fn wsg(socket: &Path, args: &[&str]) -> Run {
+    let mut cmd = Command::new(binary());
+    cmd.arg("--socket").arg(socket).args(args);
+    let start = Instant::now();
+    let r = run_cmd(cmd);
+    eprintln!(
+        "$ ws-guard {} -> {} in {:?}\n{}{}",
+        args.join(" "),
+        r.code,
+        start.elapsed(),
+        r.stdout,
+        r.stderr
+    );
+    r
+}
+
+/// Connects from `src` until an attempt is refused (RST); how long that took after `since`.
+fn first_refusal(tb: &Testbed, src: IpAddr, port: u16, since: Instant) -> Option<Duration> {
+    let dst = sa(tb.server_v4(), port);
+    let mut held = Vec::new();
+    let mut found = None;
+    wait_until(Duration::from_secs(5), || {
+        match connect_from(&tb.cli, src, dst, Duration::from_secs(1)) {
+            Outcome::Refused => {
+                found = Some(since.elapsed());
+                true
+            }
+            Outcome::Connected(s) => {
+                held.push(s);
+                false
+            }
+            _ => false,
+        }
+    });
+    found
+}
+
+fn connect(tb: &Testbed, src: IpAddr, port: u16) -> Outcome {
+    connect_from(
+        &tb.cli,
+        src,
+        sa(tb.server_v4(), port),
+        Duration::from_secs(1),
+    )
+}
+
+#[test]
+fn every_command_takes_effect_and_survives_a_restart() {
+    if !privileged("every_command_takes_effect_and_survives_a_restart") {
+        return;
+    }
+    let port = test_port(25);
+    let tb = Testbed::new("cli", 60);
+    let paths = Paths::new("cli");
+    let _server = Server::start(&tb.srv, port, Stack::Separate);
+    paths.write_config(&tb, port);
+    let mut daemon = paths.start(&tb);
+    let sock = paths.socket();
+    let a = tb.client_v4(0);
+    let b = tb.client_v4(1);
+
+    // The socket: root's, 0600, in a 0700 directory.
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
+    let dir_mode = std::fs::metadata(sock.parent().unwrap()).unwrap().mode() & 0o777;
+    assert_eq!(dir_mode, 0o700);
+
+    // status: the interface and the port, as JSON and as text.
+    let st = wsg(&sock, &["--json", "status"]).json();
+    assert_eq!(st["interfaces"][0]["interface"], tb.srv_if.as_str(), "{st}");
+    assert_eq!(st["interfaces"][0]["attached"], true);
+    assert_eq!(st["ports"][0]["port"], port);
+    assert_eq!(st["ports"][0]["max_connections"], "3");
+    assert!(st["maps"].as_array().unwrap().len() >= 4, "{st}");
+    let text = wsg(&sock, &["status"]).ok().stdout;
+    assert!(
+        text.contains(&tb.srv_if) && text.contains(&port.to_string()),
+        "{text}"
+    );
+
+    // limits get
+    let l = wsg(
+        &sock,
+        &["--json", "limits", "get", "--port", &port.to_string()],
+    )
+    .json();
+    assert_eq!(l["ports"][0]["max_connections"], "3");
+    assert_eq!(l["ports"][0]["source"], "config");
+
+    // Two connections held by `a`; lowering the limit to 1 refuses the next one.
+    let a1 = connect(&tb, a, port).stream();
+    let a2 = connect(&tb, a, port).stream();
+    wsg(
+        &sock,
+        &[
+            "limits",
+            "set",
+            "--port",
+            &port.to_string(),
+            "--max-connections",
+            "1",
+        ],
+    )
+    .ok();
+    let took = first_refusal(&tb, a, port, Instant::now())
+        .expect("no refusal after limits set --max-connections 1");
+    println!("CLI -> enforcement (limits set, first refused connection): {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // Raise it: accepted again.
+    wsg(
+        &sock,
+        &[
+            "limits",
+            "set",
+            "--port",
+            &port.to_string(),
+            "--max-connections",
+            "3",
+        ],
+    )
+    .ok();
+    let a3 = connect(&tb, a, port).stream();
+    assert!(matches!(connect(&tb, a, port), Outcome::Refused));
+    let l = wsg(&sock, &["--json", "limits", "get"]).json();
+    assert_eq!(l["ports"][0]["source"], "config+runtime", "{l}");
+
+    // sources top lists `a` with its 3 connections.
+    let top = wsg(&sock, &["--json", "sources", "top", "-n", "5"]).json();
+    assert_eq!(top["sources"][0]["source"], format!("{a}/32"), "{top}");
+    assert_eq!(top["sources"][0]["connections"], 3, "{top}");
+    assert!(
+        wsg(&sock, &["sources", "top"])
+            .ok()
+            .stdout
+            .contains(&format!("{a}/32"))
+    );
+
+    // monitor on: over the limit passes; off: refused again.
+    wsg(&sock, &["monitor", "on"]).ok();
+    let a4 = connect(&tb, a, port).stream();
+    assert_eq!(wsg(&sock, &["--json", "status"]).json()["monitor"], true);
+    wsg(&sock, &["monitor", "off"]).ok();
+    assert!(matches!(connect(&tb, a, port), Outcome::Refused));
+    drop(a4);
+
+    // Actions and the rate limit: `b` gets 2 new connections a minute, then a RST.
+    wsg(
+        &sock,
+        &[
+            "limits",
+            "set",
+            "--port",
+            &port.to_string(),
+            "--new-connections",
+            "2/1m",
+            "--action",
+            "reject",
+        ],
+    )
+    .ok();
+    let b1 = connect(&tb, b, port).stream();
+    let b2 = connect(&tb, b, port).stream();
+    assert!(matches!(connect(&tb, b, port), Outcome::Refused));
+    let l = wsg(&sock, &["--json", "limits", "get"]).json();
+    assert_eq!(l["ports"][0]["new_connections"], "2/1m", "{l}");
+    assert_eq!(l["ports"][0]["rate_action"], "reject", "{l}");
+    assert_eq!(l["ports"][0]["connection_action"], "reject", "{l}");
+    // sources top --by drops: `b`, refused once.
+    let top = wsg(&sock, &["--json", "sources", "top", "--by", "drops"]).json();
+    let bs = top["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["source"] == format!("{b}/32"))
+        .unwrap_or_else(|| panic!("{b} not among the top sources by drops: {top}"));
+    assert!(bs["drops"].as_u64().unwrap() >= 1, "{top}");
+    drop((b1, b2));
+    wsg(
+        &sock,
+        &[
+            "limits",
+            "set",
+            "--port",
+            &port.to_string(),
+            "--new-connections",
+            "none",
+        ],
+    )
+    .ok();
+
+    // Allowlist: `a` is no longer limited; removing it limits it again.
+    let a_net = format!("{a}/32");
+    wsg(&sock, &["allow", "add", &a_net]).ok();
+    let a5 = connect(&tb, a, port).stream();
+    let al = wsg(&sock, &["--json", "allow", "list"]).json();
+    assert_eq!(al["cidrs"], serde_json::json!([a_net]), "{al}");
+    wsg(&sock, &["allow", "remove", &a_net]).ok();
+    assert!(matches!(connect(&tb, a, port), Outcome::Refused));
+    drop(a5);
+
+    // Denylist: `b` (holding nothing) is refused; removed, admitted.
+    let b_net = format!("{b}/32");
+    wsg(&sock, &["deny", "add", &b_net]).ok();
+    assert!(
+        !connect(&tb, b, port).is_connected(),
+        "a denied source got in"
+    );
+    wsg(&sock, &["deny", "remove", &b_net]).ok();
+    let b3 = connect(&tb, b, port).stream();
+    drop(b3);
+
+    // Bans: a manual ban blocks `b` on the port; removing it lets it in.
+    wsg(
+        &sock,
+        &[
+            "bans",
+            "add",
+            &b.to_string(),
+            "--port",
+            &port.to_string(),
+            "--duration",
+            "10m",
+        ],
+    )
+    .ok();
+    let bans = wsg(&sock, &["--json", "bans", "list"]).json();
+    assert_eq!(bans["bans"][0]["source"], b_net.as_str(), "{bans}");
+    assert_eq!(bans["bans"][0]["reason"], "manual", "{bans}");
+    assert!(
+        bans["bans"][0]["remaining_ms"].as_u64().unwrap() > 590_000,
+        "{bans}"
+    );
+    assert!(
+        !connect(&tb, b, port).is_connected(),
+        "a banned source got in"
+    );
+    wsg(
+        &sock,
+        &[
+            "bans",
+            "remove",
+            &b.to_string(),
+            "--port",
+            &port.to_string(),
+        ],
+    )
+    .ok();
+    assert_eq!(
+        wsg(&sock, &["--json", "bans", "list"]).json()["bans"],
+        serde_json::json!([])
+    );
+    let b4 = connect(&tb, b, port).stream();
+    drop(b4);
+    // Without --port: every protected port; without --duration: 1h (ban_duration is 0).
+    wsg(&sock, &["bans", "add", &b.to_string()]).ok();
+    let bans = wsg(&sock, &["--json", "bans", "list"]).json();
+    let ms = bans["bans"][0]["remaining_ms"].as_u64().unwrap();
+    assert!((3_500_000..=3_600_000).contains(&ms), "{bans}");
+    assert!(!connect(&tb, b, port).is_connected());
+    wsg(&sock, &["bans", "remove", &b.to_string()]).ok();
+
+    // Runtime changes survive a restart: the state file holds them.
+    wsg(
+        &sock,
+        &[
+            "limits",
+            "set",
+            "--port",
+            &port.to_string(),
+            "--max-connections",
+            "2",
+        ],
+    )
+    .ok();
+    wsg(&sock, &["deny", "add", &b_net]).ok();
+    let before = wsg(&sock, &["--json", "limits", "get"]).json();
+    let state_mode = std::fs::metadata(paths.state()).unwrap().mode() & 0o777;
+    assert_eq!(state_mode, 0o600);
+    assert!(daemon.stop(libc::SIGTERM).success());
+    assert!(!sock.exists(), "the daemon left its socket behind");
+    let daemon2 = paths.start(&tb);
+    let after = wsg(&sock, &["--json", "limits", "get"]).json();
+    assert_eq!(before, after);
+    assert_eq!(after["ports"][0]["max_connections"], "2");
+    assert_eq!(
+        wsg(&sock, &["--json", "deny", "list"]).json()["cidrs"],
+        serde_json::json!([b_net])
+    );
+    // `a` holds 3 (adopted), the file's limit is 3, the override 2: refused either way; a
+    // fresh source shows the override: its third connection is refused.
+    let c = tb.client_v4(2);
+    let c1 = connect(&tb, c, port).stream();
+    let c2 = connect(&tb, c, port).stream();
+    assert!(
+        matches!(connect(&tb, c, port), Outcome::Refused),
+        "the override of 2 is lost"
+    );
+    assert!(
+        !connect(&tb, b, port).is_connected(),
+        "the denylist entry is lost"
+    );
+    // SIGHUP with a changed config file (4 instead of 3): the runtime change stays on top.
+    let text = std::fs::read_to_string(paths.config()).unwrap();
+    std::fs::write(
+        paths.config(),
+        text.replace("max_connections = 3", "max_connections = 4"),
+    )
+    .unwrap();
+    daemon2.signal(libc::SIGHUP);
+    assert!(daemon2.wait_for("reloaded", Duration::from_secs(5)));
+    let l = wsg(&sock, &["--json", "limits", "get"]).json();
+    assert_eq!(l["ports"][0]["max_connections"], "2", "{l}");
+    assert!(matches!(connect(&tb, c, port), Outcome::Refused));
+    // limits reset: back to the config file's, now 4.
+    wsg(&sock, &["limits", "reset", "--port", &port.to_string()]).ok();
+    let c3 = connect(&tb, c, port).stream();
+    let c4 = connect(&tb, c, port).stream();
+    assert!(matches!(connect(&tb, c, port), Outcome::Refused));
+    let l = wsg(&sock, &["--json", "limits", "get"]).json();
+    assert_eq!(l["ports"][0]["source"], "config");
+    assert_eq!(l["ports"][0]["max_connections"], "4");
+    drop((a1, a2, a3, c1, c2, c3, c4));
+    assert!(
+        daemon2.contains("runtime changes from"),
+        "{:?}",
+        daemon2.lines()
+    );
+}
+
+/// Every bad argument: non-zero exit, a message saying what is wrong, nothing changed.
+#[test]
+fn bad_arguments_change_nothing() {
+    if !privileged("bad_arguments_change_nothing") {
+        return;
+    }
+    let port = test_port(26);
+    let tb = Testbed::new("clibad", 61);
+    let paths = Paths::new("clibad");
+    paths.write_config(&tb, port);
+    let _daemon = paths.start(&tb);
+    let sock = paths.socket();
+    let p = port.to_string();
+    wsg(&sock, &["allow", "add", "198.18.0.0/16"]).ok();
+    let snapshot = || {
+        (
+            wsg(&sock, &["--json", "limits", "get"]).json(),
+            wsg(&sock, &["--json", "allow", "list"]).json(),
+            wsg(&sock, &["--json", "deny", "list"]).json(),
+            wsg(&sock, &["--json", "bans", "list"]).json(),
+            std::fs::read_to_string(paths.state()).unwrap(),
+        )
+    };
+    let before = snapshot();
+    // (arguments, exit code, a piece of the message)
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["limits", "set", "--port", "0", "--max-connections", "1"],
+            2,
+            "not in 1..=65535",
+        ),
+        (
+            &["limits", "set", "--port", "65536", "--max-connections", "1"],
+            2,
+            "65536",
+        ),
+        (
+            &["limits", "set", "--port", &p, "--max-connections", "0"],
+            2,
+            "refuse every",
+        ),
+        (
+            &["limits", "set", "--port", &p, "--max-connections", "-3"],
+            2,
+            "-3",
+        ),
+        (
+            &["limits", "set", "--port", &p, "--new-connections", "3/0s"],
+            2,
+            "window",
+        ),
+        (
+            &["limits", "set", "--port", &p, "--new-connections", "33/1s"],
+            2,
+            "maximum of 32",
+        ),
+        (
+            &["limits", "set", "--port", &p, "--new-connections", "3"],
+            2,
+            "COUNT/WINDOW",
+        ),
+        (
+            &["limits", "set", "--port", &p, "--action", "explode"],
+            2,
+            "explode",
+        ),
+        (&["limits", "set", "--port", &p], 2, "at least one"),
+        (&["limits", "get", "--port", "1"], 1, "not protected"),
+        (&["limits", "reset", "--port", &p], 1, "no runtime override"),
+        (&["allow", "add", "198.18.0.1/24"], 2, "host bits"),
+        (&["allow", "add", "198.18.0.0/33"], 2, "not a CIDR"),
+        (&["allow", "add", "banana"], 2, "not a CIDR"),
+        (&["allow", "add", "198.18.1.0/24"], 1, "overlaps"),
+        (&["allow", "add", "198.18.0.0/16"], 1, "already"),
+        (
+            &["allow", "remove", "10.0.0.0/8"],
+            1,
+            "not in the allowlist",
+        ),
+        (&["deny", "add", "2001:2::1/48"], 2, "host bits"),
+        (&["bans", "add", "198.18.0.300"], 2, "198.18.0.300"),
+        (
+            &["bans", "add", "198.18.0.3", "--duration", "0s"],
+            2,
+            "at least 1s",
+        ),
+        (
+            &["bans", "add", "198.18.0.3", "--port", "0"],
+            2,
+            "not in 1..=65535",
+        ),
+        (
+            &["bans", "add", "198.18.0.3", "--port", "1"],
+            1,
+            "not protected",
+        ),
+        (&["bans", "remove", "198.18.0.3"], 1, "not banned"),
+        (&["sources", "top", "-n", "0"], 2, "0"),
+        (&["sources", "top", "--by", "bytes"], 2, "bytes"),
+        (&["monitor", "maybe"], 2, "maybe"),
+        (&["limits", "frobnicate"], 2, "frobnicate"),
+    ];
+    for (args, code, msg) in cases {
+        let r = wsg(&sock, args);
+        assert_eq!(r.code, *code, "{args:?}: {r:?}");
+        assert!(
+            r.stderr.contains(msg),
+            "{args:?}: the message does not say {msg:?}: {}",
+            r.stderr
+        );
+        assert!(r.stdout.is_empty(), "{args:?}: {r:?}");
+    }
+    assert_eq!(snapshot(), before, "a refused command changed something");
+
+    // Unreachable daemon: exit 3 and what to do.
+    let r = wsg(&paths.dir.path().join("nothing.sock"), &["status"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(
+        r.stderr.contains("does not exist") && r.stderr.contains("--socket"),
+        "{r:?}"
+    );
+    // --help documents the exit codes.
+    let help = wsg(&sock, &["limits", "--help"]).ok().stdout;
+    assert!(help.contains("Exit codes") && help.contains("3  the daemon could not be reached"));
+}
+
+/// The control socket is root's: another user gets exit code 3 and "permission denied", both
+/// from the file mode and, with the file opened up, from the daemon's credential check. A
+/// second daemon does not take over the socket of a running one; a stale socket is replaced.
+#[test]
+fn only_root_may_use_the_socket() {
+    if !privileged("only_root_may_use_the_socket") {
+        return;
+    }
+    let port = test_port(27);
+    let tb = Testbed::new("cliroot", 62);
+    let paths = Paths::new("cliroot");
+    paths.write_config(&tb, port);
+    let mut daemon = paths.start(&tb);
+    let sock = paths.socket();
+    let nobody = |args: &[&str]| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(binary())
+            .arg("--socket")
+            .arg(&sock)
+            .args(args);
+        run_cmd(cmd)
+    };
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
+    // The test's directory lets `nobody` reach the socket's directory.
+    for d in [paths.dir.path(), sock.parent().unwrap()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    let r = nobody(&["status"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("permission denied"), "{r:?}");
+    let r = nobody(&["monitor", "on"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    // With the file mode opened up, the daemon's own check refuses.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let r = nobody(&["monitor", "on"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("permission denied: only root may use the control socket; you are uid 65534"),
+        "{r:?}"
+    );
+    assert!(daemon.wait_for(
+        "refused a client running as uid 65534",
+        Duration::from_secs(2)
+    ));
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(wsg(&sock, &["--json", "status"]).json()["monitor"], false);
+
+    // A second daemon (another pin root) refuses to take the socket of the running one.
+    let other_pins = format!("{}-second", paths.pins.display());
+    let mut second = Command::new("nsenter");
+    second
+        .arg(format!("--net=/run/netns/{}", tb.srv))
+        .arg(binary())
+        .args([
+            "run",
+            "--config",
+            paths.config().to_str().unwrap(),
+            "--pin-dir",
+            &other_pins,
+        ]);
+    let r = run_cmd(second);
+    let _ = ws_guard::pin::teardown(Path::new(&other_pins));
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("another ws-guard daemon answers"),
+        "{r:?}"
+    );
+    wsg(&sock, &["status"]).ok();
+
+    // kill -9 leaves the socket file; the next daemon replaces it.
+    daemon.stop(libc::SIGKILL);
+    assert!(sock.exists());
+    assert_eq!(wsg(&sock, &["status"]).code, 3);
+    let daemon = paths.start(&tb);
+    assert!(
+        daemon.contains("replaced the stale control socket"),
+        "{:?}",
+        daemon.lines()
+    );
+    wsg(&sock, &["status"]).ok();
+}

@@ -1,0 +1,553 @@
+//! The command line: the daemon (`run`), offline commands (`check-config`, `teardown`, ...)
+//! and the client commands that talk to a running daemon over the control socket.
+
+mod output;
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
+use ipnet::IpNet;
+
+use crate::{
+    config::{Config, DEFAULT_CONFIG},
+    control::{
+        self,
+        client::{ClientError, request},
+        protocol::{
+            ActionName, Limit, LimitChange, ListName, MaxConnections, RateLimit, Request, SortBy,
+        },
+    },
+    daemon,
+};
+
+/// Exit code: the daemon refused or failed the request, or a local command failed.
+pub const EXIT_REFUSED: u8 = 1;
+/// Exit code: bad usage (clap's own code).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: the daemon could not be reached.
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the daemon refused or failed the request (the message says why; nothing was changed),
+     or a local command (run, check-config, teardown) failed
+  2  usage error: unknown command or option, or an invalid value (nothing was sent)
+  3  the daemon could not be reached: not running, wrong --socket, or permission denied
+     (only root may use the control socket)";
+
+/// Per-source connection limits for WebSocket servers, enforced in XDP.
+#[derive(Parser)]
+#[command(name = "ws-guard", version, about)]
+pub struct Cli {
+    /// The daemon's control socket (its `[control] socket` setting). For `run`: overrides the
+    /// config file's.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print the daemon's answer as JSON (stable field names) instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Every command.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Load the programs, attach them and enforce the configuration until SIGINT/SIGTERM.
+    Run {
+        /// TOML configuration; without it, the built-in default (port 9000, see README).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Where programs, links and maps are pinned (bpffs).
+        #[arg(long, default_value = crate::pin::DEFAULT_ROOT)]
+        pin_dir: PathBuf,
+        /// On SIGINT/SIGTERM, detach and remove every pin. Without it, everything stays pinned
+        /// and keeps enforcing, and the next start adopts it.
+        #[arg(long)]
+        detach_on_exit: bool,
+        /// Where runtime changes (limits set, monitor, allow/deny) are kept; overrides the
+        /// config file's `state_file`.
+        #[arg(long, value_name = "PATH")]
+        state_file: Option<PathBuf>,
+    },
+    /// Detach and remove everything pinned (works with no daemon running).
+    Teardown {
+        /// The pin root given to `run --pin-dir`.
+        #[arg(long, default_value = crate::pin::DEFAULT_ROOT)]
+        pin_dir: PathBuf,
+    },
+    /// Validate a configuration file and say what it would enforce.
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// Print the built-in default configuration.
+    DefaultConfig,
+    /// What is attached where, limits per port, counters and map fill.
+    Status,
+    /// Show or change per-port limits (changes take effect on the next packet and are kept
+    /// across restarts in the state file).
+    #[command(subcommand)]
+    Limits(LimitsCommand),
+    /// Sources that are never limited nor banned (still counted).
+    #[command(subcommand)]
+    Allow(ListCommand),
+    /// Sources whose every new connection is dropped.
+    #[command(subcommand)]
+    Deny(ListCommand),
+    /// Sources blocked for a while (by the rate limit with ban_duration, or by hand).
+    #[command(subcommand)]
+    Bans(BansCommand),
+    /// The sources holding the most connections or refused most often.
+    #[command(subcommand)]
+    Sources(SourcesCommand),
+    /// Monitor mode: count what would be refused, refuse nothing.
+    Monitor {
+        #[arg(value_enum)]
+        state: OnOff,
+    },
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one page per command into a directory.
+    Man {
+        /// Write ws-guard.1, ws-guard-limits-set.1, ... here instead of printing ws-guard.1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+fn port_arg() -> clap::builder::RangedI64ValueParser<u16> {
+    clap::value_parser!(u16).range(1..)
+}
+
+#[derive(Subcommand)]
+pub enum LimitsCommand {
+    /// The limits in force and where they come from (config, runtime).
+    Get {
+        /// Only this port.
+        #[arg(long, value_parser = port_arg())]
+        port: Option<u16>,
+    },
+    /// Change a port's limits (a port not in the config file becomes protected).
+    Set(SetArgs),
+    /// Drop the runtime override of a port: back to the config file's limits.
+    Reset {
+        /// The TCP port (1-65535).
+        #[arg(long, value_parser = port_arg())]
+        port: u16,
+    },
+}
+
+#[derive(Args)]
+pub struct SetArgs {
+    /// The TCP port (1-65535).
+    #[arg(long, value_parser = port_arg())]
+    pub port: u16,
+    /// Concurrent connections per source, or `none`.
+    #[arg(long, value_name = "N|none")]
+    pub max_connections: Option<Limit<MaxConnections>>,
+    /// New connections per source per window (COUNT at most 32), e.g. `9/100s`, or `none`.
+    #[arg(long, value_name = "N/WINDOW|none")]
+    pub new_connections: Option<Limit<RateLimit>>,
+    /// What over-limit attempts get, for both limits.
+    #[arg(long, value_enum, conflicts_with_all = ["connection_action", "rate_action"])]
+    pub action: Option<ActionName>,
+    /// What attempts over --max-connections get.
+    #[arg(long, value_enum)]
+    pub connection_action: Option<ActionName>,
+    /// What attempts over --new-connections get.
+    #[arg(long, value_enum)]
+    pub rate_action: Option<ActionName>,
+}
+
+#[derive(Subcommand)]
+pub enum ListCommand {
+    /// Add a CIDR (kept across restarts).
+    Add {
+        #[arg(value_parser = crate::config::parse_cidr)]
+        cidr: IpNet,
+    },
+    /// Remove a CIDR (also one from the config file, until `add` again).
+    Remove {
+        #[arg(value_parser = crate::config::parse_cidr)]
+        cidr: IpNet,
+    },
+    /// Every CIDR in force.
+    List,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration such as 10m or 1h ({e})"))?;
+    if d < Duration::from_secs(1) {
+        return Err("a ban lasts at least 1s".into());
+    }
+    if d > Duration::from_secs(86_400 * 365) {
+        return Err("a ban lasts at most 365 days".into());
+    }
+    Ok(d)
+}
+
+#[derive(Subcommand)]
+pub enum BansCommand {
+    /// Active bans with their time left.
+    List,
+    /// Ban a source (its address masked to the source prefix).
+    Add {
+        addr: IpAddr,
+        /// Only on this port; without it, on every protected port.
+        #[arg(long, value_parser = port_arg())]
+        port: Option<u16>,
+        /// How long; without it, the config's ban_duration, or 1h if that is 0.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// Lift a ban.
+    Remove {
+        addr: IpAddr,
+        /// Only on this port; without it, on every port.
+        #[arg(long, value_parser = port_arg())]
+        port: Option<u16>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SourcesCommand {
+    /// The top sources.
+    Top {
+        #[arg(long, value_enum, default_value = "connections")]
+        by: SortBy,
+        /// How many.
+        #[arg(short = 'n', default_value = "10", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        n: u32,
+    },
+}
+
+/// The clap definition, with the exit codes under every command's --help.
+pub fn command() -> clap::Command {
+    fn with_exit_codes(c: clap::Command) -> clap::Command {
+        let names: Vec<String> = c
+            .get_subcommands()
+            .map(|s| s.get_name().to_owned())
+            .collect();
+        let mut c = c.after_help(EXIT_CODES);
+        for n in names {
+            c = c.mut_subcommand(n, with_exit_codes);
+        }
+        c
+    }
+    with_exit_codes(Cli::command())
+}
+
+/// Parses the command line and runs it; the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = {
+        use clap::FromArgMatches as _;
+        let matches = command().get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    };
+    let json = cli.json;
+    let socket = cli.socket.clone();
+    let req = match cli.command {
+        Command::Status => Request::Status,
+        Command::Limits(LimitsCommand::Get { port }) => Request::LimitsGet { port },
+        Command::Limits(LimitsCommand::Set(a)) => {
+            let change = LimitChange {
+                max_connections: a.max_connections,
+                new_connections: a.new_connections,
+                connection_action: a.connection_action.or(a.action),
+                rate_action: a.rate_action.or(a.action),
+            };
+            if change.is_empty() {
+                command()
+                    .error(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        "limits set needs at least one of --max-connections, \
+                         --new-connections, --action, --connection-action, --rate-action",
+                    )
+                    .exit();
+            }
+            Request::LimitsSet {
+                port: a.port,
+                change,
+            }
+        }
+        Command::Limits(LimitsCommand::Reset { port }) => Request::LimitsReset { port },
+        Command::Allow(c) => list_request(ListName::Allow, c),
+        Command::Deny(c) => list_request(ListName::Deny, c),
+        Command::Bans(BansCommand::List) => Request::BansList,
+        Command::Bans(BansCommand::Add {
+            addr,
+            port,
+            duration,
+        }) => Request::BanAdd {
+            addr,
+            port,
+            duration_ms: duration.map(|d| d.as_millis() as u64),
+        },
+        Command::Bans(BansCommand::Remove { addr, port }) => Request::BanRemove { addr, port },
+        Command::Sources(SourcesCommand::Top { by, n }) => {
+            Request::SourcesTop { by, n: n as usize }
+        }
+        Command::Monitor { state } => Request::Monitor {
+            on: matches!(state, OnOff::On),
+        },
+        local => return run_local(local, socket),
+    };
+    let socket = socket.unwrap_or_else(|| PathBuf::from(control::DEFAULT_SOCKET));
+    match request(&socket, &req) {
+        Ok(data) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&data).unwrap_or_else(|_| data.to_string())
+                );
+            } else {
+                match output::human(&req, data) {
+                    Ok(text) => print!("{text}"),
+                    Err(e) => {
+                        eprintln!("ws-guard: error: {e:#}");
+                        return ExitCode::from(EXIT_REFUSED);
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(ClientError::Refused(m)) => {
+            eprintln!("ws-guard: error: {m}");
+            ExitCode::from(EXIT_REFUSED)
+        }
+        Err(ClientError::Unreachable(m)) => {
+            eprintln!("ws-guard: error: {m}");
+            ExitCode::from(EXIT_UNREACHABLE)
+        }
+    }
+}
+
+fn list_request(list: ListName, c: ListCommand) -> Request {
+    match c {
+        ListCommand::Add { cidr } => Request::ListAdd {
+            list,
+            cidr: cidr.to_string(),
+        },
+        ListCommand::Remove { cidr } => Request::ListRemove {
+            list,
+            cidr: cidr.to_string(),
+        },
+        ListCommand::List => Request::ListShow { list },
+    }
+}
+
+/// The commands that do not talk to a daemon.
+fn run_local(cmd: Command, socket: Option<PathBuf>) -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match local(cmd, socket) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole chain of context, one line, no backtrace: what failed and why.
+            eprintln!("ws-guard: error: {e:#}");
+            ExitCode::from(EXIT_REFUSED)
+        }
+    }
+}
+
+fn local(cmd: Command, socket: Option<PathBuf>) -> anyhow::Result<()> {
+    match cmd {
+        Command::Run {
+            config,
+            pin_dir,
+            detach_on_exit,
+            state_file,
+        } => {
+            let cfg = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::parse(DEFAULT_CONFIG, "built-in default config")?,
+            };
+            let control_socket = socket.unwrap_or_else(|| cfg.control.socket.clone());
+            let state_file = state_file.unwrap_or_else(|| cfg.state_file.clone());
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?
+                .block_on(daemon::run(
+                    cfg,
+                    config,
+                    daemon::RunOptions {
+                        pin_root: pin_dir,
+                        detach_on_exit,
+                        control_socket,
+                        state_file,
+                    },
+                ))
+        }
+        Command::CheckConfig { file } => {
+            let cfg = Config::load(&file)?;
+            println!("{}: valid", file.display());
+            for line in daemon::describe(&cfg) {
+                println!("  {line}");
+            }
+            Ok(())
+        }
+        Command::Teardown { pin_dir } => {
+            let removed = crate::pin::teardown(&pin_dir)?;
+            if removed.is_empty() {
+                println!("nothing pinned under {}", pin_dir.display());
+            } else {
+                for p in &removed {
+                    println!("removed {}", p.display());
+                }
+            }
+            Ok(())
+        }
+        Command::DefaultConfig => {
+            print!("{DEFAULT_CONFIG}");
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut command(), "ws-guard", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir: None } => clap_mangen::Man::new(command())
+            .render(&mut std::io::stdout())
+            .context("writing the man page"),
+        Command::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(command(), &dir)
+                .with_context(|| format!("writing the man pages into {}", dir.display()))?;
+            println!("man pages written to {}", dir.display());
+            Ok(())
+        }
+        _ => unreachable!("client commands are sent to the daemon"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        command().debug_assert();
+    }
+
+    #[test]
+    fn man_page_and_completions_come_from_the_definitions() {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(command()).render(&mut page).unwrap();
+        let page = String::from_utf8(page).unwrap();
+        assert!(
+            page.contains(".TH ws-guard 1") && page.contains("Exit codes"),
+            "{page}"
+        );
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut command(), "ws-guard", &mut out);
+            let out = String::from_utf8(out).unwrap();
+            assert!(
+                out.contains("max-connections") && out.contains("sources"),
+                "{shell}"
+            );
+        }
+    }
+
+    #[test]
+    fn default_paths_are_the_default_configs() {
+        let c = Config::parse(DEFAULT_CONFIG, "default").unwrap();
+        assert_eq!(c.control.socket, PathBuf::from(control::DEFAULT_SOCKET));
+        assert_eq!(
+            c.state_file,
+            PathBuf::from(crate::state::DEFAULT_STATE_FILE)
+        );
+    }
+
+    #[test]
+    fn bad_arguments_are_usage_errors() {
+        for args in [
+            &[
+                "ws-guard",
+                "limits",
+                "set",
+                "--port",
+                "0",
+                "--max-connections",
+                "3",
+            ][..],
+            &[
+                "ws-guard",
+                "limits",
+                "set",
+                "--port",
+                "65536",
+                "--max-connections",
+                "3",
+            ],
+            &[
+                "ws-guard",
+                "limits",
+                "set",
+                "--port",
+                "80",
+                "--new-connections",
+                "3/0s",
+            ],
+            &[
+                "ws-guard",
+                "limits",
+                "set",
+                "--port",
+                "80",
+                "--new-connections",
+                "33/1s",
+            ],
+            &[
+                "ws-guard",
+                "limits",
+                "set",
+                "--port",
+                "80",
+                "--max-connections",
+                "0",
+            ],
+            &[
+                "ws-guard",
+                "limits",
+                "set",
+                "--port",
+                "80",
+                "--action",
+                "drop",
+                "--rate-action",
+                "drop",
+            ],
+            &["ws-guard", "allow", "add", "10.0.0.1/8"],
+            &["ws-guard", "bans", "add", "10.0.0.1", "--duration", "0s"],
+            &["ws-guard", "sources", "top", "-n", "0"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+        assert!(
+            Cli::try_parse_from([
+                "ws-guard",
+                "--json",
+                "limits",
+                "set",
+                "--port",
+                "80",
+                "--max-connections",
+                "none"
+            ])
+            .is_ok()
+        );
+    }
+}

@@ -1,0 +1,467 @@
+//! Runtime overrides: what `ws-guard limits set`, `monitor on|off`, `allow|deny add|remove`
+//! changed while the daemon ran. They are kept in the state file (`state_file`, TOML) and laid
+//! over the configuration file: effective config = config file + overrides, applied at start,
+//! on SIGHUP and after every change.
+//!
+//! The state file is written atomically (temporary file, fsync, rename, fsync of the
+//! directory), so a crash leaves the old or the new overrides, never half of them.
+
+use std::{
+    fs,
+    io::Write as _,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::{
+    config::{Action, Config, PortLimits},
+    control::protocol::{ActionName, Limit, LimitChange, ListName, MaxConnections, RateLimit},
+};
+
+/// The state file's default path (`state_file`).
+pub const DEFAULT_STATE_FILE: &str = crate::config::DEFAULT_STATE_FILE;
+
+/// Why the state file could not be read or written.
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("reading the state file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the state file {path} is not valid ({message}); fix or remove it (removing it drops \
+         every runtime change)"
+    )]
+    Parse { path: PathBuf, message: String },
+    #[error("writing the state file {path}: {what}: {source}")]
+    Write {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// The overrides of one port (fields left out keep the config file's value).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortOverride {
+    pub port: u16,
+    #[serde(flatten)]
+    pub change: LimitChange,
+}
+
+/// Everything changed at runtime.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    /// `monitor on|off`; unset: the config file's `monitor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<bool>,
+    /// CIDRs added to the allowlist / removed from the config file's allowlist.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_added: Vec<IpNet>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_removed: Vec<IpNet>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_added: Vec<IpNet>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_removed: Vec<IpNet>,
+    /// Per-port limits (`limits set`), by port; `limits reset` removes one.
+    #[serde(default, rename = "port", skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortOverride>,
+}
+
+const HEADER: &str = "# ws-guard runtime overrides, written by the daemon (`ws-guard limits set`, \
+`allow`, `deny`, `monitor`).\n# They are laid over the config file. Edit only while the daemon \
+is stopped; `ws-guard limits reset` and\n# `allow|deny remove` undo single changes, deleting \
+this file undoes all of them.\n\n";
+
+impl Overrides {
+    /// Reads `path`; a missing file is no overrides.
+    pub fn load(path: &Path) -> Result<Self, StateError> {
+        let text = match fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: path.into(),
+                    source,
+                });
+            }
+        };
+        toml::from_str(&text).map_err(|e| StateError::Parse {
+            path: path.into(),
+            message: e.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Writes `path` atomically; its directory is created 0700 if missing.
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let err = |what: &'static str| {
+            move |source| StateError::Write {
+                path: path.into(),
+                what,
+                source,
+            }
+        };
+        let text = toml::to_string(self).map_err(|e| StateError::Write {
+            path: path.into(),
+            what: "encoding",
+            source: std::io::Error::other(e),
+        })?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err("creating its directory"))?;
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+        let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(HEADER.as_bytes())?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(err("writing a temporary file")(e));
+        }
+        if let Err(e) = fs::rename(&tmp, path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(err("renaming the temporary file")(e));
+        }
+        // The rename itself is durable once the directory is synced.
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err("syncing its directory"))?;
+        Ok(())
+    }
+
+    /// The override of `port`, if any.
+    pub fn port(&self, port: u16) -> Option<&PortOverride> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// Merges `change` into the override of `port`.
+    pub fn set_port(&mut self, port: u16, change: &LimitChange) {
+        let i = match self.ports.iter().position(|p| p.port == port) {
+            Some(i) => i,
+            None => {
+                self.ports.push(PortOverride {
+                    port,
+                    change: LimitChange::default(),
+                });
+                self.ports.sort_by_key(|p| p.port);
+                self.ports.iter().position(|p| p.port == port).unwrap()
+            }
+        };
+        let o = &mut self.ports[i].change;
+        if change.max_connections.is_some() {
+            o.max_connections = change.max_connections;
+        }
+        if change.new_connections.is_some() {
+            o.new_connections = change.new_connections;
+        }
+        if change.connection_action.is_some() {
+            o.connection_action = change.connection_action;
+        }
+        if change.rate_action.is_some() {
+            o.rate_action = change.rate_action;
+        }
+    }
+
+    /// Drops the override of `port`; false if there was none.
+    pub fn reset_port(&mut self, port: u16) -> bool {
+        let before = self.ports.len();
+        self.ports.retain(|p| p.port != port);
+        self.ports.len() != before
+    }
+
+    fn lists(&mut self, list: ListName) -> (&mut Vec<IpNet>, &mut Vec<IpNet>) {
+        match list {
+            ListName::Allow => (&mut self.allow_added, &mut self.allow_removed),
+            ListName::Deny => (&mut self.deny_added, &mut self.deny_removed),
+        }
+    }
+
+    /// Records `cidr` added to `list`, whose config-file entries are `file`. Err: already in.
+    pub fn list_add(&mut self, list: ListName, file: &[IpNet], cidr: IpNet) -> Result<(), String> {
+        let (added, removed) = self.lists(list);
+        if removed.contains(&cidr) {
+            removed.retain(|c| *c != cidr);
+            return Ok(());
+        }
+        if file.contains(&cidr) || added.contains(&cidr) {
+            return Err(format!("{cidr} is already in the {list}list"));
+        }
+        added.push(cidr);
+        added.sort();
+        Ok(())
+    }
+
+    /// Records `cidr` removed from `list`. Err: not in it.
+    pub fn list_remove(
+        &mut self,
+        list: ListName,
+        file: &[IpNet],
+        cidr: IpNet,
+    ) -> Result<(), String> {
+        let (added, removed) = self.lists(list);
+        if added.contains(&cidr) {
+            added.retain(|c| *c != cidr);
+            return Ok(());
+        }
+        if file.contains(&cidr) && !removed.contains(&cidr) {
+            removed.push(cidr);
+            removed.sort();
+            return Ok(());
+        }
+        Err(format!("{cidr} is not in the {list}list"))
+    }
+
+    /// `file`'s entries of `list` with these overrides: removed ones out, added ones in.
+    pub fn list_entries(&self, list: ListName, file: &[IpNet]) -> Vec<IpNet> {
+        let (added, removed) = match list {
+            ListName::Allow => (&self.allow_added, &self.allow_removed),
+            ListName::Deny => (&self.deny_added, &self.deny_removed),
+        };
+        let mut out: Vec<IpNet> = file
+            .iter()
+            .filter(|c| !removed.contains(c))
+            .chain(added.iter().filter(|c| !file.contains(c)))
+            .copied()
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The config file `file` with these overrides laid over it (not validated: see
+    /// [`effective`]).
+    pub fn overlay(&self, file: &Config) -> Config {
+        let mut cfg = file.clone();
+        if let Some(m) = self.monitor {
+            cfg.monitor = m;
+        }
+        for o in &self.ports {
+            let i = match cfg.ports.iter().position(|p| p.port == o.port as u32) {
+                Some(i) => i,
+                None => {
+                    // A port the file does not protect: protected from this override on,
+                    // with the file format's default actions.
+                    cfg.ports.push(PortLimits {
+                        port: o.port as u32,
+                        max_connections: None,
+                        connection_action: Action::Reject,
+                        new_connections: None,
+                        rate_action: Action::Drop,
+                    });
+                    cfg.ports.len() - 1
+                }
+            };
+            let p = &mut cfg.ports[i];
+            let c = &o.change;
+            if let Some(m) = c.max_connections {
+                p.max_connections = m.into_option().map(|m: MaxConnections| m.0);
+            }
+            if let Some(r) = c.new_connections {
+                p.new_connections = r.into_option().map(|r: RateLimit| r.0);
+            }
+            if let Some(a) = c.connection_action {
+                p.connection_action = a.into();
+            }
+            if let Some(a) = c.rate_action {
+                p.rate_action = a.into();
+            }
+        }
+        self.overlay_lists(&mut cfg, file);
+        cfg
+    }
+}
+
+/// Where a port's limits come from.
+pub fn origin(file: &Config, overrides: &Overrides, port: u16) -> &'static str {
+    let in_file = file.ports.iter().any(|p| p.port == port as u32);
+    match (in_file, overrides.port(port).is_some()) {
+        (true, false) => "config",
+        (true, true) => "config+runtime",
+        (false, _) => "runtime",
+    }
+}
+
+/// One port's limits in the protocol's form.
+pub fn port_info(p: &PortLimits) -> crate::control::protocol::PortInfo {
+    crate::control::protocol::PortInfo {
+        port: p.port as u16,
+        max_connections: match p.max_connections {
+            Some(n) => Limit::Value(MaxConnections(n)),
+            None => Limit::Unlimited,
+        },
+        connection_action: ActionName::from(p.connection_action),
+        new_connections: match p.new_connections {
+            Some(r) => Limit::Value(RateLimit(r)),
+            None => Limit::Unlimited,
+        },
+        rate_action: ActionName::from(p.rate_action),
+        source: String::new(),
+    }
+}
+
+/// The effective configuration, validated whole: `Err` names what is wrong, and nothing is
+/// applied.
+pub fn effective(file: &Config, overrides: &Overrides) -> Result<Config, String> {
+    let cfg = overrides.overlay(file);
+    check(&cfg)?;
+    Ok(cfg)
+}
+
+impl Overrides {
+    /// The allow/deny lists of the effective config: the file's, with these changes.
+    fn overlay_lists(&self, cfg: &mut Config, file: &Config) {
+        cfg.allow = self.list_entries(ListName::Allow, &file.allow);
+        cfg.deny = self.list_entries(ListName::Deny, &file.deny);
+    }
+}
+
+/// Puts `cfg` in force ([`crate::guard::Guard::apply`]: the allow/deny lists whole or nothing,
+/// then the global settings and the ports; on an error the caller applies the previous config).
+pub fn apply(guard: &mut crate::guard::Guard, cfg: &Config) -> anyhow::Result<()> {
+    guard.apply(cfg)
+}
+
+/// Validates the effective config like a config file.
+fn check(cfg: &Config) -> Result<(), String> {
+    cfg.check("the config file with the runtime overrides")
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_CONFIG;
+
+    fn file() -> Config {
+        Config::parse(DEFAULT_CONFIG, "default").unwrap()
+    }
+
+    #[test]
+    fn overrides_overlay_and_reset() {
+        let f = file();
+        let mut o = Overrides::default();
+        o.set_port(
+            9000,
+            &LimitChange {
+                max_connections: Some(Limit::Value(MaxConnections(7))),
+                ..Default::default()
+            },
+        );
+        o.set_port(
+            9000,
+            &LimitChange {
+                new_connections: Some(Limit::Unlimited),
+                connection_action: Some(ActionName::Drop),
+                ..Default::default()
+            },
+        );
+        o.set_port(
+            9100,
+            &LimitChange {
+                max_connections: Some(Limit::Value(MaxConnections(1))),
+                ..Default::default()
+            },
+        );
+        o.monitor = Some(true);
+        let e = effective(&f, &o).unwrap();
+        let p = e.ports.iter().find(|p| p.port == 9000).unwrap();
+        assert_eq!(p.max_connections, Some(7));
+        assert_eq!(p.new_connections, None);
+        assert_eq!(p.connection_action, Action::Drop);
+        assert!(e.monitor);
+        assert_eq!(origin(&f, &o, 9000), "config+runtime");
+        assert_eq!(origin(&f, &o, 9100), "runtime");
+        assert!(o.reset_port(9100));
+        assert!(!o.reset_port(9100));
+        assert_eq!(effective(&f, &o).unwrap().ports.len(), f.ports.len());
+    }
+
+    #[test]
+    fn save_is_atomic_and_round_trips() {
+        let dir = tempfile_dir();
+        let path = dir.join("sub/runtime.toml");
+        let mut o = Overrides {
+            monitor: Some(false),
+            ..Default::default()
+        };
+        o.set_port(
+            9000,
+            &LimitChange {
+                new_connections: Some(Limit::Value("5/10s".parse().unwrap())),
+                rate_action: Some(ActionName::Reject),
+                ..Default::default()
+            },
+        );
+        o.save(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(Overrides::load(&path).unwrap(), o);
+        // No temporary file left behind.
+        assert_eq!(fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        assert_eq!(
+            Overrides::load(&dir.join("missing.toml")).unwrap(),
+            Overrides::default()
+        );
+        fs::write(&path, "port = 3").unwrap();
+        assert!(matches!(
+            Overrides::load(&path),
+            Err(StateError::Parse { .. })
+        ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn list_changes() {
+        let file: Vec<IpNet> = vec!["198.18.0.0/24".parse().unwrap()];
+        let a: IpNet = "198.18.1.0/24".parse().unwrap();
+        let mut o = Overrides::default();
+        o.list_add(ListName::Allow, &file, a).unwrap();
+        assert!(o.list_add(ListName::Allow, &file, a).is_err());
+        assert!(o.list_add(ListName::Allow, &file, file[0]).is_err());
+        assert_eq!(o.list_entries(ListName::Allow, &file), vec![file[0], a]);
+        o.list_remove(ListName::Allow, &file, file[0]).unwrap();
+        assert!(o.list_remove(ListName::Allow, &file, file[0]).is_err());
+        assert_eq!(o.list_entries(ListName::Allow, &file), vec![a]);
+        o.list_add(ListName::Allow, &file, file[0]).unwrap();
+        o.list_remove(ListName::Allow, &file, a).unwrap();
+        assert_eq!(o, Overrides::default());
+        assert!(o.list_remove(ListName::Deny, &file, a).is_err());
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "wsg-state-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
