@@ -829,3 +829,77 @@ fn million_spoofed_sources_at_default_capacity() {
         }
     );
 }
+
+/// An active ban is never evicted by a flood (`WSG_BANS` is a plain hash map): a flood of
+/// sources that each go over the rate, and so each earn a ban, fills the ban map; the bans
+/// already there all stay, the sources banned meanwhile are still refused by the rate, and
+/// the pressure is counted as `bans_full`.
+#[test]
+fn bans_are_never_evicted_by_a_flood() {
+    if !privileged("bans_are_never_evicted_by_a_flood") {
+        return;
+    }
+    use ws_guard::bans::BanReason;
+    const BANS: u32 = 64;
+    const FLOOD: u64 = 2_000;
+    let mut g = Guard::load(&LoadOptions {
+        sources: 8192,
+        flows: 8192,
+        bans: BANS,
+        kernel_log_level: 0,
+        ..LoadOptions::default()
+    })
+    .expect("load the programs");
+    // One new connection per 100 s, a ban of 10 minutes for a source over it.
+    g.set_global(GlobalConfig {
+        ban_ns: 600 * SECOND,
+        ..GlobalConfig::default()
+    })
+    .expect("global settings");
+    g.set_port(PORT, limits(0, ACTION_REJECT, 1, 100 * SECOND))
+        .expect("port limits");
+    // Banned by hand before the flood.
+    let x = key_of(&g, IpAddr::V4(HAMMER));
+    g.ban(x, Duration::from_secs(3600)).expect("ban");
+    expect(&mut g, HAMMER, 40000, XDP_DROP);
+
+    let before = g.counters().expect("counters");
+    for i in 0..FLOOD {
+        let IpAddr::V4(src) = spoofed(i) else {
+            unreachable!()
+        };
+        // The first attempt is admitted, the second (another port: not a retransmission) is
+        // over the rate and earns a ban while there is room.
+        expect(&mut g, src, 50000, XDP_PASS);
+        expect(&mut g, src, 50001, XDP_DROP);
+    }
+    let room = (BANS - 1) as u64;
+    assert_deltas(
+        &g,
+        &before,
+        &[
+            (Counter::Admitted, FLOOD),
+            (Counter::RateLimited, FLOOD),
+            (Counter::BansStarted, room),
+            (Counter::BansFull, FLOOD - room),
+        ],
+    );
+    let bans = g.bans().expect("bans");
+    assert_eq!(bans.len(), BANS as usize, "the ban map is full");
+    let kept = bans
+        .iter()
+        .find(|b| b.source == x)
+        .expect("the ban by hand was evicted");
+    assert_eq!(kept.reason, BanReason::Manual);
+    // Still banned: dropped as banned, not by the rate (it never made an attempt before).
+    let before = g.counters().expect("counters");
+    expect(&mut g, HAMMER, 40001, XDP_DROP);
+    assert_deltas(&g, &before, &[(Counter::Banned, 1)]);
+    // The first flood sources, banned before the map filled, are still banned too.
+    let IpAddr::V4(first) = spoofed(0) else {
+        unreachable!()
+    };
+    let before = g.counters().expect("counters");
+    expect(&mut g, first, 50002, XDP_DROP);
+    assert_deltas(&g, &before, &[(Counter::Banned, 1)]);
+}

@@ -19,9 +19,9 @@ use std::{
 };
 
 use ws_guard_tests::{
-    binary::PinRoot,
     binary::binary,
     binary::{Daemon, pins_under},
+    binary::{PinRoot, Private},
     netns::{Testbed, in_ns, ip_output, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
@@ -70,7 +70,40 @@ fn enforcement_survives_kill_and_restart_adopts_the_counts() {
     )
     .unwrap();
     let cfg_path = cfg.path().to_str().unwrap().to_owned();
-    let args = ["run", "--config", &cfg_path, "--pin-dir", &root_s];
+    // The CLI reaches the daemon through this socket (a file: from the host namespace).
+    let private = Private::new();
+    let [sock_flag, sock, state_flag, state] = private.args();
+    let args = [
+        "run",
+        "--config",
+        &cfg_path,
+        "--pin-dir",
+        &root_s,
+        &sock_flag,
+        &sock,
+        &state_flag,
+        &state,
+    ];
+    let bans = || -> Vec<(String, u64, String)> {
+        let out = Command::new(binary())
+            .args(["--socket", &sock, "--json", "bans", "list"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["bans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["source"].as_str().unwrap().to_owned(),
+                    b["port"].as_u64().unwrap(),
+                    b["reason"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
 
     let mut first = Daemon::start_in(&tb.srv, &args);
     assert!(first.contains("no pinned state"), "{:?}", first.lines());
@@ -82,6 +115,20 @@ fn enforcement_survives_kill_and_restart_adopts_the_counts() {
     let a2 = connect(a).stream();
     assert!(matches!(connect(a), Outcome::Refused));
     assert!(server.wait_held(2, Duration::from_secs(5)));
+    // A third source is banned with the CLI: refused before, during and after the kill.
+    let c: IpAddr = tb.client_v4(2);
+    let out = Command::new(binary())
+        .args(["--socket", &sock, "bans", "add", &c.to_string()])
+        .args(["--port", &port.to_string(), "--duration", "10m"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let banned = bans();
+    assert_eq!(
+        banned,
+        [(format!("{c}/32"), port as u64, "manual".to_owned())]
+    );
+    assert!(matches!(connect(c), Outcome::TimedOut));
 
     // A client keeps trying from `a` through the kill, the downtime and the restart.
     let stop = Arc::new(AtomicBool::new(false));
@@ -174,9 +221,11 @@ fn enforcement_survives_kill_and_restart_adopts_the_counts() {
         "{:?}",
         second.lines()
     );
-    // The sweep, the metrics: the same counts.
+    // The sweep, the metrics: the same counts; the CLI: the same bans.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(active_connections(&tb.srv, metrics_port, port), Some(4));
+    assert_eq!(bans(), banned, "the restarted daemon reports other bans");
+    assert!(matches!(connect(c), Outcome::TimedOut));
     assert!(matches!(connect(a), Outcome::Refused));
     assert!(matches!(connect(b), Outcome::Refused));
 

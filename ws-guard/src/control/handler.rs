@@ -16,6 +16,7 @@ use super::protocol::{
     PortCounters, PortInfo, Request, Response, SortBy, SourceInfo, SourcesReply, StatusReply,
 };
 use crate::{
+    config::Config,
     daemon::Shared,
     lists::List,
     metrics,
@@ -27,40 +28,18 @@ pub fn handle(s: &mut Shared, req: Request) -> Response {
     match req {
         Request::Status => status(s),
         Request::LimitsGet { port } => limits_get(s, port),
-        Request::LimitsSet { port, change } => {
-            if port == 0 {
-                return Response::error("port 0 is not a TCP port (1-65535)");
+        Request::LimitsSet { .. }
+        | Request::LimitsReset { .. }
+        | Request::Monitor { .. }
+        | Request::ListAdd { .. }
+        | Request::ListRemove { .. } => {
+            let mut next = s.overrides.clone();
+            match change_overrides(&req, &mut next, &s.file) {
+                Some(Ok(what)) => commit(s, next, &what),
+                Some(Err(e)) => Response::error(e),
+                None => Response::error("not a change of the runtime settings"),
             }
-            if change.is_empty() {
-                return Response::error(
-                    "nothing to change: give --max-connections, --new-connections, --action, \
-                     --connection-action or --rate-action",
-                );
-            }
-            let what = format!("port {port}: limits set");
-            apply_change(s, &what, |o, _| {
-                o.set_port(port, &change);
-                Ok(())
-            })
         }
-        Request::LimitsReset { port } => {
-            apply_change(s, &format!("port {port}: override dropped"), |o, _| {
-                if o.reset_port(port) {
-                    Ok(())
-                } else {
-                    Err(format!("port {port} has no runtime override to reset"))
-                }
-            })
-        }
-        Request::Monitor { on } => {
-            let what = format!("monitor mode {}", if on { "on" } else { "off" });
-            apply_change(s, &what, |o, _| {
-                o.monitor = Some(on);
-                Ok(())
-            })
-        }
-        Request::ListAdd { list, cidr } => list_change(s, list, &cidr, true),
-        Request::ListRemove { list, cidr } => list_change(s, list, &cidr, false),
         Request::ListShow { list } => list_show(s, list),
         Request::SourcesTop { by, n } => sources_top(s, by, n),
         Request::BansList => bans_list(s),
@@ -181,18 +160,67 @@ fn status(s: &Shared) -> Response {
     })
 }
 
-/// Applies a change of the overrides: builds the effective config, validates it whole,
+/// What `req` changes in the runtime overrides `o` (over the config file `file`), made in
+/// `o`: `Some(Ok(description))`, or `Some(Err(why))` when the request is refused as such (the
+/// effective config is validated afterwards, by [`commit`]). `None`: `req` does not change the
+/// overrides. Pure: the daemon and the `control` fuzz target run exactly this.
+pub fn change_overrides(
+    req: &Request,
+    o: &mut Overrides,
+    file: &Config,
+) -> Option<Result<String, String>> {
+    Some(match req {
+        Request::LimitsSet { port, change } => {
+            if *port == 0 {
+                Err("port 0 is not a TCP port (1-65535)".to_owned())
+            } else if change.is_empty() {
+                Err(
+                    "nothing to change: give --max-connections, --new-connections, --action, \
+                     --connection-action or --rate-action"
+                        .to_owned(),
+                )
+            } else {
+                o.set_port(*port, change);
+                Ok(format!("port {port}: limits set"))
+            }
+        }
+        Request::LimitsReset { port } => {
+            if o.reset_port(*port) {
+                Ok(format!("port {port}: override dropped"))
+            } else {
+                Err(format!("port {port} has no runtime override to reset"))
+            }
+        }
+        Request::Monitor { on } => {
+            o.monitor = Some(*on);
+            Ok(format!("monitor mode {}", if *on { "on" } else { "off" }))
+        }
+        Request::ListAdd { list, cidr } | Request::ListRemove { list, cidr } => {
+            let add = matches!(req, Request::ListAdd { .. });
+            crate::config::parse_cidr(cidr).and_then(|net| {
+                let entries = match list {
+                    ListName::Allow => &file.allow,
+                    ListName::Deny => &file.deny,
+                };
+                if add {
+                    o.list_add(*list, entries, net)?;
+                } else {
+                    o.list_remove(*list, entries, net)?;
+                }
+                Ok(format!(
+                    "{net} {} the {list}list",
+                    if add { "added to" } else { "removed from" }
+                ))
+            })
+        }
+        _ => return None,
+    })
+}
+
+/// Puts the overrides `next` in force: builds the effective config, validates it whole,
 /// applies it, then persists it. Nothing changes when any step fails: a failed apply is
 /// undone by applying the previous config, and so is a failed write of the state file.
-pub fn apply_change(
-    s: &mut Shared,
-    what: &str,
-    f: impl FnOnce(&mut Overrides, &crate::config::Config) -> Result<(), String>,
-) -> Response {
-    let mut next = s.overrides.clone();
-    if let Err(e) = f(&mut next, &s.file) {
-        return Response::error(e);
-    }
+fn commit(s: &mut Shared, next: Overrides, what: &str) -> Response {
     let cfg = match state::effective(&s.file, &next) {
         Ok(c) => c,
         Err(e) => return Response::error(format!("refused, nothing changed: {e}")),
@@ -229,28 +257,6 @@ pub fn apply_change(
     Response::ok(&ChangeReply {
         message: what.to_owned(),
         persisted: true,
-    })
-}
-
-fn list_change(s: &mut Shared, list: ListName, cidr: &str, add: bool) -> Response {
-    let net = match crate::config::parse_cidr(cidr) {
-        Ok(n) => n,
-        Err(e) => return Response::error(e),
-    };
-    let what = format!(
-        "{net} {} the {list}list",
-        if add { "added to" } else { "removed from" }
-    );
-    apply_change(s, &what, |o, file| {
-        let entries = match list {
-            ListName::Allow => &file.allow,
-            ListName::Deny => &file.deny,
-        };
-        if add {
-            o.list_add(list, entries, net)
-        } else {
-            o.list_remove(list, entries, net)
-        }
     })
 }
 

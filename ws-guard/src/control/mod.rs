@@ -2,6 +2,7 @@
 //! `monitor` talk to the running daemon over a Unix socket only root can use.
 
 pub mod client;
+pub mod exercise;
 pub mod handler;
 pub mod protocol;
 pub mod server;
