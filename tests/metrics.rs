@@ -1054,3 +1054,99 @@ fn per_cpu_counters_are_summed() {
     );
     assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
 }
+
+/// A scrape walks the traffic-sized maps without the daemon's lock (SECURITY.md, finding 3):
+/// with 150,000 half-open attempts tracked, the lock is free for the sweep, signals and the
+/// control socket while the scrape reads them, and the scrape still counts every one.
+#[test]
+fn scrape_of_big_maps_does_not_hold_the_daemons_lock() {
+    if !privileged("scrape_of_big_maps_does_not_hold_the_daemons_lock") {
+        return;
+    }
+    const FLOWS: u32 = 150_000;
+    let tb = Testbed::new("mbig", 30);
+    let mut g = Guard::load(&LoadOptions {
+        sources: 1024,
+        flows: 262_144,
+        kernel_log_level: 0,
+        ..LoadOptions::default()
+    })
+    .expect("load");
+    let port = 9000;
+    g.apply(&Config::parse(&format!("[[port]]\nport = {port}\n"), "test").expect("config"))
+        .expect("apply");
+    // 150,000 admitted SYNs: 250 sources of 600 source ports each.
+    for i in 0..FLOWS {
+        let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 1, 0)) + i / 600);
+        let frame = FrameBuilder::ipv4(src, server4())
+            .tcp(Tcp::syn(10_000 + (i % 600) as u16, port, 1))
+            .build();
+        assert_eq!(g.run_xdp(&frame).expect("test run").0, 2, "SYN {i}");
+    }
+    let guard = Arc::new(Mutex::new(g));
+    let endpoint = Arc::new(metrics::Endpoint {
+        guard: guard.clone(),
+        top_sources: 0,
+    });
+    let addr: SocketAddr = "127.0.0.1:9105".parse().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = spawn_in_ns(&tb.srv, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = metrics::bind(addr).await.expect("bind");
+            ready_tx.send(()).unwrap();
+            tokio::select! {
+                () = metrics::serve(listener, endpoint) => {}
+                _ = stop_rx => {}
+            }
+        });
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("endpoint up");
+    let scrape = std::thread::spawn({
+        let srv = tb.srv.clone();
+        move || {
+            let start = Instant::now();
+            let r = http(&srv, "GET", addr, "/metrics");
+            (r, start.elapsed())
+        }
+    });
+    // Meanwhile, what the daemon's loop does: take the lock, briefly, again and again.
+    let mut longest_wait = Duration::ZERO;
+    let mut takes = 0;
+    while !scrape.is_finished() && takes < 100_000 {
+        let t = Instant::now();
+        drop(guard.lock().unwrap());
+        longest_wait = longest_wait.max(t.elapsed());
+        takes += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (r, took) = scrape.join().unwrap();
+    let (status, body) = r.expect("scrape");
+    stop_tx.send(()).unwrap();
+    server.join().expect("endpoint thread");
+    assert_eq!(status, 200);
+    let half_open: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("ws_guard_half_open_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(half_open, FLOWS as f64, "{body}");
+    eprintln!(
+        "scrape of {FLOWS} flows: {took:?}; the lock was taken {takes} times meanwhile, the \
+         longest wait {longest_wait:?}"
+    );
+    assert!(
+        takes >= 5,
+        "the scrape took {took:?}: too quick to show anything"
+    );
+    assert!(
+        longest_wait < took / 4,
+        "the lock was held {longest_wait:?} of a {took:?} scrape"
+    );
+}

@@ -73,18 +73,7 @@ fn duration_ns(d: Duration) -> u64 {
 impl Guard {
     /// Every entry of the ban map, expired ones included, deduplicated.
     pub(crate) fn ban_entries(&self) -> anyhow::Result<Vec<(SourceKey, BanValue)>> {
-        let m: HashMap<&MapData, SourceKey, BanValue> = self.map(names::MAP_BANS)?;
-        let cap = self.capacity(names::MAP_BANS)? as usize;
-        // A key deleted during the walk restarts it: bounded, and deduplicated.
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        for kv in m.iter().take(cap.saturating_mul(2)) {
-            let (k, v) = kv.context("reading the bans")?;
-            if seen.insert(k) {
-                out.push((k, v));
-            }
-        }
-        Ok(out)
+        self.view().ban_entries()
     }
 
     /// Whether the ban map has entries (one key read).

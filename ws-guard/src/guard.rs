@@ -3,6 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     path::Path,
+    sync::Arc,
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -27,6 +28,7 @@ use ws_guard_common::{
 use crate::{
     config::{self, Config},
     pin::PinDir,
+    view::MapView,
 };
 // The list and ban types of the Guard API, where the rest of it is.
 pub use crate::{
@@ -137,6 +139,8 @@ pub struct Guard {
     adopted: bool,
     /// The pinned tracepoint link.
     tracepoint_link: Option<PinnedLink>,
+    /// Handles on the traffic-sized maps, shared with readers on other threads.
+    view: Arc<MapView>,
 }
 
 /// Counters per protected port and address family, summed over CPUs; arrays are indexed by
@@ -233,7 +237,9 @@ impl Guard {
             .try_into()?;
         tp.load()
             .with_context(|| format!("the verifier refused program {}", names::PROG_SOCK_STATE))?;
+        let view = Arc::new(MapView::of(&ebpf)?);
         let mut guard = Self {
+            view,
             ebpf,
             logger,
             attachments: Vec::new(),
@@ -842,41 +848,18 @@ impl Guard {
 
     /// Every source counter in the kernel, zero ones included (each holds a map entry).
     pub fn source_counters(&self) -> anyhow::Result<Vec<(SourceKey, u32)>> {
-        let m: HashMap<&MapData, SourceKey, u32> = self.map(names::MAP_CONNS)?;
-        let cap = self.capacity(names::MAP_CONNS)? as usize;
-        // A key deleted during the walk restarts it: bounded, and deduplicated.
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        for kv in m.iter().take(cap.saturating_mul(2)) {
-            let (k, v) = kv?;
-            if seen.insert(k) {
-                out.push((k, v));
-            }
-        }
-        Ok(out)
+        self.view.source_counters()
     }
 
     /// The keys of a flow map ([`names::MAP_PENDING`] or [`names::MAP_OWNED`]), values unread.
     pub fn flow_keys(&self, name: &str) -> anyhow::Result<HashSet<FlowKey>> {
-        let m: HashMap<&MapData, FlowKey, FlowValue> = self.map(name)?;
-        let cap = self.capacity(name)? as usize;
-        let mut out = HashSet::new();
-        for k in m.keys().take(cap.saturating_mul(2)) {
-            out.insert(k?);
-        }
-        Ok(out)
+        self.view.flow_keys(name)
     }
 
     /// Number of source keys with a rate window ([`names::MAP_RATE`], an LRU map: full is
     /// normal there, the least recent are evicted).
     pub fn rate_entries(&self) -> anyhow::Result<usize> {
-        let m: HashMap<&MapData, SourceKey, RateState> = self.map(names::MAP_RATE)?;
-        let cap = self.capacity(names::MAP_RATE)? as usize;
-        let mut seen = HashSet::new();
-        for k in m.keys().take(cap.saturating_mul(2)) {
-            seen.insert(k?);
-        }
-        Ok(seen.len())
+        self.view.rate_entries()
     }
 
     /// The rate window of `key` ([`names::MAP_RATE`]), if it has one. Read-only (the
@@ -953,8 +936,7 @@ impl Guard {
     }
 
     fn flows(&self, name: &str) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
-        let m: HashMap<&MapData, FlowKey, FlowValue> = self.map(name)?;
-        m.iter().map(|kv| kv.map_err(Into::into)).collect()
+        self.view.flows(name)
     }
 
     /// Runs one accounting request in the kernel; true if it changed anything.
@@ -1017,6 +999,12 @@ impl Guard {
         if let Some(l) = self.logger.as_mut() {
             l.flush();
         }
+    }
+
+    /// Read-only handles on the traffic-sized maps, for reading them without this guard (e.g.
+    /// a scrape on another thread).
+    pub fn view(&self) -> Arc<MapView> {
+        self.view.clone()
     }
 
     /// The object's maps, e.g. to take one out for a task of its own (the event ring buffer).

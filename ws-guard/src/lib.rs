@@ -14,3 +14,4 @@ pub mod metrics;
 pub mod pin;
 pub mod state;
 pub mod sweep;
+pub mod view;

@@ -160,16 +160,7 @@ fn normalized(nets: &[IpNet]) -> BTreeSet<IpNet> {
 impl Guard {
     /// The entries of `list`.
     pub fn list_entries(&self, list: List) -> anyhow::Result<Vec<IpNet>> {
-        let m: LpmTrie<&MapData, [u8; CIDR_DATA_LEN], u32> = self.map(list.map_name())?;
-        let cap = self.capacity(list.map_name())? as usize;
-        let mut out = BTreeSet::new();
-        for k in m.keys().take(cap.saturating_mul(2)) {
-            let k = k.with_context(|| format!("reading the {} list", list.name()))?;
-            if let Some(n) = trie_net(&k) {
-                out.insert(n);
-            }
-        }
-        Ok(out.into_iter().collect())
+        self.view().list_entries(list)
     }
 
     /// Whether `list` has entries (one key read).

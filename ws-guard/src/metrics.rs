@@ -36,6 +36,7 @@ use ws_guard_common::{
 use crate::{
     guard::{Guard, Stats},
     lists::List,
+    view::MapView,
 };
 
 /// Every metric name the endpoint can expose (the top-sources one only when enabled). The
@@ -177,24 +178,69 @@ pub fn source_label(key: &SourceKey, global: &GlobalConfig) -> String {
 
 /// Reads a snapshot from the kernel. `top_sources`: how many sources to list (0: none).
 pub fn snapshot(guard: &Guard, top_sources: usize) -> anyhow::Result<Snapshot> {
-    let start = Instant::now();
-    let global = guard.global().context("reading the global settings")?;
-    let stats = guard.stats().context("reading the counters")?;
-    let sources = guard
+    walk(read_fixed(guard)?, top_sources)
+}
+
+/// The part of a snapshot read through the guard: settings, counters, attachments, and the
+/// handles for [`walk`]. Quick (a few hundred map reads), so the daemon's lock is held briefly.
+pub struct Fixed {
+    start: Instant,
+    global: GlobalConfig,
+    stats: Stats,
+    attachments: Vec<AttachState>,
+    view: Arc<MapView>,
+}
+
+/// Reads the [`Fixed`] part of a snapshot.
+pub fn read_fixed(guard: &Guard) -> anyhow::Result<Fixed> {
+    Ok(Fixed {
+        start: Instant::now(),
+        global: guard.global().context("reading the global settings")?,
+        stats: guard.stats().context("reading the counters")?,
+        attachments: guard
+            .attachments()
+            .iter()
+            .map(|a| AttachState {
+                interface: a.interface.clone(),
+                mode: a.mode,
+                attached: a.interface_present(),
+            })
+            .collect(),
+        view: guard.view(),
+    })
+}
+
+/// Completes a snapshot by walking the maps that grow with traffic, without the guard (see
+/// [`crate::view`]): up to ~2 s with every map full, so the endpoint does it on a blocking
+/// thread.
+pub fn walk(fixed: Fixed, top_sources: usize) -> anyhow::Result<Snapshot> {
+    let Fixed {
+        start,
+        global,
+        stats,
+        attachments,
+        view,
+    } = fixed;
+    let sources = view
         .source_counters()
         .context("reading the source counters")?;
-    let pending = guard
+    let pending = view
         .flow_keys(names::MAP_PENDING)
         .context("reading the half-open connections")?;
-    let owned = guard
+    let owned = view
         .flow_keys(names::MAP_OWNED)
         .context("reading the established connections")?;
-    let rate_entries = guard.rate_entries().context("reading the rate windows")?;
-    let bans_active = guard.bans().context("reading the bans")?.len() as u64;
-    let ban_entries = guard.ban_entries().context("reading the bans")?.len();
+    let rate_entries = view.rate_entries().context("reading the rate windows")?;
+    let bans = view.ban_entries().context("reading the bans")?;
+    let now = crate::bans::monotonic_ns();
+    let ban_entries = bans.len();
+    let bans_active = bans
+        .iter()
+        .filter(|(_, v)| ws_guard_common::policy::ban_active(v.until_ns, now))
+        .count() as u64;
     let mut list_entries = Vec::new();
     for list in [List::Allow, List::Deny] {
-        let n = guard
+        let n = view
             .list_entries(list)
             .with_context(|| format!("reading the {} list", list.name()))?
             .len();
@@ -229,7 +275,7 @@ pub fn snapshot(guard: &Guard, top_sources: usize) -> anyhow::Result<Snapshot> {
         maps.push(MapFill {
             map,
             entries: entries as u64,
-            capacity: guard.capacity(map)? as u64,
+            capacity: view.capacity(map)? as u64,
         });
     }
 
@@ -244,15 +290,7 @@ pub fn snapshot(guard: &Guard, top_sources: usize) -> anyhow::Result<Snapshot> {
     Ok(Snapshot {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         monitor: global.monitor != 0,
-        attachments: guard
-            .attachments()
-            .iter()
-            .map(|a| AttachState {
-                interface: a.interface.clone(),
-                mode: a.mode,
-                attached: a.interface_present(),
-            })
-            .collect(),
+        attachments,
         stats,
         gauges,
         maps,
@@ -528,6 +566,9 @@ pub struct Endpoint<G = Guard> {
     pub top_sources: usize,
 }
 
+/// Serializes the scrapes' map walks.
+static WALK: Mutex<()> = Mutex::new(());
+
 /// Binds the endpoint's address (before anything is attached, so a taken port fails early).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| {
@@ -571,7 +612,7 @@ pub async fn serve<G: AsRef<Guard> + Send + 'static>(
             let _slot = slot;
             let svc = service_fn(move |req| {
                 let endpoint = endpoint.clone();
-                async move { Ok::<_, Infallible>(respond(&endpoint, &req)) }
+                async move { Ok::<_, Infallible>(respond(&endpoint, &req).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -598,7 +639,7 @@ pub async fn serve<G: AsRef<Guard> + Send + 'static>(
     }
 }
 
-fn respond<G: AsRef<Guard>>(
+async fn respond<G: AsRef<Guard>>(
     endpoint: &Endpoint<G>,
     req: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -607,9 +648,21 @@ fn respond<G: AsRef<Guard>>(
     }
     match req.uri().path() {
         "/metrics" => {
-            let body = {
+            let fixed = {
                 let guard = endpoint.guard.lock().unwrap_or_else(|p| p.into_inner());
-                snapshot((*guard).as_ref(), endpoint.top_sources)
+                read_fixed((*guard).as_ref())
+            };
+            let top_sources = endpoint.top_sources;
+            let body = match fixed {
+                // Off the daemon's thread and without its lock; one walk at a time, so
+                // parallel scrapes queue instead of multiplying the work.
+                Ok(fixed) => tokio::task::spawn_blocking(move || {
+                    let _one = WALK.lock().unwrap_or_else(|p| p.into_inner());
+                    walk(fixed, top_sources)
+                })
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("the scrape's map walk failed: {e}"))),
+                Err(e) => Err(e),
             }
             .and_then(|s| encode(&s));
             match body {

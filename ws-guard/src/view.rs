@@ -1,0 +1,173 @@
+//! Read-only handles on the maps that grow with traffic (source counters, flows, rate windows,
+//! bans, lists), separate from the [`Guard`](crate::guard::Guard) that loaded them: they can be
+//! walked on another thread without holding the daemon's lock, so a scrape of full maps (up to
+//! ~2 s at the default capacities) never stalls the sweep, signals or the control socket.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    os::fd::AsFd as _,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf,
+    maps::{HashMap, LpmTrie, Map, MapData},
+};
+use ipnet::IpNet;
+use ws_guard_common::{
+    maps::{BanValue, FlowKey, FlowValue, RateState, SourceKey},
+    names,
+    policy::CIDR_DATA_LEN,
+};
+
+use crate::lists::{List, trie_net};
+
+/// The maps a [`MapView`] holds.
+const VIEWED: [&str; 7] = [
+    names::MAP_CONNS,
+    names::MAP_RATE,
+    names::MAP_PENDING,
+    names::MAP_OWNED,
+    names::MAP_BANS,
+    names::MAP_ALLOW,
+    names::MAP_DENY,
+];
+
+/// Duplicated descriptors of the traffic-sized maps, for reading them.
+pub struct MapView {
+    maps: BTreeMap<&'static str, Map>,
+}
+
+impl MapView {
+    /// Handles on `ebpf`'s maps of their own (duplicated file descriptors).
+    pub(crate) fn of(ebpf: &Ebpf) -> anyhow::Result<Self> {
+        let mut maps = BTreeMap::new();
+        for name in VIEWED {
+            let m = ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+            let dup = |d: &MapData| -> anyhow::Result<MapData> {
+                let fd = d
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .with_context(|| format!("duplicating the descriptor of {name}"))?;
+                MapData::from_fd(fd).with_context(|| format!("reopening {name}"))
+            };
+            let copy = match m {
+                Map::HashMap(d) => Map::HashMap(dup(d)?),
+                Map::LruHashMap(d) => Map::LruHashMap(dup(d)?),
+                Map::LpmTrie(d) => Map::LpmTrie(dup(d)?),
+                _ => bail!("map {name} has an unexpected type"),
+            };
+            maps.insert(name, copy);
+        }
+        Ok(Self { maps })
+    }
+
+    fn map<'a, T>(&'a self, name: &str) -> anyhow::Result<T>
+    where
+        T: TryFrom<&'a Map, Error = aya::maps::MapError>,
+    {
+        let m = self
+            .maps
+            .get(name)
+            .ok_or_else(|| anyhow!("map {name} is not in the view"))?;
+        T::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+    }
+
+    /// How many entries map `name` (one of the viewed maps) holds at most.
+    pub fn capacity(&self, name: &str) -> anyhow::Result<u32> {
+        let data: &MapData = match self.maps.get(name) {
+            Some(Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d)) => d,
+            _ => bail!("map {name} is not in the view"),
+        };
+        Ok(data.info()?.max_entries())
+    }
+
+    /// Every source counter in the kernel, zero ones included (each holds a map entry).
+    pub fn source_counters(&self) -> anyhow::Result<Vec<(SourceKey, u32)>> {
+        let m: HashMap<&MapData, SourceKey, u32> = self.map(names::MAP_CONNS)?;
+        let cap = self.capacity(names::MAP_CONNS)? as usize;
+        // A key deleted during the walk restarts it: bounded, and deduplicated.
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for kv in m.iter().take(cap.saturating_mul(2)) {
+            let (k, v) = kv?;
+            if seen.insert(k) {
+                out.push((k, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The keys of flow map `name` (`WSG_PENDING` or `WSG_OWNED`).
+    pub fn flow_keys(&self, name: &str) -> anyhow::Result<HashSet<FlowKey>> {
+        let m: HashMap<&MapData, FlowKey, FlowValue> = self.map(name)?;
+        let cap = self.capacity(name)? as usize;
+        let mut out = HashSet::new();
+        for k in m.keys().take(cap.saturating_mul(2)) {
+            out.insert(k?);
+        }
+        Ok(out)
+    }
+
+    /// The entries of flow map `name`.
+    pub fn flows(&self, name: &str) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
+        let m: HashMap<&MapData, FlowKey, FlowValue> = self.map(name)?;
+        m.iter().map(|kv| kv.map_err(Into::into)).collect()
+    }
+
+    /// How many rate windows the LRU map holds.
+    pub fn rate_entries(&self) -> anyhow::Result<usize> {
+        let m: HashMap<&MapData, SourceKey, RateState> = self.map(names::MAP_RATE)?;
+        let cap = self.capacity(names::MAP_RATE)? as usize;
+        let mut seen = HashSet::new();
+        for k in m.keys().take(cap.saturating_mul(2)) {
+            seen.insert(k?);
+        }
+        Ok(seen.len())
+    }
+
+    /// Every entry of the ban map, expired ones included.
+    pub fn ban_entries(&self) -> anyhow::Result<Vec<(SourceKey, BanValue)>> {
+        let m: HashMap<&MapData, SourceKey, BanValue> = self.map(names::MAP_BANS)?;
+        let cap = self.capacity(names::MAP_BANS)? as usize;
+        // A key deleted during the walk restarts it: bounded, and deduplicated.
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for kv in m.iter().take(cap.saturating_mul(2)) {
+            let (k, v) = kv.context("reading the bans")?;
+            if seen.insert(k) {
+                out.push((k, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The entries of `list`.
+    pub fn list_entries(&self, list: List) -> anyhow::Result<Vec<IpNet>> {
+        let m: LpmTrie<&MapData, [u8; CIDR_DATA_LEN], u32> = self.map(list.map_name())?;
+        let cap = self.capacity(list.map_name())? as usize;
+        let mut out = BTreeSet::new();
+        for k in m.keys().take(cap.saturating_mul(2)) {
+            let k = k.with_context(|| format!("reading the {} list", list.name()))?;
+            if let Some(n) = trie_net(&k) {
+                out.insert(n);
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The view is handed to a blocking task while the daemon keeps the guard.
+    #[test]
+    fn a_view_can_move_to_another_thread() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<MapView>();
+    }
+}
