@@ -148,6 +148,31 @@ fn check_config_names_the_bad_field() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "accepted port = 0: {stderr}");
     assert!(stderr.contains("port[0].port"), "{stderr}");
+    assert!(stderr.contains(":2: "), "no line number: {stderr}");
+    // The same for scripts: file, line and field as JSON, and the same exit code.
+    let out = Command::new(&bin)
+        .args(["--json", "check-config"])
+        .arg(bad.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["error"]["line"], 2);
+    assert_eq!(v["error"]["field"], "port[0].port");
+    let good = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/config.toml");
+    let out = Command::new(&bin)
+        .args(["--json", "check-config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["valid"], true);
+    assert!(
+        v["enforces"][0].as_str().unwrap().starts_with("port 9000:"),
+        "{v}"
+    );
 }
 
 #[test]

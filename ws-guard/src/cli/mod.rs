@@ -303,7 +303,7 @@ pub fn main() -> ExitCode {
         Command::Monitor { state } => Request::Monitor {
             on: matches!(state, OnOff::On),
         },
-        local => return run_local(local, socket),
+        local => return run_local(local, socket, cli.json),
     };
     let socket = socket.unwrap_or_else(|| PathBuf::from(control::DEFAULT_SOCKET));
     match request(&socket, &req) {
@@ -350,9 +350,9 @@ fn list_request(list: ListName, c: ListCommand) -> Request {
 }
 
 /// The commands that do not talk to a daemon.
-fn run_local(cmd: Command, socket: Option<PathBuf>) -> ExitCode {
+fn run_local(cmd: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match local(cmd, socket) {
+    match local(cmd, socket, json) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // The whole chain of context, one line, no backtrace: what failed and why.
@@ -362,7 +362,7 @@ fn run_local(cmd: Command, socket: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn local(cmd: Command, socket: Option<PathBuf>) -> anyhow::Result<()> {
+fn local(cmd: Command, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
     match cmd {
         Command::Run {
             config,
@@ -391,6 +391,34 @@ fn local(cmd: Command, socket: Option<PathBuf>) -> anyhow::Result<()> {
                     },
                 ))
         }
+        Command::CheckConfig { file } if json => {
+            let report = match Config::load(&file) {
+                Ok(cfg) => serde_json::json!({
+                    "file": file,
+                    "valid": true,
+                    "enforces": daemon::describe(&cfg),
+                }),
+                Err(e) => {
+                    let (line, field) = match &e {
+                        crate::config::ConfigError::Invalid { line, field, .. } => {
+                            (*line, Some(field.clone()))
+                        }
+                        _ => (None, None),
+                    };
+                    serde_json::json!({
+                        "file": file,
+                        "valid": false,
+                        "error": { "line": line, "field": field, "message": e.to_string() },
+                    })
+                }
+            };
+            println!("{report:#}");
+            if report["valid"] == true {
+                Ok(())
+            } else {
+                anyhow::bail!("{} is not valid", file.display())
+            }
+        }
         Command::CheckConfig { file } => {
             let cfg = Config::load(&file)?;
             println!("{}: valid", file.display());
@@ -401,7 +429,9 @@ fn local(cmd: Command, socket: Option<PathBuf>) -> anyhow::Result<()> {
         }
         Command::Teardown { pin_dir } => {
             let removed = crate::pin::teardown(&pin_dir)?;
-            if removed.is_empty() {
+            if json {
+                println!("{:#}", serde_json::json!({ "removed": removed }));
+            } else if removed.is_empty() {
                 println!("nothing pinned under {}", pin_dir.display());
             } else {
                 for p in &removed {
