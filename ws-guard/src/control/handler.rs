@@ -6,10 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 pub const DEFAULT_MANUAL_BAN: Duration = Duration::from_secs(3600);
 
 use log::{error, info};
-use ws_guard_common::{
-    maps::{AF_INET6, Counter, SourceKey},
-    names,
-};
+use ws_guard_common::maps::{AF_INET6, Counter, SourceKey};
 
 use super::protocol::{
     BanInfo, BansReply, ChangeReply, InterfaceInfo, LimitsReply, ListName, ListReply, MapInfo,
@@ -18,7 +15,6 @@ use super::protocol::{
 use crate::{
     config::Config,
     daemon::Shared,
-    lists::List,
     metrics,
     state::{self, Overrides},
 };
@@ -106,7 +102,8 @@ fn status(s: &Shared) -> Response {
                 .collect::<BTreeMap<_, _>>(),
         });
     }
-    let mut maps: Vec<MapInfo> = snap
+    // Every map of the snapshot: the hash maps, the ban map and the CIDR tries.
+    let maps: Vec<MapInfo> = snap
         .maps
         .iter()
         .map(|m| MapInfo {
@@ -115,30 +112,6 @@ fn status(s: &Shared) -> Response {
             capacity: m.capacity,
         })
         .collect();
-    // The tries and the ban map (entries read whole: they are small next to the hash maps).
-    let more = || -> anyhow::Result<Vec<MapInfo>> {
-        let mut out = Vec::new();
-        for (list, name) in [
-            (List::Allow, names::MAP_ALLOW),
-            (List::Deny, names::MAP_DENY),
-        ] {
-            out.push(MapInfo {
-                map: name.into(),
-                entries: s.guard.list_entries(list)?.len() as u64,
-                capacity: s.guard.capacity(name)? as u64,
-            });
-        }
-        out.push(MapInfo {
-            map: names::MAP_BANS.into(),
-            entries: s.guard.bans()?.len() as u64,
-            capacity: s.guard.capacity(names::MAP_BANS)? as u64,
-        });
-        Ok(out)
-    };
-    match more() {
-        Ok(m) => maps.extend(m),
-        Err(e) => return Response::error(format!("reading the lists and bans: {e:#}")),
-    }
     Response::ok(&StatusReply {
         version: snap.version,
         pid: std::process::id(),
