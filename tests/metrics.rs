@@ -518,6 +518,38 @@ fn exposition_of_real_maps_is_exact_and_passes_promtool() {
     assert!(out.trim().is_empty(), "promtool check metrics: {out}");
 }
 
+/// Serves `endpoint` on `addr` in namespace `ns` (a runtime like the daemon's) until the
+/// returned sender is used; returns once it listens.
+fn serve_in(
+    ns: &str,
+    addr: SocketAddr,
+    endpoint: Arc<metrics::Endpoint>,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = spawn_in_ns(ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = metrics::bind(addr).await.expect("bind");
+            ready_tx.send(()).unwrap();
+            tokio::select! {
+                () = metrics::serve(listener, endpoint) => {}
+                _ = stop_rx => {}
+            }
+        });
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("endpoint up");
+    (stop_tx, server)
+}
+
 /// The endpoint serves at most `metrics::MAX_CONNECTIONS` connections at once, and closes one
 /// that sends no request within its header timeout (10 s): idle connections cannot take every
 /// file descriptor of the daemon, nor hold the endpoint for ever.
@@ -539,25 +571,7 @@ fn endpoint_caps_connections_and_closes_idle_ones() {
         top_sources: 0,
     });
     let addr: SocketAddr = "127.0.0.1:9105".parse().unwrap();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = spawn_in_ns(&tb.srv, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let listener = metrics::bind(addr).await.expect("bind");
-            ready_tx.send(()).unwrap();
-            tokio::select! {
-                () = metrics::serve(listener, endpoint) => {}
-                _ = stop_rx => {}
-            }
-        });
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("endpoint up");
+    let (stop_tx, server) = serve_in(&tb.srv, addr, endpoint);
     let get = |s: &mut TcpStream| -> (u16, Duration) {
         let start = Instant::now();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -1089,25 +1103,7 @@ fn scrape_of_big_maps_does_not_hold_the_daemons_lock() {
         top_sources: 0,
     });
     let addr: SocketAddr = "127.0.0.1:9105".parse().unwrap();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = spawn_in_ns(&tb.srv, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let listener = metrics::bind(addr).await.expect("bind");
-            ready_tx.send(()).unwrap();
-            tokio::select! {
-                () = metrics::serve(listener, endpoint) => {}
-                _ = stop_rx => {}
-            }
-        });
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("endpoint up");
+    let (stop_tx, server) = serve_in(&tb.srv, addr, endpoint);
     let scrape = std::thread::spawn({
         let srv = tb.srv.clone();
         move || {

@@ -576,6 +576,7 @@ impl Guard {
                 .is_none()
                 .then(|| pins.find_xdp_link_other_version(interface))
                 .flatten();
+            let mut taken = None;
             if let Some((old_path, mode_name)) = &other {
                 // An upgrade across layout versions: the older daemon's link keeps enforcing
                 // (with its own maps) until its program is swapped for this one, atomically.
@@ -587,14 +588,7 @@ impl Guard {
                              kernel's socket table",
                             old_path.display()
                         );
-                        self.attachments.push(Attachment {
-                            interface: interface.to_owned(),
-                            mode: mode_name,
-                            ifindex: index,
-                            link: AttachLink::Pinned(pinned),
-                            taken_over: true,
-                        });
-                        return Ok(mode_name);
+                        taken = Some((pinned, *mode_name));
                     }
                     Err(e) => warn!(
                         "{interface}: the XDP link of another layout version ({}) cannot be \
@@ -621,14 +615,7 @@ impl Guard {
                                  \"{wanted}\" takes effect after `ws-guard teardown`"
                             );
                         }
-                        self.attachments.push(Attachment {
-                            interface: interface.to_owned(),
-                            mode: mode_name,
-                            ifindex: index,
-                            link: AttachLink::Pinned(pinned),
-                            taken_over: true,
-                        });
-                        return Ok(mode_name);
+                        taken = Some((pinned, mode_name));
                     }
                     Err(e) => {
                         // E.g. the interface was deleted and recreated: the link is defunct.
@@ -640,6 +627,16 @@ impl Guard {
                             .with_context(|| format!("removing {}", path.display()))?;
                     }
                 }
+            }
+            if let Some((pinned, mode_name)) = taken {
+                self.attachments.push(Attachment {
+                    interface: interface.to_owned(),
+                    mode: mode_name,
+                    ifindex: index,
+                    link: AttachLink::Pinned(pinned),
+                    taken_over: true,
+                });
+                return Ok(mode_name);
             }
         }
         let (link, mode_name) = match mode {

@@ -355,20 +355,25 @@ fn ban_add(s: &mut Shared, addr: IpAddr, port: Option<u16>, ms: Option<u64>) -> 
         }
     }
     let what = format!(
-        "{label} banned for {} on port{} {}",
+        "{label} banned for {} on {}",
         humantime::format_duration(duration),
-        if ports.len() == 1 { "" } else { "s" },
-        ports
-            .iter()
-            .map(u16::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
+        ports_phrase(&ports)
     );
     info!("control: {what}");
     Response::ok(&ChangeReply {
         message: what,
         persisted: false,
     })
+}
+
+/// "port 9000" or "ports 9000, 9001".
+fn ports_phrase(ports: &[u16]) -> String {
+    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!(
+        "port{} {}",
+        if ports.len() == 1 { "" } else { "s" },
+        list.join(", ")
+    )
 }
 
 fn ban_remove(s: &mut Shared, addr: IpAddr, port: Option<u16>) -> Response {
@@ -398,15 +403,7 @@ fn ban_remove(s: &mut Shared, addr: IpAddr, port: Option<u16>) -> Response {
             None => format!("{addr} is not banned"),
         }),
         Ok(lifted) => {
-            let what = format!(
-                "ban of {addr} lifted on port{} {}",
-                if lifted.len() == 1 { "" } else { "s" },
-                lifted
-                    .iter()
-                    .map(u16::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            let what = format!("ban of {addr} lifted on {}", ports_phrase(&lifted));
             info!("control: {what}");
             Response::ok(&ChangeReply {
                 message: what,
