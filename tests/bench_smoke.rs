@@ -336,11 +336,16 @@ fn layer2_smoke_floods_every_filter() {
         if let Some(ns) = m.program_ns {
             assert!(ns > 0.0 && ns.is_finite(), "{m:?}");
         }
-        // The receiving CPU's time, for every filter: ticks were counted, some of them ours.
+        // The receiving CPU's time, for every filter: ticks were counted, some of them ours
+        // when the interval is long enough to see any (/proc/stat counts 10 ms ticks, and a
+        // smoke flood into XDP_DROP can be over in 30 ms).
         let cpu = m.cpu.as_ref().expect("CPU time measured");
         assert!(cpu.ticks > 0, "{m:?}");
         let ns = cpu.system_ns + cpu.softirq_ns;
-        assert!(ns > 0.0 && ns.is_finite() && ns < 1e7, "{m:?}");
+        assert!(ns >= 0.0 && ns.is_finite() && ns < 1e7, "{m:?}");
+        if cpu.ticks >= 20 {
+            assert!(ns > 0.0, "{m:?}");
+        }
         assert!((0.0..=1.0).contains(&cpu.busy_share), "{m:?}");
         // Legitimate clients: cookies on, then off, where asked for; every attempt accounted.
         let scenario = layer2::Scenario::ALL
