@@ -492,7 +492,7 @@ fn every_count_returns_to_zero() {
     // per 10,000 connections under load before the sweep also required two rounds to release
     // a connection without a socket: /proc/net/tcp, read in chunks while connections close,
     // can skip a live socket, whose count was then released and adopted again. Not seen since
-    // (three runs, 30,150 connections); still reported rather than failed, as it depends on
+    // (five runs, 50,250 connections); still reported rather than failed, as it depends on
     // load.
     if sweeps.adopted > sweeps.expired - bare {
         eprintln!("note: adoptions without an early release before them (a phantom): {sweeps:?}");
