@@ -1516,16 +1516,7 @@ impl Run {
     /// The global settings (lookup flags included), both lists, the ban map and the ban
     /// events sent since the last look.
     fn check_policy(&mut self) {
-        let g = self
-            .guard
-            .global()
-            .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
-        if g != self.model.global {
-            self.fail(&format!(
-                "global settings: kernel {g:?}, model {:?}",
-                self.model.global
-            ));
-        }
+        self.check_global();
         for (list, model) in [
             (List::Allow, &self.model.allow),
             (List::Deny, &self.model.deny),
@@ -1565,6 +1556,21 @@ impl Run {
         }
     }
 
+    /// The global settings, with the lookup flags userspace derived (after every change of
+    /// the settings, the lists or the bans, and at checkpoints).
+    fn check_global(&self) {
+        let g = self
+            .guard
+            .global()
+            .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
+        if g != self.model.global {
+            self.fail(&format!(
+                "global settings: kernel {g:?}, model {:?}",
+                self.model.global
+            ));
+        }
+    }
+
     /// `Guard::ban`; the model takes the deadline the kernel's map got, which must be the
     /// duration from a moment of the call.
     fn ban(&mut self, key: SourceKey, ns: u64) {
@@ -1600,6 +1606,7 @@ impl Run {
                 }
             }
         }
+        self.check_global();
     }
 
     /// `Guard::unban`: whether the ban was in force is decided by the host's clock around the
@@ -1624,6 +1631,7 @@ impl Run {
                 "unban {key:?}: kernel {kernel}, model {expected:?}"
             ));
         }
+        self.check_global();
     }
 
     /// `Guard::expire_bans`: removes the bans over at the moment of the call.
@@ -1651,6 +1659,7 @@ impl Run {
             ));
         }
         self.model.expire_bans(&kernel);
+        self.check_global();
     }
 
     fn control(&mut self, op: u32, flow: FlowKey) {
@@ -1702,6 +1711,7 @@ impl Run {
                     .set_global(g)
                     .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
                 self.model.set_global(g);
+                self.check_global();
             }
             Event::Expire(f) => self.control(OP_EXPIRE_PENDING, f),
             Event::ReleaseOwned(f) => self.control(OP_RELEASE_OWNED, f),
@@ -1733,6 +1743,7 @@ impl Run {
                 let allow: Vec<CidrKey> = allow.iter().map(cidr).collect();
                 let deny: Vec<CidrKey> = deny.iter().map(cidr).collect();
                 self.model.apply_policy(&allow, &deny, ban_ns);
+                self.check_global();
             }
             Event::Ban(key, ns) => self.ban(key, ns),
             Event::Unban(key) => self.unban(key),
