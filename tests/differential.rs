@@ -1564,9 +1564,11 @@ impl Run {
             .global()
             .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
         if g != self.model.global {
+            let bans = self.guard.view().ban_entries();
             self.fail(&format!(
-                "global settings: kernel {g:?}, model {:?}",
-                self.model.global
+                "global settings: kernel {g:?}, model {:?} (bans: kernel {bans:?}, model {:?}; \
+                 lists: model {:?} {:?})",
+                self.model.global, self.model.bans, self.model.allow, self.model.deny
             ));
         }
     }

@@ -222,10 +222,14 @@ impl Model {
         true
     }
 
-    /// `Guard::unban`: the removed ban, if `key` had one (in force or not).
+    /// `Guard::unban`: the removed ban, if `key` had one (in force or not). The flags are
+    /// re-derived only when there was one (they may still say bans exist after the kernel
+    /// ended the last one).
     pub fn unban(&mut self, key: &SourceKey) -> Option<BanValue> {
         let b = self.bans.remove(key);
-        self.refresh_flags();
+        if b.is_some() {
+            self.refresh_flags();
+        }
         b
     }
 
