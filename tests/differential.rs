@@ -1371,6 +1371,11 @@ impl Run {
         if self.frames_since_check >= self.check_every {
             self.check_counters();
         }
+        // The ring buffer holds over 6,000 events: taken well before it could fill, whatever
+        // the checkpoints' spacing (the model counts no `events_lost`).
+        if self.model.events.len() >= 2048 {
+            self.check_events();
+        }
         (verdict, out)
     }
 
@@ -1548,6 +1553,11 @@ impl Run {
                 self.model.bans
             ));
         }
+        self.check_events();
+    }
+
+    /// The ban events sent since the last look, in order (taken from the ring buffer).
+    fn check_events(&mut self) {
         let kernel = drain(&mut self.events);
         let model = std::mem::take(&mut self.model.events);
         self.stats.ban_events += kernel.len() as u64;
