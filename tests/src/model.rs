@@ -10,21 +10,31 @@
 //! taken before the rate check and given back when refused, a counter is created at zero on the
 //! first attempt of a source, monitor mode skips the rate over `max_connections`...).
 //!
+//! The allow and deny lists (CIDR sets, longest-prefix matched on the same trie keys as
+//! `ws_guard_common::policy` builds them), the bans (`WSG_BANS`, manual and automatic, ended by
+//! an attempt that finds them expired), the ban events and the lookup flags userspace derives
+//! from them (`policy::flags`) follow the kernel and `Guard` the same way.
+//!
 //! Time is the one input the model cannot know: the kernel stamps each run with
 //! `bpf_ktime_get_ns`. The model asks a [`Clock`] for the stamp of an attempt that reaches the
 //! rate rule (the test reads it back from the kernel's rate window, then checks the whole window
 //! against the model's), and otherwise records the host's monotonic interval around the run as
-//! the bounds of the half-open entry's timestamp.
+//! the bounds of the half-open entry's timestamp. Whether a ban is still in force at the
+//! kernel's "now" is asked of the [`Clock`] too (decided by the host's interval around the run
+//! unless the deadline falls inside it), and checked against the rate stamp when the attempt
+//! gets one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ws_guard_common::{
     key::{flow_source, source_key},
     maps::{
-        ACTION_REJECT, AF_INET, AF_INET6, Counter, FlowKey, GlobalConfig, PortConfig, RATE_SLOTS,
-        RateState, SourceKey,
+        ACTION_DROP, ACTION_REJECT, AF_INET, AF_INET6, BAN_MANUAL, BAN_RATE, BanEvent, BanValue,
+        Counter, EVENT_BAN_ENDED, EVENT_BAN_STARTED, FLAG_BANS, FlowKey, GlobalConfig, PortConfig,
+        RATE_SLOTS, RateState, SourceKey,
     },
     parse::{self, Packet, Parsed, TcpSegment},
+    policy::{self, CIDR_DATA_LEN, CidrKey, ListVerdict, ban_active, ban_until, list_verdict},
     rst,
 };
 
@@ -73,6 +83,10 @@ pub trait Clock {
     /// The stamp the kernel used for attempt number `seq` of `key` (it is the stamp the rate
     /// window holds at `seq % RATE_SLOTS` after the run).
     fn rate_stamp(&mut self, key: &SourceKey, seq: u32) -> u64;
+
+    /// Whether the ban of `key` ending at `until_ns` was still in force at the kernel's "now"
+    /// of this run (`policy::ban_active`).
+    fn ban_active(&mut self, key: &SourceKey, until_ns: u64) -> bool;
 }
 
 /// What the model expects of one run of the XDP program.
@@ -85,6 +99,24 @@ pub struct Outcome {
     pub counted: Vec<(Bucket, Counter)>,
     /// The source whose rate window the attempt went through, with the stamp it got.
     pub rate: Option<(SourceKey, u64)>,
+    /// A ban the attempt found: its deadline and whether the [`Clock`] said it was in force
+    /// (with `rate`, the stamp must agree).
+    pub ban: Option<(u64, bool)>,
+}
+
+impl Outcome {
+    /// A contradiction between the clock's answers in this run: the ban's answer and the rate
+    /// window's stamp (the same kernel "now").
+    pub fn clock_conflict(&self) -> Option<String> {
+        let (until, active) = self.ban?;
+        let (_, now) = self.rate?;
+        (ban_active(until, now) != active).then(|| {
+            format!(
+                "the ban ending at {until} was judged {} but the attempt's stamp is {now}",
+                if active { "in force" } else { "over" }
+            )
+        })
+    }
 }
 
 /// Capacities of the maps, as loaded ([`ws_guard::guard::LoadOptions`]).
@@ -92,6 +124,8 @@ pub struct Outcome {
 pub struct Capacity {
     pub sources: usize,
     pub flows: usize,
+    /// `WSG_BANS`.
+    pub bans: usize,
 }
 
 /// The model's state.
@@ -114,6 +148,13 @@ pub struct Model {
     pub port_stats: BTreeMap<(u16, u16), [u64; COUNT]>,
     /// Counters of no protected port, both families (`Stats::unattributed`).
     pub unattributed: [u64; COUNT],
+    /// `WSG_ALLOW` and `WSG_DENY`: trie keys (`policy::cidr_key`).
+    pub allow: BTreeSet<CidrKey>,
+    pub deny: BTreeSet<CidrKey>,
+    /// `WSG_BANS`, expired bans not yet removed included.
+    pub bans: HashMap<SourceKey, BanValue>,
+    /// Ban events the XDP program sent since the caller last took them.
+    pub events: Vec<BanEvent>,
 }
 
 impl Model {
@@ -129,12 +170,85 @@ impl Model {
             totals: [0; COUNT],
             port_stats: BTreeMap::new(),
             unattributed: [0; COUNT],
+            allow: BTreeSet::new(),
+            deny: BTreeSet::new(),
+            bans: HashMap::new(),
+            events: Vec::new(),
         }
     }
 
-    /// `Guard::set_global`.
+    /// `Guard::set_global`: the flags are derived from the maps' contents, not taken.
     pub fn set_global(&mut self, g: GlobalConfig) {
         self.global = g;
+        self.refresh_flags();
+    }
+
+    /// `Guard::live_flags`, written with the global settings: userspace re-derives them on
+    /// every change of the settings, the lists or the bans (not when the kernel ends a ban).
+    fn refresh_flags(&mut self) {
+        self.global.flags = policy::flags(
+            !self.allow.is_empty(),
+            !self.deny.is_empty(),
+            self.global.ban_ns,
+            !self.bans.is_empty(),
+        );
+    }
+
+    /// `Guard::apply_policy`: the lists become exactly `allow` / `deny` (trie keys) and the ban
+    /// duration `ban_ns`; the other global settings stay.
+    pub fn apply_policy(&mut self, allow: &[CidrKey], deny: &[CidrKey], ban_ns: u64) {
+        self.allow = allow.iter().copied().collect();
+        self.deny = deny.iter().copied().collect();
+        self.global.ban_ns = ban_ns;
+        self.refresh_flags();
+    }
+
+    /// `Guard::ban` of `key` until `until_ns` (the deadline the kernel's map got: userspace
+    /// stamps it with its own clock). False when the map is full (and `key` is not in it):
+    /// `Guard::ban` then fails.
+    pub fn ban(&mut self, key: &SourceKey, until_ns: u64) -> bool {
+        if !self.bans.contains_key(key) && self.bans.len() >= self.capacity.bans {
+            return false;
+        }
+        self.bans.insert(
+            *key,
+            BanValue {
+                until_ns,
+                reason: BAN_MANUAL,
+                _pad: 0,
+            },
+        );
+        self.refresh_flags();
+        true
+    }
+
+    /// `Guard::unban`: the removed ban, if `key` had one (in force or not). The flags are
+    /// re-derived only when there was one (they may still say bans exist after the kernel
+    /// ended the last one).
+    pub fn unban(&mut self, key: &SourceKey) -> Option<BanValue> {
+        let b = self.bans.remove(key);
+        if b.is_some() {
+            self.refresh_flags();
+        }
+        b
+    }
+
+    /// `Guard::expire_bans` after `ended` said which of the bans were over when it looked:
+    /// removes them.
+    pub fn expire_bans(&mut self, ended: &[SourceKey]) {
+        for k in ended {
+            self.bans.remove(k);
+        }
+        if !ended.is_empty() {
+            self.refresh_flags();
+        }
+    }
+
+    /// Whether `addr` of `family` is inside an entry of `list` (the trie's longest-prefix
+    /// match: any entry matching is enough, values are not read).
+    fn in_list(list: &BTreeSet<CidrKey>, family: u16, addr: &[u8; 16]) -> bool {
+        let k = policy::lookup_key(family, *addr);
+        list.iter().any(|e| prefix_matches(e, &k))
     }
 
     /// `Guard::set_port`: a port that becomes protected starts with zero counters (it gets a
@@ -230,6 +344,7 @@ impl Model {
             frame: frame.to_vec(),
             counted: Vec::new(),
             rate: None,
+            ban: None,
         };
         let counted = &mut Vec::new();
         let seg = match parse::parse(frame) {
@@ -311,27 +426,46 @@ impl Model {
         }
         let monitor = self.global.monitor != 0;
         let source = source_key(seg.family, client, seg.dport, &self.global);
+
+        // `limited` false skips the limits (allowlisted, or already judged by monitor mode);
+        // `would_block`: monitor mode counted the attempt already.
+        let mut tracked_as = Counter::Admitted;
+        let mut limited = true;
+        let mut would_block = false;
+        if self.global.flags != 0 {
+            match self.gate(&client, &source, bucket, clock, counted, out) {
+                Gate::Continue => {}
+                Gate::Allowed => {
+                    tracked_as = Counter::Allowed;
+                    limited = false;
+                }
+                Gate::Refuse => return Some(ACTION_DROP),
+                Gate::WouldBlock => {
+                    self.count(counted, bucket, Counter::MonitorWouldBlock);
+                    limited = false;
+                    would_block = true;
+                }
+            }
+        }
+
         let Some(slots) = self.conns_counter(&source) else {
-            return self.map_full(port, bucket, false, counted);
+            return self.untracked(port, bucket, tracked_as, would_block, counted);
         };
         let taken = self.take_slot(&slots);
-        if port.max_connections != 0 && taken >= port.max_connections {
+        if limited && port.max_connections != 0 && taken >= port.max_connections {
             if !monitor {
                 self.give_slot(&slots);
                 // Refusals are counted in the source's rate state, when it has one.
-                if let Some(st) = self.rate.get_mut(&source) {
-                    st.refused = st.refused.wrapping_add(1);
-                }
+                self.note_refusal(&source);
                 self.count(counted, bucket, Counter::ConnLimited);
                 return Some(port.conn_action);
             }
             self.count(counted, bucket, Counter::MonitorWouldBlock);
-            let since = Since::Within(during.0, during.1);
-            return self.admit(&flow, source, since, port, bucket, true, counted);
+            limited = false;
+            would_block = true;
         }
         let mut since = Since::Within(during.0, during.1);
-        let mut would_block = false;
-        if port.rate_limit != 0 {
+        if limited && port.rate_limit != 0 {
             let state = self.rate.entry(source).or_default();
             let seq = state.next;
             state.next = seq.wrapping_add(1);
@@ -346,17 +480,143 @@ impl Model {
                     state.refused = state.refused.wrapping_add(1);
                     self.give_slot(&slots);
                     self.count(counted, bucket, Counter::RateLimited);
+                    if self.global.ban_ns != 0 {
+                        self.start_ban(&source, now, bucket, counted);
+                    }
                     return Some(port.rate_action);
                 }
                 self.count(counted, bucket, Counter::MonitorWouldBlock);
                 would_block = true;
             }
         }
-        self.admit(&flow, source, since, port, bucket, would_block, counted)
+        self.admit(
+            &flow,
+            source,
+            since,
+            port,
+            bucket,
+            tracked_as,
+            would_block,
+            counted,
+        )
     }
 
-    /// `admit`: records the attempt as half-open; its slot is already taken. `would_block`:
-    /// monitor mode already counted the attempt as one enforcing would refuse.
+    /// `maps::note_refusal`: one more refusal in the source's rate state, if it has one.
+    fn note_refusal(&mut self, source: &SourceKey) {
+        if let Some(st) = self.rate.get_mut(source) {
+            st.refused = st.refused.wrapping_add(1);
+        }
+    }
+
+    /// `gate`: the allowlist (beats the denylist), the denylist, then an active ban; an
+    /// expired ban found is ended.
+    fn gate(
+        &mut self,
+        client: &[u8; 16],
+        source: &SourceKey,
+        bucket: Bucket,
+        clock: &mut dyn Clock,
+        counted: &mut Vec<(Bucket, Counter)>,
+        out: &mut Outcome,
+    ) -> Gate {
+        let monitor = self.global.monitor != 0;
+        let (allow, deny) = (&self.allow, &self.deny);
+        let lists = list_verdict(
+            &self.global,
+            || Self::in_list(allow, source.family, client),
+            || Self::in_list(deny, source.family, client),
+        );
+        match lists {
+            ListVerdict::Allowed => return Gate::Allowed,
+            ListVerdict::Denied if monitor => return Gate::WouldBlock,
+            ListVerdict::Denied => {
+                self.note_refusal(source);
+                self.count(counted, bucket, Counter::Denied);
+                return Gate::Refuse;
+            }
+            ListVerdict::Neither => {}
+        }
+        if self.global.flags & FLAG_BANS == 0 {
+            return Gate::Continue;
+        }
+        let Some(ban) = self.bans.get(source).copied() else {
+            return Gate::Continue;
+        };
+        let active = clock.ban_active(source, ban.until_ns);
+        out.ban = Some((ban.until_ns, active));
+        if !active {
+            // `end_ban`.
+            self.bans.remove(source);
+            self.count(counted, bucket, Counter::BansEnded);
+            self.events.push(BanEvent {
+                kind: EVENT_BAN_ENDED,
+                reason: ban.reason,
+                source: *source,
+                _pad: 0,
+                until_ns: ban.until_ns,
+            });
+            return Gate::Continue;
+        }
+        if monitor {
+            return Gate::WouldBlock;
+        }
+        self.note_refusal(source);
+        self.count(counted, bucket, Counter::Banned);
+        Gate::Refuse
+    }
+
+    /// `start_ban`: bans `source` for `ban_ns` from `now` (the rate stamp); a ban already there
+    /// is kept, a full map counted.
+    fn start_ban(
+        &mut self,
+        source: &SourceKey,
+        now: u64,
+        bucket: Bucket,
+        counted: &mut Vec<(Bucket, Counter)>,
+    ) {
+        if self.bans.contains_key(source) {
+            return;
+        }
+        if self.bans.len() >= self.capacity.bans {
+            self.count(counted, bucket, Counter::BansFull);
+            return;
+        }
+        let value = BanValue {
+            until_ns: ban_until(now, self.global.ban_ns),
+            reason: BAN_RATE,
+            _pad: 0,
+        };
+        self.bans.insert(*source, value);
+        self.count(counted, bucket, Counter::BansStarted);
+        self.events.push(BanEvent {
+            kind: EVENT_BAN_STARTED,
+            reason: BAN_RATE,
+            source: *source,
+            _pad: 0,
+            until_ns: value.until_ns,
+        });
+    }
+
+    /// `untracked`: an attempt a full map keeps from being tracked; an allowlisted one passes
+    /// whatever `fail_closed` says.
+    fn untracked(
+        &mut self,
+        port: &PortConfig,
+        bucket: Bucket,
+        tracked_as: Counter,
+        would_block: bool,
+        counted: &mut Vec<(Bucket, Counter)>,
+    ) -> Option<u32> {
+        if tracked_as == Counter::Allowed {
+            self.count(counted, bucket, Counter::MapFull);
+            return None;
+        }
+        self.map_full(port, bucket, would_block, counted)
+    }
+
+    /// `admit`: records the attempt as half-open (counted as `tracked_as`); its slot is
+    /// already taken. `would_block`: monitor mode already counted the attempt as one enforcing
+    /// would refuse.
     #[allow(clippy::too_many_arguments)]
     fn admit(
         &mut self,
@@ -365,6 +625,7 @@ impl Model {
         since: Since,
         port: &PortConfig,
         bucket: Bucket,
+        tracked_as: Counter,
         would_block: bool,
         counted: &mut Vec<(Bucket, Counter)>,
     ) -> Option<u32> {
@@ -374,10 +635,10 @@ impl Model {
             None
         } else if self.pending.len() >= self.capacity.flows {
             self.give_slot(&source);
-            self.map_full(port, bucket, would_block, counted)
+            self.untracked(port, bucket, tracked_as, would_block, counted)
         } else {
             self.pending.insert(*flow, Tracked { source, since });
-            self.count(counted, bucket, Counter::Admitted);
+            self.count(counted, bucket, tracked_as);
             None
         }
     }
@@ -520,6 +781,35 @@ impl Model {
     }
 }
 
+/// What the lists and bans say about a new attempt (`gate`).
+enum Gate {
+    Continue,
+    Allowed,
+    Refuse,
+    WouldBlock,
+}
+
+/// The LPM trie's match of `entry` for the lookup key `key`: the entry's first `prefix_len`
+/// bits equal the key's.
+pub fn prefix_matches(entry: &CidrKey, key: &CidrKey) -> bool {
+    if entry.prefix_len > key.prefix_len {
+        return false;
+    }
+    let mut bits = entry.prefix_len;
+    for i in 0..CIDR_DATA_LEN {
+        if bits == 0 {
+            return true;
+        }
+        let n = bits.min(8);
+        let m = 0xffu8 << (8 - n);
+        if entry.data[i] & m != key.data[i] & m {
+            return false;
+        }
+        bits -= n;
+    }
+    true
+}
+
 /// `write_rst`/`write_reply` on a copy of `frame`: the Ethernet addresses swapped, the frame cut
 /// to the reply's length, the reply's IP header at `l3` and TCP header at `l4`. `None` where the
 /// kernel's loads or stores would fail.
@@ -567,6 +857,9 @@ mod tests {
         fn rate_stamp(&mut self, _: &SourceKey, _: u32) -> u64 {
             self.0
         }
+        fn ban_active(&mut self, _: &SourceKey, until_ns: u64) -> bool {
+            ban_active(until_ns, self.0)
+        }
     }
 
     fn syn(last: u8, sport: u16) -> Vec<u8> {
@@ -579,6 +872,7 @@ mod tests {
         let mut m = Model::new(Capacity {
             sources: 1024,
             flows: 1024,
+            bans: 1024,
         });
         m.set_port(
             9000,
@@ -628,6 +922,66 @@ mod tests {
         assert_eq!(m.conns[&key], 1);
         assert_eq!(m.rate[&key].next, 2);
         assert_eq!(m.pending.values().next().unwrap().since, Since::Exact(5));
+    }
+
+    fn v4(last: u8, prefix: u32) -> CidrKey {
+        policy::cidr_key(
+            AF_INET,
+            [198, 18, 0, last, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            prefix,
+        )
+    }
+
+    #[test]
+    fn allow_inside_deny_passes_untouched_by_limits() {
+        let mut m = model(1, ACTION_DROP, 0);
+        m.apply_policy(&[v4(1, 32)], &[v4(0, 24)], 0);
+        let mut c = Fixed(5);
+        // Allowlisted: not limited (two attempts over max_connections 1), tracked as allowed.
+        for sport in [1, 2] {
+            assert_eq!(m.xdp(&syn(1, sport), (0, 9), &mut c).verdict, XDP_PASS);
+        }
+        assert_eq!(m.totals[Counter::Allowed as usize], 2);
+        assert_eq!(m.pending.len(), 2);
+        // Its neighbour is denied.
+        assert_eq!(m.xdp(&syn(2, 1), (0, 9), &mut c).verdict, XDP_DROP);
+        assert_eq!(m.totals[Counter::Denied as usize], 1);
+        // An IPv4 /0 never matches IPv6 sources (the family tag).
+        assert!(!Model::in_list(
+            &[v4(0, 0)].into(),
+            AF_INET6,
+            &[0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+        ));
+        m.counts_match_flows().unwrap();
+    }
+
+    #[test]
+    fn rate_refusal_bans_and_the_ban_ends_on_the_next_attempt_after_it() {
+        const SEC: u64 = 1_000_000_000;
+        let mut m = model(0, ACTION_DROP, 1);
+        m.apply_policy(&[], &[], 2 * SEC);
+        assert_eq!(m.global.flags, FLAG_BANS);
+        let mut c = Fixed(5);
+        m.xdp(&syn(1, 1), (0, 9), &mut c);
+        assert_eq!(m.xdp(&syn(1, 2), (0, 9), &mut c).verdict, XDP_DROP);
+        let key = m.pending.values().next().unwrap().source;
+        assert_eq!(m.bans[&key].until_ns, 5 + 2 * SEC);
+        assert_eq!(m.events.len(), 1);
+        // Banned until then (the rate is not consulted), over at that time exactly (past the
+        // rate window).
+        let o = m.xdp(&syn(1, 3), (0, 9), &mut Fixed(4 + 2 * SEC));
+        assert_eq!((o.verdict, o.rate), (XDP_DROP, None));
+        assert_eq!(m.totals[Counter::Banned as usize], 1);
+        let o = m.xdp(&syn(1, 4), (0, 9), &mut Fixed(5 + 2 * SEC));
+        assert_eq!(o.verdict, XDP_PASS);
+        assert_eq!(o.clock_conflict(), None);
+        assert!(m.bans.is_empty());
+        assert_eq!(m.totals[Counter::BansEnded as usize], 1);
+        assert_eq!(m.events[1].kind, EVENT_BAN_ENDED);
+        // The flags stay until userspace re-derives them.
+        assert_eq!(m.global.flags, FLAG_BANS);
+        m.apply_policy(&[], &[], 0);
+        assert_eq!(m.global.flags, 0);
     }
 
     #[test]
