@@ -44,6 +44,19 @@ fn active_connections(ns: &str, metrics_port: u16, port: u16) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// A config file: the test bed's server interface, `port` at one connection per source, no
+/// metrics endpoint.
+fn one_connection_config(tb: &Testbed, port: u16) -> tempfile::NamedTempFile {
+    let mut cfg = tempfile::NamedTempFile::new().unwrap();
+    write!(
+        cfg,
+        "interfaces = [\"{}\"]\n[metrics]\nlisten = \"off\"\n[[port]]\nport = {port}\nmax_connections = 1\n",
+        tb.srv_if
+    )
+    .unwrap();
+    cfg
+}
+
 fn xdp_on(tb: &Testbed) -> bool {
     ip_output(&["-n", &tb.srv, "link", "show", "dev", &tb.srv_if]).contains("xdp")
 }
@@ -262,13 +275,7 @@ fn detach_on_exit_removes_everything() {
     let root = PinRoot::new("d");
     let root_s = root.0.to_str().unwrap().to_owned();
     let _server = Server::start(&tb.srv, port, Stack::Separate);
-    let mut cfg = tempfile::NamedTempFile::new().unwrap();
-    write!(
-        cfg,
-        "interfaces = [\"{}\"]\n[metrics]\nlisten = \"off\"\n[[port]]\nport = {port}\nmax_connections = 1\n",
-        tb.srv_if
-    )
-    .unwrap();
+    let cfg = one_connection_config(&tb, port);
     let cfg_path = cfg.path().to_str().unwrap().to_owned();
     let mut d = Daemon::start_in(
         &tb.srv,
@@ -357,13 +364,7 @@ fn upgrade_across_layout_versions_takes_over_the_link() {
     let root = PinRoot::new("u");
     let root_s = root.0.to_str().unwrap().to_owned();
     let server = Server::start(&tb.srv, port, Stack::Separate);
-    let mut cfg = tempfile::NamedTempFile::new().unwrap();
-    write!(
-        cfg,
-        "interfaces = [\"{}\"]\n[metrics]\nlisten = \"off\"\n[[port]]\nport = {port}\nmax_connections = 1\n",
-        tb.srv_if
-    )
-    .unwrap();
+    let cfg = one_connection_config(&tb, port);
     let cfg_path = cfg.path().to_str().unwrap().to_owned();
     let args = ["run", "--config", &cfg_path, "--pin-dir", &root_s];
     let mut old = Daemon::start_in(&tb.srv, &args);

@@ -85,21 +85,10 @@ pub fn socket_table(ports: &HashSet<u16>) -> anyhow::Result<HashMap<FlowKey, Soc
 /// make that rare; the sweep's two-round rule (see [`Sweeper`]) makes it harmless.
 fn read_whole(path: &str) -> std::io::Result<Vec<u8>> {
     use std::io::Read as _;
-    let mut f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0;
-    loop {
-        if buf.len() - len < (64 << 10) {
-            buf.resize(buf.len() * 2, 0);
-        }
-        match f.read(&mut buf[len..])? {
-            0 => {
-                buf.truncate(len);
-                return Ok(buf);
-            }
-            n => len += n,
-        }
-    }
+    // read_to_end doubles its reads while they come back full: a handful of read(2) calls.
+    let mut buf = Vec::with_capacity(1 << 20);
+    std::fs::File::open(path)?.read_to_end(&mut buf)?;
+    Ok(buf)
 }
 
 /// The flow key of a server socket, normalizing IPv4-mapped IPv6 to IPv4 as the XDP program

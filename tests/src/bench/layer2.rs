@@ -1222,6 +1222,30 @@ enum Receiver {
     Guard(Box<Guard>),
 }
 
+/// The recipe's concurrency rule (`connlimit`, 3 per source, REJECT), shared by the iptables
+/// recipe and the hashlimit variant.
+fn connlimit_rule(bed: &Bed, ipt: &str, port: &str, mask: &str) -> anyhow::Result<()> {
+    bed.netns_exec(&[
+        ipt,
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--syn",
+        "--dport",
+        port,
+        "-m",
+        "connlimit",
+        "--connlimit-above",
+        "3",
+        "--connlimit-mask",
+        mask,
+        "-j",
+        "REJECT",
+    ])?;
+    Ok(())
+}
+
 fn setup_filter(
     bed: &Bed,
     scenario: Scenario,
@@ -1275,24 +1299,7 @@ fn setup_filter(
                 "iptables"
             };
             let mask = if scenario.ipv6() { "128" } else { "32" };
-            bed.netns_exec(&[
-                ipt,
-                "-A",
-                "INPUT",
-                "-p",
-                "tcp",
-                "--syn",
-                "--dport",
-                &p,
-                "-m",
-                "connlimit",
-                "--connlimit-above",
-                "3",
-                "--connlimit-mask",
-                mask,
-                "-j",
-                "REJECT",
-            ])?;
+            connlimit_rule(bed, ipt, &p, mask)?;
             bed.netns_exec(&[
                 ipt, "-A", "INPUT", "-p", "tcp", "--dport", &p, "-i", SRV_IF, "-m", "state",
                 "--state", "NEW", "-m", "recent", "--set",
@@ -1331,24 +1338,7 @@ fn setup_filter(
             };
             // The hash table holds every source of the scenario (as the nftables sets do).
             let max = scenario.sources().max(65536).to_string();
-            bed.netns_exec(&[
-                ipt,
-                "-A",
-                "INPUT",
-                "-p",
-                "tcp",
-                "--syn",
-                "--dport",
-                &p,
-                "-m",
-                "connlimit",
-                "--connlimit-above",
-                "3",
-                "--connlimit-mask",
-                mask,
-                "-j",
-                "REJECT",
-            ])?;
+            connlimit_rule(bed, ipt, &p, mask)?;
             bed.netns_exec(&[
                 ipt,
                 "-A",
