@@ -559,3 +559,41 @@ fn daemon_applies_lists_and_logs_bans() {
     drop((a, b, held));
     assert!(daemon.stop(libc::SIGTERM).success());
 }
+
+/// The kernel ends an expired ban on the source's next attempt without touching the global
+/// flags; the daemon's expiry round re-derives them, so once the last ban is gone new SYNs stop
+/// paying a ban lookup.
+#[test]
+fn flags_follow_a_ban_the_kernel_ended() {
+    if !privileged("flags_follow_a_ban_the_kernel_ended") {
+        return;
+    }
+    use ws_guard_common::maps::FLAG_BANS;
+    let policy = Policy {
+        allow: vec![],
+        deny: vec![],
+        ban_duration: Duration::ZERO,
+    };
+    let mut g = guard(limits(0, 0, Duration::ZERO), &policy);
+    assert_eq!(g.global().unwrap().flags & FLAG_BANS, 0);
+    g.ban(key4(9), Duration::from_millis(1)).expect("ban");
+    assert_ne!(g.global().unwrap().flags & FLAG_BANS, 0);
+    sleep(Duration::from_millis(5));
+    // The next attempt finds the ban over: the kernel ends it and admits the attempt.
+    let before = g.counters().expect("counters");
+    assert_eq!(verdict(&mut g, &syn4(v4(9), 41000)), XDP_PASS);
+    assert_deltas(
+        &g,
+        &before,
+        &[(Counter::Admitted, 1), (Counter::BansEnded, 1)],
+    );
+    assert!(g.bans().unwrap().is_empty());
+    assert_ne!(
+        g.global().unwrap().flags & FLAG_BANS,
+        0,
+        "the kernel does not touch the flags"
+    );
+    // The sweep's expiry round: nothing left to expire, the flag goes.
+    assert!(g.expire_bans().expect("expire").is_empty());
+    assert_eq!(g.global().unwrap().flags & FLAG_BANS, 0);
+}

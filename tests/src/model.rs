@@ -184,7 +184,8 @@ impl Model {
     }
 
     /// `Guard::live_flags`, written with the global settings: userspace re-derives them on
-    /// every change of the settings, the lists or the bans (not when the kernel ends a ban).
+    /// every change of the settings, the lists or the bans, and on every ban expiry round (not
+    /// when the kernel ends a ban).
     fn refresh_flags(&mut self) {
         self.global.flags = policy::flags(
             !self.allow.is_empty(),
@@ -234,14 +235,12 @@ impl Model {
     }
 
     /// `Guard::expire_bans` after `ended` said which of the bans were over when it looked:
-    /// removes them.
+    /// removes them, and re-derives the flags (also when the kernel ended the last ban).
     pub fn expire_bans(&mut self, ended: &[SourceKey]) {
         for k in ended {
             self.bans.remove(k);
         }
-        if !ended.is_empty() {
-            self.refresh_flags();
-        }
+        self.refresh_flags();
     }
 
     /// Whether `addr` of `family` is inside an entry of `list` (the trie's longest-prefix

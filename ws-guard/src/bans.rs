@@ -188,9 +188,9 @@ impl Guard {
                 }
             }
         }
-        if !out.is_empty() {
-            self.refresh_flags()?;
-        }
+        // Always: the kernel ends bans itself (on the next attempt) without touching the flags,
+        // so after the last one ends they would keep every SYN paying a ban lookup.
+        self.refresh_flags()?;
         Ok(out)
     }
 
