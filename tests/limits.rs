@@ -15,10 +15,13 @@ use std::{
 use socket2::SockRef;
 use ws_guard_common::maps::Counter;
 use ws_guard_tests::{
-    netns::{Enforcer, Testbed, sa, test_port, wait_until},
+    netns::{Enforcer, Testbed, in_ns, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, WsEchoServer, burst, connect_from, send_syn},
 };
+
+/// The server namespace's tcp_fin_timeout in the close test.
+const FIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Time allowed for a connection that should succeed.
 const CONNECT: Duration = Duration::from_secs(2);
@@ -62,10 +65,15 @@ fn connect_ok(ns: &str, src: IpAddr, dst: SocketAddr, enf: &Enforcer) -> std::ne
 
 #[track_caller]
 fn wait_count(enf: &Enforcer, src: IpAddr, port: u16, want: u32) {
-    let ok = wait_until(SETTLE, || enf.connections_of(src, port) == want);
+    wait_count_within(enf, src, port, want, SETTLE);
+}
+
+#[track_caller]
+fn wait_count_within(enf: &Enforcer, src: IpAddr, port: u16, want: u32, limit: Duration) {
+    let ok = wait_until(limit, || enf.connections_of(src, port) == want);
     assert!(
         ok,
-        "{src}: expected {want} connections counted within {SETTLE:?}, have {}\n{}",
+        "{src}: expected {want} connections counted within {limit:?}, have {}\n{}",
         enf.connections_of(src, port),
         enf.describe()
     );
@@ -132,6 +140,13 @@ fn slot_released_by_every_kind_of_close() {
     }
     let port = test_port(2);
     let tb = Testbed::new("close", 2);
+    // A server that closes first leaves its socket in FIN_WAIT2, and the kernel may keep it
+    // there for up to tcp_fin_timeout (when the client's ACK of the FIN is processed while
+    // close() still holds the socket, the kernel arms a timer instead of going straight to
+    // TIME_WAIT). The slot is held until the socket reaches CLOSE, so shorten the timeout.
+    in_ns(&tb.srv, || {
+        std::fs::write("/proc/sys/net/ipv4/tcp_fin_timeout", "1").expect("tcp_fin_timeout")
+    });
     // Dual-stack listener: IPv4 clients appear as ::ffff:a.b.c.d to the tracepoint.
     let server = Server::start(&tb.srv, port, Stack::Dual);
     let enf = Enforcer::start(&tb, &limit_config(port, 2, "reject"));
@@ -154,7 +169,7 @@ fn slot_released_by_every_kind_of_close() {
     // 2. The server closes (FIN); the client keeps its half-closed end.
     assert!(server.wait_held(2, SETTLE));
     assert!(server.close(c2.local_addr().unwrap()), "server close");
-    wait_count(&enf, a, port, 1);
+    wait_count_within(&enf, a, port, 1, SETTLE + FIN_TIMEOUT);
     wait_counter(&enf, Counter::Closed, 2);
     let c4 = connect_ok(&tb.cli, a, dst, &enf);
     wait_count(&enf, a, port, 2);

@@ -113,8 +113,8 @@ pub struct Measurement {
     pub runs: u64,
     /// Kernel-reported ns per run (see the module doc for how it is summarized).
     pub ns_per_packet: f64,
-    /// Spread: the fastest and slowest round (repeat, tail) or the 10th and 90th percentile
-    /// of the samples (single).
+    /// Spread: the fastest and slowest round (repeat, tail), or the fastest and slowest of the
+    /// samples the mean is taken over (single), so the figure always lies within it.
     pub low_ns: f64,
     pub high_ns: f64,
     /// `ns_per_packet` minus the floor of the same method.
@@ -714,7 +714,9 @@ fn summarize(m: Method, v: &[f64]) -> (f64, f64, f64) {
         Method::Single => {
             let keep = (((s.len() as f64) * 0.98).ceil() as usize).clamp(1, s.len());
             let mean = s[..keep].iter().sum::<f64>() / keep as f64;
-            (mean, percentile(&s, 0.10), percentile(&s, 0.90))
+            // The mean's own range: a percentile pair need not contain a mean (a few fast
+            // samples pull it below the 10th percentile).
+            (mean, s[0], s[keep - 1])
         }
     }
 }
