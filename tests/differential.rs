@@ -2098,6 +2098,21 @@ fn regressions() {
     assert_eq!(r.model.bans.len(), 1, "the automatic ban is in force");
     r.check_maps();
     assert_eq!(r.stats.ban_events, 4, "started, ended, ended, started");
+    // Once it is over, the daemon's expiry ends it without an attempt: counted and reported as
+    // the XDP program would.
+    let ended_before = r.model.totals[Counter::BansEnded as usize];
+    std::thread::sleep(Duration::from_millis(150));
+    r.event(Event::ExpireBans);
+    assert!(r.model.bans.is_empty(), "the automatic ban ended");
+    assert_eq!(
+        r.model.totals[Counter::BansEnded as usize],
+        ended_before + 1
+    );
+    r.check_maps();
+    assert_eq!(
+        r.stats.ban_events, 5,
+        "started, ended, ended, started, ended"
+    );
 }
 
 /// An IPv6 SYN of the pool's first client to `dport`.

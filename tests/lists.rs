@@ -20,8 +20,8 @@ use ws_guard::{
     pin::PinDir,
 };
 use ws_guard_common::maps::{
-    ACTION_DROP, AF_INET, AF_INET6, BAN_RATE, Counter, EVENT_BAN_ENDED, EVENT_BAN_STARTED,
-    GlobalConfig, PortConfig, SourceKey,
+    ACTION_DROP, AF_INET, AF_INET6, BAN_MANUAL, BAN_RATE, Counter, EVENT_BAN_ENDED,
+    EVENT_BAN_STARTED, GlobalConfig, PortConfig, SourceKey,
 };
 use ws_guard_tests::{
     frames::{FrameBuilder, LINUX_SYN_OPTIONS, Tcp},
@@ -370,11 +370,24 @@ fn userspace_expiry_and_manual_bans() {
     assert_eq!(verdict(&mut g, &syn4(v4(4), 1)), XDP_PASS);
     assert_deltas(&g, &c0, &[(Counter::Banned, 2), (Counter::Admitted, 1)]);
 
+    // The sweep's expiry ends the ban that is over without an attempt from its source: counted
+    // and reported as when the XDP program ends one. Lifting a ban is neither.
+    let mut ring = g.take_events().expect("event ring buffer");
     sleep(Duration::from_millis(300));
+    let c1 = g.counters().unwrap();
     assert_eq!(g.expire_bans().unwrap(), vec![k6]);
+    assert_deltas(&g, &c1, &[(Counter::BansEnded, 1)]);
+    let ev = events::drain(&mut ring);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(
+        (ev[0].kind, ev[0].reason, ev[0].source),
+        (EVENT_BAN_ENDED, BAN_MANUAL, k6)
+    );
     assert_eq!(g.bans().unwrap().len(), 1);
     assert!(g.unban(&k4).unwrap());
     assert!(!g.unban(&k4).unwrap(), "not banned any more");
+    assert_deltas(&g, &c1, &[(Counter::BansEnded, 1)]);
+    assert!(events::drain(&mut ring).is_empty());
     assert_eq!(g.global().unwrap().flags, 0, "no bans left: no lookups");
     assert_eq!(verdict(&mut g, &syn4(v4(3), 2)), XDP_PASS);
 }

@@ -235,10 +235,13 @@ impl Model {
     }
 
     /// `Guard::expire_bans` after `ended` said which of the bans were over when it looked:
-    /// removes them, and re-derives the flags (also when the kernel ended the last ban).
+    /// the control program ends each (counted and reported as the XDP program does), then the
+    /// flags are re-derived (also when the kernel ended the last ban).
     pub fn expire_bans(&mut self, ended: &[SourceKey]) {
+        let mut counted = Vec::new();
         for k in ended {
-            self.bans.remove(k);
+            let b = self.bucket_of_source(k);
+            self.end_ban(&mut counted, b, k);
         }
         self.refresh_flags();
     }
@@ -278,10 +281,34 @@ impl Model {
 
     /// `Bucket::of_flow`.
     fn bucket_of_flow(&self, flow: &FlowKey) -> Bucket {
-        match self.protected(flow.server_port) {
-            Some(_) => Bucket::Port(flow.server_port, flow.family),
+        self.bucket_of_port(flow.server_port, flow.family)
+    }
+
+    /// `Bucket::of_source`.
+    fn bucket_of_source(&self, source: &SourceKey) -> Bucket {
+        self.bucket_of_port(source.port, source.family)
+    }
+
+    fn bucket_of_port(&self, port: u16, family: u16) -> Bucket {
+        match self.protected(port) {
+            Some(_) => Bucket::Port(port, family),
             None => Bucket::Unattributed,
         }
+    }
+
+    /// `maps::end_ban`: removes the ban of `source`, counts and reports its end.
+    fn end_ban(&mut self, out: &mut Vec<(Bucket, Counter)>, b: Bucket, source: &SourceKey) {
+        let Some(ban) = self.bans.remove(source) else {
+            return;
+        };
+        self.count(out, b, Counter::BansEnded);
+        self.events.push(BanEvent {
+            kind: EVENT_BAN_ENDED,
+            reason: ban.reason,
+            source: *source,
+            _pad: 0,
+            until_ns: ban.until_ns,
+        });
     }
 
     fn count(&mut self, out: &mut Vec<(Bucket, Counter)>, b: Bucket, c: Counter) {
@@ -544,16 +571,7 @@ impl Model {
         let active = clock.ban_active(source, ban.until_ns);
         out.ban = Some((ban.until_ns, active));
         if !active {
-            // `end_ban`.
-            self.bans.remove(source);
-            self.count(counted, bucket, Counter::BansEnded);
-            self.events.push(BanEvent {
-                kind: EVENT_BAN_ENDED,
-                reason: ban.reason,
-                source: *source,
-                _pad: 0,
-                until_ns: ban.until_ns,
-            });
+            self.end_ban(counted, bucket, source);
             return Gate::Continue;
         }
         if monitor {

@@ -358,6 +358,9 @@ pub const OP_EXPIRE_PENDING: u32 = 1;
 pub const OP_RELEASE_OWNED: u32 = 2;
 /// Count an established connection the programs have not seen (e.g. older than ws-guard).
 pub const OP_ADOPT: u32 = 3;
+/// End the ban of `source` if it is over (the daemon's expiry of bans whose source went quiet),
+/// counted and reported like an end the XDP program finds.
+pub const OP_EXPIRE_BAN: u32 = 4;
 
 /// A request to the control program, passed as its "packet" through BPF_PROG_TEST_RUN, so the
 /// change happens in the kernel with the same atomic operations the other programs use.

@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use ws_guard_common::{
     maps::{
-        BanEvent, BanValue, Counter, FlowKey, FlowValue, GlobalConfig, PortConfig, RateState,
-        STATS_ENTRIES, SourceKey, UNATTRIBUTED, stats_bucket,
+        BanEvent, BanValue, Counter, EVENT_BAN_ENDED, FlowKey, FlowValue, GlobalConfig, PortConfig,
+        RateState, STATS_ENTRIES, SourceKey, UNATTRIBUTED, stats_bucket,
     },
     policy::{CIDR_DATA_LEN, TAG_BITS, address_bits},
 };
@@ -73,9 +73,20 @@ impl Bucket {
     /// The bucket of a connection to `server_port`: its port's if protected, else unattributed.
     #[inline(always)]
     pub fn of_flow(flow: &FlowKey) -> Bucket {
-        match port(flow.server_port) {
-            Some(p) => Bucket::of(p, flow.family),
-            None => Bucket(stats_bucket(UNATTRIBUTED, flow.family)),
+        Bucket::of_port_number(flow.server_port, flow.family)
+    }
+
+    /// The bucket of a source key (of its protected port, as the XDP program counted it).
+    #[inline(always)]
+    pub fn of_source(source: &SourceKey) -> Bucket {
+        Bucket::of_port_number(source.port, source.family)
+    }
+
+    #[inline(always)]
+    fn of_port_number(number: u16, family: u16) -> Bucket {
+        match port(number) {
+            Some(p) => Bucket::of(p, family),
+            None => Bucket(stats_bucket(UNATTRIBUTED, family)),
         }
     }
 }
@@ -197,6 +208,19 @@ pub fn emit(b: Bucket, kind: u32, reason: u32, source: &SourceKey, until_ns: u64
         }
         None => count(b, Counter::EventsLost),
     }
+}
+
+/// Ends an expired ban: whoever deletes it (the XDP program on the source's next attempt, on
+/// this CPU or another, or the daemon's expiry through the control program) counts and reports
+/// its end, so each end is reported once.
+#[inline(always)]
+pub fn end_ban(source: &SourceKey, until_ns: u64, reason: u32, bucket: Bucket) -> bool {
+    if WSG_BANS.remove(source).is_err() {
+        return false;
+    }
+    count(bucket, Counter::BansEnded);
+    emit(bucket, EVENT_BAN_ENDED, reason, source, until_ns);
+    true
 }
 
 /// Adds one to the refusal count of `key`'s rate state, if it has one (never creates one).

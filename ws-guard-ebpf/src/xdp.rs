@@ -11,8 +11,8 @@ use aya_log_ebpf::debug;
 use ws_guard_common::{
     key::source_key,
     maps::{
-        ACTION_DROP, ACTION_REJECT, AF_INET, BAN_RATE, BanValue, Counter, EVENT_BAN_ENDED,
-        EVENT_BAN_STARTED, FLAG_BANS, FlowKey, FlowValue, GlobalConfig, PortConfig, SourceKey,
+        ACTION_DROP, ACTION_REJECT, AF_INET, BAN_RATE, BanValue, Counter, EVENT_BAN_STARTED,
+        FLAG_BANS, FlowKey, FlowValue, GlobalConfig, PortConfig, SourceKey,
     },
     parse::{self, Packet, Parsed, TcpSegment},
     policy::{ListVerdict, ban_active, ban_until, list_verdict},
@@ -245,7 +245,7 @@ fn gate(
         None => return Gate::Continue,
     };
     if !ban_active(until_ns, now) {
-        end_ban(source, until_ns, reason, bucket);
+        maps::end_ban(source, until_ns, reason, bucket);
         return Gate::Continue;
     }
     if monitor {
@@ -254,16 +254,6 @@ fn gate(
     maps::note_refusal(source);
     count(bucket, Counter::Banned);
     Gate::Refuse
-}
-
-/// An expired ban found on a new attempt: whoever deletes it (this CPU, another, userspace's
-/// expiry) reports its end.
-#[inline(always)]
-fn end_ban(source: &SourceKey, until_ns: u64, reason: u32, bucket: Bucket) {
-    if WSG_BANS.remove(source).is_ok() {
-        count(bucket, Counter::BansEnded);
-        maps::emit(bucket, EVENT_BAN_ENDED, reason, source, until_ns);
-    }
 }
 
 /// Bans `source` for `ban_ns` after a rate-limit refusal and tells the daemon. A ban already

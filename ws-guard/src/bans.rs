@@ -1,7 +1,8 @@
 //! Bans (`WSG_BANS`): source keys whose new attempts are dropped until a deadline, started by
 //! the XDP program after a rate-limit refusal (`ban_duration` > 0) or by the operator. The map
-//! is pinned, so bans survive a daemon restart; expired ones are removed by the XDP program
-//! when the source tries again, or by [`Guard::expire_bans`] from the sweep.
+//! is pinned, so bans survive a daemon restart; expired ones are ended by the XDP program
+//! when the source tries again, or by [`Guard::expire_bans`] from the sweep: either way in the
+//! kernel, counted in `bans_ended` and reported in the event ring buffer.
 
 use std::{collections::HashSet, net::IpAddr, time::Duration};
 
@@ -9,7 +10,10 @@ use anyhow::Context as _;
 use aya::maps::{HashMap, MapData, MapError};
 use ws_guard_common::{
     key,
-    maps::{AF_INET, AF_INET6, BAN_MANUAL, BAN_RATE, BanValue, RateState, SourceKey},
+    maps::{
+        AF_INET, AF_INET6, BAN_MANUAL, BAN_RATE, BanValue, ControlOp, OP_EXPIRE_BAN, RateState,
+        SourceKey,
+    },
     names,
     policy::{ban_active, ban_remaining, ban_until},
 };
@@ -160,32 +164,28 @@ impl Guard {
         Ok(active)
     }
 
-    /// Removes the bans that have ended; returns their sources. A ban the XDP program ended
-    /// meanwhile is not returned (it reported that end itself).
+    /// Ends the bans that are over; returns their sources. The control program ends each one
+    /// (checked again by the kernel's clock, so a ban renewed meanwhile stays), counts it in
+    /// `bans_ended` and reports it in the event ring buffer, as when the XDP program finds an
+    /// expired ban on the source's next attempt. A ban the XDP program ended meanwhile is not
+    /// returned (it reported that end itself).
     pub fn expire_bans(&mut self) -> anyhow::Result<Vec<SourceKey>> {
-        let expired: Vec<SourceKey> = {
-            let now = monotonic_ns();
-            self.ban_entries()?
-                .into_iter()
-                .filter(|(_, v)| !ban_active(v.until_ns, now))
-                .map(|(k, _)| k)
-                .collect()
-        };
+        let now = monotonic_ns();
+        let expired: Vec<SourceKey> = self
+            .ban_entries()?
+            .into_iter()
+            .filter(|(_, v)| !ban_active(v.until_ns, now))
+            .map(|(k, _)| k)
+            .collect();
         let mut out = Vec::new();
-        {
-            let mut m: HashMap<&mut MapData, SourceKey, BanValue> =
-                self.map_mut(names::MAP_BANS)?;
-            for k in expired {
-                // Checked again right before the delete: the kernel may have renewed it.
-                match m.get(&k, 0) {
-                    Ok(v) if !ban_active(v.until_ns, monotonic_ns()) => {}
-                    _ => continue,
-                }
-                match m.remove(&k) {
-                    Ok(()) => out.push(k),
-                    Err(MapError::KeyNotFound) => {}
-                    Err(e) => return Err(e).context("removing an expired ban"),
-                }
+        for source in expired {
+            let op = ControlOp {
+                op: OP_EXPIRE_BAN,
+                source,
+                ..Default::default()
+            };
+            if self.control(op).context("ending an expired ban")? {
+                out.push(source);
             }
         }
         // Always: the kernel ends bans itself (on the next attempt) without touching the flags,

@@ -203,7 +203,7 @@ pub async fn run(
         config_path: config_path.clone(),
         state_file,
     }));
-    let ban_log = crate::events::start(&shared);
+    crate::events::start(&shared);
     let mut metrics_addr = None;
     let server = match metrics_listener {
         Some(listener) => {
@@ -259,7 +259,9 @@ pub async fn run(
                 let guard = &mut shared.guard;
                 watch.check(guard, xdp_mode);
                 guard.flush_kernel_log();
-                crate::events::expire_bans(guard, &ban_log);
+                if let Err(e) = guard.expire_bans() {
+                    warn!("ending expired bans failed (retried next sweep): {e:#}");
+                }
                 match sweeper.run(guard, handshake_timeout) {
                     Ok(r) if r.expired + r.released + r.adopted > 0 => log::debug!("sweep: {r:?}"),
                     Ok(_) => {}

@@ -13,7 +13,7 @@ use aya::maps::{MapData, RingBuf};
 use log::{info, warn};
 use tokio::io::{Interest, unix::AsyncFd};
 use ws_guard_common::{
-    maps::{BAN_RATE, BanEvent, EVENT_BAN_ENDED, EVENT_BAN_STARTED, GlobalConfig, SourceKey},
+    maps::{BAN_RATE, BanEvent, EVENT_BAN_ENDED, EVENT_BAN_STARTED, GlobalConfig},
     names,
 };
 
@@ -151,15 +151,6 @@ pub fn describe(event: &BanEvent, global: &GlobalConfig, now_ns: u64) -> String 
     }
 }
 
-/// The log line of a ban userspace's expiry removed.
-pub fn expired_line(source: &SourceKey, global: &GlobalConfig) -> String {
-    format!(
-        "ban ended: source={} port={} reason=expired",
-        source_label(source, global),
-        source.port
-    )
-}
-
 impl Guard {
     /// Takes the event ring buffer out of the guard, for a reader of its own; once only.
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
@@ -183,22 +174,18 @@ pub fn drain(ring: &mut RingBuf<MapData>) -> Vec<BanEvent> {
     out
 }
 
-/// Starts the task that logs the kernel's ban events; returns the log the daemon's other ban
-/// lines go through ([`expire_bans`]). When the ring buffer cannot be watched, says so and
-/// goes on without the kernel's events: bans still apply.
+/// Starts the task that logs the kernel's ban events (every start and end, whether the XDP
+/// program or the daemon's expiry ended the ban). When the ring buffer cannot be watched, says
+/// so and goes on without the kernel's events: bans still apply.
 ///
 /// `G`: the guard, or the daemon's state holding it.
-pub fn start<G: AsRef<Guard> + AsMut<Guard> + Send + 'static>(
-    guard: &Arc<Mutex<G>>,
-) -> Arc<EventLog> {
-    let log = Arc::new(EventLog::default());
+pub fn start<G: AsRef<Guard> + AsMut<Guard> + Send + 'static>(guard: &Arc<Mutex<G>>) {
     match watch(guard) {
         Ok(fd) => {
-            tokio::spawn(run(fd, guard.clone(), log.clone()));
+            tokio::spawn(run(fd, guard.clone(), EventLog::default()));
         }
         Err(e) => warn!("ban events will not be logged: {e:#}; `ws-guard bans` lists the bans"),
     }
-    log
 }
 
 fn watch<G: AsMut<Guard>>(guard: &Arc<Mutex<G>>) -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
@@ -212,7 +199,7 @@ fn watch<G: AsMut<Guard>>(guard: &Arc<Mutex<G>>) -> anyhow::Result<AsyncFd<RingB
 async fn run<G: AsRef<Guard>>(
     mut fd: AsyncFd<RingBuf<MapData>>,
     guard: Arc<Mutex<G>>,
-    log: Arc<EventLog>,
+    log: EventLog,
 ) {
     let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -249,20 +236,6 @@ async fn run<G: AsRef<Guard>>(
     }
 }
 
-/// Removes expired bans (the sweep's tick) and logs each through `log`.
-pub fn expire_bans(guard: &mut Guard, log: &EventLog) {
-    match guard.expire_bans() {
-        Ok(ended) if !ended.is_empty() => {
-            let global = guard.global().unwrap_or_default();
-            for k in &ended {
-                log.log(|| expired_line(k, &global));
-            }
-        }
-        Ok(_) => {}
-        Err(e) => warn!("expiring bans failed (retried next sweep): {e:#}"),
-    }
-}
-
 fn lock<G>(guard: &Mutex<G>) -> std::sync::MutexGuard<'_, G> {
     guard.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -270,7 +243,7 @@ fn lock<G>(guard: &Mutex<G>) -> std::sync::MutexGuard<'_, G> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ws_guard_common::maps::{AF_INET, BAN_MANUAL};
+    use ws_guard_common::maps::{AF_INET, BAN_MANUAL, SourceKey};
 
     #[test]
     fn burst_then_rate() {
@@ -357,10 +330,6 @@ mod tests {
         assert_eq!(
             describe(&e, &global, 0),
             "ban ended: source=198.18.0.5/32 port=9000 reason=expired ban_reason=rate"
-        );
-        assert_eq!(
-            expired_line(&key(), &global),
-            "ban ended: source=198.18.0.5/32 port=9000 reason=expired"
         );
     }
 }

@@ -368,8 +368,8 @@ fn registry(s: &Snapshot) -> prometheus::Result<Registry> {
     let ban_events = counter(
         "ws_guard_ban_events_total",
         "Bans by event: bans_started (a source over new_connections while ban_duration > 0), \
-         bans_ended (an expired ban found by the XDP program; the daemon's expiry is logged, \
-         not counted), bans_full (not banned: the ban map was full), events_lost (ban events \
+         bans_ended (a ban that ran out, ended by the XDP program on the source's \
+         next attempt or by the daemon's sweep; bans lifted by the operator are not counted), bans_full (not banned: the ban map was full), events_lost (ban events \
          the daemon could not be told: ring buffer full).",
         &["port", "family", "event"],
     )?;
