@@ -34,12 +34,15 @@ use ws_guard::{
     events::drain,
     guard::{Guard, LoadOptions},
     lists::{List, Policy},
+    sweep::Sweeper,
 };
 use ws_guard_common::{
+    filter::flow_filter_index,
+    key::flow_source,
     maps::{
         ACTION_DROP, ACTION_REJECT, AF_INET, AF_INET6, BAN_MANUAL, BanValue, CONTROL_DONE,
-        ControlOp, Counter, FlowKey, FlowValue, GlobalConfig, OP_ADOPT, OP_EXPIRE_PENDING,
-        OP_RELEASE_OWNED, PortConfig, RateState, SourceKey,
+        ControlOp, Counter, FLAG_CHECK_FLOWS, FlowKey, FlowValue, GlobalConfig, OP_ADOPT,
+        OP_EXPIRE_PENDING, OP_RELEASE_OWNED, PortConfig, RateState, SourceKey, SourceState,
     },
     names,
     parse::{self, Parsed},
@@ -470,6 +473,8 @@ enum Event {
     Ban(SourceKey, u64),
     Unban(SourceKey),
     ExpireBans,
+    /// `Guard::settle_flow_check` (the sweep's clearing of `FLAG_CHECK_FLOWS`).
+    SettleFlowCheck,
     /// Checkpoint: compare every map; then maybe release everything tracked, maybe lift every
     /// ban.
     Checkpoint {
@@ -761,6 +766,7 @@ impl Gen {
                 }
             }
             424..430 => Event::ExpireBans,
+            430..445 => Event::SettleFlowCheck,
             _ => {
                 let (f, what) = self.frame();
                 Event::Frame(f, what)
@@ -1215,6 +1221,9 @@ struct Run {
     frames_since_check: u64,
     last_checked_frame: u64,
     stats: RunStats,
+    /// Whether the last frame's flow lookups were skipped by the flow filter (per the model,
+    /// which checked that no tracked flow was this one).
+    last_skipped: bool,
 }
 
 #[derive(Default, Debug)]
@@ -1231,6 +1240,10 @@ struct RunStats {
     ambiguous_bans: u64,
     /// Ban events compared.
     ban_events: u64,
+    /// SYNs whose flow lookups the flow filter skipped (the model checked each skip).
+    skipped_lookups: u64,
+    /// Clearings of `FLAG_CHECK_FLOWS` by `settle_flow_check`.
+    flow_checks_settled: u64,
     /// The decision counters at the end.
     totals: [u64; Counter::COUNT as usize],
 }
@@ -1265,6 +1278,7 @@ impl Run {
             frames_since_check: 0,
             last_checked_frame: 0,
             stats: RunStats::default(),
+            last_skipped: false,
         }
     }
 
@@ -1322,6 +1336,8 @@ impl Run {
             ambiguous: 0,
         };
         let expected = self.model.xdp(frame, (t0, t1), &mut clock);
+        self.last_skipped = expected.skipped_lookups;
+        self.stats.skipped_lookups += u64::from(expected.skipped_lookups);
         self.stats.ambiguous_bans += clock.ambiguous;
         if let Some(e) = expected.clock_conflict() {
             self.fail(&e);
@@ -1470,26 +1486,24 @@ impl Run {
             .owned()
             .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
         self.compare_flows("WSG_OWNED", owned, &self.model.owned);
-        let conns: HashMap<SourceKey, u32> = self
+        // Slots and flow filters: the model derives each source's filter from its flows.
+        let conns: HashMap<SourceKey, SourceState> = self
             .guard
-            .source_counters()
+            .source_states()
             .unwrap_or_else(|e| self.fail(&format!("{e:#}")))
             .into_iter()
             .collect();
-        if conns != self.model.conns {
+        let model = self.model.source_states();
+        if conns != model {
             let mut diff = String::new();
             for (k, v) in &conns {
-                if self.model.conns.get(k) != Some(v) {
-                    let _ = write!(
-                        diff,
-                        "\n  {k:?}: kernel {v}, model {:?}",
-                        self.model.conns.get(k)
-                    );
+                if model.get(k) != Some(v) {
+                    let _ = write!(diff, "\n  {k:?}: kernel {v:?}, model {:?}", model.get(k));
                 }
             }
-            for (k, v) in &self.model.conns {
+            for (k, v) in &model {
                 if !conns.contains_key(k) {
-                    let _ = write!(diff, "\n  {k:?}: kernel none, model {v}");
+                    let _ = write!(diff, "\n  {k:?}: kernel none, model {v:?}");
                 }
             }
             self.fail(&format!("WSG_CONNS differs:{diff}"));
@@ -1705,6 +1719,24 @@ impl Run {
         }
     }
 
+    /// The sweep's clearing of `FLAG_CHECK_FLOWS`, in the kernel's maps and the model.
+    fn settle_flow_check(&mut self) {
+        self.note(Noted::Text("settle flow check".into()));
+        let was_set = self.model.global.flags & FLAG_CHECK_FLOWS != 0;
+        let kernel = self
+            .guard
+            .settle_flow_check()
+            .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
+        let model = self.model.settle_flow_check();
+        if kernel != model {
+            self.fail(&format!(
+                "settle_flow_check: kernel {kernel}, model {model}"
+            ));
+        }
+        self.stats.flow_checks_settled += u64::from(was_set && kernel);
+        self.check_global();
+    }
+
     fn event(&mut self, e: Event) {
         match e {
             Event::Frame(f, what) => {
@@ -1760,6 +1792,7 @@ impl Run {
             Event::Ban(key, ns) => self.ban(key, ns),
             Event::Unban(key) => self.unban(key),
             Event::ExpireBans => self.expire_bans(),
+            Event::SettleFlowCheck => self.settle_flow_check(),
             Event::Checkpoint {
                 release_all,
                 unban_all,
@@ -1783,6 +1816,11 @@ impl Run {
                     }
                     for f in owned {
                         self.control(OP_RELEASE_OWNED, f);
+                    }
+                    // Nothing tracked: the sweep's next look clears FLAG_CHECK_FLOWS.
+                    self.settle_flow_check();
+                    if self.model.global.flags & FLAG_CHECK_FLOWS != 0 {
+                        self.fail("FLAG_CHECK_FLOWS still set with no flow tracked");
                     }
                 }
             }
@@ -1822,7 +1860,8 @@ fn run(name: &'static str, opts: LoadOptions, frames: u64, small_maps: bool) -> 
     println!(
         "{name}: {} frames, zero disagreements, {:.1} s ({:.1} µs/frame); verdicts {:?}, \
          {} rate windows and {} accounting requests compared, {} list/ban changes, {} ban events \
-         compared, {} checkpoints, largest clock skew {} ns, {} bans found at their deadline",
+         compared, {} checkpoints, largest clock skew {} ns, {} bans found at their deadline, \
+         {} SYNs skipped the flow lookups, {} flow checks settled",
         r.frames,
         took.as_secs_f64(),
         took.as_secs_f64() * 1e6 / r.frames.max(1) as f64,
@@ -1834,6 +1873,8 @@ fn run(name: &'static str, opts: LoadOptions, frames: u64, small_maps: bool) -> 
         r.stats.checkpoints,
         r.stats.max_clock_skew_ns,
         r.stats.ambiguous_bans,
+        r.stats.skipped_lookups,
+        r.stats.flow_checks_settled,
     );
     let counters: Vec<String> = Counter::ALL
         .iter()
@@ -1871,6 +1912,10 @@ fn kernel_matches_model() {
         assert!(s.totals[c as usize] > 0, "no {}: {s:?}", c.name());
     }
     assert!(s.policy_ops > 0 && s.ban_events > 0, "{s:?}");
+    // ... and the flow filter: SYNs skipped the lookups, retransmits were still found, and
+    // FLAG_CHECK_FLOWS was set by prefix changes and cleared.
+    assert!(s.skipped_lookups > 0 && s.flow_checks_settled > 0, "{s:?}");
+    assert!(s.totals[Counter::SynRetransmits as usize] > 0, "{s:?}");
 }
 
 /// Tiny flow maps (8 half-open, 8 established) and ban map (4): attempts meet a full
@@ -2135,4 +2180,153 @@ fn ipv6_syn_to(dport: u16, sport: u16) -> Vec<u8> {
         },
     };
     spec.build(&mut Rng::new(1)).0
+}
+
+/// The per-source flow filter (directed): a new tuple skips the two flow lookups with its
+/// verdict unchanged, a retransmit of a source at its limit is still found (the filter counts
+/// its flow), and after a prefix change the flows charged to old keys are still found
+/// (`FLAG_CHECK_FLOWS`), until the sweep clears the flag once they are gone. Kernel and model
+/// agree on every frame and every map after each step (slots and filters included).
+#[test]
+fn flow_filter() {
+    if !ws_guard_tests::privileged("flow_filter") {
+        return;
+    }
+    let mut r = Run::new("flow_filter", 0, &LoadOptions::default(), 1);
+    r.event(Event::SetGlobal(GlobalConfig::default()));
+    r.check_maps();
+    assert_eq!(
+        r.model.global.flags & FLAG_CHECK_FLOWS,
+        0,
+        "no flag at load"
+    );
+    r.event(Event::SetPort(
+        9000,
+        PortConfig {
+            enabled: 1,
+            max_connections: 1,
+            conn_action: ACTION_DROP,
+            ..PortConfig::default()
+        },
+    ));
+    let spec = |src: [u8; 4], sport: u16| Spec {
+        tags: Vec::new(),
+        net: Net::V4 {
+            src,
+            dst: V4_SERVERS[0],
+            options: Vec::new(),
+            frag: 0x4000,
+        },
+        l4: L4::Tcp {
+            sport,
+            dport: 9000,
+            seq: 7,
+            ack: 0,
+            flags: SYN,
+            options: Vec::new(),
+            payload: Vec::new(),
+        },
+    };
+    let build = |s: &Spec| s.build(&mut Rng::new(3)).0;
+    let index = |s: &Spec| flow_filter_index(&s.flow().unwrap());
+    let step = |r: &mut Run, s: &Spec, verdict: u32, counter: Counter, skipped: bool| {
+        let before = r.model.totals[counter as usize];
+        let (v, _) = r.frame(&build(s), Desc::of(s, "flow filter".into()));
+        assert_eq!(v, verdict, "{counter:?}");
+        assert_eq!(r.model.totals[counter as usize], before + 1, "{counter:?}");
+        assert_eq!(r.last_skipped, skipped, "{counter:?}: lookups skipped");
+        r.check_maps();
+    };
+    let a = [198, 18, 0, 1];
+    let first = spec(a, 40_000);
+    // A source without an entry: nothing to look up; admitted as without the filter.
+    step(&mut r, &first, XDP_PASS, Counter::Admitted, true);
+    let key = flow_source(&first.flow().unwrap(), &r.model.global);
+    let state = r.guard.source_states().unwrap();
+    let (_, s) = state.iter().find(|(k, _)| *k == key).expect("entry");
+    assert_eq!(s.slots, 1);
+    assert_eq!(s.filter[index(&first)], 1, "{s:?}");
+    assert_eq!(s.filter.iter().sum::<u32>(), 1, "{s:?}");
+    // At its limit: the retransmit is found through the filter and passes...
+    step(&mut r, &first, XDP_PASS, Counter::SynRetransmits, false);
+    // ... a new tuple in another bucket skips the lookups and is refused as before ...
+    let other = (40_001..41_000)
+        .map(|p| spec(a, p))
+        .find(|s| index(s) != index(&first))
+        .unwrap();
+    step(&mut r, &other, XDP_DROP, Counter::ConnLimited, true);
+    // ... and one in the same bucket looks them up (missing both) and is refused too.
+    let same = (40_001..41_000)
+        .map(|p| spec(a, p))
+        .find(|s| index(s) == index(&first))
+        .unwrap();
+    step(&mut r, &same, XDP_DROP, Counter::ConnLimited, false);
+    // Established (adopted, then the half-open entry expired): still found.
+    r.event(Event::Adopt(first.flow().unwrap()));
+    r.event(Event::Expire(first.flow().unwrap()));
+    r.check_maps();
+    step(&mut r, &first, XDP_PASS, Counter::SynRetransmits, false);
+
+    // A prefix change with the flow in flight: its count stays in the /32 entry, the SYN now
+    // maps to the /24 key, so every SYN looks the flows up while the flag is set.
+    r.event(Event::SetGlobal(GlobalConfig {
+        ipv4_prefix: 24,
+        ..GlobalConfig::default()
+    }));
+    assert_ne!(
+        r.model.global.flags & FLAG_CHECK_FLOWS,
+        0,
+        "set by the change"
+    );
+    step(&mut r, &first, XDP_PASS, Counter::SynRetransmits, false);
+    // A neighbour in the /24 (no entry yet): looked up under the flag, admitted.
+    let b = spec([198, 18, 0, 2], 40_000);
+    step(&mut r, &b, XDP_PASS, Counter::Admitted, false);
+    // Other changes keep the flag (the lists', the bans' and the monitor switch's).
+    r.event(Event::Policy {
+        allow: Vec::new(),
+        deny: vec!["198.18.9.0/24".parse().unwrap()],
+        ban_ns: 0,
+    });
+    r.event(Event::SetGlobal(GlobalConfig {
+        ipv4_prefix: 24,
+        monitor: 0,
+        fail_closed: 1,
+        ..GlobalConfig::default()
+    }));
+    assert_ne!(r.model.global.flags & FLAG_CHECK_FLOWS, 0, "kept");
+    // Not cleared while the old-key flow is tracked...
+    r.event(Event::SettleFlowCheck);
+    assert_ne!(
+        r.model.global.flags & FLAG_CHECK_FLOWS,
+        0,
+        "old key still tracked"
+    );
+    step(&mut r, &first, XDP_PASS, Counter::SynRetransmits, false);
+    // ... nor by the periodic sweep. It is cleared once the flow is gone, by the second sweep
+    // round that sees the flag (the first only notes it).
+    r.event(Event::ReleaseOwned(first.flow().unwrap()));
+    let mut sweeper = Sweeper::default();
+    let mut sweep = |r: &mut Run| {
+        let report = sweeper
+            .run(&mut r.guard, Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(
+            (report.expired, report.released, report.adopted),
+            (0, 0, 0),
+            "no socket on port 9000 in this namespace; b is younger than the grace period"
+        );
+        report.flow_check_cleared
+    };
+    assert!(!sweep(&mut r), "first sight of the flag");
+    assert!(sweep(&mut r), "the second round clears it");
+    assert!(r.model.settle_flow_check());
+    r.check_maps();
+    // The /24 key now skips again: a new tuple of b's in another bucket than b's flow.
+    let b2 = (40_001..41_000)
+        .map(|p| spec([198, 18, 0, 3], p))
+        .find(|s| index(s) != index(&b))
+        .unwrap();
+    step(&mut r, &b2, XDP_DROP, Counter::ConnLimited, true);
+    step(&mut r, &b, XDP_PASS, Counter::SynRetransmits, false);
 }

@@ -27,11 +27,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ws_guard_common::{
+    filter::{flow_filter_index, must_check_flows, prefixes_changed},
     key::{flow_source, source_key},
     maps::{
         ACTION_DROP, ACTION_REJECT, AF_INET, AF_INET6, BAN_MANUAL, BAN_RATE, BanEvent, BanValue,
-        Counter, EVENT_BAN_ENDED, EVENT_BAN_STARTED, FLAG_BANS, FlowKey, GlobalConfig, PortConfig,
-        RATE_SLOTS, RateState, SourceKey,
+        Counter, EVENT_BAN_ENDED, EVENT_BAN_STARTED, FLAG_BANS, FLAG_CHECK_FLOWS, FlowKey,
+        GATE_FLAGS, GlobalConfig, PortConfig, RATE_SLOTS, RateState, SourceKey, SourceState,
     },
     parse::{self, Packet, Parsed, TcpSegment},
     policy::{self, CIDR_DATA_LEN, CidrKey, ListVerdict, ban_active, ban_until, list_verdict},
@@ -102,6 +103,9 @@ pub struct Outcome {
     /// A ban the attempt found: its deadline and whether the [`Clock`] said it was in force
     /// (with `rate`, the stamp must agree).
     pub ban: Option<(u64, bool)>,
+    /// A new attempt whose source's flow filter (and `FLAG_CHECK_FLOWS`) let the kernel skip
+    /// the two flow-map lookups.
+    pub skipped_lookups: bool,
 }
 
 impl Outcome {
@@ -137,7 +141,8 @@ pub struct Model {
     pub ports: BTreeMap<u16, PortConfig>,
     pub pending: HashMap<FlowKey, Tracked>,
     pub owned: HashMap<FlowKey, Tracked>,
-    /// `WSG_CONNS`, zero counters included.
+    /// `WSG_CONNS`: the slots of each entry, zero ones included. The flow filters are derived
+    /// from the tracked flows ([`Model::source_states`]).
     pub conns: HashMap<SourceKey, u32>,
     /// `WSG_RATE`.
     pub rate: HashMap<SourceKey, RateState>,
@@ -177,22 +182,87 @@ impl Model {
         }
     }
 
-    /// `Guard::set_global`: the flags are derived from the maps' contents, not taken.
+    /// `Guard::set_global`: the flags are derived from the maps' contents, not taken;
+    /// `FLAG_CHECK_FLOWS` is set by a prefix change and otherwise kept.
     pub fn set_global(&mut self, g: GlobalConfig) {
-        self.global = g;
+        let check = if prefixes_changed(&self.global, &g) {
+            FLAG_CHECK_FLOWS
+        } else {
+            self.global.flags & FLAG_CHECK_FLOWS
+        };
+        self.global = GlobalConfig { flags: check, ..g };
         self.refresh_flags();
     }
 
     /// `Guard::live_flags`, written with the global settings: userspace re-derives them on
     /// every change of the settings, the lists or the bans, and on every ban expiry round (not
-    /// when the kernel ends a ban).
+    /// when the kernel ends a ban). `FLAG_CHECK_FLOWS` is kept.
     fn refresh_flags(&mut self) {
         self.global.flags = policy::flags(
             !self.allow.is_empty(),
             !self.deny.is_empty(),
             self.global.ban_ns,
             !self.bans.is_empty(),
-        );
+        ) | (self.global.flags & FLAG_CHECK_FLOWS);
+    }
+
+    /// `Guard::settle_flow_check`: clears `FLAG_CHECK_FLOWS` when every tracked flow is
+    /// charged to the key the live prefixes give it. True if the flag is clear now.
+    pub fn settle_flow_check(&mut self) -> bool {
+        if self.global.flags & FLAG_CHECK_FLOWS == 0 {
+            return true;
+        }
+        let g = self.global;
+        let settled = self
+            .pending
+            .iter()
+            .chain(self.owned.iter())
+            .all(|(f, t)| flow_source(f, &g) == t.source);
+        if settled {
+            self.global.flags &= !FLAG_CHECK_FLOWS;
+        }
+        settled
+    }
+
+    /// The flow filter the kernel must hold for `key`: its tracked flows (half-open and
+    /// established entries, each counted) per filter bucket.
+    pub fn expected_filter(
+        &self,
+        key: &SourceKey,
+    ) -> [u32; ws_guard_common::maps::FLOW_FILTER_SLOTS] {
+        let mut filter = [0u32; ws_guard_common::maps::FLOW_FILTER_SLOTS];
+        for (f, t) in self.pending.iter().chain(self.owned.iter()) {
+            if t.source == *key {
+                filter[flow_filter_index(f)] += 1;
+            }
+        }
+        filter
+    }
+
+    /// `WSG_CONNS` as the kernel must hold it: each entry's slots and its flow filter, derived
+    /// from the tracked flows.
+    pub fn source_states(&self) -> HashMap<SourceKey, SourceState> {
+        let mut out: HashMap<SourceKey, SourceState> = self
+            .conns
+            .iter()
+            .map(|(k, v)| {
+                (
+                    *k,
+                    SourceState {
+                        slots: *v,
+                        ..SourceState::default()
+                    },
+                )
+            })
+            .collect();
+        for (f, t) in self.pending.iter().chain(self.owned.iter()) {
+            // A flow's count lives in its source's entry; every tracked flow's source has one
+            // (an entry is only removed when it holds nothing).
+            if let Some(s) = out.get_mut(&t.source) {
+                s.filter[flow_filter_index(f)] += 1;
+            }
+        }
+        out
     }
 
     /// `Guard::apply_policy`: the lists become exactly `allow` / `deny` (trie keys) and the ban
@@ -371,6 +441,7 @@ impl Model {
             counted: Vec::new(),
             rate: None,
             ban: None,
+            skipped_lookups: false,
         };
         let counted = &mut Vec::new();
         let seg = match parse::parse(frame) {
@@ -440,25 +511,45 @@ impl Model {
             family: seg.family,
             _pad: 0,
         };
-        if let Some(t) = self.pending.get_mut(&flow) {
-            // The kernel restamps a half-open attempt on each retransmitted SYN.
-            t.since = Since::Within(during.0, during.1);
-            self.count(counted, bucket, Counter::SynRetransmits);
-            return None;
-        }
-        if self.owned.contains_key(&flow) {
-            self.count(counted, bucket, Counter::SynRetransmits);
-            return None;
+        let source = source_key(seg.family, client, seg.dport, &self.global);
+        // The kernel looks up the source's entry (without creating it) and skips the flow maps
+        // when its filter and the flags say the SYN cannot be a retransmission.
+        let state = self.conns.get(&source).map(|slots| SourceState {
+            slots: *slots,
+            _pad: 0,
+            filter: self.expected_filter(&source),
+        });
+        let index = flow_filter_index(&flow);
+        if must_check_flows(self.global.flags, state.as_ref(), index) {
+            if let Some(t) = self.pending.get_mut(&flow) {
+                // The kernel restamps a half-open attempt on each retransmitted SYN.
+                t.since = Since::Within(during.0, during.1);
+                self.count(counted, bucket, Counter::SynRetransmits);
+                return None;
+            }
+            if self.owned.contains_key(&flow) {
+                self.count(counted, bucket, Counter::SynRetransmits);
+                return None;
+            }
+        } else {
+            // The exactness of the skip: no tracked flow may be this one.
+            assert!(
+                !self.pending.contains_key(&flow) && !self.owned.contains_key(&flow),
+                "the flow filter skipped the lookups of a tracked flow {flow:?} (source \
+                 {source:?}, filter {:?}, flags {:#x})",
+                state.map(|s| s.filter),
+                self.global.flags
+            );
+            out.skipped_lookups = true;
         }
         let monitor = self.global.monitor != 0;
-        let source = source_key(seg.family, client, seg.dport, &self.global);
 
         // `limited` false skips the limits (allowlisted, or already judged by monitor mode);
         // `would_block`: monitor mode counted the attempt already.
         let mut tracked_as = Counter::Admitted;
         let mut limited = true;
         let mut would_block = false;
-        if self.global.flags != 0 {
+        if self.global.flags & GATE_FLAGS != 0 {
             match self.gate(&client, &source, bucket, clock, counted, out) {
                 Gate::Continue => {}
                 Gate::Allowed => {
@@ -737,8 +828,17 @@ impl Model {
 
     /// The control program's `OP_ADOPT` (`accounting::adopt`): counts an established
     /// connection the XDP program did not see. `during` bounds its timestamp.
+    /// The source's entry comes first (created even when the flow then turns out to be
+    /// tracked already, or `WSG_OWNED` full).
     pub fn adopt(&mut self, flow: &FlowKey, during: (u64, u64)) -> bool {
         let source = flow_source(flow, &self.global);
+        let b = self.bucket_of_flow(flow);
+        let Some(k) = self.conns_counter(&source) else {
+            if !self.owned.contains_key(flow) {
+                self.count(&mut Vec::new(), b, Counter::UntrackedFull);
+            }
+            return false;
+        };
         if self.owned.contains_key(flow) || self.owned.len() >= self.capacity.flows {
             return false;
         }
@@ -749,24 +849,17 @@ impl Model {
                 since: Since::Within(during.0, during.1),
             },
         );
-        let b = self.bucket_of_flow(flow);
-        match self.conns_counter(&source) {
-            Some(k) => {
-                self.take_slot(&k);
-                self.count(&mut Vec::new(), b, Counter::Adopted);
-                true
-            }
-            None => {
-                self.owned.remove(flow);
-                self.count(&mut Vec::new(), b, Counter::UntrackedFull);
-                false
-            }
-        }
+        self.take_slot(&k);
+        self.count(&mut Vec::new(), b, Counter::Adopted);
+        true
     }
 
-    /// `Guard::remove_idle_source`: removes a zero counter.
+    /// `Guard::remove_idle_source`: removes an entry that holds nothing (no slot, no tracked
+    /// flow in its filter).
     pub fn remove_idle_source(&mut self, key: &SourceKey) {
-        if self.conns.get(key) == Some(&0) {
+        let idle =
+            self.conns.get(key) == Some(&0) && self.expected_filter(key).iter().all(|c| *c == 0);
+        if idle {
             self.conns.remove(key);
         }
     }

@@ -4,6 +4,7 @@
 #![no_std]
 
 pub mod checksum;
+pub mod filter;
 pub mod key;
 pub mod maps;
 pub mod names;

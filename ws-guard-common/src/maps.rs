@@ -27,6 +27,31 @@ pub struct SourceKey {
     pub family: u16,
 }
 
+/// Buckets of a source's flow filter ([`SourceState::filter`]); a power of two.
+pub const FLOW_FILTER_SLOTS: usize = 16;
+
+/// A source key's entry of `WSG_CONNS`: its live connections, and a filter that tells the XDP
+/// program when a SYN of it cannot be a retransmission of a tracked attempt (see
+/// [`crate::filter`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceState {
+    /// Concurrent connections (half-open included) charged to the source.
+    pub slots: u32,
+    pub _pad: u32,
+    /// `filter[i]`: at least the number of this source's tracked flows (entries of
+    /// `WSG_PENDING` and of `WSG_OWNED` whose [`FlowValue::source`] is this key) with
+    /// [`crate::filter::flow_filter_index`] `i`. An over-count only costs lookups.
+    pub filter: [u32; FLOW_FILTER_SLOTS],
+}
+
+impl SourceState {
+    /// Whether the entry holds nothing: no slot taken, no flow counted in the filter.
+    pub fn is_idle(&self) -> bool {
+        self.slots == 0 && self.filter.iter().all(|c| *c == 0)
+    }
+}
+
 /// One TCP connection as the server sees it. IPv4 addresses use the first four bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -117,8 +142,9 @@ pub struct GlobalConfig {
     /// counts [`Counter::MonitorWouldBlock`] instead. Sources that already have a counter are
     /// judged as usual: `WSG_CONNS` is never evicted from.
     pub fail_closed: u32,
-    /// [`FLAG_ALLOW`], [`FLAG_DENY`], [`FLAG_BANS`]: which lookups a new attempt needs, so the
-    /// hot path skips the maps that are empty. Maintained by userspace from the maps' contents.
+    /// [`FLAG_ALLOW`], [`FLAG_DENY`], [`FLAG_BANS`], [`FLAG_CHECK_FLOWS`]: which lookups a new
+    /// attempt needs, so the hot path skips the maps that are empty. Maintained by userspace
+    /// from the maps' contents (and, for [`FLAG_CHECK_FLOWS`], prefix changes and the sweep).
     pub flags: u32,
     pub _pad: u32,
     /// How long a source refused by the rate limit is banned; zero: no automatic bans.
@@ -131,6 +157,13 @@ pub const FLAG_ALLOW: u32 = 1;
 pub const FLAG_DENY: u32 = 2;
 /// [`GlobalConfig::flags`]: bans may exist (automatic bans are on, or `WSG_BANS` has entries).
 pub const FLAG_BANS: u32 = 4;
+/// [`GlobalConfig::flags`]: some tracked flow may be charged to a source key other than the one
+/// the current prefixes give it (a prefix changed while flows were tracked), so its count is in
+/// another entry's flow filter: every new attempt looks up both flow maps. Set by userspace when
+/// a prefix changes; cleared by the sweep once every tracked flow's key is current again.
+pub const FLAG_CHECK_FLOWS: u32 = 8;
+/// The flags that send a new attempt through the lists and the ban map.
+pub const GATE_FLAGS: u32 = FLAG_ALLOW | FLAG_DENY | FLAG_BANS;
 
 impl Default for GlobalConfig {
     fn default() -> Self {
@@ -382,6 +415,10 @@ pub const CONTROL_NOOP: u32 = 1;
 const _: () = {
     assert!(size_of::<SourceKey>() == 20);
     assert!(size_of::<FlowKey>() == 40);
+    assert!(size_of::<SourceState>() == 8 + 4 * FLOW_FILTER_SLOTS);
+    assert!(FLOW_FILTER_SLOTS.is_power_of_two());
+    // The kernel creates source entries from the all-zero rate state (see the eBPF maps).
+    assert!(size_of::<SourceState>() <= size_of::<RateState>());
     assert!(size_of::<FlowValue>() == 32);
     assert!(size_of::<PortConfig>() == 32);
     assert!(size_of::<GlobalConfig>() == 32);
@@ -399,6 +436,7 @@ mod pod {
     // SAFETY: plain `#[repr(C)]` data without padding (sizes asserted above).
     unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for SourceState {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for PortConfig {}
     unsafe impl aya::Pod for GlobalConfig {}

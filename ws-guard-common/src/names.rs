@@ -71,4 +71,4 @@ const _: () = assert!(all_fit(&PROGRAMS) && all_fit(&MAPS));
 
 /// Version of the map layouts; part of the pin directory so a daemon never adopts maps whose
 /// layout it does not know.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;

@@ -5,6 +5,7 @@
 use aya_ebpf::maps::HashMap;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use ws_guard_common::{
+    filter::flow_filter_index,
     key::flow_source,
     maps::{Counter, FlowKey, FlowValue},
 };
@@ -24,12 +25,12 @@ pub fn established(flow: &FlowKey) {
             v.since_ns = unsafe { bpf_ktime_get_ns() };
             match WSG_OWNED.insert(flow, &v, BPF_NOEXIST as u64) {
                 Ok(()) => count(Bucket::of_flow(flow), Counter::Established),
-                // The sweep adopted it a moment ago and took a slot of its own: give back the
-                // half-open one so the connection is counted once.
-                Err(EEXIST) => maps::release(&v.source),
+                // The sweep adopted it a moment ago and took a slot (and a filter count) of its
+                // own: give back the half-open one's so the connection is counted once.
+                Err(EEXIST) => maps::release(&v.source, flow_filter_index(flow)),
                 // Map full: the connection can no longer be tracked; free its slot.
                 Err(_) => {
-                    maps::release(&v.source);
+                    maps::release(&v.source, flow_filter_index(flow));
                     count(Bucket::of_flow(flow), Counter::UntrackedFull);
                 }
             }
@@ -38,30 +39,33 @@ pub fn established(flow: &FlowKey) {
     }
 }
 
-/// Counts an established connection the programs have not seen.
+/// Counts an established connection the programs have not seen. The source's entry comes
+/// first: the flow is counted in its filter before it is in `WSG_OWNED`.
 #[inline(always)]
 pub fn adopt(flow: &FlowKey) -> bool {
     let source = flow_source(flow, &maps::global());
+    let Some(c) = maps::conns_counter(&source) else {
+        // No room for the source: untracked, unless it is tracked already.
+        // SAFETY: the lookup only tests presence.
+        if unsafe { WSG_OWNED.get(flow).is_none() } {
+            count(Bucket::of_flow(flow), Counter::UntrackedFull);
+        }
+        return false;
+    };
+    let index = flow_filter_index(flow);
+    maps::filter_add(c, index);
     let value = FlowValue {
         source,
         _pad: 0,
         since_ns: unsafe { bpf_ktime_get_ns() },
     };
     if WSG_OWNED.insert(flow, &value, BPF_NOEXIST as u64).is_err() {
+        maps::filter_sub(c, index);
         return false;
     }
-    match maps::conns_counter(&source) {
-        Some(c) => {
-            maps::take_slot(c);
-            count(Bucket::of_flow(flow), Counter::Adopted);
-            true
-        }
-        None => {
-            let _ = WSG_OWNED.remove(flow);
-            count(Bucket::of_flow(flow), Counter::UntrackedFull);
-            false
-        }
-    }
+    maps::take_slot(c);
+    count(Bucket::of_flow(flow), Counter::Adopted);
+    true
 }
 
 /// The kernel closed `flow`: give its slot back, whichever state it was in.
@@ -83,6 +87,6 @@ pub fn release_from(map: &HashMap<FlowKey, FlowValue>, flow: &FlowKey) -> bool {
     if map.remove(flow).is_err() {
         return false;
     }
-    maps::release(&source);
+    maps::release(&source, flow_filter_index(flow));
     true
 }

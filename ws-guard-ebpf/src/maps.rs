@@ -13,8 +13,9 @@ use aya_ebpf::{
 };
 use ws_guard_common::{
     maps::{
-        BanEvent, BanValue, Counter, EVENT_BAN_ENDED, FlowKey, FlowValue, GlobalConfig, PortConfig,
-        RateState, STATS_ENTRIES, SourceKey, UNATTRIBUTED, stats_bucket,
+        BanEvent, BanValue, Counter, EVENT_BAN_ENDED, FLOW_FILTER_SLOTS, FlowKey, FlowValue,
+        GlobalConfig, PortConfig, RateState, STATS_ENTRIES, SourceKey, SourceState, UNATTRIBUTED,
+        stats_bucket,
     },
     policy::{CIDR_DATA_LEN, TAG_BITS, address_bits},
 };
@@ -26,14 +27,15 @@ pub static WSG_PORTS: Array<PortConfig> = Array::with_max_entries(65536, 0);
 pub static WSG_GLOBAL: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 // A plain hash, never LRU: a flood must not evict the count of a source with live connections.
 #[map]
-pub static WSG_CONNS: HashMap<SourceKey, u32> = HashMap::with_max_entries(65536, 0);
+pub static WSG_CONNS: HashMap<SourceKey, SourceState> = HashMap::with_max_entries(65536, 0);
 #[map]
 pub static WSG_RATE: LruHashMap<SourceKey, RateState> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 pub static WSG_PENDING: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(262144, 0);
 #[map]
 pub static WSG_OWNED: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(262144, 0);
-/// All zeros, never written: the initial rate state, too large to build on the 512-byte stack.
+/// All zeros, never written: the initial rate state, too large to build on the 512-byte stack,
+/// and (its first bytes) the initial source state (see [`conns_counter`]).
 #[map]
 pub static WSG_RATE_ZERO: Array<RateState> = Array::with_max_entries(1, 0);
 #[map]
@@ -112,40 +114,90 @@ pub fn port(port: u16) -> Option<&'static PortConfig> {
     WSG_PORTS.get(port as u32).filter(|p| p.enabled != 0)
 }
 
-/// The live-connection counter of `key`, created at zero if absent; `None` when the map is full.
+/// The state (connection slots, flow filter) of `key`, created at zero if absent; `None` when
+/// the map is full.
 #[inline(always)]
-pub fn conns_counter(key: &SourceKey) -> Option<*mut u32> {
+pub fn conns_counter(key: &SourceKey) -> Option<*mut SourceState> {
     if let Some(p) = WSG_CONNS.get_ptr_mut(key) {
         return Some(p);
     }
+    create_source(key)
+}
+
+/// Creates the zero state of `key` (absent a moment ago); `None` when the map is full.
+#[inline(always)]
+pub fn create_source(key: &SourceKey) -> Option<*mut SourceState> {
+    // The all-zero rate state is larger than a source state and all zeros: its first bytes are
+    // the zero value, without 72 bytes on the stack.
+    let zero: *const RateState = WSG_RATE_ZERO.get(0)?;
+    // SAFETY: a live map value of at least `size_of::<SourceState>()` bytes (asserted in
+    // ws-guard-common), all zeros (a valid SourceState), never written.
+    let zero = unsafe { &*zero.cast::<SourceState>() };
     // Another CPU may insert first: NOEXIST then makes ours a no-op and the lookup finds theirs.
-    let _ = WSG_CONNS.insert(key, &0, BPF_NOEXIST as u64);
+    let _ = WSG_CONNS.insert(key, zero, BPF_NOEXIST as u64);
     WSG_CONNS.get_ptr_mut(key)
 }
 
 /// Takes one connection slot; returns how many were taken before.
 #[inline(always)]
-pub fn take_slot(c: *mut u32) -> u32 {
-    // SAFETY: `c` points into a live map value.
-    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(c, 1) }
+pub fn take_slot(c: *mut SourceState) -> u32 {
+    // SAFETY: `c` points to a live map value.
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*c).slots, 1) }
 }
 
 /// Gives one slot back, never below zero.
 #[inline(always)]
-pub fn give_slot(c: *mut u32) {
-    // SAFETY: `c` points into a live map value.
+pub fn give_slot(c: *mut SourceState) {
+    // SAFETY: `c` points to a live map value.
+    unsafe { saturating_dec(&raw mut (*c).slots) }
+}
+
+/// The flow filter's count at `index` (a plain read: only zero or not matters, and a count is
+/// raised before its flow is inserted).
+#[inline(always)]
+pub fn filter_count(c: *mut SourceState, index: usize) -> u32 {
+    // SAFETY: `c` points to a live map value; the index is masked into the array.
+    unsafe { (*c).filter[index & (FLOW_FILTER_SLOTS - 1)] }
+}
+
+/// Counts a flow at `index` of the filter: before the flow is inserted into a flow map.
+#[inline(always)]
+pub fn filter_add(c: *mut SourceState, index: usize) {
+    // SAFETY: `c` points to a live map value; the index is masked into the array.
     unsafe {
-        if atomic_xsub::<u32, u32, { AtomicOrdering::SeqCst }>(c, 1) == 0 {
-            atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(c, 1);
+        let p = &raw mut (*c).filter[index & (FLOW_FILTER_SLOTS - 1)];
+        atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(p, 1);
+    }
+}
+
+/// Uncounts a flow at `index` of the filter, never below zero: after the flow was removed from
+/// a flow map (or its insert failed).
+#[inline(always)]
+pub fn filter_sub(c: *mut SourceState, index: usize) {
+    // SAFETY: `c` points to a live map value; the index is masked into the array.
+    unsafe { saturating_dec(&raw mut (*c).filter[index & (FLOW_FILTER_SLOTS - 1)]) }
+}
+
+/// Subtracts one from a shared counter, undoing it if it was zero.
+///
+/// # Safety
+/// `p` points into a live map value.
+#[inline(always)]
+unsafe fn saturating_dec(p: *mut u32) {
+    unsafe {
+        if atomic_xsub::<u32, u32, { AtomicOrdering::SeqCst }>(p, 1) == 0 {
+            atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(p, 1);
         }
     }
 }
 
-/// Gives back the slot of `key`, if it has a counter.
+/// A tracked flow (filter bucket `index`) of `key` is gone: gives back its slot and uncounts
+/// it from the filter, if `key` has an entry.
 #[inline(always)]
-pub fn release(key: &SourceKey) {
+pub fn release(key: &SourceKey, index: usize) {
     if let Some(p) = WSG_CONNS.get_ptr_mut(key) {
         give_slot(p);
+        filter_sub(p, index);
     }
 }
 

@@ -9,10 +9,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use ws_guard_common::{
+    filter::flow_filter_index,
     key::source_key,
     maps::{
         ACTION_DROP, ACTION_REJECT, AF_INET, BAN_RATE, BanValue, Counter, EVENT_BAN_STARTED,
-        FLAG_BANS, FlowKey, FlowValue, GlobalConfig, PortConfig, SourceKey,
+        FLAG_BANS, FLAG_CHECK_FLOWS, FlowKey, FlowValue, GATE_FLAGS, GlobalConfig, PortConfig,
+        SourceKey, SourceState,
     },
     parse::{self, Packet, Parsed, TcpSegment},
     policy::{ListVerdict, ban_active, ban_until, list_verdict},
@@ -21,7 +23,7 @@ use ws_guard_common::{
 
 use crate::{
     frame::Frame,
-    maps::{self, Bucket, WSG_BANS, WSG_OWNED, WSG_PENDING, count},
+    maps::{self, Bucket, WSG_BANS, WSG_CONNS, WSG_OWNED, WSG_PENDING, count},
 };
 
 enum Verdict {
@@ -83,27 +85,35 @@ fn new_attempt(
         family: seg.family,
         _pad: 0,
     };
-    if let Some(pending) = WSG_PENDING.get_ptr_mut(&flow) {
-        // The kernel may have dropped the first SYN (full backlog): the sweep releases a
-        // half-open attempt that has no socket a second after its *last* SYN, not its first.
-        // SAFETY: a live map value; a racing writer can only store another "now".
-        unsafe { (*pending).since_ns = bpf_ktime_get_ns() };
-        count(bucket, Counter::SynRetransmits);
-        return Verdict::Pass;
-    }
-    // SAFETY: the lookup only tests presence.
-    if unsafe { WSG_OWNED.get(&flow).is_some() } {
-        count(bucket, Counter::SynRetransmits);
-        return Verdict::Pass;
-    }
-
     // A reference, not a copy: the program's stack is near its 512-byte limit. Index 0 of a
     // one-entry array always exists.
     let Some(global) = maps::WSG_GLOBAL.get(0) else {
         return Verdict::Pass;
     };
-    let monitor = global.monitor != 0;
     let source = source_key(seg.family, client, seg.dport, global);
+    // The source's entry, looked up (not created) before the flow maps: its flow filter says
+    // whether this SYN can be a retransmission of a tracked attempt at all (see
+    // ws_guard_common::filter). In a flood of new tuples it cannot, and both lookups are saved.
+    let state = WSG_CONNS.get_ptr_mut(&source);
+    let index = flow_filter_index(&flow);
+    let check = global.flags & FLAG_CHECK_FLOWS != 0
+        || matches!(state, Some(s) if maps::filter_count(s, index) != 0);
+    if check {
+        if let Some(pending) = WSG_PENDING.get_ptr_mut(&flow) {
+            // The kernel may have dropped the first SYN (full backlog): the sweep releases a
+            // half-open attempt that has no socket a second after its *last* SYN, not its first.
+            // SAFETY: a live map value; a racing writer can only store another "now".
+            unsafe { (*pending).since_ns = bpf_ktime_get_ns() };
+            count(bucket, Counter::SynRetransmits);
+            return Verdict::Pass;
+        }
+        // SAFETY: the lookup only tests presence.
+        if unsafe { WSG_OWNED.get(&flow).is_some() } {
+            count(bucket, Counter::SynRetransmits);
+            return Verdict::Pass;
+        }
+    }
+    let monitor = global.monitor != 0;
     let now = unsafe { bpf_ktime_get_ns() };
 
     // How the attempt is tracked: `limited` false skips the limits (allowlisted, or already
@@ -111,7 +121,7 @@ fn new_attempt(
     let mut tracked_as = Counter::Admitted;
     let mut limited = true;
     let mut would_block = false;
-    if global.flags != 0 {
+    if global.flags & GATE_FLAGS != 0 {
         match gate(&flow.client, &source, global, now, bucket) {
             Gate::Continue => {}
             Gate::Allowed => {
@@ -132,7 +142,8 @@ fn new_attempt(
 
     // No room for a new source's counter: it cannot be limited, so the operator's choice
     // decides. Sources that have a counter never get here (WSG_CONNS is never evicted from).
-    let Some(slots) = maps::conns_counter(&source) else {
+    // The entry found above is reused (the lookup `conns_counter` would repeat).
+    let Some(slots) = state.or_else(|| maps::create_source(&source)) else {
         return untracked(port, global, bucket, tracked_as, would_block);
     };
     let taken = maps::take_slot(slots);
@@ -174,7 +185,7 @@ fn new_attempt(
         }
     }
 
-    if !admit(&flow, source, now, slots, bucket, tracked_as) {
+    if !admit(&flow, index, source, now, slots, bucket, tracked_as) {
         return untracked(port, global, bucket, tracked_as, would_block);
     }
     Verdict::Pass
@@ -276,14 +287,17 @@ fn start_ban(source: &SourceKey, now: u64, ban_ns: u64, bucket: Bucket) {
 }
 
 /// Records an admitted attempt as half-open (counted as `counter`); its slot is already taken.
-/// False when `WSG_PENDING` is full: the slot is given back and nothing counted (see
-/// [`map_full`]).
+/// It is counted in the source's flow filter (bucket `index`) before it is inserted, so a
+/// retransmission on another CPU never skips the lookup that finds it. False when
+/// `WSG_PENDING` is full: the slot and the filter count are given back and nothing counted
+/// (see [`map_full`]).
 #[inline(always)]
 fn admit(
     flow: &FlowKey,
+    index: usize,
     source: SourceKey,
     now: u64,
-    slots: *mut u32,
+    slots: *mut SourceState,
     bucket: Bucket,
     counter: Counter,
 ) -> bool {
@@ -292,15 +306,18 @@ fn admit(
         _pad: 0,
         since_ns: now,
     };
+    maps::filter_add(slots, index);
     match WSG_PENDING.insert(flow, &value, BPF_NOEXIST as u64) {
         Ok(()) => count(bucket, counter),
-        // The same SYN, retransmitted, won on another CPU.
+        // The same SYN, retransmitted, won on another CPU (and counted the flow itself).
         Err(maps::EEXIST) => {
+            maps::filter_sub(slots, index);
             maps::give_slot(slots);
             count(bucket, Counter::SynRetransmits);
         }
         // WSG_PENDING is full: the attempt cannot be tracked, so it must not hold a slot.
         Err(_) => {
+            maps::filter_sub(slots, index);
             maps::give_slot(slots);
             return false;
         }

@@ -18,9 +18,11 @@ use aya::{
 };
 use log::{info, warn};
 use ws_guard_common::{
+    filter::{flows_settled, prefixes_changed},
     maps::{
-        AF_INET, AF_INET6, CONTROL_DONE, ControlOp, Counter, FlowKey, FlowValue, GlobalConfig,
-        MAX_PORTS, PortConfig, RateState, SourceKey, UNATTRIBUTED, stats_bucket,
+        AF_INET, AF_INET6, CONTROL_DONE, ControlOp, Counter, FLAG_CHECK_FLOWS, FlowKey, FlowValue,
+        GlobalConfig, MAX_PORTS, PortConfig, RateState, SourceKey, SourceState, UNATTRIBUTED,
+        stats_bucket,
     },
     names, tracepoint as tp,
 };
@@ -258,8 +260,13 @@ impl Guard {
             guard.adopt_buckets()?;
         } else {
             // The array's entry starts as zeros, i.e. /0 prefixes: every source of a family
-            // would share one key until the caller applies a config. Start from the defaults.
-            guard.set_global(GlobalConfig::default())?;
+            // would share one key until the caller applies a config. Start from the defaults
+            // (new maps track no flow, so no prefix "changes" under one).
+            let flags = guard.live_flags(0)?;
+            guard.write_global(GlobalConfig {
+                flags,
+                ..GlobalConfig::default()
+            })?;
         }
         Ok(guard)
     }
@@ -410,10 +417,54 @@ impl Guard {
     }
 
     /// Sets the global settings; the next packet sees them. `g.flags` is ignored: the flags
-    /// follow the lists' and the ban map's contents (and `g.ban_ns`).
+    /// follow the lists' and the ban map's contents (and `g.ban_ns`), and
+    /// [`FLAG_CHECK_FLOWS`] is set when a prefix changes (tracked flows keep the source key
+    /// they were charged to) and kept until the sweep clears it ([`Guard::settle_flow_check`]).
     pub fn set_global(&mut self, mut g: GlobalConfig) -> anyhow::Result<()> {
-        g.flags = self.live_flags(g.ban_ns)?;
+        let old = self.global()?;
+        let check = if prefixes_changed(&old, &g) {
+            FLAG_CHECK_FLOWS
+        } else {
+            old.flags & FLAG_CHECK_FLOWS
+        };
+        g.flags = self.live_flags(g.ban_ns)? | check;
+        if check != 0 && old.flags & FLAG_CHECK_FLOWS == 0 {
+            // The flag before the prefixes: an XDP program reading the settings while they are
+            // rewritten must not see new prefixes without it.
+            self.write_global(GlobalConfig {
+                flags: old.flags | FLAG_CHECK_FLOWS,
+                ..old
+            })?;
+        }
         self.write_global(g)
+    }
+
+    /// Clears [`FLAG_CHECK_FLOWS`] if every tracked flow is charged to the source key the live
+    /// prefixes give it (each flow is then counted in the flow filter the XDP program reads for
+    /// its SYNs). True if the flag is clear now. An attempt the XDP program judged under the
+    /// previous prefixes and is still inserting when the flows are read would be missed: the
+    /// periodic sweep only calls this for a flag it already saw set a round earlier.
+    pub fn settle_flow_check(&mut self) -> anyhow::Result<bool> {
+        let g = self.global()?;
+        if g.flags & FLAG_CHECK_FLOWS == 0 {
+            return Ok(true);
+        }
+        let pending = self.pending()?;
+        let owned = self.owned()?;
+        let flows = pending.iter().chain(owned.iter()).map(|(k, v)| (k, v));
+        if !flows_settled(flows, &g) {
+            return Ok(false);
+        }
+        // Written only if the settings are still those the flows were checked against.
+        let now = self.global()?;
+        if prefixes_changed(&now, &g) {
+            return Ok(false);
+        }
+        self.write_global(GlobalConfig {
+            flags: now.flags & !FLAG_CHECK_FLOWS,
+            ..now
+        })?;
+        Ok(true)
     }
 
     /// Writes the global settings as given, flags included.
@@ -848,6 +899,11 @@ impl Guard {
         self.view.source_counters()
     }
 
+    /// Every entry of the source map (connection slots and flow filter), idle ones included.
+    pub fn source_states(&self) -> anyhow::Result<Vec<(SourceKey, SourceState)>> {
+        self.view.source_states()
+    }
+
     /// The keys of a flow map ([`names::MAP_PENDING`] or [`names::MAP_OWNED`]), values unread.
     pub fn flow_keys(&self, name: &str) -> anyhow::Result<HashSet<FlowKey>> {
         self.view.flow_keys(name)
@@ -889,34 +945,37 @@ impl Guard {
 
     /// Live connections per source key (half-open included); zero entries left out.
     pub fn connections(&self) -> anyhow::Result<BTreeMap<SourceKey, u32>> {
-        let m: HashMap<&MapData, SourceKey, u32> = self.map(names::MAP_CONNS)?;
+        let m: HashMap<&MapData, SourceKey, SourceState> = self.map(names::MAP_CONNS)?;
         let mut out = BTreeMap::new();
         for kv in m.iter() {
             let (k, v) = kv?;
-            if v != 0 {
-                out.insert(k, v);
+            if v.slots != 0 {
+                out.insert(k, v.slots);
             }
         }
         Ok(out)
     }
 
-    /// Source keys whose counter is zero (kept by the kernel, reclaimed by the sweep).
+    /// Source keys whose entry holds nothing: no connection, no flow in its filter (kept by
+    /// the kernel, reclaimed by the sweep).
     pub fn idle_sources(&self) -> anyhow::Result<Vec<SourceKey>> {
-        let m: HashMap<&MapData, SourceKey, u32> = self.map(names::MAP_CONNS)?;
+        let m: HashMap<&MapData, SourceKey, SourceState> = self.map(names::MAP_CONNS)?;
         let mut out = Vec::new();
         for kv in m.iter() {
             let (k, v) = kv?;
-            if v == 0 {
+            if v.is_idle() {
                 out.push(k);
             }
         }
         Ok(out)
     }
 
-    /// Removes a zero counter. The kernel recreates it on the source's next attempt.
+    /// Removes an idle entry (no connection, no flow counted in its filter). The kernel
+    /// recreates it on the source's next attempt.
     pub fn remove_idle_source(&mut self, key: &SourceKey) -> anyhow::Result<()> {
-        let mut m: HashMap<&mut MapData, SourceKey, u32> = self.map_mut(names::MAP_CONNS)?;
-        if m.get(key, 0).ok() == Some(0) {
+        let mut m: HashMap<&mut MapData, SourceKey, SourceState> =
+            self.map_mut(names::MAP_CONNS)?;
+        if m.get(key, 0).is_ok_and(|v| v.is_idle()) {
             let _ = m.remove(key);
         }
         Ok(())

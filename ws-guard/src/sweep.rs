@@ -17,7 +17,8 @@ use procfs::{
     net::{TcpNetEntries, TcpState},
 };
 use ws_guard_common::maps::{
-    AF_INET, AF_INET6, ControlOp, FlowKey, OP_ADOPT, OP_EXPIRE_PENDING, OP_RELEASE_OWNED,
+    AF_INET, AF_INET6, ControlOp, FLAG_CHECK_FLOWS, FlowKey, OP_ADOPT, OP_EXPIRE_PENDING,
+    OP_RELEASE_OWNED,
 };
 use ws_guard_common::names;
 
@@ -38,6 +39,8 @@ pub struct SweepReport {
     pub adopted: u32,
     /// Zero counters removed.
     pub idle_removed: u32,
+    /// `FLAG_CHECK_FLOWS` was cleared: every tracked flow's source key is current again.
+    pub flow_check_cleared: bool,
 }
 
 /// A socket of the table, keyed like the programs key flows.
@@ -153,6 +156,8 @@ struct Rounds {
     unknown: HashSet<FlowKey>,
     /// Tracked flows (half-open or established) the socket table did not have.
     missing: HashSet<FlowKey>,
+    /// The prefixes (IPv4, IPv6) in force when this sweep found `FLAG_CHECK_FLOWS` set.
+    flow_check: Option<(u32, u32)>,
 }
 
 impl Sweeper {
@@ -180,6 +185,7 @@ pub fn sweep_now(guard: &mut Guard, handshake_timeout: Duration) -> anyhow::Resu
 /// - an established connection at least [`GRACE`] old without a socket is released (its close
 ///   was not seen, e.g. it ended while the programs were being replaced);
 /// - a connected socket the maps do not know is counted;
+/// - `FLAG_CHECK_FLOWS` is cleared once every tracked flow's source key is current;
 /// - counters at zero are removed when the counter map is more than half full.
 ///
 /// Without `rounds` (start-up) at once; otherwise a release or a count needs the previous
@@ -235,7 +241,8 @@ fn sweep(
         .filter(|(flow, kind)| **kind == SocketKind::Connected && !known.contains(flow))
         .map(|(flow, _)| *flow)
         .collect();
-    let adopt: Vec<FlowKey> = match rounds {
+    let mut rounds = rounds;
+    let adopt: Vec<FlowKey> = match rounds.as_deref_mut() {
         None => unknown.into_iter().collect(),
         Some(rounds) => {
             let confirmed = unknown.intersection(&rounds.unknown).copied().collect();
@@ -249,6 +256,7 @@ fn sweep(
             report.adopted += 1;
         }
     }
+    report.flow_check_cleared = settle_flow_check(guard, rounds)?;
     // A zero counter costs a map entry, nothing else; removing one can race with a SYN of that
     // source (the XDP program increments an entry being deleted), so only reclaim them when
     // the map is more than half full.
@@ -261,6 +269,27 @@ fn sweep(
         }
     }
     Ok(report)
+}
+
+/// Clears `FLAG_CHECK_FLOWS` (set when a prefix changed) once every tracked flow is charged to
+/// its current source key ([`Guard::settle_flow_check`]); true if it cleared it. A periodic
+/// sweep only tries when the previous round saw the flag with the same prefixes, so no XDP run
+/// that read the older prefixes can still be inserting a flow. The start-up sweep leaves it to
+/// them (a previous daemon's program may still be attached while the config is applied).
+fn settle_flow_check(guard: &mut Guard, rounds: Option<&mut Rounds>) -> anyhow::Result<bool> {
+    let g = guard.global()?;
+    if g.flags & FLAG_CHECK_FLOWS == 0 {
+        if let Some(r) = rounds {
+            r.flow_check = None;
+        }
+        return Ok(false);
+    }
+    let prefixes = (g.ipv4_prefix, g.ipv6_prefix);
+    let ready = match rounds {
+        None => false,
+        Some(r) => r.flow_check.replace(prefixes) == Some(prefixes),
+    };
+    Ok(ready && guard.settle_flow_check()?)
 }
 
 fn op(code: u32, flow: FlowKey) -> ControlOp {

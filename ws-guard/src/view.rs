@@ -15,7 +15,7 @@ use aya::{
 };
 use ipnet::IpNet;
 use ws_guard_common::{
-    maps::{BanValue, FlowKey, FlowValue, RateState, SourceKey},
+    maps::{BanValue, FlowKey, FlowValue, RateState, SourceKey, SourceState},
     names,
     policy::CIDR_DATA_LEN,
 };
@@ -87,7 +87,16 @@ impl MapView {
 
     /// Every source counter in the kernel, zero ones included (each holds a map entry).
     pub fn source_counters(&self) -> anyhow::Result<Vec<(SourceKey, u32)>> {
-        let m: HashMap<&MapData, SourceKey, u32> = self.map(names::MAP_CONNS)?;
+        Ok(self
+            .source_states()?
+            .into_iter()
+            .map(|(k, v)| (k, v.slots))
+            .collect())
+    }
+
+    /// Every entry of the source map (slots and flow filter), idle ones included.
+    pub fn source_states(&self) -> anyhow::Result<Vec<(SourceKey, SourceState)>> {
+        let m: HashMap<&MapData, SourceKey, SourceState> = self.map(names::MAP_CONNS)?;
         let cap = self.capacity(names::MAP_CONNS)? as usize;
         // A key deleted during the walk restarts it: bounded, and deduplicated.
         let mut seen = HashSet::new();

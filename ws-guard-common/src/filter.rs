@@ -1,0 +1,242 @@
+//! The per-source flow filter: lets most new SYNs skip the two flow-map lookups of the
+//! retransmission check.
+//!
+//! A SYN whose 4-tuple is tracked (in `WSG_PENDING` or `WSG_OWNED`) is a retransmission and
+//! passes. In a flood every tuple is new, so both lookups miss, on cold buckets. Each source key's
+//! `WSG_CONNS` entry ([`SourceState`]) counts its tracked flows per [`flow_filter_index`]: when
+//! the count of the SYN's index is zero, no tracked flow of that source can be this one and the
+//! lookups are skipped. The count is kept at or above the true number at every instant (raised
+//! before a flow is inserted, lowered after one is removed), so a skip is never wrong. Flows are
+//! counted under the key they were charged to; after a prefix change that key may differ from
+//! the one the SYN now maps to, so [`FLAG_CHECK_FLOWS`] turns the skip off until every tracked
+//! flow's key is current again ([`flows_settled`]).
+
+use crate::{
+    key::flow_source,
+    maps::{FLAG_CHECK_FLOWS, FLOW_FILTER_SLOTS, FlowKey, FlowValue, GlobalConfig, SourceState},
+};
+
+/// The filter bucket of `flow`, in `0..FLOW_FILTER_SLOTS`. Mixes both ports and the low two
+/// bytes of both addresses (IPv4 in bytes 2..4, IPv6 in bytes 14..16: the bytes that differ
+/// between nearby hosts), then Fibonacci hashing: consecutive client ports (how most stacks
+/// pick ephemeral ports) go round all buckets evenly, and random ones spread evenly too.
+#[inline(always)]
+pub fn flow_filter_index(flow: &FlowKey) -> usize {
+    let c = &flow.client;
+    let s = &flow.server;
+    let addrs = u32::from_le_bytes([c[2] ^ c[14], c[3] ^ c[15], s[2] ^ s[14], s[3] ^ s[15]]);
+    // The client port is added last and unmultiplied, so for one (source, server) pair the
+    // input is the client port plus a constant and consecutive ports stay consecutive.
+    let x = (addrs.wrapping_mul(0x0100_0193) ^ ((flow.server_port as u32) << 16))
+        .wrapping_add(flow.client_port as u32);
+    // The top bits of the product by 2^32/phi (three-distance theorem).
+    (x.wrapping_mul(0x9E37_79B1) >> (32 - FLOW_FILTER_SLOTS.trailing_zeros())) as usize
+}
+
+/// Whether a new SYN of `flow` must look up the flow maps: [`FLAG_CHECK_FLOWS`] is set in
+/// `flags`, or its source has an entry (`state`) whose filter counts a flow at the flow's
+/// index. `false` means it cannot be a retransmission of a tracked attempt.
+#[inline(always)]
+pub fn must_check_flows(flags: u32, state: Option<&SourceState>, index: usize) -> bool {
+    if flags & FLAG_CHECK_FLOWS != 0 {
+        return true;
+    }
+    match state {
+        Some(s) => s.filter[index % FLOW_FILTER_SLOTS] != 0,
+        None => false,
+    }
+}
+
+/// Whether every tracked flow is charged to the source key the prefixes of `global` give it:
+/// then each flow is counted in the filter the XDP program reads for its SYNs, and
+/// [`FLAG_CHECK_FLOWS`] may be cleared.
+pub fn flows_settled<'a>(
+    mut flows: impl Iterator<Item = (&'a FlowKey, &'a FlowValue)>,
+    global: &GlobalConfig,
+) -> bool {
+    flows.all(|(flow, value)| flow_source(flow, global) == value.source)
+}
+
+/// Whether changing the global settings from `old` to `new` moves source keys (a prefix
+/// changed): then [`FLAG_CHECK_FLOWS`] must be set.
+#[inline(always)]
+pub fn prefixes_changed(old: &GlobalConfig, new: &GlobalConfig) -> bool {
+    old.ipv4_prefix != new.ipv4_prefix || old.ipv6_prefix != new.ipv6_prefix
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::{AF_INET, AF_INET6, SourceKey};
+
+    fn flow4(client: [u8; 4], client_port: u16, server_port: u16) -> FlowKey {
+        let mut c = [0u8; 16];
+        c[..4].copy_from_slice(&client);
+        let mut s = [0u8; 16];
+        s[..4].copy_from_slice(&[198, 19, 0, 1]);
+        FlowKey {
+            client: c,
+            server: s,
+            client_port,
+            server_port,
+            family: AF_INET,
+            _pad: 0,
+        }
+    }
+
+    fn flow6(last: u8, client_port: u16) -> FlowKey {
+        let mut c = [0u8; 16];
+        c[..4].copy_from_slice(&[0x20, 0x01, 0x00, 0x02]);
+        c[15] = last;
+        let mut s = c;
+        s[15] = 1;
+        FlowKey {
+            client: c,
+            server: s,
+            client_port,
+            server_port: 443,
+            family: AF_INET6,
+            _pad: 0,
+        }
+    }
+
+    fn histogram(flows: impl Iterator<Item = FlowKey>) -> [u32; FLOW_FILTER_SLOTS] {
+        let mut h = [0u32; FLOW_FILTER_SLOTS];
+        for f in flows {
+            h[flow_filter_index(&f)] += 1;
+        }
+        h
+    }
+
+    #[test]
+    fn sequential_ports_fill_every_bucket_evenly() {
+        // Linux's default ephemeral range, one source, two server ports.
+        for server_port in [443u16, 9000] {
+            let h = histogram((32768..61000u16).map(|p| flow4([198, 18, 0, 7], p, server_port)));
+            let mean = 28232 / FLOW_FILTER_SLOTS as u32;
+            for (i, n) in h.iter().enumerate() {
+                assert!(
+                    n.abs_diff(mean) <= 2,
+                    "bucket {i}: {n} of mean {mean}: {h:?}"
+                );
+            }
+        }
+        // Any 16 consecutive ports of one source use at least 12 buckets, 64 all of them at most
+        // 7 times.
+        for start in (1024u16..65000).step_by(97) {
+            let h = histogram((start..start + 16).map(|p| flow4([198, 18, 0, 7], p, 9000)));
+            let used = h.iter().filter(|n| **n > 0).count();
+            assert!(used >= 12, "from {start}: {h:?}");
+            let h = histogram((start..start + 64).map(|p| flow6(9, p)));
+            assert!(
+                h.iter().all(|n| (1..=7).contains(n)),
+                "v6 from {start}: {h:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn random_ports_and_addresses_spread_evenly() {
+        // A fixed LCG: deterministic "random" tuples.
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (x >> 32) as u32
+        };
+        let n = 160_000u32;
+        let h = histogram((0..n).map(|_| {
+            let r = next();
+            let a = next().to_le_bytes();
+            flow4([198, 18, a[0], a[1]], r as u16, 9000)
+        }));
+        let mean = n / FLOW_FILTER_SLOTS as u32;
+        for (i, c) in h.iter().enumerate() {
+            assert!(
+                c.abs_diff(mean) * 20 < mean,
+                "bucket {i}: {c} of mean {mean}: {h:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn index_is_deterministic_in_range_and_depends_on_each_field() {
+        let f = flow4([198, 18, 0, 7], 40000, 9000);
+        let i = flow_filter_index(&f);
+        assert!(i < FLOW_FILTER_SLOTS);
+        assert_eq!(flow_filter_index(&f.clone()), i);
+        // Each input moves the index for some value (none is ignored).
+        let moved = |g: &dyn Fn(u8) -> FlowKey| (0..=255u8).any(|b| flow_filter_index(&g(b)) != i);
+        assert!(moved(&|b| flow4([198, 18, 0, b], 40000, 9000)));
+        assert!(moved(&|b| flow4([198, 18, b, 7], 40000, 9000)));
+        assert!(moved(&|b| flow4([198, 18, 0, 7], 40000 + b as u16, 9000)));
+        assert!(moved(&|b| flow4([198, 18, 0, 7], 40000, 9000 + b as u16)));
+        assert!(moved(&|b| {
+            let mut g = f;
+            g.server[3] = b;
+            g
+        }));
+        assert!(moved(&|b| {
+            let mut g = flow6(9, 40000);
+            g.client[15] = b;
+            g
+        }));
+    }
+
+    #[test]
+    fn lookups_are_skipped_only_when_nothing_can_match() {
+        let mut s = SourceState::default();
+        assert!(!must_check_flows(0, None, 3));
+        assert!(!must_check_flows(0, Some(&s), 3));
+        assert!(must_check_flows(FLAG_CHECK_FLOWS, None, 3));
+        assert!(must_check_flows(FLAG_CHECK_FLOWS, Some(&s), 3));
+        s.filter[3] = 1;
+        assert!(must_check_flows(0, Some(&s), 3));
+        assert!(!must_check_flows(0, Some(&s), 4));
+        // Other flags do not force the lookups.
+        assert!(!must_check_flows(!FLAG_CHECK_FLOWS, Some(&s), 4));
+        assert!(!s.is_idle());
+        s.filter[3] = 0;
+        assert!(s.is_idle());
+        s.slots = 1;
+        assert!(!s.is_idle());
+    }
+
+    #[test]
+    fn flows_settle_when_every_key_is_current() {
+        let g32 = GlobalConfig::default();
+        let g24 = GlobalConfig {
+            ipv4_prefix: 24,
+            ..g32
+        };
+        assert!(prefixes_changed(&g32, &g24));
+        assert!(!prefixes_changed(&g32, &GlobalConfig { monitor: 1, ..g32 }));
+        assert!(prefixes_changed(
+            &g32,
+            &GlobalConfig {
+                ipv6_prefix: 48,
+                ..g32
+            }
+        ));
+        let f = flow4([198, 18, 0, 7], 40000, 9000);
+        let v32 = FlowValue {
+            source: flow_source(&f, &g32),
+            ..FlowValue::default()
+        };
+        let v24 = FlowValue {
+            source: flow_source(&f, &g24),
+            ..FlowValue::default()
+        };
+        assert_ne!(v32.source, v24.source);
+        assert!(flows_settled([(&f, &v32)].into_iter(), &g32));
+        assert!(!flows_settled([(&f, &v32)].into_iter(), &g24));
+        assert!(flows_settled([(&f, &v24)].into_iter(), &g24));
+        assert!(flows_settled(core::iter::empty(), &g24));
+        let other = FlowValue {
+            source: SourceKey::default(),
+            ..v32
+        };
+        assert!(!flows_settled([(&f, &v32), (&f, &other)].into_iter(), &g32));
+    }
+}
