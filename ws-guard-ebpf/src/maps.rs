@@ -152,14 +152,6 @@ pub fn give_slot(c: *mut SourceState) {
     unsafe { saturating_dec(&raw mut (*c).slots) }
 }
 
-/// The flow filter's count at `index` (a plain read: only zero or not matters, and a count is
-/// raised before its flow is inserted).
-#[inline(always)]
-pub fn filter_count(c: *mut SourceState, index: usize) -> u32 {
-    // SAFETY: `c` points to a live map value; the index is masked into the array.
-    unsafe { (*c).filter[index & (FLOW_FILTER_SLOTS - 1)] }
-}
-
 /// Counts a flow at `index` of the filter: before the flow is inserted into a flow map.
 #[inline(always)]
 pub fn filter_add(c: *mut SourceState, index: usize) {

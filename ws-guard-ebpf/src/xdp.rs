@@ -9,12 +9,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use ws_guard_common::{
-    filter::flow_filter_index,
+    filter::{flow_filter_index, must_check_flows},
     key::source_key,
     maps::{
         ACTION_DROP, ACTION_REJECT, AF_INET, BAN_RATE, BanValue, Counter, EVENT_BAN_STARTED,
-        FLAG_BANS, FLAG_CHECK_FLOWS, FlowKey, FlowValue, GATE_FLAGS, GlobalConfig, PortConfig,
-        SourceKey, SourceState,
+        FLAG_BANS, FlowKey, FlowValue, GATE_FLAGS, GlobalConfig, PortConfig, SourceKey,
+        SourceState,
     },
     parse::{self, Packet, Parsed, TcpSegment},
     policy::{ListVerdict, ban_active, ban_until, list_verdict},
@@ -96,9 +96,10 @@ fn new_attempt(
     // ws_guard_common::filter). In a flood of new tuples it cannot, and both lookups are saved.
     let state = WSG_CONNS.get_ptr_mut(&source);
     let index = flow_filter_index(&flow);
-    let check = global.flags & FLAG_CHECK_FLOWS != 0
-        || matches!(state, Some(s) if maps::filter_count(s, index) != 0);
-    if check {
+    // SAFETY: a live map value; the filter is read as a snapshot (a count is raised before its
+    // flow is inserted, so a racing admit is never missed).
+    let state_ref = state.map(|p| unsafe { &*p });
+    if must_check_flows(global.flags, state_ref, index) {
         if let Some(pending) = WSG_PENDING.get_ptr_mut(&flow) {
             // The kernel may have dropped the first SYN (full backlog): the sweep releases a
             // half-open attempt that has no socket a second after its *last* SYN, not its first.
