@@ -480,9 +480,22 @@ fn layer2_smoke_floods_every_filter() {
         "{md}"
     );
     let js = r.to_json();
-    for m in js["measurements"].as_array().unwrap() {
-        assert!(m["cpu"]["ns_per_packet"].as_f64().unwrap() > 0.0, "{m}");
-    }
+    // CPU time is sampled in 10 ms ticks and a smoke cell can be shorter than one, so a single
+    // cell may see none; every cell must report a sane figure, and the run as a whole some time.
+    let cpu: Vec<f64> = js["measurements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let ns = m["cpu"]["ns_per_packet"].as_f64().unwrap();
+            assert!(ns.is_finite() && ns >= 0.0, "{m}");
+            ns
+        })
+        .collect();
+    assert!(
+        cpu.iter().any(|ns| *ns > 0.0),
+        "no cell saw CPU time: {cpu:?}"
+    );
     let mut labels: Vec<String> = r.measurements.iter().map(|m| m.filter.to_owned()).collect();
     labels.push("Legitimate clients during the floods".into());
     labels.push("CPU ns/packet (softirq)".into());
