@@ -144,6 +144,8 @@ pub struct Model {
     /// `WSG_CONNS`: the slots of each entry, zero ones included. The flow filters are derived
     /// from the tracked flows ([`Model::source_states`]).
     pub conns: HashMap<SourceKey, u32>,
+    /// `SourceState::refused` of the `WSG_CONNS` entries that have refusals.
+    pub refusals: HashMap<SourceKey, u32>,
     /// `WSG_RATE`.
     pub rate: HashMap<SourceKey, RateState>,
     /// Every counter since load (what `Guard::counters` sums).
@@ -171,6 +173,7 @@ impl Model {
             pending: HashMap::new(),
             owned: HashMap::new(),
             conns: HashMap::new(),
+            refusals: HashMap::new(),
             rate: HashMap::new(),
             totals: [0; COUNT],
             port_stats: BTreeMap::new(),
@@ -250,6 +253,7 @@ impl Model {
                     *k,
                     SourceState {
                         slots: *v,
+                        refused: self.refusals.get(k).copied().unwrap_or(0),
                         ..SourceState::default()
                     },
                 )
@@ -516,7 +520,7 @@ impl Model {
         // when its filter and the flags say the SYN cannot be a retransmission.
         let state = self.conns.get(&source).map(|slots| SourceState {
             slots: *slots,
-            _pad: 0,
+            refused: self.refusals.get(&source).copied().unwrap_or(0),
             filter: self.expected_filter(&source),
         });
         let index = flow_filter_index(&flow);
@@ -572,7 +576,6 @@ impl Model {
         if limited && port.max_connections != 0 && taken >= port.max_connections {
             if !monitor {
                 self.give_slot(&slots);
-                // Refusals are counted in the source's rate state, when it has one.
                 self.note_refusal(&source);
                 self.count(counted, bucket, Counter::ConnLimited);
                 return Some(port.conn_action);
@@ -594,7 +597,7 @@ impl Model {
             since = Since::Exact(now);
             if !ok {
                 if !monitor {
-                    state.refused = state.refused.wrapping_add(1);
+                    self.note_refusal(&source);
                     self.give_slot(&slots);
                     self.count(counted, bucket, Counter::RateLimited);
                     if self.global.ban_ns != 0 {
@@ -618,10 +621,12 @@ impl Model {
         )
     }
 
-    /// `maps::note_refusal`: one more refusal in the source's rate state, if it has one.
+    /// `maps::note_refusal`: one more refusal in the source's `WSG_CONNS` entry, if it has one
+    /// (the gate's refusals come before an entry is created, and create none).
     fn note_refusal(&mut self, source: &SourceKey) {
-        if let Some(st) = self.rate.get_mut(source) {
-            st.refused = st.refused.wrapping_add(1);
+        if self.conns.contains_key(source) {
+            let r = self.refusals.entry(*source).or_default();
+            *r = r.wrapping_add(1);
         }
     }
 
@@ -861,6 +866,7 @@ impl Model {
             self.conns.get(key) == Some(&0) && self.expected_filter(key).iter().all(|c| *c == 0);
         if idle {
             self.conns.remove(key);
+            self.refusals.remove(key);
         }
     }
 

@@ -38,7 +38,10 @@ pub const FLOW_FILTER_SLOTS: usize = 16;
 pub struct SourceState {
     /// Concurrent connections (half-open included) charged to the source.
     pub slots: u32,
-    pub _pad: u32,
+    /// Attempts of this source refused while it had an entry (`max_connections`, rate,
+    /// denylist, ban), wrapping: the "drops" of `sources top`. Only ever added to atomically;
+    /// kept here because a refused SYN has the entry at hand (no other lookup).
+    pub refused: u32,
     /// `filter[i]`: at least the number of this source's tracked flows (entries of
     /// `WSG_PENDING` and of `WSG_OWNED` whose [`FlowValue::source`] is this key) with
     /// [`crate::filter::flow_filter_index`] `i`. An over-count only costs lookups.
@@ -46,7 +49,8 @@ pub struct SourceState {
 }
 
 impl SourceState {
-    /// Whether the entry holds nothing: no slot taken, no flow counted in the filter.
+    /// Whether the entry holds nothing: no slot taken, no flow counted in the filter (its
+    /// refusal count goes with it when the sweep reclaims it).
     pub fn is_idle(&self) -> bool {
         self.slots == 0 && self.filter.iter().all(|c| *c == 0)
     }
@@ -186,9 +190,7 @@ impl Default for GlobalConfig {
 pub struct RateState {
     /// Sequence number the next attempt claims.
     pub next: u32,
-    /// Attempts of this source refused while it had a rate state (rate, `max_connections`,
-    /// denylist, ban), wrapping: the "drops" of `sources top`. Only ever added to atomically.
-    pub refused: u32,
+    pub _pad: u32,
     /// `bpf_ktime_get_ns` of attempt `seq` at `seq % RATE_SLOTS`; zero when never used.
     pub stamps: [u64; RATE_SLOTS],
 }
@@ -197,7 +199,7 @@ impl Default for RateState {
     fn default() -> Self {
         Self {
             next: 0,
-            refused: 0,
+            _pad: 0,
             stamps: [0; RATE_SLOTS],
         }
     }

@@ -267,17 +267,9 @@ pub fn end_ban(source: &SourceKey, until_ns: u64, reason: u32, bucket: Bucket) -
     true
 }
 
-/// Adds one to the refusal count of `key`'s rate state, if it has one (never creates one).
+/// Adds one to the refusal count of a source's entry.
 #[inline(always)]
-pub fn note_refusal(key: &SourceKey) {
-    if let Some(p) = WSG_RATE.get_ptr_mut(key) {
-        note_refusal_in(p);
-    }
-}
-
-/// Adds one to the refusal count of a rate state.
-#[inline(always)]
-pub fn note_refusal_in(state: *mut RateState) {
+pub fn note_refusal(state: *mut SourceState) {
     // SAFETY: `refused` is a u32 inside a live map value.
     unsafe {
         atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*state).refused, 1);

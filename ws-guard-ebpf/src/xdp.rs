@@ -123,7 +123,7 @@ fn new_attempt(
     let mut limited = true;
     let mut would_block = false;
     if global.flags & GATE_FLAGS != 0 {
-        match gate(&flow.client, &source, global, now, bucket) {
+        match gate(&flow.client, &source, state, global, now, bucket) {
             Gate::Continue => {}
             Gate::Allowed => {
                 tracked_as = Counter::Allowed;
@@ -151,7 +151,7 @@ fn new_attempt(
     if limited && port.max_connections != 0 && taken >= port.max_connections {
         if !monitor {
             maps::give_slot(slots);
-            maps::note_refusal(&source);
+            maps::note_refusal(slots);
             count(bucket, Counter::ConnLimited);
             debug!(ctx, "port {} over max_connections ({})", seg.dport, taken);
             return Verdict::Refuse(port.conn_action);
@@ -172,7 +172,7 @@ fn new_attempt(
             if !ok {
                 if !monitor {
                     maps::give_slot(slots);
-                    maps::note_refusal_in(state_ptr);
+                    maps::note_refusal(slots);
                     count(bucket, Counter::RateLimited);
                     debug!(ctx, "port {} over new_connections", seg.dport);
                     if global.ban_ns != 0 {
@@ -222,12 +222,14 @@ enum Gate {
 }
 
 /// The allowlist (beats the denylist), the denylist, then an active ban of `source`; each map
-/// is looked up only when its flag says it can hit. An expired ban found here is ended. Kept
+/// is looked up only when its flag says it can hit. An expired ban found here is ended. A
+/// refusal is noted in the source's entry (`state`) if it has one; none is created for it. Kept
 /// lean (scalars, events written in place): the program's stack is near its 512-byte limit.
 #[inline(always)]
 fn gate(
     client: &[u8; 16],
     source: &SourceKey,
+    state: Option<*mut SourceState>,
     global: &GlobalConfig,
     now: u64,
     bucket: Bucket,
@@ -242,7 +244,9 @@ fn gate(
         ListVerdict::Allowed => return Gate::Allowed,
         ListVerdict::Denied if monitor => return Gate::WouldBlock,
         ListVerdict::Denied => {
-            maps::note_refusal(source);
+            if let Some(s) = state {
+                maps::note_refusal(s);
+            }
             count(bucket, Counter::Denied);
             return Gate::Refuse;
         }
@@ -263,7 +267,9 @@ fn gate(
     if monitor {
         return Gate::WouldBlock;
     }
-    maps::note_refusal(source);
+    if let Some(s) = state {
+        maps::note_refusal(s);
+    }
     count(bucket, Counter::Banned);
     Gate::Refuse
 }

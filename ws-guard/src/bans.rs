@@ -4,15 +4,14 @@
 //! when the source tries again, or by [`Guard::expire_bans`] from the sweep: either way in the
 //! kernel, counted in `bans_ended` and reported in the event ring buffer.
 
-use std::{collections::HashSet, net::IpAddr, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData, MapError};
 use ws_guard_common::{
     key,
     maps::{
-        AF_INET, AF_INET6, BAN_MANUAL, BAN_RATE, BanValue, ControlOp, OP_EXPIRE_BAN, RateState,
-        SourceKey,
+        AF_INET, AF_INET6, BAN_MANUAL, BAN_RATE, BanValue, ControlOp, OP_EXPIRE_BAN, SourceKey,
     },
     names,
     policy::{ban_active, ban_remaining, ban_until},
@@ -194,21 +193,16 @@ impl Guard {
         Ok(out)
     }
 
-    /// Refused attempts per source key (rate, `max_connections`, denylist, ban) while it had a
-    /// rate window; sources without refusals left out. The count wraps at 2^32 and goes when the
-    /// LRU rate map evicts the source.
+    /// Refused attempts per source key (`max_connections`, rate, denylist, ban) while it had an
+    /// entry in the source map; sources without refusals left out. The count wraps at 2^32 and
+    /// goes when the sweep reclaims the idle entry of a source.
     pub fn source_refusals(&self) -> anyhow::Result<Vec<(SourceKey, u64)>> {
-        let m: HashMap<&MapData, SourceKey, RateState> = self.map(names::MAP_RATE)?;
-        let cap = self.capacity(names::MAP_RATE)? as usize;
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        for kv in m.iter().take(cap.saturating_mul(2)) {
-            let (k, v) = kv.context("reading the rate windows")?;
-            if seen.insert(k) && v.refused != 0 {
-                out.push((k, v.refused as u64));
-            }
-        }
-        Ok(out)
+        Ok(self
+            .source_states()?
+            .into_iter()
+            .filter(|(_, s)| s.refused != 0)
+            .map(|(k, s)| (k, s.refused as u64))
+            .collect())
     }
 }
 
