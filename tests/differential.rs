@@ -2035,24 +2035,7 @@ fn regressions() {
     // Lists and bans. An allowlisted host inside a denied /24: not limited (two attempts over
     // a rate of one), tracked as allowed; its neighbour denied; IPv6 sources untouched by
     // IPv4 entries.
-    let syn = |src: [u8; 4], sport: u16| Spec {
-        tags: Vec::new(),
-        net: Net::V4 {
-            src,
-            dst: V4_SERVERS[0],
-            options: Vec::new(),
-            frag: 0x4000,
-        },
-        l4: L4::Tcp {
-            sport,
-            dport: 9002,
-            seq: 7,
-            ack: 0,
-            flags: SYN,
-            options: Vec::new(),
-            payload: Vec::new(),
-        },
-    };
+    let syn = |src: [u8; 4], sport: u16| ipv4_syn_spec(src, sport, 9002);
     let build = |s: &Spec| s.build(&mut Rng::new(2)).0;
     r.event(Event::SetPort(
         9002,
@@ -2160,6 +2143,28 @@ fn regressions() {
     );
 }
 
+/// A SYN from `src`:`sport` to the first IPv4 server's `dport`.
+fn ipv4_syn_spec(src: [u8; 4], sport: u16, dport: u16) -> Spec {
+    Spec {
+        tags: Vec::new(),
+        net: Net::V4 {
+            src,
+            dst: V4_SERVERS[0],
+            options: Vec::new(),
+            frag: 0x4000,
+        },
+        l4: L4::Tcp {
+            sport,
+            dport,
+            seq: 7,
+            ack: 0,
+            flags: SYN,
+            options: Vec::new(),
+            payload: Vec::new(),
+        },
+    }
+}
+
 /// An IPv6 SYN of the pool's first client to `dport`.
 fn ipv6_syn_to(dport: u16, sport: u16) -> Vec<u8> {
     let spec = Spec {
@@ -2209,24 +2214,7 @@ fn flow_filter() {
             ..PortConfig::default()
         },
     ));
-    let spec = |src: [u8; 4], sport: u16| Spec {
-        tags: Vec::new(),
-        net: Net::V4 {
-            src,
-            dst: V4_SERVERS[0],
-            options: Vec::new(),
-            frag: 0x4000,
-        },
-        l4: L4::Tcp {
-            sport,
-            dport: 9000,
-            seq: 7,
-            ack: 0,
-            flags: SYN,
-            options: Vec::new(),
-            payload: Vec::new(),
-        },
-    };
+    let spec = |src: [u8; 4], sport: u16| ipv4_syn_spec(src, sport, 9000);
     let build = |s: &Spec| s.build(&mut Rng::new(3)).0;
     let index = |s: &Spec| flow_filter_index(&s.flow().unwrap());
     let step = |r: &mut Run, s: &Spec, verdict: u32, counter: Counter, skipped: bool| {
