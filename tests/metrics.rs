@@ -18,7 +18,10 @@ use ws_guard::{
     guard::{Guard, LoadOptions},
     metrics::{self, METRIC_NAMES},
 };
-use ws_guard_common::maps::{AF_INET, AF_INET6, Counter};
+use ws_guard_common::{
+    maps::{AF_INET, AF_INET6, Counter, FlowKey, FlowValue, RateState, SourceKey, SourceState},
+    names,
+};
 use ws_guard_tests::{
     frames::{FrameBuilder, LINUX_SYN_OPTIONS, TCP_ACK, Tcp},
     netns::{Testbed, in_ns, ip, sa, spawn_in_ns, test_port, wait_until},
@@ -514,6 +517,47 @@ fn exposition_of_real_maps_is_exact_and_passes_promtool() {
     ] {
         assert!(lines.contains(&want), "missing {want:?} in\n{text}");
     }
+    // The kernel's memory of each preallocated hash map holds at least every entry's key and
+    // value, whatever is in it; the empty lists (no preallocation) next to nothing.
+    let bytes = |name: &str| {
+        let m = snap.maps.iter().find(|m| m.map == name).expect(name);
+        let line = format!(r#"ws_guard_map_memory_bytes{{map="{name}"}} {}"#, m.bytes);
+        assert!(
+            lines.contains(&line.as_str()),
+            "missing {line:?} in\n{text}"
+        );
+        (m.bytes, m.capacity)
+    };
+    for (name, entry) in [
+        (
+            names::MAP_CONNS,
+            size_of::<SourceKey>() + size_of::<SourceState>(),
+        ),
+        (
+            names::MAP_RATE,
+            size_of::<SourceKey>() + size_of::<RateState>(),
+        ),
+        (
+            names::MAP_PENDING,
+            size_of::<FlowKey>() + size_of::<FlowValue>(),
+        ),
+        (
+            names::MAP_OWNED,
+            size_of::<FlowKey>() + size_of::<FlowValue>(),
+        ),
+    ] {
+        let (b, cap) = bytes(name);
+        assert!(
+            b >= cap * entry as u64,
+            "{name}: {b} bytes for {cap} entries of {entry}"
+        );
+        assert!(
+            b < cap * (entry as u64 + 512),
+            "{name}: {b} bytes for {cap} entries"
+        );
+    }
+    let (allow, _) = bytes(names::MAP_ALLOW);
+    assert!(allow < 64 * 1024, "an empty allowlist takes {allow} bytes");
     let out = promtool(&["check", "metrics"], Some(&text));
     assert!(out.trim().is_empty(), "promtool check metrics: {out}");
 }

@@ -41,7 +41,7 @@ use crate::{
 
 /// Every metric name the endpoint can expose (the top-sources one only when enabled). The
 /// dashboard and the alert rules may use these and nothing else; a test checks both.
-pub const METRIC_NAMES: [&str; 22] = [
+pub const METRIC_NAMES: [&str; 23] = [
     "ws_guard_build_info",
     "ws_guard_xdp_attached",
     "ws_guard_monitor_mode",
@@ -60,6 +60,7 @@ pub const METRIC_NAMES: [&str; 22] = [
     "ws_guard_map_entries",
     "ws_guard_map_capacity",
     "ws_guard_map_fill_ratio",
+    "ws_guard_map_memory_bytes",
     "ws_guard_bans_active",
     "ws_guard_list_entries",
     "ws_guard_source_connections",
@@ -119,6 +120,9 @@ pub struct MapFill {
     pub map: &'static str,
     pub entries: u64,
     pub capacity: u64,
+    /// Memory the kernel charges for the map (fdinfo `memlock`; the hash maps are
+    /// preallocated, so theirs is their size when full).
+    pub bytes: u64,
 }
 
 /// Gauges of one protected port and address family.
@@ -276,6 +280,7 @@ pub fn walk(fixed: Fixed, top_sources: usize) -> anyhow::Result<Snapshot> {
             map,
             entries: entries as u64,
             capacity: view.capacity(map)? as u64,
+            bytes: view.memory_bytes(map)?,
         });
     }
 
@@ -500,7 +505,15 @@ fn registry(s: &Snapshot) -> prometheus::Result<Registry> {
          attempts pass untracked; full WSG_RATE evicts the least recent windows.",
         &["map"],
     )?;
+    let memory = gauge(
+        "ws_guard_map_memory_bytes",
+        "Kernel memory of each of those maps in bytes (fdinfo memlock). The hash maps are \
+         preallocated: theirs is what [capacity] costs whatever the traffic; the allow and \
+         deny lists grow with their entries.",
+        &["map"],
+    )?;
     for m in &s.maps {
+        memory.with_label_values(&[m.map]).set(m.bytes as i64);
         entries.with_label_values(&[m.map]).set(m.entries as i64);
         capacity.with_label_values(&[m.map]).set(m.capacity as i64);
         let ratio = if m.capacity == 0 {
@@ -770,11 +783,13 @@ mod tests {
                     map: names::MAP_CONNS,
                     entries: 16384,
                     capacity: 65536,
+                    bytes: 7_340_032,
                 },
                 MapFill {
                     map: names::MAP_PENDING,
                     entries: 0,
                     capacity: 262144,
+                    bytes: 29_360_128,
                 },
             ],
             top_sources: vec![("198.18.0.9/32".into(), 9000, AF_INET, 3)],
@@ -824,6 +839,8 @@ mod tests {
             r#"ws_guard_map_capacity{map="WSG_CONNS"} 65536"#,
             r#"ws_guard_map_fill_ratio{map="WSG_CONNS"} 0.25"#,
             r#"ws_guard_map_fill_ratio{map="WSG_PENDING"} 0"#,
+            r#"ws_guard_map_memory_bytes{map="WSG_CONNS"} 7340032"#,
+            r#"ws_guard_map_memory_bytes{map="WSG_PENDING"} 29360128"#,
             "ws_guard_bans_active 2",
             r#"ws_guard_list_entries{list="allow"} 1"#,
             r#"ws_guard_list_entries{list="deny"} 3"#,

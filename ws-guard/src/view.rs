@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -74,6 +74,16 @@ impl MapView {
             .get(name)
             .ok_or_else(|| anyhow!("map {name} is not in the view"))?;
         T::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+    }
+
+    /// The memory the kernel charges for map `name` (one of the viewed maps), in bytes: its
+    /// `memlock` in fdinfo, preallocated entries included.
+    pub fn memory_bytes(&self, name: &str) -> anyhow::Result<u64> {
+        let data: &MapData = match self.maps.get(name) {
+            Some(Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d)) => d,
+            _ => bail!("map {name} is not in the view"),
+        };
+        memlock(data.fd().as_fd()).with_context(|| format!("the memory of map {name}"))
     }
 
     /// How many entries map `name` (one of the viewed maps) holds at most.
@@ -179,4 +189,18 @@ mod tests {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<MapView>();
     }
+}
+
+/// The memory the kernel charges for the BPF object behind `fd` (`memlock` in its fdinfo).
+pub fn memlock(fd: BorrowedFd<'_>) -> anyhow::Result<u64> {
+    let path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .ok_or_else(|| anyhow!("{path} has no memlock line"))?;
+    value
+        .trim()
+        .parse()
+        .with_context(|| format!("{path}: memlock {value:?}"))
 }

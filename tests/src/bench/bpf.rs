@@ -712,7 +712,7 @@ pub fn run_stats(fd: BorrowedFd<'_>) -> anyhow::Result<RunStats> {
 
 /// Memory the kernel charges for the map or program behind `fd` (fdinfo `memlock`).
 pub fn memlock(fd: BorrowedFd<'_>) -> anyhow::Result<u64> {
-    fdinfo_u64(&fdinfo(fd)?, "memlock")
+    ws_guard::view::memlock(fd)
 }
 
 /// Enables BPF run-time statistics (`BPF_ENABLE_STATS`) while the returned descriptor is open.
