@@ -352,7 +352,8 @@ fn pin_directory_another_user_can_change_is_refused() {
 /// An upgrade to a daemon with another map layout (a new `LAYOUT_VERSION`) takes over the older
 /// daemon's XDP link and swaps its program atomically: the interface is never without XDP, the
 /// older version's pins are removed, the connection held through the upgrade is counted again
-/// from the kernel's socket table, and the limit holds right after.
+/// from the kernel's socket table, the limit holds right after, and the bans in force are
+/// carried over (an upgrade lifts no ban).
 #[test]
 fn upgrade_across_layout_versions_takes_over_the_link() {
     if !privileged("upgrade_across_layout_versions_takes_over_the_link") {
@@ -366,16 +367,63 @@ fn upgrade_across_layout_versions_takes_over_the_link() {
     let server = Server::start(&tb.srv, port, Stack::Separate);
     let cfg = one_connection_config(&tb, port);
     let cfg_path = cfg.path().to_str().unwrap().to_owned();
-    let args = ["run", "--config", &cfg_path, "--pin-dir", &root_s];
+    let private = Private::new();
+    let [sock_flag, sock, state_flag, state] = private.args();
+    let args = [
+        "run",
+        "--config",
+        &cfg_path,
+        "--pin-dir",
+        &root_s,
+        &sock_flag,
+        &sock,
+        &state_flag,
+        &state,
+    ];
+    let wsg = |cli: &[&str]| {
+        let out = Command::new(binary())
+            .args(["--socket", &sock])
+            .args(cli)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cli:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
     let mut old = Daemon::start_in(&tb.srv, &args);
     let dst = sa(tb.server_v4(), port);
     let a = tb.client_v4(0);
+    // A banned source, and one whose ban is already over when the upgrade comes.
+    let banned = tb.client_v4(2);
+    let port_s = port.to_string();
+    wsg(&[
+        "bans",
+        "add",
+        &banned.to_string(),
+        "--port",
+        &port_s,
+        "--duration",
+        "10m",
+    ]);
+    wsg(&[
+        "bans",
+        "add",
+        &tb.client_v4(3).to_string(),
+        "--port",
+        &port_s,
+        "--duration",
+        "1s",
+    ]);
+    assert!(matches!(
+        connect_from(&tb.cli, banned, dst, Duration::from_millis(700)),
+        Outcome::TimedOut
+    ));
     let held = connect_from(&tb.cli, a, dst, Duration::from_secs(2)).stream();
     assert!(server.wait_held(1, Duration::from_secs(5)));
     assert!(matches!(
         connect_from(&tb.cli, a, dst, Duration::from_secs(2)),
         Outcome::Refused
     ));
+    std::thread::sleep(Duration::from_millis(1100));
     assert!(old.stop(libc::SIGTERM).success(), "{:?}", old.lines());
     // What an older release left: the same pins under an older version's directory.
     let mine = root.0.join(format!("v{LAYOUT_VERSION}"));
@@ -416,6 +464,27 @@ fn upgrade_across_layout_versions_takes_over_the_link() {
     );
     assert!(!older.exists(), "the older version's pins are left");
     assert!(mine.join("links").exists());
+    // The ban in force came along; the one that was over did not.
+    assert!(
+        new.contains(&format!(
+            "carried 1 bans in force over from layout v{}",
+            LAYOUT_VERSION - 1
+        )),
+        "{:?}",
+        new.lines()
+    );
+    let bans: serde_json::Value = serde_json::from_str(&wsg(&["--json", "bans", "list"])).unwrap();
+    let listed: Vec<&str> = bans["bans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [format!("{banned}/32")], "{bans}");
+    assert!(matches!(
+        connect_from(&tb.cli, banned, dst, Duration::from_millis(700)),
+        Outcome::TimedOut
+    ));
     // The held connection was counted again: the source is still at its maximum.
     assert!(matches!(
         connect_from(&tb.cli, a, dst, Duration::from_secs(2)),

@@ -68,7 +68,13 @@ const fn all_fit(names: &[&str]) -> bool {
     true
 }
 const _: () = assert!(all_fit(&PROGRAMS) && all_fit(&MAPS));
+const _: () = assert!(BANS_LAYOUT_SINCE <= LAYOUT_VERSION);
 
 /// Version of the map layouts; part of the pin directory so a daemon never adopts maps whose
 /// layout it does not know.
 pub const LAYOUT_VERSION: u32 = 4;
+
+/// The first layout version whose ban map (`SourceKey` -> `BanValue`, and what they mean) is
+/// this version's: an upgrade from it or later carries the bans in force over. Raise it to
+/// `LAYOUT_VERSION` when either type changes.
+pub const BANS_LAYOUT_SINCE: u32 = 3;

@@ -8,6 +8,7 @@ use std::{net::IpAddr, time::Duration};
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData, MapError};
+use log::{info, warn};
 use ws_guard_common::{
     key,
     maps::{
@@ -141,6 +142,82 @@ impl Guard {
             )?;
         }
         self.refresh_flags()
+    }
+
+    /// Copies the bans still in force from the pinned ban maps of other layout versions (what an
+    /// older release left before this upgrade), so an upgrade lifts no ban; returns how many.
+    /// A ban already in this version's map is kept. Versions older than
+    /// [`names::BANS_LAYOUT_SINCE`], or whose map does not have this version's key and value
+    /// sizes, are skipped with a warning: their bans end with the upgrade.
+    pub fn carry_over_bans(&mut self) -> anyhow::Result<usize> {
+        let Some(pins) = self.pin_dir().cloned() else {
+            return Ok(0);
+        };
+        let now = monotonic_ns();
+        let mut carried = 0;
+        for dir in pins.other_versions() {
+            let path = dir.join("maps").join(names::MAP_BANS);
+            if !path.exists() {
+                continue;
+            }
+            let version = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix('v'))
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0);
+            if version < names::BANS_LAYOUT_SINCE {
+                warn!(
+                    "the bans of layout v{version} ({}) are not carried over: their layout \
+                     differs from this version's; they end with this upgrade",
+                    path.display()
+                );
+                continue;
+            }
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening the ban map {}", path.display()))?;
+            // The typed map checks the key and value sizes against this version's.
+            let old: HashMap<MapData, SourceKey, BanValue> =
+                match HashMap::try_from(aya::maps::Map::HashMap(data)) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(
+                            "the bans of layout v{version} are not carried over ({e}); they end \
+                             with this upgrade"
+                        );
+                        continue;
+                    }
+                };
+            let cap = self.capacity(names::MAP_BANS)? as usize;
+            let active: Vec<(SourceKey, BanValue)> = old
+                .iter()
+                .take(cap.saturating_mul(2))
+                .filter_map(Result::ok)
+                .filter(|(_, v)| ban_active(v.until_ns, now))
+                .collect();
+            let mut m: HashMap<&mut MapData, SourceKey, BanValue> =
+                self.map_mut(names::MAP_BANS)?;
+            let mut n = 0;
+            for (k, v) in active {
+                if m.get(&k, 0).is_ok() {
+                    continue;
+                }
+                match m.insert(k, v, 0) {
+                    Ok(()) => n += 1,
+                    Err(e) => {
+                        warn!(
+                            "carrying the bans of layout v{version} over stopped after {n}: {e} \
+                             (capacity.bans may be too small)"
+                        );
+                        break;
+                    }
+                }
+            }
+            info!("carried {n} bans in force over from layout v{version}");
+            carried += n;
+        }
+        self.refresh_flags()?;
+        Ok(carried)
     }
 
     /// Lifts the ban of `source`; false if it was not banned (an expired ban counts as not).

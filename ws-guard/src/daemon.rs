@@ -531,6 +531,14 @@ fn start(cfg: &Config, pins: &PinDir, interfaces: &[String]) -> anyhow::Result<G
             return Err(e);
         }
     }
+    // Before the older version's pins go: an upgrade lifts no ban. Not fatal: enforcing
+    // without them beats not starting.
+    if let Err(e) = guard.carry_over_bans() {
+        warn!(
+            "the bans of an older layout version were not carried over ({e:#}); they end with \
+             this upgrade: `ws-guard bans add` sets them again"
+        );
+    }
     guard
         .remove_stale_pins()
         .context("removing pins this configuration does not use")?;
