@@ -179,18 +179,6 @@ impl MapView {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The view is handed to a blocking task while the daemon keeps the guard.
-    #[test]
-    fn a_view_can_move_to_another_thread() {
-        fn send_sync<T: Send + Sync>() {}
-        send_sync::<MapView>();
-    }
-}
-
 /// The memory the kernel charges for the BPF object behind `fd` (`memlock` in its fdinfo).
 pub fn memlock(fd: BorrowedFd<'_>) -> anyhow::Result<u64> {
     let path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
@@ -203,4 +191,16 @@ pub fn memlock(fd: BorrowedFd<'_>) -> anyhow::Result<u64> {
         .trim()
         .parse()
         .with_context(|| format!("{path}: memlock {value:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The view is handed to a blocking task while the daemon keeps the guard.
+    #[test]
+    fn a_view_can_move_to_another_thread() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<MapView>();
+    }
 }
