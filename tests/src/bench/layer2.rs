@@ -336,9 +336,14 @@ impl Options {
 /// The listener's backlog: nginx's and Node.js's default.
 pub const BACKLOG: i32 = 511;
 
-/// The CPU of the legitimate clients and the server's accept loop: CPU 0, while the flood runs
-/// on the last CPU (the same one only on a one-CPU machine).
-const CLIENT_CPU: usize = 0;
+/// The CPU of the server's accept loop: CPU 0, while the flood and the legitimate clients run on
+/// the last CPU (the same one only on a one-CPU machine). The clients share the flood's CPU so
+/// that their frames are received by the same NAPI, in lockstep with the flood's generation, as
+/// the flood's own are: a client sending from another CPU makes the receiving veth's NAPI run
+/// there too, the flood is then no longer received as it is generated, and the ring overflows
+/// for everybody (clients' SYNs included) whenever the receiver falls behind, an artefact of
+/// this bed that grows with the filter's speed.
+const SERVER_CPU: usize = 0;
 
 fn last_cpu() -> usize {
     std::thread::available_parallelism()
@@ -743,7 +748,7 @@ fn listen(backlog: i32) -> anyhow::Result<std::net::TcpListener> {
 /// The server: accepts, reads one byte, writes it back, closes; until `stop`.
 fn serve(listener: &std::net::TcpListener, stop: &AtomicBool) -> anyhow::Result<u64> {
     use std::io::{Read as _, Write as _};
-    pin_to_cpu(CLIENT_CPU)?;
+    pin_to_cpu(SERVER_CPU)?;
     listener.set_nonblocking(true)?;
     let mut served = 0;
     while !stop.load(Ordering::SeqCst) {
@@ -777,10 +782,15 @@ enum Attempt {
 }
 
 /// One legitimate client: `attempts` connections from `addr`, one after the other.
-fn client(addr: Ipv4Addr, c: &ClientOptions, start: Instant) -> anyhow::Result<Vec<Attempt>> {
+fn client(
+    addr: Ipv4Addr,
+    c: &ClientOptions,
+    start: Instant,
+    cpu: usize,
+) -> anyhow::Result<Vec<Attempt>> {
     use socket2::{Domain, Socket, Type};
     use std::io::{ErrorKind, Read as _, Write as _};
-    pin_to_cpu(CLIENT_CPU)?;
+    pin_to_cpu(cpu)?;
     let server = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 1), PORT));
     let mut out = Vec::new();
     if let Some(wait) = start.checked_duration_since(Instant::now()) {
@@ -919,7 +929,7 @@ fn client_phase(
                 .map(|i| {
                     let addr = Ipv4Addr::new(198, 18, 0, first + i);
                     let start = t0 + c.spread * i as u32 / n;
-                    s.spawn(move || in_ns(&bed.gen_ns, || client(addr, c, start)))
+                    s.spawn(move || in_ns(&bed.gen_ns, || client(addr, c, start, opts.cpu)))
                 })
                 .collect();
             let mut all = Vec::new();
