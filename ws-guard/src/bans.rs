@@ -147,8 +147,8 @@ impl Guard {
     /// Copies the bans still in force from the pinned ban maps of other layout versions (what an
     /// older release left before this upgrade), so an upgrade lifts no ban; returns how many.
     /// A ban already in this version's map is kept. Versions older than
-    /// [`names::BANS_LAYOUT_SINCE`], or whose map does not have this version's key and value
-    /// sizes, are skipped with a warning: their bans end with the upgrade.
+    /// [`names::BANS_LAYOUT_SINCE`] or newer than this one (a downgrade), or whose map does not
+    /// have this version's key and value sizes, are skipped with a warning: their bans end.
     pub fn carry_over_bans(&mut self) -> anyhow::Result<usize> {
         let Some(pins) = self.pin_dir().cloned() else {
             return Ok(0);
@@ -166,11 +166,13 @@ impl Guard {
                 .and_then(|n| n.strip_prefix('v'))
                 .and_then(|v| v.parse::<u32>().ok())
                 .unwrap_or(0);
-            if version < names::BANS_LAYOUT_SINCE {
+            // A newer layout (a downgrade) is not known here, whatever its sizes.
+            if version < names::BANS_LAYOUT_SINCE || version > names::LAYOUT_VERSION {
                 warn!(
-                    "the bans of layout v{version} ({}) are not carried over: their layout \
-                     differs from this version's; they end with this upgrade",
-                    path.display()
+                    "the bans of layout v{version} ({}) are not carried over: their layout is \
+                     not this version's (v{}); they end here",
+                    path.display(),
+                    names::LAYOUT_VERSION
                 );
                 continue;
             }
