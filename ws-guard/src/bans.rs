@@ -167,7 +167,7 @@ impl Guard {
                 .and_then(|v| v.parse::<u32>().ok())
                 .unwrap_or(0);
             // A newer layout (a downgrade) is not known here, whatever its sizes.
-            if version < names::BANS_LAYOUT_SINCE || version > names::LAYOUT_VERSION {
+            if !(names::BANS_LAYOUT_SINCE..=names::LAYOUT_VERSION).contains(&version) {
                 warn!(
                     "the bans of layout v{version} ({}) are not carried over: their layout is \
                      not this version's (v{}); they end here",
