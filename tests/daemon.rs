@@ -298,3 +298,52 @@ fn sighup_applies_only_the_difference_and_held_connections_survive() {
     drop((held1, held1b, held2, extra2));
     assert!(d.stop(libc::SIGTERM).success());
 }
+
+/// A SIGTERM that arrives while the daemon is still starting (here: as soon as it logs its
+/// first line) is taken once the start is complete: the daemon exits cleanly, with its usual
+/// SIGTERM handling, instead of being killed half-way by the signal's default action.
+#[test]
+fn sigterm_during_start_up_exits_cleanly() {
+    if !privileged("sigterm_during_start_up_exits_cleanly") {
+        return;
+    }
+    let port = test_port(17);
+    let tb = Testbed::new("early", 48);
+    let root = PinRoot::new("early");
+    let mut cfg = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(
+        &mut cfg,
+        format!(
+            "interfaces = [\"{}\"]\n[metrics]\nlisten = \"off\"\n[[port]]\nport = {port}\n\
+             max_connections = 2\n",
+            tb.srv_if
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let cfg_path = cfg.path().to_str().unwrap().to_owned();
+    let root_s = root.path();
+    let args = [
+        "run",
+        "--config",
+        &cfg_path,
+        "--pin-dir",
+        &root_s,
+        "--detach-on-exit",
+    ];
+    let mut d = Daemon::spawn_in(&tb.srv, &args);
+    assert!(
+        wait_until(Duration::from_secs(15), || !d.lines().is_empty()),
+        "the daemon logged nothing"
+    );
+    let status = d.stop(libc::SIGTERM);
+    assert!(status.success(), "{status:?}: {:?}", d.lines());
+    assert!(d.contains("SIGTERM"), "{:?}", d.lines());
+    assert!(d.contains("enforcing on"), "{:?}", d.lines());
+    // It detached and removed what it pinned, as on any SIGTERM with --detach-on-exit.
+    assert!(
+        !ip_output(&["-n", &tb.srv, "link", "show", "dev", &tb.srv_if]).contains("xdp"),
+        "{:?}",
+        d.lines()
+    );
+}

@@ -104,7 +104,21 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts `cmd` and waits (20 s at most) for "enforcing on".
-    pub fn start(mut cmd: Command) -> Self {
+    pub fn start(cmd: Command) -> Self {
+        let mut d = Self::spawn(cmd);
+        let started = wait_until(Duration::from_secs(20), || {
+            d.contains("enforcing on") || d.child.try_wait().ok().flatten().is_some()
+        });
+        assert!(
+            started && d.contains("enforcing on"),
+            "the daemon did not start: {:?}",
+            d.lines()
+        );
+        d
+    }
+
+    /// Starts `cmd` without waiting for anything (see [`Daemon::start`]).
+    pub fn spawn(mut cmd: Command) -> Self {
         let private = Private::unless_chosen(&cmd);
         if let Some(p) = &private {
             cmd.args(p.args());
@@ -127,31 +141,31 @@ impl Daemon {
                 }
             })
         };
-        let mut d = Self {
+        Self {
             child,
             log,
             reader: Some(reader),
             _private: private,
-        };
-        let started = wait_until(Duration::from_secs(20), || {
-            d.contains("enforcing on") || d.child.try_wait().ok().flatten().is_some()
-        });
-        assert!(
-            started && d.contains("enforcing on"),
-            "the daemon did not start: {:?}",
-            d.lines()
-        );
-        d
+        }
     }
 
     /// Starts the binary with `args` in network namespace `ns` through `nsenter --net` (which
     /// execs it, so the PID is the daemon's and it keeps the host's bpffs pins).
     pub fn start_in(ns: &str, args: &[&str]) -> Self {
+        Self::start(Self::command_in(ns, args))
+    }
+
+    /// Like [`Daemon::start_in`], without waiting for anything.
+    pub fn spawn_in(ns: &str, args: &[&str]) -> Self {
+        Self::spawn(Self::command_in(ns, args))
+    }
+
+    fn command_in(ns: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{ns}"))
             .arg(binary())
             .args(args);
-        Self::start(cmd)
+        cmd
     }
 
     pub fn contains(&self, needle: &str) -> bool {

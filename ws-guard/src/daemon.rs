@@ -131,6 +131,12 @@ pub async fn run(
     opts: RunOptions,
 ) -> anyhow::Result<()> {
     check_privileges()?;
+    // Before anything is loaded: a SIGTERM or SIGINT during the start-up (the daemon logs
+    // "enforcing on" before its main loop) is then taken by the main loop once the start is
+    // complete, instead of killing the process half-way with the default action.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let state_file = opts.state_file.clone();
     let overrides = Overrides::load(&state_file)?;
     let cfg = state::effective(&file, &overrides).map_err(|e| {
@@ -222,9 +228,6 @@ pub async fn run(
         }
     };
 
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     info!(
         "control socket on {} (root only)",
         opts.control_socket.display()
