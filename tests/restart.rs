@@ -85,25 +85,12 @@ fn enforcement_survives_kill_and_restart_adopts_the_counts() {
     let cfg_path = cfg.path().to_str().unwrap().to_owned();
     // The CLI reaches the daemon through this socket (a file: from the host namespace).
     let private = Private::new();
-    let [sock_flag, sock, state_flag, state] = private.args();
-    let args = [
-        "run",
-        "--config",
-        &cfg_path,
-        "--pin-dir",
-        &root_s,
-        &sock_flag,
-        &sock,
-        &state_flag,
-        &state,
-    ];
+    let sock = private.args()[1].clone();
+    let args = run_args(&cfg_path, &root_s, &private);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let bans = || -> Vec<(String, u64, String)> {
-        let out = Command::new(binary())
-            .args(["--socket", &sock, "--json", "bans", "list"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&cli(&sock, &["--json", "bans", "list"])).unwrap();
         v["bans"]
             .as_array()
             .unwrap()
@@ -130,12 +117,19 @@ fn enforcement_survives_kill_and_restart_adopts_the_counts() {
     assert!(server.wait_held(2, Duration::from_secs(5)));
     // A third source is banned with the CLI: refused before, during and after the kill.
     let c: IpAddr = tb.client_v4(2);
-    let out = Command::new(binary())
-        .args(["--socket", &sock, "bans", "add", &c.to_string()])
-        .args(["--port", &port.to_string(), "--duration", "10m"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let port_s = port.to_string();
+    cli(
+        &sock,
+        &[
+            "bans",
+            "add",
+            &c.to_string(),
+            "--port",
+            &port_s,
+            "--duration",
+            "10m",
+        ],
+    );
     let banned = bans();
     assert_eq!(
         banned,
@@ -368,27 +362,10 @@ fn upgrade_across_layout_versions_takes_over_the_link() {
     let cfg = one_connection_config(&tb, port);
     let cfg_path = cfg.path().to_str().unwrap().to_owned();
     let private = Private::new();
-    let [sock_flag, sock, state_flag, state] = private.args();
-    let args = [
-        "run",
-        "--config",
-        &cfg_path,
-        "--pin-dir",
-        &root_s,
-        &sock_flag,
-        &sock,
-        &state_flag,
-        &state,
-    ];
-    let wsg = |cli: &[&str]| {
-        let out = Command::new(binary())
-            .args(["--socket", &sock])
-            .args(cli)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{cli:?}: {out:?}");
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let sock = private.args()[1].clone();
+    let args = run_args(&cfg_path, &root_s, &private);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let wsg = |args: &[&str]| cli(&sock, args);
     let mut old = Daemon::start_in(&tb.srv, &args);
     let dst = sa(tb.server_v4(), port);
     let a = tb.client_v4(0);
@@ -600,4 +577,25 @@ fn failed_restart_keeps_the_taken_over_link() {
     ));
     assert!(again.stop(libc::SIGTERM).success());
     drop(held);
+}
+
+/// `run --config CFG --pin-dir ROOT` with `private`'s control socket and state file (the CLI
+/// reaches the daemon through that socket, a file: from the host namespace).
+fn run_args(cfg: &str, root: &str, private: &Private) -> Vec<String> {
+    let mut v: Vec<String> = ["run", "--config", cfg, "--pin-dir", root]
+        .map(String::from)
+        .to_vec();
+    v.extend(private.args());
+    v
+}
+
+/// Runs the CLI against the daemon on `sock`; its standard output (it must succeed).
+fn cli(sock: &str, args: &[&str]) -> String {
+    let out = Command::new(binary())
+        .args(["--socket", sock])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
 }
