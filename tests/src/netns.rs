@@ -13,9 +13,9 @@
 //! (`<nn>`: `n` in hex; the /64s are inside 2001:2::/48, the fourth group is the subnet.)
 //!
 //! The veth ends are created directly inside the namespaces, so nothing touches the host's own
-//! interfaces. The client end carries a pass-through XDP program (a second, unconfigured
-//! [`Guard`]): on veth, the RSTs the server side sends with XDP_TX only reach a peer that has an
-//! XDP program (GRO alone is not enough on Linux 6.18).
+//! interfaces. The client end is as a container's peer is: no XDP program and GRO off, so a
+//! test sees what users see (on a veth, `xdp_mode = "auto"` attaches in generic mode, whose
+//! RSTs reach such a peer; native XDP's would not).
 //!
 //! Everything a test bed creates is removed by its Drop, also when the test panics: the
 //! processes it started (by PID), its guards, and its namespaces (by name).
@@ -35,11 +35,28 @@ use std::{
 };
 
 use ws_guard::{
-    config::{Config, XdpMode},
+    config::Config,
     guard::{Counters, Guard, LoadOptions},
     sweep::{self, SweepReport},
 };
 use ws_guard_common::maps::{Counter, GlobalConfig, PortConfig, SourceKey};
+
+/// Makes `interface` in `ns` like a container's veth end: GRO off (no XDP program is attached
+/// to it). Panics if ethtool is missing or fails.
+pub fn peer_like_a_container(ns: &str, interface: &str) {
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", ns, "ethtool", "-K", interface, "gro", "off",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("running ethtool in {ns}: {e}"));
+    assert!(
+        out.status.success(),
+        "ethtool -K {interface} gro off in {ns} failed (is ethtool installed? `cargo xtask \
+         setup` installs it): {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
 
 /// Runs `ip ARGS`, panicking with its stderr when it fails.
 pub fn ip(args: &[&str]) {
@@ -191,7 +208,6 @@ pub struct Testbed {
     pub srv_if: String,
     /// Client end of the veth pair (in `cli`).
     pub cli_if: String,
-    passthrough: Option<Guard>,
     processes: Mutex<Vec<Process>>,
     namespaces: Vec<String>,
 }
@@ -214,7 +230,6 @@ impl Testbed {
             cli: cli.clone(),
             srv_if: format!("wsg{n}s"),
             cli_if: format!("wsg{n}c"),
-            passthrough: None,
             processes: Mutex::new(Vec::new()),
             namespaces: Vec::new(),
         };
@@ -289,17 +304,8 @@ impl Testbed {
         });
         assert!(up, "veth pair {s}/{c} did not come up within 5 s");
 
-        // Pass-through XDP on the client end: nothing is protected, so it passes everything.
-        let mut pass = Guard::load(&LoadOptions {
-            sources: 64,
-            flows: 64,
-            kernel_log_level: 0,
-            ..LoadOptions::default()
-        })
-        .expect("loading the client-side pass-through XDP program");
-        in_ns(&cli, || pass.attach_xdp(&c, XdpMode::Auto))
-            .expect("attaching the pass-through XDP program to the client veth");
-        tb.passthrough = Some(pass);
+        // The client end as a user's peer is: no XDP program, GRO off (a container's veth).
+        peer_like_a_container(&cli, &c);
         tb
     }
 
@@ -383,7 +389,6 @@ impl Drop for Testbed {
         {
             p.kill();
         }
-        drop(self.passthrough.take());
         for ns in self.namespaces.drain(..).rev() {
             let out = Command::new("ip").args(["netns", "del", &ns]).output();
             match out {

@@ -12,8 +12,11 @@
 //! flow's key is current again ([`flows_settled`]).
 
 use crate::{
-    key::flow_source,
-    maps::{FLAG_CHECK_FLOWS, FLOW_FILTER_SLOTS, FlowKey, FlowValue, GlobalConfig, SourceState},
+    key::source_key,
+    maps::{
+        FLAG_CHECK_FLOWS, FLOW_FILTER_SLOTS, FlowKey, FlowValue, GlobalConfig, SourceKey,
+        SourceState,
+    },
 };
 
 /// The filter bucket of `flow`, in `0..FLOW_FILTER_SLOTS`. Mixes both ports and the low two
@@ -49,12 +52,19 @@ pub fn must_check_flows(flags: u32, state: Option<&SourceState>, index: usize) -
 
 /// Whether every tracked flow is charged to the source key the prefixes of `global` give it:
 /// then each flow is counted in the filter the XDP program reads for its SYNs, and
-/// [`FLAG_CHECK_FLOWS`] may be cleared.
+/// [`FLAG_CHECK_FLOWS`] may be cleared. The port is the one the flow was charged to: a
+/// connection behind DNAT is tracked under its socket's port, not the protected one.
 pub fn flows_settled<'a>(
     mut flows: impl Iterator<Item = (&'a FlowKey, &'a FlowValue)>,
     global: &GlobalConfig,
 ) -> bool {
-    flows.all(|(flow, value)| flow_source(flow, global) == value.source)
+    flows.all(|(flow, value)| current_source(flow, value, global) == value.source)
+}
+
+/// The source key the prefixes of `global` give a tracked flow, on the port it is charged to.
+#[inline(always)]
+pub fn current_source(flow: &FlowKey, value: &FlowValue, global: &GlobalConfig) -> SourceKey {
+    source_key(flow.family, flow.client, value.source.port, global)
 }
 
 /// Whether changing the global settings from `old` to `new` moves source keys (a prefix
@@ -67,7 +77,10 @@ pub fn prefixes_changed(old: &GlobalConfig, new: &GlobalConfig) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::{AF_INET, AF_INET6, SourceKey};
+    use crate::{
+        key::flow_source,
+        maps::{AF_INET, AF_INET6},
+    };
 
     fn flow4(client: [u8; 4], client_port: u16, server_port: u16) -> FlowKey {
         let mut c = [0u8; 16];
@@ -238,5 +251,15 @@ mod tests {
             ..v32
         };
         assert!(!flows_settled([(&f, &v32), (&f, &other)].into_iter(), &g32));
+        // A connection behind DNAT with port translation: tracked under its socket's port
+        // (9000), charged to the protected port on the wire (8080).
+        let socket = flow4([198, 18, 0, 7], 40000, 9000);
+        let wire = flow4([198, 18, 0, 7], 40000, 8080);
+        let translated = FlowValue {
+            source: flow_source(&wire, &g32),
+            ..FlowValue::default()
+        };
+        assert!(flows_settled([(&socket, &translated)].into_iter(), &g32));
+        assert!(!flows_settled([(&socket, &translated)].into_iter(), &g24));
     }
 }

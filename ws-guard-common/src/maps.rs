@@ -396,6 +396,10 @@ pub const OP_ADOPT: u32 = 3;
 /// End the ban of `source` if it is over (the daemon's expiry of bans whose source went quiet),
 /// counted and reported like an end the XDP program finds.
 pub const OP_EXPIRE_BAN: u32 = 4;
+/// Track the half-open attempt `flow` (the tuple on the wire) as the established connection
+/// `socket` (the server's socket, whose address or port DNAT rewrote): the sweep found the
+/// socket in another network namespace under the client's address and port.
+pub const OP_TRANSLATE: u32 = 5;
 
 /// A request to the control program, passed as its "packet" through BPF_PROG_TEST_RUN, so the
 /// change happens in the kernel with the same atomic operations the other programs use.
@@ -407,6 +411,8 @@ pub struct ControlOp {
     pub flow: FlowKey,
     pub source: SourceKey,
     pub _pad2: u32,
+    /// [`OP_TRANSLATE`]: the socket's tuple.
+    pub socket: FlowKey,
 }
 
 /// Control program answer: the request changed state.
@@ -427,7 +433,7 @@ const _: () = {
     assert!(size_of::<BanValue>() == 16);
     assert!(size_of::<BanEvent>() == 40);
     assert!(size_of::<RateState>() == 8 + 8 * RATE_SLOTS);
-    assert!(size_of::<ControlOp>() == 72);
+    assert!(size_of::<ControlOp>() == 112);
     assert!(Counter::ALL.len() == Counter::COUNT as usize);
     assert!(stats_bucket(UNATTRIBUTED, AF_INET6) + Counter::COUNT == STATS_ENTRIES);
 };

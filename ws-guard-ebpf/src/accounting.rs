@@ -7,15 +7,15 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use ws_guard_common::{
     filter::flow_filter_index,
     key::flow_source,
-    maps::{Counter, FlowKey, FlowValue},
+    maps::{Counter, FlowKey, FlowValue, SourceKey},
 };
 
-use crate::maps::{self, Bucket, EEXIST, WSG_OWNED, WSG_PENDING, count};
+use crate::maps::{self, Bucket, EEXIST, WSG_CONNS, WSG_OWNED, WSG_PENDING, count};
 
-/// The kernel established `flow`: move it from half-open to established. A connection the XDP
-/// program never saw (another interface, loopback) is left to the sweep, which reads the socket
-/// table of ws-guard's own network namespace: this tracepoint fires for every namespace, and
-/// counting here would charge a container's clients to ours.
+/// The kernel established `flow`: move it from half-open to established. The tracepoint fires
+/// in every network namespace, so a container's socket is seen too; one whose tuple DNAT
+/// rewrote matches no attempt here and is paired by the sweep (see [`translate`]). A
+/// connection the XDP program never saw (another interface, loopback) is not charged here.
 #[inline(always)]
 pub fn established(flow: &FlowKey) {
     // SAFETY: copied out before the delete.
@@ -71,22 +71,71 @@ pub fn adopt(flow: &FlowKey) -> bool {
 /// The kernel closed `flow`: give its slot back, whichever state it was in.
 #[inline(always)]
 pub fn closed(flow: &FlowKey) {
-    if release_from(&WSG_OWNED, flow) || release_from(&WSG_PENDING, flow) {
-        count(Bucket::of_flow(flow), Counter::Closed);
-    }
+    let source = match release_from(&WSG_OWNED, flow) {
+        Some(s) => s,
+        None => match release_from(&WSG_PENDING, flow) {
+            Some(s) => s,
+            None => return,
+        },
+    };
+    count(Bucket::of_source(&source), Counter::Closed);
 }
 
-/// Removes `flow` from `map` and gives its slot back; false if it was not there (or another
-/// CPU removed it first).
+/// Removes `flow` from `map` and gives its slot back; the source it was charged to, or `None`
+/// if it was not there (or another CPU removed it first). Counted by the caller, in the
+/// bucket of the source's port: a translated connection's own port may be unprotected.
 #[inline(always)]
-pub fn release_from(map: &HashMap<FlowKey, FlowValue>, flow: &FlowKey) -> bool {
-    let Some(v) = (unsafe { map.get(flow) }) else {
+pub fn release_from(map: &HashMap<FlowKey, FlowValue>, flow: &FlowKey) -> Option<SourceKey> {
+    let v = unsafe { map.get(flow) }?;
+    let source = v.source;
+    if map.remove(flow).is_err() {
+        return None;
+    }
+    maps::release(&source, flow_filter_index(flow));
+    Some(source)
+}
+
+/// The half-open attempt `wire` became the established connection `socket` under another
+/// tuple (DNAT rewrote the server's address or port before the socket): it is tracked under
+/// the socket's tuple from now on, still charged to its source, so the tracepoint gives the
+/// slot back when that socket closes. The delete of `wire` decides, as in [`established`].
+#[inline(always)]
+pub fn translate(wire: &FlowKey, socket: &FlowKey) -> bool {
+    // SAFETY: copied out before the delete.
+    let Some(v) = (unsafe { WSG_PENDING.get(wire) }) else {
         return false;
     };
     let source = v.source;
-    if map.remove(flow).is_err() {
+    if WSG_PENDING.remove(wire).is_err() {
         return false;
     }
-    maps::release(&source, flow_filter_index(flow));
+    let bucket = Bucket::of_source(&source);
+    // A source holding a slot keeps its entry (only idle entries are removed).
+    let Some(c) = WSG_CONNS.get_ptr_mut(&source) else {
+        return true;
+    };
+    let index = flow_filter_index(socket);
+    maps::filter_add(c, index);
+    let value = FlowValue {
+        source,
+        _pad: 0,
+        since_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    match WSG_OWNED.insert(socket, &value, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            maps::filter_sub(c, flow_filter_index(wire));
+            count(bucket, Counter::Established);
+        }
+        // Tracked already (adopted): the connection keeps that slot, not a second one.
+        Err(EEXIST) => {
+            maps::filter_sub(c, index);
+            maps::release(&source, flow_filter_index(wire));
+        }
+        Err(_) => {
+            maps::filter_sub(c, index);
+            maps::release(&source, flow_filter_index(wire));
+            count(bucket, Counter::UntrackedFull);
+        }
+    }
     true
 }

@@ -1,10 +1,10 @@
 //! Requests from userspace, run through BPF_PROG_TEST_RUN: the "packet" is a `ControlOp`.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::HashMap, programs::XdpContext};
 use ws_guard_common::{
     maps::{
-        CONTROL_DONE, CONTROL_NOOP, ControlOp, Counter, OP_ADOPT, OP_EXPIRE_BAN, OP_EXPIRE_PENDING,
-        OP_RELEASE_OWNED, SourceKey,
+        CONTROL_DONE, CONTROL_NOOP, ControlOp, Counter, FlowKey, FlowValue, OP_ADOPT,
+        OP_EXPIRE_BAN, OP_EXPIRE_PENDING, OP_RELEASE_OWNED, OP_TRANSLATE, SourceKey,
     },
     parse::Packet,
     policy::ban_active,
@@ -22,19 +22,26 @@ pub fn run(ctx: &XdpContext) -> u32 {
         return CONTROL_NOOP;
     };
     let done = match op.op {
-        OP_EXPIRE_PENDING => accounting::release_from(&WSG_PENDING, &op.flow),
-        OP_RELEASE_OWNED => accounting::release_from(&WSG_OWNED, &op.flow),
+        OP_EXPIRE_PENDING => expire(&WSG_PENDING, &op.flow),
+        OP_RELEASE_OWNED => expire(&WSG_OWNED, &op.flow),
         OP_ADOPT => accounting::adopt(&op.flow),
         OP_EXPIRE_BAN => expire_ban(&op.source),
+        OP_TRANSLATE => accounting::translate(&op.flow, &op.socket),
         _ => false,
     };
-    if !done {
-        return CONTROL_NOOP;
+    if done { CONTROL_DONE } else { CONTROL_NOOP }
+}
+
+/// Releases a tracked flow the kernel has no socket for.
+#[inline(always)]
+fn expire(map: &HashMap<FlowKey, FlowValue>, flow: &FlowKey) -> bool {
+    match accounting::release_from(map, flow) {
+        Some(source) => {
+            count(Bucket::of_source(&source), Counter::Expired);
+            true
+        }
+        None => false,
     }
-    if op.op == OP_EXPIRE_PENDING || op.op == OP_RELEASE_OWNED {
-        count(Bucket::of_flow(&op.flow), Counter::Expired);
-    }
-    CONTROL_DONE
 }
 
 /// Ends the ban of `source` if it is over by the kernel's clock: a ban renewed since userspace

@@ -239,6 +239,7 @@ pub async fn run(
     // thread) for seconds on a loaded host.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweeper = sweep::Sweeper::default();
+    let mut unmatched = UnmatchedLog::default();
     let mut watch = InterfaceWatch::default();
     // Enforcing on every interface, metrics listening, signal handlers installed: ready.
     notify::ready(&status_line(&lock(&shared), metrics_addr));
@@ -266,8 +267,12 @@ pub async fn run(
                     warn!("ending expired bans failed (retried next sweep): {e:#}");
                 }
                 match sweeper.run(guard, handshake_timeout) {
-                    Ok(r) if r.expired + r.released + r.adopted > 0 => log::debug!("sweep: {r:?}"),
-                    Ok(_) => {}
+                    Ok(r) => {
+                        if r.expired + r.released + r.adopted + r.translated > 0 {
+                            log::debug!("sweep: {r:?}");
+                        }
+                        unmatched.add(r.unmatched);
+                    }
                     Err(e) => warn!("sweep failed (accounting not checked this round): {e:#}"),
                 }
             }
@@ -617,5 +622,34 @@ fn reload(shared: &mut Shared) {
                 error!("restoring the previous limits failed too: {u:#}");
             }
         }
+    }
+}
+
+/// Reports connections that match no admitted attempt at most once a minute, with their count
+/// since the last report.
+#[derive(Default)]
+struct UnmatchedLog {
+    unreported: u64,
+    last: Option<std::time::Instant>,
+}
+
+impl UnmatchedLog {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+    fn add(&mut self, n: u32) {
+        self.unreported += u64::from(n);
+        if self.unreported == 0 || self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            return;
+        }
+        warn!(
+            "{} connection(s) established in another network namespace match no attempt \
+             ws-guard admitted: their client address was rewritten before the socket (SNAT, \
+             masquerade, a proxy) or they did not pass an attached interface; per-source limits \
+             cannot apply to them (README \"Deploying with containers\"; metric \
+             ws_guard_unmatched_connections_total)",
+            self.unreported
+        );
+        self.unreported = 0;
+        self.last = Some(std::time::Instant::now());
     }
 }

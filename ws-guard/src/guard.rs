@@ -143,6 +143,9 @@ pub struct Guard {
     tracepoint_link: Option<PinnedLink>,
     /// Handles on the traffic-sized maps, shared with readers on other threads.
     view: Arc<MapView>,
+    /// Connections the sweep found in another namespace that match no admitted attempt
+    /// (see [`crate::sweep::SweepReport::unmatched`]), since load.
+    pub unmatched_connections: u64,
 }
 
 /// Counters per protected port and address family, summed over CPUs; arrays are indexed by
@@ -252,6 +255,7 @@ impl Guard {
             pins,
             adopted,
             tracepoint_link: None,
+            unmatched_connections: 0,
         };
         if guard.pins.is_some() {
             guard.pin_programs()?;
@@ -690,6 +694,14 @@ impl Guard {
                 return Ok(mode_name);
             }
         }
+        if mode == config::XdpMode::Native && crate::interfaces::is_veth(interface) {
+            warn!(
+                "{interface} is a veth in native XDP mode: the RSTs of `reject` reach its peer \
+                 only if the peer runs an XDP program (a container's end does not), so refused \
+                 clients time out instead of failing fast; use xdp_mode = \"auto\" or \
+                 \"generic\" on it, or connection_action/rate_action = \"drop\""
+            );
+        }
         let (link, mode_name) = match mode {
             config::XdpMode::Native => (
                 prog.attach_to_if_index(index, XdpMode::Driver)
@@ -707,6 +719,19 @@ impl Guard {
                     .with_context(|| format!("attaching to {interface} in generic mode"))?,
                 "generic",
             ),
+            // Native XDP on a veth cannot deliver the RSTs of `reject` to a peer without an XDP
+            // program (a container's end): generic XDP sends them through the stack.
+            config::XdpMode::Auto if crate::interfaces::is_veth(interface) => {
+                let link = prog
+                    .attach_to_if_index(index, XdpMode::Skb)
+                    .with_context(|| format!("attaching to {interface} in generic mode"))?;
+                info!(
+                    "{interface} is a veth: attached in generic mode, so the RSTs of `reject` \
+                     reach its peer (native XDP on a veth sends them only to a peer that runs an \
+                     XDP program itself; xdp_mode = \"native\" forces native)"
+                );
+                (link, "generic")
+            }
             config::XdpMode::Auto => match prog.attach_to_if_index(index, XdpMode::Driver) {
                 Ok(link) => (link, "native"),
                 Err(native_err) => {

@@ -11,6 +11,7 @@ pub mod guard;
 pub mod interfaces;
 pub mod lists;
 pub mod metrics;
+pub mod netns;
 pub mod pin;
 pub mod state;
 pub mod sweep;

@@ -6,7 +6,7 @@
 //! own meanwhile, so a slow scrape delays only the daemon's sweep.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     convert::Infallible,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
@@ -25,11 +25,11 @@ use hyper::{
 use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use prometheus::{
-    Gauge, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use ws_guard_common::{
-    maps::{AF_INET6, Counter, FlowKey, GlobalConfig, SourceKey},
+    maps::{AF_INET6, Counter, FlowKey, FlowValue, GlobalConfig, SourceKey},
     names,
 };
 
@@ -41,7 +41,7 @@ use crate::{
 
 /// Every metric name the endpoint can expose (the top-sources one only when enabled). The
 /// dashboard and the alert rules may use these and nothing else; a test checks both.
-pub const METRIC_NAMES: [&str; 23] = [
+pub const METRIC_NAMES: [&str; 24] = [
     "ws_guard_build_info",
     "ws_guard_xdp_attached",
     "ws_guard_monitor_mode",
@@ -64,6 +64,7 @@ pub const METRIC_NAMES: [&str; 23] = [
     "ws_guard_bans_active",
     "ws_guard_list_entries",
     "ws_guard_source_connections",
+    "ws_guard_unmatched_connections_total",
     "ws_guard_scrape_duration_seconds",
 ];
 
@@ -156,6 +157,8 @@ pub struct Snapshot {
     pub bans_active: u64,
     /// Entries of each list: ("allow" | "deny", entries).
     pub list_entries: Vec<(&'static str, u64)>,
+    /// Connections found in another namespace that match no admitted attempt, since start.
+    pub unmatched_connections: u64,
     /// How long reading the kernel took.
     pub read_seconds: f64,
 }
@@ -192,6 +195,7 @@ pub struct Fixed {
     global: GlobalConfig,
     stats: Stats,
     attachments: Vec<AttachState>,
+    unmatched: u64,
     view: Arc<MapView>,
 }
 
@@ -210,6 +214,7 @@ pub fn read_fixed(guard: &Guard) -> anyhow::Result<Fixed> {
                 attached: a.interface_present(),
             })
             .collect(),
+        unmatched: guard.unmatched_connections,
         view: guard.view(),
     })
 }
@@ -223,16 +228,17 @@ pub fn walk(fixed: Fixed, top_sources: usize) -> anyhow::Result<Snapshot> {
         global,
         stats,
         attachments,
+        unmatched,
         view,
     } = fixed;
     let sources = view
         .source_counters()
         .context("reading the source counters")?;
     let pending = view
-        .flow_keys(names::MAP_PENDING)
+        .flows(names::MAP_PENDING)
         .context("reading the half-open connections")?;
     let owned = view
-        .flow_keys(names::MAP_OWNED)
+        .flows(names::MAP_OWNED)
         .context("reading the established connections")?;
     let rate_entries = view.rate_entries().context("reading the rate windows")?;
     let bans = view.ban_entries().context("reading the bans")?;
@@ -302,17 +308,20 @@ pub fn walk(fixed: Fixed, top_sources: usize) -> anyhow::Result<Snapshot> {
         top_sources,
         bans_active,
         list_entries,
+        unmatched_connections: unmatched,
         read_seconds: start.elapsed().as_secs_f64(),
     })
 }
 
+/// Counts flows by the protected port they are charged to (a connection behind DNAT is
+/// tracked under its socket's port).
 fn count_flows(
-    flows: &HashSet<FlowKey>,
+    flows: &[(FlowKey, FlowValue)],
     gauges: &mut BTreeMap<(u16, u16), PortGauges>,
     field: impl Fn(&mut PortGauges) -> &mut u64,
 ) {
-    for f in flows {
-        *field(gauges.entry((f.server_port, f.family)).or_default()) += 1;
+    for (f, v) in flows {
+        *field(gauges.entry((v.source.port, f.family)).or_default()) += 1;
     }
 }
 
@@ -554,6 +563,15 @@ fn registry(s: &Snapshot) -> prometheus::Result<Registry> {
             .set(*n as i64);
         }
     }
+    let unmatched = IntCounter::with_opts(Opts::new(
+        "ws_guard_unmatched_connections_total",
+        "Connections established in another network namespace (or on a port DNAT led to) that \
+         match no attempt the XDP program admitted: the client's address was rewritten (SNAT, \
+         masquerade, a proxy) or the traffic did not pass an attached interface. Charged to no \
+         source.",
+    ))?;
+    unmatched.inc_by(s.unmatched_connections);
+    r.register(Box::new(unmatched))?;
     let took = Gauge::with_opts(Opts::new(
         "ws_guard_scrape_duration_seconds",
         "Time this scrape took to read the kernel's maps.",
@@ -795,6 +813,7 @@ mod tests {
             top_sources: vec![("198.18.0.9/32".into(), 9000, AF_INET, 3)],
             bans_active: 2,
             list_entries: vec![("allow", 1), ("deny", 3)],
+            unmatched_connections: 4,
             read_seconds: 0.25,
         }
     }
@@ -847,6 +866,7 @@ mod tests {
             r#"ws_guard_decisions_total{family="ipv4",port="9000",reason="banned"} 0"#,
             r#"ws_guard_ban_events_total{event="bans_started",family="ipv4",port="9000"} 0"#,
             r#"ws_guard_source_connections{family="ipv4",port="9000",source="198.18.0.9/32"} 3"#,
+            "ws_guard_unmatched_connections_total 4",
             "ws_guard_scrape_duration_seconds 0.25",
         ] {
             assert!(got.contains(&want), "missing {want:?} in\n{text}");

@@ -7,7 +7,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -18,11 +18,11 @@ use procfs::{
 };
 use ws_guard_common::maps::{
     AF_INET, AF_INET6, ControlOp, FLAG_CHECK_FLOWS, FlowKey, OP_ADOPT, OP_EXPIRE_PENDING,
-    OP_RELEASE_OWNED,
+    OP_RELEASE_OWNED, OP_TRANSLATE,
 };
 use ws_guard_common::names;
 
-use crate::guard::Guard;
+use crate::{guard::Guard, netns};
 
 /// A half-open attempt younger than this is left alone: its SYN may still be on its way up the
 /// stack, so the absence of a socket means nothing yet.
@@ -39,6 +39,12 @@ pub struct SweepReport {
     pub adopted: u32,
     /// Zero counters removed.
     pub idle_removed: u32,
+    /// Half-open attempts found established behind DNAT and tracked under their socket's tuple.
+    pub translated: u32,
+    /// Connections newly found in another namespace (or on a port DNAT led to) that match no
+    /// attempt the XDP program admitted: charged to no one (see README, "Deploying with
+    /// containers").
+    pub unmatched: u32,
     /// `FLAG_CHECK_FLOWS` was cleared: every tracked flow's source key is current again.
     pub flow_check_cleared: bool,
 }
@@ -52,46 +58,80 @@ pub enum SocketKind {
     Connected,
 }
 
-/// The server-side TCP sockets on `ports` in the calling thread's network namespace.
-pub fn socket_table(ports: &HashSet<u16>) -> anyhow::Result<HashMap<FlowKey, SocketKind>> {
-    let mut out = HashMap::new();
+/// One server-side socket and where it lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Socket {
+    pub kind: SocketKind,
+    /// Its network namespace ([`netns::Namespace::id`]).
+    pub namespace: u64,
+    /// In the daemon's own namespace.
+    pub own: bool,
+}
+
+/// A client's end of a connection: what DNAT leaves unchanged (it rewrites the server's).
+pub type Endpoint = (u16, [u8; 16], u16);
+
+/// The client endpoint of `flow`.
+pub fn endpoint(flow: &FlowKey) -> Endpoint {
+    (flow.family, flow.client, flow.client_port)
+}
+
+/// The server-side TCP sockets of every network namespace that matter to the sweep.
+#[derive(Debug, Default)]
+pub struct SocketTable {
+    pub sockets: HashMap<FlowKey, Socket>,
+    /// The sockets of each client endpoint.
+    pub by_endpoint: HashMap<Endpoint, Vec<FlowKey>>,
+}
+
+/// The sockets, in every network namespace, that are on one of `ports` or whose client
+/// endpoint is one of `endpoints` (those of the tracked flows: a socket behind DNAT is found by
+/// its client's address and port, whatever its own).
+pub fn socket_table(
+    ports: &HashSet<u16>,
+    endpoints: &HashSet<Endpoint>,
+) -> anyhow::Result<SocketTable> {
+    let mut out = SocketTable::default();
     let si = procfs::current_system_info();
-    // thread-self: the namespace of this thread, which is the one the daemon attached in.
-    for file in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
-        let text = match read_whole(file) {
-            Ok(t) => t,
-            // No IPv6 in this kernel or namespace.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).with_context(|| format!("reading {file}")),
-        };
-        let entries = TcpNetEntries::from_buf_read(&text[..], si)
-            .with_context(|| format!("parsing {file}"))?;
-        for e in entries.0 {
-            if !ports.contains(&e.local_address.port()) {
-                continue;
-            }
-            let kind = match e.state {
-                TcpState::SynRecv | TcpState::NewSynRecv => SocketKind::HalfOpen,
-                // Released at CLOSE by the tracepoint, which comes before TIME_WAIT.
-                TcpState::Listen | TcpState::TimeWait | TcpState::Close => continue,
-                _ => SocketKind::Connected,
+    let namespaces = netns::namespaces().context("listing network namespaces in /proc")?;
+    for ns in &namespaces {
+        for file in ["tcp", "tcp6"] {
+            let text = match ns.read(file) {
+                Ok(Some(t)) => t,
+                // No IPv6, or the namespace went with its last task.
+                Ok(None) => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading net/{file} of a namespace"));
+                }
             };
-            out.insert(flow_key(e.local_address, e.remote_address), kind);
+            let entries = TcpNetEntries::from_buf_read(&text[..], si)
+                .with_context(|| format!("parsing net/{file}"))?;
+            for e in entries.0 {
+                let kind = match e.state {
+                    TcpState::SynRecv | TcpState::NewSynRecv => SocketKind::HalfOpen,
+                    // Released at CLOSE by the tracepoint, which comes before TIME_WAIT.
+                    TcpState::Listen | TcpState::TimeWait | TcpState::Close => continue,
+                    _ => SocketKind::Connected,
+                };
+                let flow = flow_key(e.local_address, e.remote_address);
+                if !ports.contains(&flow.server_port) && !endpoints.contains(&endpoint(&flow)) {
+                    continue;
+                }
+                let socket = Socket {
+                    kind,
+                    namespace: ns.id,
+                    own: ns.own,
+                };
+                if out.sockets.insert(flow, socket).is_none() {
+                    out.by_endpoint
+                        .entry(endpoint(&flow))
+                        .or_default()
+                        .push(flow);
+                }
+            }
         }
     }
     Ok(out)
-}
-
-/// Reads a /proc/net table in as few read(2) calls as possible. The kernel produces it in
-/// chunks, one per read, and finds where the next chunk starts by counting sockets again:
-/// sockets that close meanwhile shift the count, and a live socket can be skipped. Big reads
-/// make that rare; the sweep's two-round rule (see [`Sweeper`]) makes it harmless.
-fn read_whole(path: &str) -> std::io::Result<Vec<u8>> {
-    use std::io::Read as _;
-    // read_to_end doubles its reads while they come back full: a handful of read(2) calls.
-    let mut buf = Vec::with_capacity(1 << 20);
-    std::fs::File::open(path)?.read_to_end(&mut buf)?;
-    Ok(buf)
 }
 
 /// The flow key of a server socket, normalizing IPv4-mapped IPv6 to IPv4 as the XDP program
@@ -134,12 +174,13 @@ pub fn monotonic_ns() -> u64 {
 
 /// Keeps what one periodic sweep learned for the next.
 ///
-/// Neither the maps nor the socket table can be read atomically, and the kernel may skip a
-/// socket of the table when connections close while it is read. So a periodic sweep acts
+/// Neither the maps nor the socket tables can be read atomically, and the kernel may skip a
+/// socket of a table when connections close while it is read. So a periodic sweep acts
 /// only on what two sweeps in a row agree on:
-/// - a connected socket the maps do not know is counted when the previous sweep did not know
-///   it either (it may be a connection established and closed between the two reads: counting
-///   it at once would charge its source for a connection that is gone);
+/// - a connected socket the maps do not know is counted (or reported as unmatched) when the
+///   previous sweep did not know it either (it may be a connection established and closed
+///   between the two reads: counting it at once would charge its source for a connection that
+///   is gone);
 /// - a tracked connection without a socket is released when the previous sweep found none
 ///   either (a socket skipped by one read must not lose its count).
 ///
@@ -147,14 +188,24 @@ pub fn monotonic_ns() -> u64 {
 #[derive(Debug, Default)]
 pub struct Sweeper {
     suspects: Rounds,
+    /// (namespace, port) pairs where DNAT led admitted attempts: besides the protected ports,
+    /// where connections that match no admitted attempt are looked for.
+    targets: HashSet<(u64, u16)>,
+    /// Unmatched connections already reported, so each is counted once.
+    reported: HashSet<FlowKey>,
 }
+
+/// The most (namespace, port) pairs [`Sweeper`] remembers as DNAT targets.
+const MAX_TARGETS: usize = 4096;
 
 /// The flows one sweep found suspect, for the next to confirm.
 #[derive(Debug, Default)]
 struct Rounds {
-    /// Connected sockets the maps did not know.
+    /// Connected sockets of the daemon's namespace on a protected port the maps did not know.
     unknown: HashSet<FlowKey>,
-    /// Tracked flows (half-open or established) the socket table did not have.
+    /// Connected sockets elsewhere (or on a DNAT target port) that match no tracked flow.
+    unmatched: HashSet<FlowKey>,
+    /// Tracked flows (half-open or established) the socket tables did not have.
     missing: HashSet<FlowKey>,
     /// The prefixes (IPv4, IPv6) in force when this sweep found `FLAG_CHECK_FLOWS` set.
     flow_check: Option<(u32, u32)>,
@@ -167,7 +218,9 @@ impl Sweeper {
         guard: &mut Guard,
         handshake_timeout: Duration,
     ) -> anyhow::Result<SweepReport> {
-        sweep(guard, handshake_timeout, Some(&mut self.suspects))
+        let report = sweep(guard, handshake_timeout, Some(self))?;
+        guard.unmatched_connections += u64::from(report.unmatched);
+        Ok(report)
     }
 }
 
@@ -177,44 +230,97 @@ pub fn sweep_now(guard: &mut Guard, handshake_timeout: Duration) -> anyhow::Resu
     sweep(guard, handshake_timeout, None)
 }
 
-/// Brings the maps in step with the kernel's socket table, read after the maps (so a
-/// connection tracked when the maps were read and established since is known):
+/// Brings the maps in step with the kernel's socket tables, of every network namespace, read
+/// after the maps (so a connection tracked when the maps were read and established since is
+/// known):
 ///
+/// - a half-open attempt whose tuple no socket has, but whose client endpoint an untracked
+///   socket has (DNAT rewrote the server's address or port on the way to the socket, often in
+///   a container's namespace), is that socket's: once the socket is connected the attempt is
+///   tracked under the socket's tuple ([`OP_TRANSLATE`]), so its close gives the slot back;
 /// - a half-open attempt at least [`GRACE`] old without any socket is released, and so is one
 ///   older than `handshake_timeout` whatever the kernel still has;
 /// - an established connection at least [`GRACE`] old without a socket is released (its close
 ///   was not seen, e.g. it ended while the programs were being replaced);
-/// - a connected socket the maps do not know is counted;
+/// - a connected socket the maps do not know, in the daemon's namespace on a protected port,
+///   is counted; at start-up also in other namespaces, unless its client is an address of this
+///   host (a masqueraded or local connection that no attached interface admits); otherwise one
+///   in another namespace (on a protected port, or a port DNAT led to) is reported as
+///   unmatched and charged to no one;
 /// - `FLAG_CHECK_FLOWS` is cleared once every tracked flow's source key is current;
 /// - counters at zero are removed when the counter map is more than half full.
 ///
-/// Without `rounds` (start-up) at once; otherwise a release or a count needs the previous
+/// Without `state` (start-up) at once; otherwise a release or a count needs the previous
 /// round to have found the same (see [`Sweeper`]).
 fn sweep(
     guard: &mut Guard,
     handshake_timeout: Duration,
-    rounds: Option<&mut Rounds>,
+    mut state: Option<&mut Sweeper>,
 ) -> anyhow::Result<SweepReport> {
     let pending = guard.pending()?;
     let owned = guard.owned()?;
     let ports: HashSet<u16> = guard.ports()?.into_iter().map(|(p, _)| p).collect();
-    let sockets = socket_table(&ports)?;
+    let known: HashSet<FlowKey> = pending
+        .iter()
+        .chain(owned.iter())
+        .map(|(k, _)| *k)
+        .collect();
+    let endpoints: HashSet<Endpoint> = known.iter().map(endpoint).collect();
+    let table = socket_table(&ports, &endpoints)?;
     let now = monotonic_ns();
     let grace = GRACE.as_nanos() as u64;
     let timeout = handshake_timeout.as_nanos() as u64;
     let mut report = SweepReport::default();
-    let missing: HashSet<FlowKey> = pending
+
+    // The socket of each attempt whose tuple DNAT rewrote: an untracked socket with its client
+    // endpoint, the one on the same port first. Each socket is one attempt's at most.
+    let mut partners: HashMap<FlowKey, FlowKey> = HashMap::new();
+    let mut taken: HashSet<FlowKey> = HashSet::new();
+    for (wire, _) in &pending {
+        if table.sockets.contains_key(wire) {
+            continue;
+        }
+        let Some(candidates) = table.by_endpoint.get(&endpoint(wire)) else {
+            continue;
+        };
+        let free = || {
+            candidates
+                .iter()
+                .filter(|s| !known.contains(s) && !taken.contains(s))
+        };
+        let chosen = free()
+            .find(|s| s.server_port == wire.server_port)
+            .or_else(|| free().next())
+            .copied();
+        if let Some(socket) = chosen {
+            taken.insert(socket);
+            partners.insert(*wire, socket);
+        }
+    }
+
+    let missing: HashSet<FlowKey> = known
         .iter()
-        .chain(owned.iter())
-        .filter(|(flow, _)| !sockets.contains_key(flow))
-        .map(|(flow, _)| *flow)
+        .filter(|flow| !table.sockets.contains_key(flow) && !partners.contains_key(flow))
+        .copied()
         .collect();
-    let confirmed_missing = |flow: &FlowKey| match &rounds {
+    let previous = state.as_deref().map(|s| &s.suspects);
+    let confirmed_missing = |flow: &FlowKey| match previous {
         None => true,
         Some(r) => r.missing.contains(flow),
     };
 
+    let mut translated_to = Vec::new();
     for (flow, v) in &pending {
+        if let Some(socket) = partners.get(flow) {
+            let s = table.sockets[socket];
+            if s.kind == SocketKind::Connected {
+                if guard.control(translate(*flow, *socket))? {
+                    report.translated += 1;
+                    translated_to.push((s.namespace, socket.server_port));
+                }
+                continue;
+            }
+        }
         let age = now.saturating_sub(v.since_ns);
         let gone = age >= grace && missing.contains(flow) && confirmed_missing(flow);
         if (gone || age >= timeout) && guard.control(op(OP_EXPIRE_PENDING, *flow))? {
@@ -231,23 +337,47 @@ fn sweep(
             report.released += 1;
         }
     }
-    let known: HashSet<FlowKey> = pending
-        .iter()
-        .chain(owned.iter())
-        .map(|(k, _)| *k)
-        .collect();
-    let unknown: HashSet<FlowKey> = sockets
-        .iter()
-        .filter(|(flow, kind)| **kind == SocketKind::Connected && !known.contains(flow))
-        .map(|(flow, _)| *flow)
-        .collect();
-    let mut rounds = rounds;
-    let adopt: Vec<FlowKey> = match rounds.as_deref_mut() {
+
+    let targets = state.as_deref().map(|s| &s.targets);
+    let is_target = |ns: u64, port: u16| targets.is_some_and(|t| t.contains(&(ns, port)));
+    let mut unknown = HashSet::new();
+    let mut unmatched = HashSet::new();
+    let host = if state.is_none() {
+        local_addresses()
+    } else {
+        HashSet::new()
+    };
+    for (flow, s) in &table.sockets {
+        if s.kind != SocketKind::Connected || known.contains(flow) || taken.contains(flow) {
+            continue;
+        }
+        let protected = ports.contains(&flow.server_port);
+        if protected && (s.own || (state.is_none() && !host.contains(&client_ip(flow)))) {
+            unknown.insert(*flow);
+        } else if protected || is_target(s.namespace, flow.server_port) {
+            unmatched.insert(*flow);
+        }
+    }
+    let adopt: Vec<FlowKey> = match state.as_deref_mut() {
         None => unknown.into_iter().collect(),
-        Some(rounds) => {
-            let confirmed = unknown.intersection(&rounds.unknown).copied().collect();
-            rounds.unknown = unknown;
-            rounds.missing = missing;
+        Some(st) => {
+            let confirmed = unknown
+                .intersection(&st.suspects.unknown)
+                .copied()
+                .collect();
+            let confirmed_unmatched: HashSet<FlowKey> = unmatched
+                .intersection(&st.suspects.unmatched)
+                .copied()
+                .collect();
+            report.unmatched = confirmed_unmatched.difference(&st.reported).count() as u32;
+            st.reported = confirmed_unmatched;
+            st.suspects.unknown = unknown;
+            st.suspects.unmatched = unmatched;
+            st.suspects.missing = missing;
+            if st.targets.len() + translated_to.len() > MAX_TARGETS {
+                st.targets.clear();
+            }
+            st.targets.extend(translated_to);
             confirmed
         }
     };
@@ -256,7 +386,7 @@ fn sweep(
             report.adopted += 1;
         }
     }
-    report.flow_check_cleared = settle_flow_check(guard, rounds)?;
+    report.flow_check_cleared = settle_flow_check(guard, state.map(|s| &mut s.suspects))?;
     // A zero counter costs a map entry, nothing else; removing one can race with a SYN of that
     // source (the XDP program increments an entry being deleted), so only reclaim them when
     // the map is more than half full.
@@ -298,6 +428,56 @@ fn op(code: u32, flow: FlowKey) -> ControlOp {
         flow,
         ..Default::default()
     }
+}
+
+fn translate(wire: FlowKey, socket: FlowKey) -> ControlOp {
+    ControlOp {
+        socket,
+        ..op(OP_TRANSLATE, wire)
+    }
+}
+
+fn client_ip(flow: &FlowKey) -> IpAddr {
+    if flow.family == AF_INET {
+        let c = flow.client;
+        IpAddr::from([c[0], c[1], c[2], c[3]])
+    } else {
+        IpAddr::from(flow.client)
+    }
+}
+
+/// The addresses of the daemon's network namespace (loopback included): a connection from one
+/// of them to a container is the host's own, or masqueraded, never one an attached interface
+/// admitted.
+fn local_addresses() -> HashSet<IpAddr> {
+    let mut out = HashSet::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below; each entry is read while the list lives.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut p = list;
+        while !p.is_null() {
+            let addr = (*p).ifa_addr;
+            if !addr.is_null() {
+                match (*addr).sa_family as i32 {
+                    libc::AF_INET => {
+                        let a = &*addr.cast::<libc::sockaddr_in>();
+                        out.insert(IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let a = &*addr.cast::<libc::sockaddr_in6>();
+                        out.insert(IpAddr::from(a.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
 }
 
 #[cfg(test)]
