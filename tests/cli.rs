@@ -573,7 +573,40 @@ fn bad_arguments_change_nothing() {
         );
         assert!(r.stdout.is_empty(), "{args:?}: {r:?}");
     }
+    // The daemon checks again what the CLI checks: a request written to the socket by
+    // another client gets the same refusals (finding 8 of SECURITY.md).
+    let raw = |line: &str| -> String {
+        use std::io::{BufRead as _, Write as _};
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connecting");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        writeln!(s, "{line}").unwrap();
+        let mut reply = String::new();
+        std::io::BufReader::new(s).read_line(&mut reply).unwrap();
+        eprintln!("raw {line} -> {reply}");
+        reply
+    };
+    for (ms, msg) in [
+        ("1", "at least 1s"),
+        ("999", "at least 1s"),
+        ("18446744073709551615", "at most 365 days"),
+        ("31536000001", "at most 365 days"),
+    ] {
+        let reply = raw(&format!(
+            r#"{{"command":"ban_add","addr":"198.18.0.3","port":{port},"duration_ms":{ms}}}"#
+        ));
+        assert!(reply.contains(msg), "duration_ms {ms}: {reply}");
+    }
     assert_eq!(snapshot(), before, "a refused command changed something");
+
+    // IPv4-mapped IPv6 addresses are the IPv4 ones, in the lists as in bans.
+    wsg(&sock, &["deny", "add", "::ffff:198.19.0.5/128"]).ok();
+    let deny = wsg(&sock, &["--json", "deny", "list"]).json().to_string();
+    assert!(
+        deny.contains("198.19.0.5/32") && !deny.contains("ffff"),
+        "{deny}"
+    );
+    wsg(&sock, &["deny", "remove", "198.19.0.5"]).ok();
+    assert_eq!(snapshot(), before, "add and remove left something");
 
     // Unreachable daemon: exit 3 and what to do.
     let r = wsg(&paths.dir.path().join("nothing.sock"), &["status"]);

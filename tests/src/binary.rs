@@ -195,6 +195,31 @@ impl Daemon {
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
     }
 
+    /// The daemon's PID (nsenter execs it, so it is the daemon's own).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (at most `limit`, then panics) for the daemon to exit by itself; its status.
+    pub fn stop_when_exited(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        let status = loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                break st;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the daemon did not exit within {limit:?}: {:?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        status
+    }
+
     /// Sends `signal` to the (unreaped, so still ours) process and waits for its exit.
     pub fn stop(&mut self, signal: i32) -> std::process::ExitStatus {
         assert!(

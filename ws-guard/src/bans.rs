@@ -126,8 +126,10 @@ impl Guard {
             .collect())
     }
 
-    /// Bans `source` for `duration` from now (replacing a ban it has).
+    /// Bans `source` for `duration` from now (replacing a ban it has); `duration` must pass
+    /// [`check_ban_duration`].
     pub fn ban(&mut self, source: SourceKey, duration: Duration) -> anyhow::Result<()> {
+        check_ban_duration(duration).map_err(anyhow::Error::msg)?;
         let value = BanValue {
             until_ns: ban_until(monotonic_ns(), duration_ns(duration)),
             reason: BAN_MANUAL,
@@ -283,6 +285,18 @@ impl Guard {
             .map(|(k, s)| (k, s.refused as u64))
             .collect())
     }
+}
+
+/// The bounds of a manual ban's duration, checked wherever one comes from (the CLI, the control
+/// socket, a library caller): 1 s to 365 days.
+pub fn check_ban_duration(d: Duration) -> Result<(), String> {
+    if d < Duration::from_secs(1) {
+        return Err("a ban lasts at least 1s".into());
+    }
+    if d > Duration::from_secs(86_400 * 365) {
+        return Err("a ban lasts at most 365 days".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

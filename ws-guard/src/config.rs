@@ -291,7 +291,9 @@ fn cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
 }
 
 /// Parses `ADDRESS/PREFIX` (or a bare address: a /32 or /128). Host bits must be zero, so
-/// `198.18.0.1/24` is refused rather than silently widened.
+/// `198.18.0.1/24` is refused rather than silently widened. An IPv4-mapped IPv6 CIDR
+/// (`::ffff:198.18.0.5/128`) is the IPv4 one it maps (`198.18.0.5/32`), as everywhere else in
+/// ws-guard: IPv4 clients of dual-stack sockets arrive as IPv4 on the wire.
 pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
     let net = match s.parse::<IpNet>() {
@@ -311,7 +313,57 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
             net.trunc()
         ));
     }
-    Ok(net)
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => {
+                Ok(IpNet::new(v4.into(), v6.prefix_len() - 96).expect("a prefix of at most 32"))
+            }
+            None => Ok(net),
+        },
+        _ => Ok(net),
+    }
+}
+
+/// The largest configuration or state file read: far above any real one (a 16,384-CIDR list
+/// is about 400 KiB), far below what would hurt the daemon.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+
+/// Reads the UTF-8 text of `path`, which must be a regular file of at most
+/// [`MAX_FILE_BYTES`]: a FIFO or a device (`/dev/zero`) at the path would block the daemon's
+/// event loop or fill its memory. Opened non-blocking, so even a FIFO is never waited on.
+pub fn read_regular_file(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, socket or device is never read)",
+        ));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{} bytes, more than the {MAX_FILE_BYTES} read at most",
+                meta.len()
+            ),
+        ));
+    }
+    let mut text = String::new();
+    // A file growing while it is read stops at the cap all the same.
+    file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("more than the {MAX_FILE_BYTES} bytes read at most"),
+        ));
+    }
+    Ok(text)
 }
 
 /// The whole configuration.
@@ -377,6 +429,11 @@ fn default_ipv4_prefix() -> u32 {
 fn default_ipv6_prefix() -> u32 {
     64
 }
+/// The longest `handshake_timeout`: the kernel gives up on a handshake after its SYN-ACK
+/// retries (about a minute by default, `net.ipv4.tcp_synack_retries`); an hour covers any
+/// sane setting, and keeps every duration in nanoseconds far from overflowing.
+pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(60)
 }
@@ -394,9 +451,9 @@ fn default_kernel_log() -> String {
 pub const KERNEL_LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
 impl Config {
-    /// Reads and validates `path`.
+    /// Reads and validates `path` (a regular file, see [`read_regular_file`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = read_regular_file(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
@@ -484,10 +541,12 @@ impl Config {
                 format!("{} is not 0-128", self.ipv6_prefix),
             ));
         }
-        if self.handshake_timeout < Duration::from_secs(1) {
+        if self.handshake_timeout < Duration::from_secs(1)
+            || self.handshake_timeout > MAX_HANDSHAKE_TIMEOUT
+        {
             return Err(invalid(
                 "handshake_timeout".into(),
-                "must be at least 1s".into(),
+                "must be between 1s and 1h".into(),
             ));
         }
         if self.sweep_interval < Duration::from_millis(100)
@@ -668,7 +727,7 @@ impl Config {
         ] {
             assert!((64..=16_777_216).contains(&v), "capacity {v}");
         }
-        assert!(self.handshake_timeout >= Duration::from_secs(1));
+        assert!((Duration::from_secs(1)..=MAX_HANDSHAKE_TIMEOUT).contains(&self.handshake_timeout));
         assert!(
             (Duration::from_millis(100)..=Duration::from_secs(60)).contains(&self.sweep_interval)
         );
@@ -910,6 +969,67 @@ mod tests {
     }
 
     #[test]
+    fn only_regular_files_of_bounded_size_are_read() {
+        let dir = std::env::temp_dir().join(format!("wsg-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo.toml");
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let zero = dir.join("zero.toml");
+        let _ = std::fs::remove_file(&zero);
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let big = dir.join("big.toml");
+        std::fs::write(&big, vec![b'#'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        // Each is refused at once: a FIFO with no writer once hung the daemon, /dev/zero
+        // filled its memory.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let paths = [fifo.clone(), zero.clone(), big.clone()];
+        std::thread::spawn(move || {
+            for p in paths {
+                tx.send((p.clone(), Config::load(&p).map(|_| ()))).unwrap();
+            }
+        });
+        for _ in 0..3 {
+            let (p, r) = rx
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .expect("reading a config path blocked");
+            let e = r.expect_err("read");
+            assert!(
+                matches!(e, ConfigError::Read { .. }),
+                "{}: {e}",
+                p.display()
+            );
+            let text = e.to_string();
+            assert!(
+                text.contains("not a regular file") || text.contains("read at most"),
+                "{text}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        // 18446744074s once wrapped to 0.29 s in the sweep's nanoseconds (SECURITY.md).
+        for v in ["18446744074s", "3601s", "999ms", "100000000000000h"] {
+            let text = format!("handshake_timeout = \"{v}\"\n[[port]]\nport = 1\n");
+            assert_eq!(invalid_field(&text), "handshake_timeout", "{v}");
+        }
+        let c = parse("handshake_timeout = \"1h\"\n[[port]]\nport = 1\n").unwrap();
+        assert_eq!(c.handshake_timeout, MAX_HANDSHAKE_TIMEOUT);
+        for (key, v) in [
+            ("sweep_interval", "61s"),
+            ("ban_duration", "366days"),
+            ("ban_duration", "18446744074s"),
+        ] {
+            let text = format!("{key} = \"{v}\"\n[[port]]\nport = 1\n");
+            assert_eq!(invalid_field(&text), key, "{v}");
+        }
+    }
+
+    #[test]
     fn bad_values_name_their_field() {
         assert_eq!(invalid_field("[[port]]\nport = 0\n"), "port[0].port");
         assert_eq!(invalid_field("[[port]]\nport = 70000\n"), "port[0].port");
@@ -1003,6 +1123,23 @@ mod tests {
         assert_eq!(c.allow[2].to_string(), "198.19.0.7/32");
         assert_eq!(c.deny[0].prefix_len(), 16);
         assert_eq!(c.ban_duration, Duration::from_secs(600));
+        // IPv4-mapped IPv6 CIDRs are the IPv4 ones they map, as on the wire.
+        assert_eq!(
+            parse_cidr("::ffff:198.18.0.5/128").unwrap().to_string(),
+            "198.18.0.5/32"
+        );
+        assert_eq!(
+            parse_cidr("::ffff:198.18.0.5").unwrap().to_string(),
+            "198.18.0.5/32"
+        );
+        assert_eq!(
+            parse_cidr("::ffff:198.18.0.0/120").unwrap().to_string(),
+            "198.18.0.0/24"
+        );
+        assert_eq!(
+            parse_cidr("2001:2::/48").unwrap().to_string(),
+            "2001:2::/48"
+        );
         let e = parse("deny = [\"198.18.0.1/24\"]\n[[port]]\nport = 1\n").unwrap_err();
         assert!(
             e.to_string().contains("did you mean \"198.18.0.0/24\""),
@@ -1279,7 +1416,15 @@ mod tests {
             ),
             (
                 "handshake_timeout",
-                &["\"1s\"", "\"999ms\"", "\"18446744073709551616s\"", "1"],
+                &[
+                    "\"1s\"",
+                    "\"999ms\"",
+                    "\"1h\"",
+                    "\"3601s\"",
+                    "\"18446744074s\"",
+                    "\"18446744073709551616s\"",
+                    "1",
+                ],
             ),
         ] {
             for v in values {

@@ -182,6 +182,16 @@ pub async fn run(
             .iter()
             .any(|d| d.join("links").exists());
     let root_existed = opts.pin_root.exists();
+    // Before anything is loaded or replaced: one daemon per pin directory.
+    let _lock = match crate::pin::lock(&opts.pin_root) {
+        Ok(l) => l,
+        Err(e) => {
+            if !root_existed {
+                let _ = std::fs::remove_dir(&opts.pin_root);
+            }
+            return Err(e);
+        }
+    };
     let started = start(&cfg, &pins, &interfaces);
     let guard = match started {
         Ok(g) => g,
@@ -293,11 +303,18 @@ pub async fn run(
             removed.len(),
             opts.pin_root.display()
         );
-    } else {
+    } else if guard.links_pinned() {
         guard.keep_pinned();
         info!(
             "exiting; programs, links and maps stay pinned in {} and keep enforcing (the \
              sweep pauses until the next start); `ws-guard teardown` removes them",
+            pins.dir().display()
+        );
+    } else {
+        // `ws-guard teardown` ran while this daemon was up: its links are gone.
+        info!(
+            "exiting; the pinned XDP links under {} were removed while running (ws-guard \
+             teardown?): nothing stays attached or enforcing",
             pins.dir().display()
         );
     }

@@ -369,6 +369,17 @@ impl Guard {
         Ok(removed)
     }
 
+    /// Whether one of this guard's XDP links is still pinned: `ws-guard teardown` run while the
+    /// daemon is up removes them, and they are detached when the daemon lets go of them.
+    pub fn links_pinned(&self) -> bool {
+        let Some(pins) = &self.pins else {
+            return false;
+        };
+        self.attachments
+            .iter()
+            .any(|a| pins.xdp_link(&a.interface, a.mode).exists())
+    }
+
     /// Leaves the links, programs and maps pinned (enforcing) and forgets them here: the
     /// daemon's default on exit.
     pub fn keep_pinned(&mut self) {
@@ -684,6 +695,7 @@ impl Guard {
                 }
             }
             if let Some((pinned, mode_name)) = taken {
+                warn_if_native_veth(interface, mode_name);
                 self.attachments.push(Attachment {
                     interface: interface.to_owned(),
                     mode: mode_name,
@@ -693,14 +705,6 @@ impl Guard {
                 });
                 return Ok(mode_name);
             }
-        }
-        if mode == config::XdpMode::Native && crate::interfaces::is_veth(interface) {
-            warn!(
-                "{interface} is a veth in native XDP mode: the RSTs of `reject` reach its peer \
-                 only if the peer runs an XDP program (a container's end does not), so refused \
-                 clients time out instead of failing fast; use xdp_mode = \"auto\" or \
-                 \"generic\" on it, or connection_action/rate_action = \"drop\""
-            );
         }
         let (link, mode_name) = match mode {
             config::XdpMode::Native => (
@@ -747,6 +751,7 @@ impl Guard {
             },
         };
         info!("attached to {interface} ({mode_name} XDP)");
+        warn_if_native_veth(interface, mode_name);
         let link = match &pins {
             None => AttachLink::Owned(link),
             Some(pins) => {
@@ -1116,8 +1121,20 @@ impl Guard {
     }
 }
 
-/// Replaces the program of the XDP link pinned at `path` by `prog`, atomically
-/// (bpf_link_update): the interface is never without a program. Returns the link, still pinned.
+/// Says so when a combination cannot deliver the RSTs of `reject` (see
+/// [`crate::interfaces::is_veth`]).
+fn warn_if_native_veth(interface: &str, mode_name: &str) {
+    if mode_name == "native" && crate::interfaces::is_veth(interface) {
+        warn!(
+            "{interface} is a veth in native XDP mode: the RSTs of `reject` reach its peer only \
+             if the peer runs an XDP program (a container's end does not), so refused clients \
+             time out instead of failing fast; use xdp_mode = \"auto\" or \"generic\" on it \
+             (after `ws-guard teardown` if the link is pinned), or connection_action and \
+             rate_action = \"drop\""
+        );
+    }
+}
+
 /// Swaps the program of the XDP link pinned at `old` (another layout version's) for `prog`,
 /// then moves the pin to `new`. The link is never detached.
 fn take_over_pinned_xdp(prog: &mut Xdp, old: &Path, new: &Path) -> anyhow::Result<PinnedLink> {
@@ -1132,6 +1149,8 @@ fn take_over_pinned_xdp(prog: &mut Xdp, old: &Path, new: &Path) -> anyhow::Resul
     Ok(pinned)
 }
 
+/// Replaces the program of the XDP link pinned at `path` by `prog`, atomically
+/// (bpf_link_update): the interface is never without a program. Returns the link, still pinned.
 fn replace_pinned_xdp(prog: &mut Xdp, path: &Path) -> anyhow::Result<PinnedLink> {
     let pinned = PinnedLink::from_pin(path).context("opening the pinned link")?;
     let fd: FdLink = pinned.into();

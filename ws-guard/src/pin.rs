@@ -233,6 +233,54 @@ pub fn ensure_bpffs(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Held by the daemon that owns a pin root: exactly one daemon at a time may load, adopt and
+/// replace what is pinned there (a second one would impose its limits under the first one's
+/// feet). An exclusive `flock` on the root directory itself (bpffs holds no regular files),
+/// released by the kernel when the daemon exits, however it exits.
+#[derive(Debug)]
+pub struct PinLock(#[allow(dead_code)] std::os::fd::OwnedFd);
+
+/// Creates `root` if needed (mounting bpffs first, see [`ensure_bpffs`]) and takes its
+/// [`PinLock`], or fails naming the daemon that holds it.
+pub fn lock(root: &Path) -> anyhow::Result<PinLock> {
+    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+    ensure_bpffs(root)?;
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    check_private(root)?;
+    let dir = std::fs::File::open(root).with_context(|| format!("opening {}", root.display()))?;
+    // SAFETY: a valid open descriptor; flock has no memory-safety preconditions.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(err).with_context(|| format!("locking {}", root.display()));
+        }
+        let meta = dir.metadata()?;
+        let holder = lock_holder(meta.dev(), meta.ino()).map_or_else(
+            || "another process".to_owned(),
+            |pid| format!("process {pid}"),
+        );
+        bail!(
+            "another ws-guard daemon ({holder}) owns the pin directory {}: stop it first \
+             (`systemctl stop ws-guard`), or give this one its own with --pin-dir",
+            root.display()
+        );
+    }
+    Ok(PinLock(dir.into()))
+}
+
+/// The PID holding a `flock` on the inode (`dev`, `ino`), from /proc/locks.
+fn lock_holder(dev: u64, ino: u64) -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    // "1: FLOCK  ADVISORY  WRITE 646 00:28:1 0 EOF": major:minor in hex, inode in decimal.
+    let want = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 5 && f[1] == "FLOCK" && f[5] == want)
+            .then(|| f[4].parse().ok())
+            .flatten()
+    })
+}
+
 /// Removes everything pinned under `root` (every layout version): links first, which detaches
 /// the XDP program from its interfaces and the tracepoint program, then programs and maps, which
 /// the kernel frees once nothing else holds them. Works without a daemon. Returns the pins

@@ -84,7 +84,7 @@ this file undoes all of them.\n\n";
 impl Overrides {
     /// Reads `path`; a missing file is no overrides.
     pub fn load(path: &Path) -> Result<Self, StateError> {
-        let text = match fs::read_to_string(path) {
+        let text = match crate::config::read_regular_file(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(source) => {

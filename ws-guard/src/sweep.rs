@@ -269,7 +269,7 @@ fn sweep(
     let table = socket_table(&ports, &endpoints)?;
     let now = monotonic_ns();
     let grace = GRACE.as_nanos() as u64;
-    let timeout = handshake_timeout.as_nanos() as u64;
+    let timeout = u64::try_from(handshake_timeout.as_nanos()).unwrap_or(u64::MAX);
     let mut report = SweepReport::default();
 
     // The socket of each attempt whose tuple DNAT rewrote: an untracked socket with its client

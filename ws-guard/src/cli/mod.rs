@@ -190,12 +190,7 @@ pub enum ListCommand {
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration such as 10m or 1h ({e})"))?;
-    if d < Duration::from_secs(1) {
-        return Err("a ban lasts at least 1s".into());
-    }
-    if d > Duration::from_secs(86_400 * 365) {
-        return Err("a ban lasts at most 365 days".into());
-    }
+    crate::bans::check_ban_duration(d)?;
     Ok(d)
 }
 

@@ -331,11 +331,14 @@ fn ban_add(s: &mut Shared, addr: IpAddr, port: Option<u16>, ms: Option<u64>) -> 
         Err(e) => return Response::error(e),
     };
     let duration = match ms {
-        Some(0) => return Response::error("a ban lasts at least 1s"),
         Some(ms) => Duration::from_millis(ms),
         None if s.cfg.ban_duration.is_zero() => DEFAULT_MANUAL_BAN,
         None => s.cfg.ban_duration,
     };
+    // The socket is an interface of its own: what the CLI checks is checked again here.
+    if let Err(e) = crate::bans::check_ban_duration(duration) {
+        return Response::error(e);
+    }
     let mut done = Vec::new();
     let mut label = String::new();
     for p in &ports {
