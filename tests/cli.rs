@@ -704,3 +704,66 @@ fn only_root_may_use_the_socket() {
     );
     wsg(&sock, &["status"]).ok();
 }
+
+/// Idle and polling clients of the control socket never lock the operator out (SECURITY.md
+/// finding 15): 40 idle connections and 8 scripts sending `status` every 4 s on connections
+/// they keep open; meanwhile every `ws-guard status` succeeds within 2 s.
+#[test]
+fn idle_and_polling_clients_never_lock_out_the_cli() {
+    if !privileged("idle_and_polling_clients_never_lock_out_the_cli") {
+        return;
+    }
+    let port = test_port(28);
+    let tb = Testbed::new("clislow", 63);
+    let paths = Paths::new("clislow");
+    paths.write_config(&tb, port);
+    let _daemon = paths.start(&tb);
+    let sock = paths.socket();
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..40)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).expect("connect"))
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pollers: Vec<_> = (0..8)
+        .map(|_| {
+            let (stop, sock) = (stop.clone(), sock.clone());
+            std::thread::spawn(move || {
+                use std::io::Write as _;
+                let start = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && start.elapsed() < Duration::from_secs(30)
+                {
+                    // One connection kept open, a request every 4 s; a new one when closed.
+                    let Ok(mut s) = std::os::unix::net::UnixStream::connect(&sock) else {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    };
+                    while s.write_all(b"{\"command\":\"status\"}\n").is_ok()
+                        && !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        std::thread::sleep(Duration::from_secs(4));
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut runs = Vec::new();
+    for _ in 0..6 {
+        let start = Instant::now();
+        let r = wsg(&sock, &["status"]);
+        runs.push((r.code, start.elapsed()));
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in pollers {
+        p.join().unwrap();
+    }
+    drop(idle);
+    for (code, took) in &runs {
+        assert_eq!(*code, 0, "`ws-guard status` failed: {runs:?}");
+        assert!(
+            *took < Duration::from_secs(2),
+            "`ws-guard status` took {took:?}: {runs:?}"
+        );
+    }
+}

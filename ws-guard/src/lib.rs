@@ -13,6 +13,7 @@ pub mod lists;
 pub mod metrics;
 pub mod netns;
 pub mod pin;
+pub mod slots;
 pub mod state;
 pub mod sweep;
 pub mod view;

@@ -9,6 +9,7 @@ use std::{
     collections::BTreeMap,
     convert::Infallible,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd as _,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -36,6 +37,7 @@ use ws_guard_common::{
 use crate::{
     guard::{Guard, Stats},
     lists::List,
+    slots::{self, Slots},
     view::MapView,
 };
 
@@ -609,26 +611,29 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
-/// Connections the endpoint serves at once. Prometheus needs one; more wait in the listen
-/// backlog instead of costing the daemon a task and a file descriptor each (SECURITY.md).
+/// Connections the endpoint serves at once. Prometheus needs one; a new connection beyond
+/// them closes the oldest one that is not in the middle of a request (see [`serve`]), so file
+/// descriptors stay bounded and no number of slow clients keeps a scrape out (SECURITY.md).
 pub const MAX_CONNECTIONS: usize = 16;
+/// How long a client has to send its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection may stay open. Then it finishes the request in progress and closes,
-/// within [`CLOSE_GRACE`], so a client that sends or reads slowly cannot hold one of the
-/// [`MAX_CONNECTIONS`] for ever. Prometheus reconnects for its next scrape.
+/// within [`CLOSE_GRACE`]. Prometheus reconnects for its next scrape.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// See [`CONNECTION_LIFETIME`].
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves `/metrics` on `listener` until the task is dropped.
+///
+/// Any local user can connect to the endpoint: at most [`MAX_CONNECTIONS`] are held, and a new
+/// one never waits for a place (see [`crate::slots`]), so slow or idle clients cannot keep a
+/// scrape out.
 pub async fn serve<G: AsRef<Guard> + Send + 'static>(
     listener: TcpListener,
     endpoint: Arc<Endpoint<G>>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = Slots::new(MAX_CONNECTIONS, slots::http_header_complete);
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -638,16 +643,24 @@ pub async fn serve<G: AsRef<Guard> + Send + 'static>(
                 continue;
             }
         };
+        let Some(admitted) = slots.admit(stream.as_raw_fd()) else {
+            debug!("metrics endpoint: {peer} closed, {MAX_CONNECTIONS} requests in progress");
+            continue;
+        };
         let endpoint = endpoint.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
+        let busy = admitted.busy.clone();
+        let handle = tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let endpoint = endpoint.clone();
-                async move { Ok::<_, Infallible>(respond(&endpoint, &req).await) }
+                let busy = busy.clone();
+                async move {
+                    let _answering = busy.start();
+                    Ok::<_, Infallible>(respond(&endpoint, &req).await)
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             let result = tokio::select! {
@@ -667,6 +680,7 @@ pub async fn serve<G: AsRef<Guard> + Send + 'static>(
                 debug!("metrics endpoint: connection from {peer}: {e}");
             }
         });
+        slots.register(&admitted, handle.abort_handle());
     }
 }
 

@@ -5,11 +5,16 @@
 //!   a second daemon never steals a running one's socket.
 //! - Every client's credentials are checked (SO_PEERCRED): uid 0 only; others get an error
 //!   response and the connection is closed.
-//! - At most [`MAX_CLIENTS`] clients are served at once, each line must arrive within
-//!   [`READ_TIMEOUT`], so a stuck client cannot hold the daemon.
+//! - At most [`MAX_CLIENTS`] connections are held, each line must arrive within
+//!   [`READ_TIMEOUT`], and a new connection never waits for a place: it takes the place of the
+//!   oldest idle or slow one (see [`crate::slots`]), so idle clients or scripts polling
+//!   `status` cannot lock the operator out.
 
 use std::{
-    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _},
+    },
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -23,9 +28,12 @@ use tokio::{
 };
 
 use super::protocol::{MAX_LINE, Request, Response, parse_request};
-use crate::daemon::Shared;
+use crate::{
+    daemon::Shared,
+    slots::{self, Busy, Slots},
+};
 
-/// Clients served at once; more wait in the listen backlog.
+/// Connections held at once (see [`crate::slots`]).
 pub const MAX_CLIENTS: usize = 8;
 /// How long the daemon waits for a request line (and for a response to be taken).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -116,11 +124,8 @@ pub async fn serve_with(
     max_clients: usize,
     read_timeout: Duration,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_clients));
+    let slots = Slots::new(max_clients, slots::line_complete);
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let stream = match socket.listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
@@ -129,13 +134,18 @@ pub async fn serve_with(
                 continue;
             }
         };
+        let Some(admitted) = slots.admit(stream.as_raw_fd()) else {
+            debug!("control socket: a client closed, {max_clients} requests in progress");
+            continue;
+        };
         let handler = handler.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(e) = client(stream, &*handler, read_timeout).await {
+        let busy = admitted.busy.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = client(stream, &*handler, &busy, read_timeout).await {
                 debug!("control socket: {e:#}");
             }
         });
+        slots.register(&admitted, task.abort_handle());
     }
 }
 
@@ -149,6 +159,7 @@ async fn send(stream: &mut UnixStream, r: &Response, timeout: Duration) -> anyho
 async fn client(
     mut stream: UnixStream,
     handler: &(dyn Fn(Request) -> Response + Send + Sync),
+    busy: &Busy,
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let uid = stream.peer_cred().map(|c| c.uid());
@@ -204,6 +215,7 @@ async fn client(
             let _ = tokio::time::timeout(timeout, write.write_all(r.to_line().as_bytes())).await;
             return Ok(());
         }
+        let answering = busy.start();
         let response = match parse_request(&line) {
             Ok(req) => handler(req),
             Err(e) => Response::error(e),
@@ -212,6 +224,7 @@ async fn client(
             .await
             .context("client not reading its response")?
             .context("writing the response")?;
+        drop(answering);
         if !complete {
             // EOF without a newline: that was the last request.
             return Ok(());
@@ -303,20 +316,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stuck_clients_are_timed_out_and_cannot_block_others() {
+    async fn idle_clients_are_timed_out_and_never_make_others_wait() {
         let timeout = Duration::from_millis(300);
         let (path, task) = server(2, timeout).await;
-        // Two clients that send nothing take both slots ...
+        // Two clients that send nothing take both places ...
         let mut idle1 = UnixStream::connect(&path).await.unwrap();
-        let _idle2 = UnixStream::connect(&path).await.unwrap();
+        let mut idle2 = UnixStream::connect(&path).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let start = Instant::now();
-        // ... a third is served once they are timed out, not never.
+        // ... a third is served at once, in the place of the oldest.
         let out = exchange(&path, b"{\"command\":\"status\"}\n").await;
         assert_eq!(out, "{\"ok\":\"pong\"}\n");
-        let waited = start.elapsed();
-        assert!(waited >= timeout / 2 && waited < timeout * 5, "{waited:?}");
+        assert!(start.elapsed() < timeout / 2, "{:?}", start.elapsed());
         let mut said = String::new();
         idle1.read_to_string(&mut said).await.unwrap();
+        assert_eq!(said, "", "the oldest idle client is closed without a word");
+        // The other is timed out as before.
+        idle2.read_to_string(&mut said).await.unwrap();
         assert!(said.contains("no complete request"), "{said}");
         task.abort();
         let _ = task.await;
