@@ -767,3 +767,61 @@ fn idle_and_polling_clients_never_lock_out_the_cli() {
         );
     }
 }
+
+/// A block list is imported in one go: `deny add -f FILE` with 16,384 CIDRs (the default
+/// capacity) is applied whole, in seconds (each add used to re-read the whole trie: 316 s for
+/// 20,000 adds); a file with one bad line adds nothing and names the line; single adds on the
+/// full list still work (SECURITY.md finding 17). Timings are printed.
+#[test]
+fn block_lists_load_in_bulk_whole_or_not_at_all() {
+    if !privileged("block_lists_load_in_bulk_whole_or_not_at_all") {
+        return;
+    }
+    let port = test_port(29);
+    let tb = Testbed::new("clibulk", 64);
+    let paths = Paths::new("clibulk");
+    paths.write_config(&tb, port);
+    let _daemon = paths.start(&tb);
+    let sock = paths.socket();
+    let cidrs: Vec<String> = (0..16_383u32)
+        .map(|i| format!("2001:2:0:{:x}::/64", i + 1))
+        .collect();
+    let file = paths.dir.path().join("block.txt");
+    // One bad line at the end: nothing is added.
+    let mut text = format!("# imported block list\n{}\n", cidrs.join("\n"));
+    text.push_str("2001:2:0:1::1/64\n");
+    std::fs::write(&file, &text).unwrap();
+    let r = wsg(&sock, &["deny", "add", "-f", file.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains(&format!("block.txt:{}", cidrs.len() + 2))
+            && r.stderr.contains("host bits"),
+        "{r:?}"
+    );
+    let listed = |r: Run| r.json()["cidrs"].as_array().map_or(0, Vec::len);
+    assert_eq!(listed(wsg(&sock, &["--json", "deny", "list"])), 0);
+    // The good file, whole.
+    std::fs::write(&file, format!("{}\n", cidrs.join("\n"))).unwrap();
+    let start = Instant::now();
+    wsg(&sock, &["deny", "add", "-f", file.to_str().unwrap()]).ok();
+    let bulk = start.elapsed();
+    assert_eq!(listed(wsg(&sock, &["--json", "deny", "list"])), cidrs.len());
+    // One more by hand fills the list; single adds and removes on a full list.
+    let start = Instant::now();
+    wsg(&sock, &["deny", "add", "2001:2:0:ffff::/64"]).ok();
+    let single_full = start.elapsed();
+    let r = wsg(&sock, &["deny", "add", "2001:2:0:fffe::/64"]);
+    assert_eq!(r.code, 1, "over capacity must be refused: {r:?}");
+    wsg(&sock, &["deny", "remove", "2001:2:0:ffff::/64"]).ok();
+    eprintln!(
+        "bulk add of {} CIDRs: {bulk:?}; one add to a list of {}: {single_full:?}",
+        cidrs.len(),
+        cidrs.len()
+    );
+    // Generous: a regression to a walk per CIDR takes minutes.
+    assert!(bulk < Duration::from_secs(30), "bulk add took {bulk:?}");
+    assert!(
+        single_full < Duration::from_secs(5),
+        "one add took {single_full:?}"
+    );
+}

@@ -26,8 +26,14 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Parse { path: String, message: String },
+    /// Not TOML, or a value of the wrong type or form: one line, `path:LINE:COLUMN: message`.
+    #[error("{path}{}: {message}", line.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
+    Parse {
+        path: String,
+        /// 1-based line and column where the offending value starts, when known.
+        line: Option<(usize, usize)>,
+        message: String,
+    },
     #[error("{path}{}: {field}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     Invalid {
         path: String,
@@ -324,6 +330,14 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     }
 }
 
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[start..].chars().count() + 1)
+}
+
 /// The largest configuration or state file read: far above any real one (a 16,384-CIDR list
 /// is about 400 KiB), far below what would hurt the daemon.
 pub const MAX_FILE_BYTES: u64 = 4 << 20;
@@ -464,7 +478,9 @@ impl Config {
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            line: e.span().map(|s| line_column(text, s.start)),
+            // The message alone: the caret block of toml's Display spans several lines.
+            message: e.message().trim_end().replace('\n', "; "),
         })?;
         cfg.check(origin).map_err(|e| match e {
             ConfigError::Invalid {
@@ -1145,7 +1161,7 @@ mod tests {
             e.to_string().contains("did you mean \"198.18.0.0/24\""),
             "{e}"
         );
-        assert!(e.to_string().contains("line 1"), "{e}");
+        assert!(e.to_string().starts_with("test.toml:1:8: "), "{e}");
         for bad in ["198.18.0.0/33", "nonsense", "2001:2::/129", "198.18.0.0/"] {
             let e = parse(&format!("allow = [\"{bad}\"]\n[[port]]\nport = 1\n")).unwrap_err();
             assert!(e.to_string().contains("is not a CIDR"), "{bad}: {e}");
@@ -1262,7 +1278,10 @@ mod tests {
         let e = parse("on_map_full = \"drop\"\n[[port]]\nport = 1\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("drop") && e.contains("line 1"), "{e}");
+        assert!(
+            e.contains("drop") && e.starts_with("test.toml:1:15: "),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1450,7 +1469,11 @@ mod tests {
         let e = parse("[[port]]\nport = \"9000\"\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("test.toml") && e.contains("line 2"), "{e}");
+        // One line: file, line, column, message.
+        assert_eq!(
+            e, "test.toml:2:8: invalid type: string \"9000\", expected u32",
+            "{e}"
+        );
         let e = parse("[[port]]\nport = 9000\nmax_conections = 3\n")
             .unwrap_err()
             .to_string();

@@ -143,6 +143,11 @@ pub struct Guard {
     tracepoint_link: Option<PinnedLink>,
     /// Handles on the traffic-sized maps, shared with readers on other threads.
     view: Arc<MapView>,
+    /// What the allow and deny tries hold, once read (see [`Guard::apply_policy`]).
+    pub(crate) lists_in_kernel: Option<(
+        std::collections::BTreeSet<ipnet::IpNet>,
+        std::collections::BTreeSet<ipnet::IpNet>,
+    )>,
     /// Connections the sweep found in another namespace that match no admitted attempt
     /// (see [`crate::sweep::SweepReport::unmatched`]), since load.
     pub unmatched_connections: u64,
@@ -256,6 +261,7 @@ impl Guard {
             adopted,
             tracepoint_link: None,
             unmatched_connections: 0,
+            lists_in_kernel: None,
         };
         if guard.pins.is_some() {
             guard.pin_programs()?;

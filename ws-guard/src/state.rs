@@ -94,10 +94,21 @@ impl Overrides {
                 });
             }
         };
-        toml::from_str(&text).map_err(|e| StateError::Parse {
+        let mut o: Self = toml::from_str(&text).map_err(|e| StateError::Parse {
             path: path.into(),
             message: e.to_string().trim_end().to_owned(),
-        })
+        })?;
+        // Sorted as list_add keeps them, whatever an editor did to the file.
+        for l in [
+            &mut o.allow_added,
+            &mut o.allow_removed,
+            &mut o.deny_added,
+            &mut o.deny_removed,
+        ] {
+            l.sort();
+            l.dedup();
+        }
+        Ok(o)
     }
 
     /// Writes `path` atomically; its directory is created 0700 if missing.
@@ -205,12 +216,16 @@ impl Overrides {
             removed.retain(|c| *c != cidr);
             return Ok(());
         }
-        if file.contains(&cidr) || added.contains(&cidr) {
-            return Err(format!("{cidr} is already in the {list}list"));
+        // Kept sorted, so an add costs a binary search and a move, not a sort (block lists of
+        // thousands of CIDRs are added one by one or in bulk).
+        match added.binary_search(&cidr) {
+            Ok(_) => Err(format!("{cidr} is already in the {list}list")),
+            Err(_) if file.contains(&cidr) => Err(format!("{cidr} is already in the {list}list")),
+            Err(at) => {
+                added.insert(at, cidr);
+                Ok(())
+            }
         }
-        added.push(cidr);
-        added.sort();
-        Ok(())
     }
 
     /// Records `cidr` removed from `list`. Err: not in it.

@@ -173,10 +173,14 @@ pub struct SetArgs {
 
 #[derive(Subcommand)]
 pub enum ListCommand {
-    /// Add a CIDR (kept across restarts).
+    /// Add CIDRs (kept across restarts): given as arguments, or one per line from a file
+    /// (`-f FILE`, `-f -` for standard input; `#` starts a comment). All are added, or none.
     Add {
         #[arg(value_parser = crate::config::parse_cidr)]
-        cidr: IpNet,
+        cidrs: Vec<IpNet>,
+        /// A file of CIDRs, one per line; `-`: standard input.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: Option<PathBuf>,
     },
     /// Remove a CIDR (also one from the config file, until `add` again).
     Remove {
@@ -185,6 +189,31 @@ pub enum ListCommand {
     },
     /// Every CIDR in force.
     List,
+}
+
+/// The CIDRs of a file (`-`: standard input), one per line, `#` comments and blank lines
+/// skipped; each checked like an argument, an error naming the file and line.
+fn read_cidr_file(path: &std::path::Path) -> Result<Vec<String>, String> {
+    let text = if path.as_os_str() == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+            .map_err(|e| format!("reading standard input: {e}"))?;
+        t
+    } else {
+        crate::config::read_regular_file(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let net = crate::config::parse_cidr(line)
+            .map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+        out.push(net.to_string());
+    }
+    Ok(out)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -332,10 +361,30 @@ pub fn main() -> ExitCode {
 
 fn list_request(list: ListName, c: ListCommand) -> Request {
     match c {
-        ListCommand::Add { cidr } => Request::ListAdd {
-            list,
-            cidr: cidr.to_string(),
-        },
+        ListCommand::Add { cidrs, file } => {
+            let mut all: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+            if let Some(path) = file {
+                match read_cidr_file(&path) {
+                    Ok(more) => all.extend(more),
+                    Err(e) => command()
+                        .error(clap::error::ErrorKind::ValueValidation, e)
+                        .exit(),
+                }
+            }
+            match all.len() {
+                0 => command()
+                    .error(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        "add needs a CIDR, or -f FILE",
+                    )
+                    .exit(),
+                1 => Request::ListAdd {
+                    list,
+                    cidr: all.remove(0),
+                },
+                _ => Request::ListAddAll { list, cidrs: all },
+            }
+        }
         ListCommand::Remove { cidr } => Request::ListRemove {
             list,
             cidr: cidr.to_string(),
@@ -394,16 +443,24 @@ fn local(cmd: Command, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()
                     "enforces": daemon::describe(&cfg),
                 }),
                 Err(e) => {
-                    let (line, field) = match &e {
+                    let (line, column, field) = match &e {
                         crate::config::ConfigError::Invalid { line, field, .. } => {
-                            (*line, Some(field.clone()))
+                            (*line, None, Some(field.clone()))
                         }
-                        _ => (None, None),
+                        crate::config::ConfigError::Parse {
+                            line: Some((l, c)), ..
+                        } => (Some(*l), Some(*c), None),
+                        _ => (None, None, None),
                     };
                     serde_json::json!({
                         "file": file,
                         "valid": false,
-                        "error": { "line": line, "field": field, "message": e.to_string() },
+                        "error": {
+                            "line": line,
+                            "column": column,
+                            "field": field,
+                            "message": e.to_string(),
+                        },
                     })
                 }
             };

@@ -43,6 +43,7 @@ pub fn exercise_request(line: &[u8], file: &Config, o: &mut Overrides) -> bool {
                     | Request::LimitsReset { .. }
                     | Request::Monitor { .. }
                     | Request::ListAdd { .. }
+                    | Request::ListAddAll { .. }
                     | Request::ListRemove { .. }
             ));
             assert_eq!(&next, o, "a read-only request changed the overrides");

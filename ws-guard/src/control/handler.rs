@@ -28,6 +28,7 @@ pub fn handle(s: &mut Shared, req: Request) -> Response {
         | Request::LimitsReset { .. }
         | Request::Monitor { .. }
         | Request::ListAdd { .. }
+        | Request::ListAddAll { .. }
         | Request::ListRemove { .. } => {
             let mut next = s.overrides.clone();
             match change_overrides(&req, &mut next, &s.file) {
@@ -185,6 +186,26 @@ pub fn change_overrides(
                     if add { "added to" } else { "removed from" }
                 ))
             })
+        }
+        Request::ListAddAll { list, cidrs } => {
+            let entries = match list {
+                ListName::Allow => &file.allow,
+                ListName::Deny => &file.deny,
+            };
+            let mut added = 0usize;
+            for (i, cidr) in cidrs.iter().enumerate() {
+                let r =
+                    crate::config::parse_cidr(cidr).and_then(|net| o.list_add(*list, entries, net));
+                if let Err(e) = r {
+                    return Some(Err(format!("CIDR {} of {}: {e}", i + 1, cidrs.len())));
+                }
+                added += 1;
+            }
+            if added == 0 {
+                Err("no CIDR given".to_owned())
+            } else {
+                Ok(format!("{added} CIDRs added to the {list}list"))
+            }
         }
         _ => return None,
     })

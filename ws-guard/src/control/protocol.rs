@@ -8,9 +8,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::config::{Action, Rate};
 
-/// The longest request or response line the other side accepts (bytes, newline excluded).
-/// Requests are small; responses carry lists (bans, sources), so they get more room.
-pub const MAX_LINE: usize = 64 * 1024;
+/// The longest request line the daemon accepts (bytes, newline excluded): room for a whole
+/// list of IPv6 CIDRs at the largest capacity in one `list_add_all` (16,384 of up to 46
+/// bytes each: ~750 KiB). Responses carry lists (bans, sources), so they get more room.
+pub const MAX_LINE: usize = 1024 * 1024;
 /// The longest response line a client accepts.
 pub const MAX_RESPONSE: usize = 16 * 1024 * 1024;
 
@@ -208,6 +209,11 @@ pub enum Request {
     ListAdd {
         list: ListName,
         cidr: String,
+    },
+    /// Adds many CIDRs at once (an imported block list), whole or not at all.
+    ListAddAll {
+        list: ListName,
+        cidrs: Vec<String>,
     },
     ListRemove {
         list: ListName,
