@@ -347,3 +347,96 @@ fn sigterm_during_start_up_exits_cleanly() {
         d.lines()
     );
 }
+
+/// A prefix change never lets a source past `max_connections` (SECURITY.md finding 9): a
+/// client at its limit of 2; `ipv4_prefix` 32 -> 24 and SIGHUP: the client gets nothing more,
+/// nor does its /24 neighbour (the /24 key holds the 2 connections); back to 32: the client
+/// still nothing, the neighbour its own 2; the same for `ipv6_prefix` 64 -> 48 -> 64. Judged by
+/// what the clients get.
+#[test]
+fn prefix_changes_never_let_a_source_past_its_limit() {
+    if !privileged("prefix_changes_never_let_a_source_past_its_limit") {
+        return;
+    }
+    let port = test_port(18);
+    let tb = Testbed::new("pfx", 49);
+    let root = PinRoot::new("pfx");
+    let _server = Server::start(&tb.srv, port, Stack::Separate);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("config.toml");
+    let write_cfg = |v4: u32, v6: u32| {
+        std::fs::write(
+            &cfg_path,
+            format!(
+                "interfaces = [\"{}\"]\nipv4_prefix = {v4}\nipv6_prefix = {v6}\n\
+                 state_file = \"{}\"\n[control]\nsocket = \"{}\"\n[metrics]\nlisten = \"off\"\n\
+                 [[port]]\nport = {port}\nmax_connections = 2\nconnection_action = \"reject\"\n",
+                tb.srv_if,
+                dir.path().join("runtime.toml").display(),
+                dir.path().join("control.sock").display(),
+            ),
+        )
+        .unwrap();
+    };
+    write_cfg(32, 64);
+    let cfg_s = cfg_path.to_str().unwrap().to_owned();
+    let mut d = Daemon::start_in(
+        &tb.srv,
+        &[
+            "run",
+            "--config",
+            &cfg_s,
+            "--pin-dir",
+            &root.path(),
+            "--detach-on-exit",
+        ],
+    );
+    let mut reloads = 0;
+    let mut reload = |v4: u32, v6: u32| {
+        write_cfg(v4, v6);
+        d.signal(libc::SIGHUP);
+        reloads += 1;
+        let done = wait_until(Duration::from_secs(5), || d.count("reload: ipv") >= reloads);
+        assert!(done, "reload {reloads} not reported: {:?}", d.lines());
+    };
+    for (dst, a, b, prefixes) in [
+        (
+            sa(tb.server_v4(), port),
+            tb.client_v4(0),
+            tb.client_v4(1),
+            [(24, 64), (32, 64)],
+        ),
+        (
+            sa(tb.server_v6(), port),
+            tb.client_v6(0),
+            // The client's address in its second /64 (same /48).
+            tb.client_v6(2),
+            [(32, 48), (32, 64)],
+        ),
+    ] {
+        let connect = |src: IpAddr| connect_from(&tb.cli, src, dst, Duration::from_secs(2));
+        let _held: Vec<_> = (0..2).map(|_| connect(a).stream()).collect();
+        assert!(matches!(connect(a), Outcome::Refused), "{a} over its limit");
+        // Widen the prefix: a and b are one source now, holding 2.
+        reload(prefixes[0].0, prefixes[0].1);
+        for who in [a, b, a] {
+            let r = connect(who);
+            assert!(matches!(r, Outcome::Refused), "{who} after widening: {r:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(matches!(connect(a), Outcome::Refused), "{a} a while later");
+        // Narrow it again: a holds its 2, b is a source of its own again.
+        reload(prefixes[1].0, prefixes[1].1);
+        assert!(
+            matches!(connect(a), Outcome::Refused),
+            "{a} after narrowing"
+        );
+        let b_held: Vec<_> = (0..2).map(|_| connect(b).stream()).collect();
+        assert!(
+            matches!(connect(b), Outcome::Refused),
+            "{b} over its own limit"
+        );
+        drop(b_held);
+    }
+    assert!(d.stop(libc::SIGTERM).success());
+}

@@ -34,7 +34,6 @@ use ws_guard::{
     events::drain,
     guard::{Guard, LoadOptions},
     lists::{List, Policy},
-    sweep::Sweeper,
 };
 use ws_guard_common::{
     filter::flow_filter_index,
@@ -2189,8 +2188,8 @@ fn ipv6_syn_to(dport: u16, sport: u16) -> Vec<u8> {
 
 /// The per-source flow filter (directed): a new tuple skips the two flow lookups with its
 /// verdict unchanged, a retransmit of a source at its limit is still found (the filter counts
-/// its flow), and after a prefix change the flows charged to old keys are still found
-/// (`FLAG_CHECK_FLOWS`), until the sweep clears the flag once they are gone. Kernel and model
+/// its flow), and a prefix change moves every tracked flow to its new key (slot and filter
+/// count) while `FLAG_CHECK_FLOWS` forces the lookups, until the sweep clears the flag. Kernel and model
 /// agree on every frame and every map after each step (slots and filters included).
 #[test]
 fn flow_filter() {
@@ -2255,8 +2254,9 @@ fn flow_filter() {
     r.check_maps();
     step(&mut r, &first, XDP_PASS, Counter::SynRetransmits, false);
 
-    // A prefix change with the flow in flight: its count stays in the /32 entry, the SYN now
-    // maps to the /24 key, so every SYN looks the flows up while the flag is set.
+    // A prefix change with the flow in flight: the flow moves to its /24 key (its slot and its
+    // filter count), so the /24 source is at its limit at once (SECURITY.md finding 9: the new
+    // key used to start at zero, letting a source at its limit in again).
     r.event(Event::SetGlobal(GlobalConfig {
         ipv4_prefix: 24,
         ..GlobalConfig::default()
@@ -2266,10 +2266,16 @@ fn flow_filter() {
         0,
         "set by the change"
     );
+    let key24 = flow_source(&first.flow().unwrap(), &r.model.global);
+    let state = r.guard.source_states().unwrap();
+    let (_, s24) = state.iter().find(|(k, _)| *k == key24).expect("/24 entry");
+    assert_eq!((s24.slots, s24.filter[index(&first)]), (1, 1), "{s24:?}");
+    let (_, s32) = state.iter().find(|(k, _)| *k == key).expect("/32 entry");
+    assert!(s32.is_idle(), "{s32:?}");
     step(&mut r, &first, XDP_PASS, Counter::SynRetransmits, false);
-    // A neighbour in the /24 (no entry yet): looked up under the flag, admitted.
+    // A neighbour in the /24: refused, the /24 key holds the flow's slot.
     let b = spec([198, 18, 0, 2], 40_000);
-    step(&mut r, &b, XDP_PASS, Counter::Admitted, false);
+    step(&mut r, &b, XDP_DROP, Counter::ConnLimited, false);
     // Other changes keep the flag (the lists', the bans' and the monitor switch's).
     r.event(Event::Policy {
         allow: Vec::new(),
@@ -2283,38 +2289,26 @@ fn flow_filter() {
         ..GlobalConfig::default()
     }));
     assert_ne!(r.model.global.flags & FLAG_CHECK_FLOWS, 0, "kept");
-    // Not cleared while the old-key flow is tracked...
+    // Every flow is under its current key: the sweep's check clears the flag.
     r.event(Event::SettleFlowCheck);
-    assert_ne!(
-        r.model.global.flags & FLAG_CHECK_FLOWS,
-        0,
-        "old key still tracked"
-    );
-    step(&mut r, &first, XDP_PASS, Counter::SynRetransmits, false);
-    // ... nor by the periodic sweep. It is cleared once the flow is gone, by the second sweep
-    // round that sees the flag (the first only notes it).
-    r.event(Event::ReleaseOwned(first.flow().unwrap()));
-    let mut sweeper = Sweeper::default();
-    let mut sweep = |r: &mut Run| {
-        let report = sweeper
-            .run(&mut r.guard, Duration::from_secs(3600))
-            .unwrap();
-        assert_eq!(
-            (report.expired, report.released, report.adopted),
-            (0, 0, 0),
-            "no socket on port 9000 in this namespace; b is younger than the grace period"
-        );
-        report.flow_check_cleared
-    };
-    assert!(!sweep(&mut r), "first sight of the flag");
-    assert!(sweep(&mut r), "the second round clears it");
-    assert!(r.model.settle_flow_check());
+    assert_eq!(r.model.global.flags & FLAG_CHECK_FLOWS, 0, "cleared");
     r.check_maps();
-    // The /24 key now skips again: a new tuple of b's in another bucket than b's flow.
+    // The /24 key now skips again: a new tuple in another bucket than the flow's is refused
+    // without lookups; the flow's retransmission is still found.
     let b2 = (40_001..41_000)
         .map(|p| spec([198, 18, 0, 3], p))
-        .find(|s| index(s) != index(&b))
+        .find(|s| index(s) != index(&first))
         .unwrap();
     step(&mut r, &b2, XDP_DROP, Counter::ConnLimited, true);
-    step(&mut r, &b, XDP_PASS, Counter::SynRetransmits, false);
+    step(&mut r, &first, XDP_PASS, Counter::SynRetransmits, false);
+    // Back to /32: the flow moves back, its old key at its limit again, the neighbour free.
+    r.event(Event::SetGlobal(GlobalConfig::default()));
+    step(
+        &mut r,
+        &spec(a, 40_002),
+        XDP_DROP,
+        Counter::ConnLimited,
+        false,
+    );
+    step(&mut r, &b, XDP_PASS, Counter::Admitted, false);
 }

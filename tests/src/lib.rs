@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod binary;
 pub mod frames;
+pub mod hostbed;
 pub mod model;
 pub mod netns;
 pub mod traffic;

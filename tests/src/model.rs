@@ -186,8 +186,13 @@ impl Model {
     }
 
     /// `Guard::set_global`: the flags are derived from the maps' contents, not taken;
-    /// `FLAG_CHECK_FLOWS` is set by a prefix change and otherwise kept.
+    /// `FLAG_CHECK_FLOWS` is set by a prefix change and otherwise kept. A prefix change moves
+    /// every tracked flow to the key the new prefixes give it (its slot and filter count), all
+    /// of them or, when the source map has no room for the new keys, none.
     pub fn set_global(&mut self, g: GlobalConfig) {
+        if prefixes_changed(&self.global, &g) {
+            self.rekey(&g);
+        }
         let check = if prefixes_changed(&self.global, &g) {
             FLAG_CHECK_FLOWS
         } else {
@@ -195,6 +200,34 @@ impl Model {
         };
         self.global = GlobalConfig { flags: check, ..g };
         self.refresh_flags();
+    }
+
+    /// `Guard::rekey_flows`.
+    fn rekey(&mut self, g: &GlobalConfig) {
+        let new_key = |f: &FlowKey, t: &Tracked| source_key(f.family, f.client, t.source.port, g);
+        let new_keys: std::collections::HashSet<SourceKey> = self
+            .pending
+            .iter()
+            .chain(self.owned.iter())
+            .map(|(f, t)| new_key(f, t))
+            .filter(|k| !self.conns.contains_key(k))
+            .collect();
+        if self.conns.len() + new_keys.len() > self.capacity.sources {
+            return;
+        }
+        for map in [&mut self.pending, &mut self.owned] {
+            for (f, t) in map.iter_mut() {
+                let new = new_key(f, t);
+                if new == t.source {
+                    continue;
+                }
+                *self.conns.entry(new).or_insert(0) += 1;
+                if let Some(n) = self.conns.get_mut(&t.source) {
+                    *n = n.saturating_sub(1);
+                }
+                t.source = new;
+            }
+        }
     }
 
     /// `Guard::live_flags`, written with the global settings: userspace re-derives them on

@@ -400,6 +400,18 @@ pub const OP_EXPIRE_BAN: u32 = 4;
 /// `socket` (the server's socket, whose address or port DNAT rewrote): the sweep found the
 /// socket in another network namespace under the client's address and port.
 pub const OP_TRANSLATE: u32 = 5;
+/// Charge tracked flow `flow` to `source` too (a slot, a filter count): the first step of
+/// moving it to the source key a prefix change gives it, taken before the new prefixes are
+/// written, so the flow is never charged to no key.
+pub const OP_CHARGE: u32 = 6;
+/// Undo an [`OP_CHARGE`].
+pub const OP_UNCHARGE: u32 = 7;
+/// Move half-open `flow`, charged to `source` by [`OP_CHARGE`], to it: its value names
+/// `source`, its old key gives the slot back (or, if the flow is gone meanwhile, the charge is
+/// given back).
+pub const OP_REKEY_PENDING: u32 = 8;
+/// [`OP_REKEY_PENDING`] for an established flow.
+pub const OP_REKEY_OWNED: u32 = 9;
 
 /// A request to the control program, passed as its "packet" through BPF_PROG_TEST_RUN, so the
 /// change happens in the kernel with the same atomic operations the other programs use.

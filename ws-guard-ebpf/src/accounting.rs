@@ -139,3 +139,45 @@ pub fn translate(wire: &FlowKey, socket: &FlowKey) -> bool {
     }
     true
 }
+
+/// Charges `flow` to `source` as well (a slot, a filter count), creating its entry: see
+/// [`ws_guard_common::maps::OP_CHARGE`]. False when the source map is full.
+#[inline(always)]
+pub fn charge(flow: &FlowKey, source: &SourceKey) -> bool {
+    let Some(c) = maps::conns_counter(source) else {
+        return false;
+    };
+    maps::take_slot(c);
+    maps::filter_add(c, flow_filter_index(flow));
+    true
+}
+
+/// Moves `flow` of `map`, already charged to `new` ([`charge`]), to it: the entry is removed
+/// (the delete decides, as everywhere) and put back naming `new`, then its old key gives its
+/// slot back. If the flow is gone meanwhile (its close released the old key), or is tracked
+/// again by someone else (who charged it), the charge to `new` is given back instead.
+#[inline(always)]
+pub fn rekey(map: &HashMap<FlowKey, FlowValue>, flow: &FlowKey, new: &SourceKey) -> bool {
+    let index = flow_filter_index(flow);
+    // SAFETY: copied out before the delete.
+    let old = match unsafe { map.get(flow) } {
+        Some(v) if v.source != *new => *v,
+        _ => {
+            maps::release(new, index);
+            return true;
+        }
+    };
+    if map.remove(flow).is_err() {
+        maps::release(new, index);
+        return true;
+    }
+    let value = FlowValue {
+        source: *new,
+        ..old
+    };
+    if map.insert(flow, &value, BPF_NOEXIST as u64).is_err() {
+        maps::release(new, index);
+    }
+    maps::release(&old.source, index);
+    true
+}

@@ -2,9 +2,11 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::HashMap, programs::XdpContext};
 use ws_guard_common::{
+    filter::flow_filter_index,
     maps::{
-        CONTROL_DONE, CONTROL_NOOP, ControlOp, Counter, FlowKey, FlowValue, OP_ADOPT,
-        OP_EXPIRE_BAN, OP_EXPIRE_PENDING, OP_RELEASE_OWNED, OP_TRANSLATE, SourceKey,
+        CONTROL_DONE, CONTROL_NOOP, ControlOp, Counter, FlowKey, FlowValue, OP_ADOPT, OP_CHARGE,
+        OP_EXPIRE_BAN, OP_EXPIRE_PENDING, OP_REKEY_OWNED, OP_REKEY_PENDING, OP_RELEASE_OWNED,
+        OP_TRANSLATE, OP_UNCHARGE, SourceKey,
     },
     parse::Packet,
     policy::ban_active,
@@ -27,6 +29,13 @@ pub fn run(ctx: &XdpContext) -> u32 {
         OP_ADOPT => accounting::adopt(&op.flow),
         OP_EXPIRE_BAN => expire_ban(&op.source),
         OP_TRANSLATE => accounting::translate(&op.flow, &op.socket),
+        OP_CHARGE => accounting::charge(&op.flow, &op.source),
+        OP_UNCHARGE => {
+            maps::release(&op.source, flow_filter_index(&op.flow));
+            true
+        }
+        OP_REKEY_PENDING => accounting::rekey(&WSG_PENDING, &op.flow, &op.source),
+        OP_REKEY_OWNED => accounting::rekey(&WSG_OWNED, &op.flow, &op.source),
         _ => false,
     };
     if done { CONTROL_DONE } else { CONTROL_NOOP }

@@ -18,11 +18,11 @@ use aya::{
 };
 use log::{info, warn};
 use ws_guard_common::{
-    filter::{flows_settled, prefixes_changed},
+    filter::{current_source, flows_settled, prefixes_changed},
     maps::{
         AF_INET, AF_INET6, CONTROL_DONE, ControlOp, Counter, FLAG_CHECK_FLOWS, FlowKey, FlowValue,
-        GlobalConfig, MAX_PORTS, PortConfig, RateState, SourceKey, SourceState, UNATTRIBUTED,
-        stats_bucket,
+        GlobalConfig, MAX_PORTS, OP_CHARGE, OP_REKEY_OWNED, OP_REKEY_PENDING, OP_UNCHARGE,
+        PortConfig, RateState, SourceKey, SourceState, UNATTRIBUTED, stats_bucket,
     },
     names, tracepoint as tp,
 };
@@ -439,16 +439,29 @@ impl Guard {
 
     /// Sets the global settings; the next packet sees them. `g.flags` is ignored: the flags
     /// follow the lists' and the ban map's contents (and `g.ban_ns`), and
-    /// [`FLAG_CHECK_FLOWS`] is set when a prefix changes (tracked flows keep the source key
-    /// they were charged to) and kept until the sweep clears it ([`Guard::settle_flow_check`]).
+    /// [`FLAG_CHECK_FLOWS`] is set when a prefix changes and kept until the sweep clears it
+    /// ([`Guard::settle_flow_check`]).
+    ///
+    /// A prefix change moves every tracked flow to the source key the new prefixes give it, so
+    /// a source at its limit stays at it: each flow is charged to its new key before the new
+    /// prefixes are written and released from its old one after, so it is never charged to no
+    /// key (for a moment, to both: a refusal too many, never an admission). All flows move, or
+    /// none when the source map has no room for the new keys (then they keep their old keys
+    /// until they close, as the warning says).
     pub fn set_global(&mut self, mut g: GlobalConfig) -> anyhow::Result<()> {
         let old = self.global()?;
-        let check = if prefixes_changed(&old, &g) {
+        let changed = prefixes_changed(&old, &g);
+        let check = if changed {
             FLAG_CHECK_FLOWS
         } else {
             old.flags & FLAG_CHECK_FLOWS
         };
         g.flags = self.live_flags(g.ban_ns)? | check;
+        let moves = if changed {
+            self.charge_new_keys(&g)?
+        } else {
+            Vec::new()
+        };
         if check != 0 && old.flags & FLAG_CHECK_FLOWS == 0 {
             // The flag before the prefixes: an XDP program reading the settings while they are
             // rewritten must not see new prefixes without it.
@@ -457,7 +470,86 @@ impl Guard {
                 ..old
             })?;
         }
-        self.write_global(g)
+        let written = self.write_global(g);
+        for (code, flow, source) in moves {
+            // Written or not, each charge is settled: moved, or given back.
+            let code = if written.is_ok() { code } else { OP_UNCHARGE };
+            self.control(ControlOp {
+                op: code,
+                flow,
+                source,
+                ..ControlOp::default()
+            })?;
+        }
+        written
+    }
+
+    /// The first step of moving tracked flows to the keys `g`'s prefixes give them: charges
+    /// each flow to its new key; the moves to finish (rekey op, flow, new key). None when the
+    /// source map cannot hold the new keys (every charge made is given back).
+    fn charge_new_keys(
+        &mut self,
+        g: &GlobalConfig,
+    ) -> anyhow::Result<Vec<(u32, FlowKey, SourceKey)>> {
+        let mut moves = Vec::new();
+        for (code, flows) in [
+            (OP_REKEY_PENDING, self.pending()?),
+            (OP_REKEY_OWNED, self.owned()?),
+        ] {
+            for (flow, v) in flows {
+                let new = current_source(&flow, &v, g);
+                if new != v.source {
+                    moves.push((code, flow, new));
+                }
+            }
+        }
+        if moves.is_empty() {
+            return Ok(moves);
+        }
+        let existing: HashSet<SourceKey> = self
+            .source_counters()?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let new_keys: HashSet<SourceKey> = moves
+            .iter()
+            .map(|m| m.2)
+            .filter(|k| !existing.contains(k))
+            .collect();
+        let capacity = self.capacity(names::MAP_CONNS)? as usize;
+        let mut charged = 0;
+        if existing.len() + new_keys.len() <= capacity {
+            for (_, flow, source) in &moves {
+                let op = ControlOp {
+                    op: OP_CHARGE,
+                    flow: *flow,
+                    source: *source,
+                    ..ControlOp::default()
+                };
+                if !self.control(op)? {
+                    break;
+                }
+                charged += 1;
+            }
+        }
+        if charged == moves.len() {
+            return Ok(moves);
+        }
+        for (_, flow, source) in &moves[..charged] {
+            self.control(ControlOp {
+                op: OP_UNCHARGE,
+                flow: *flow,
+                source: *source,
+                ..ControlOp::default()
+            })?;
+        }
+        warn!(
+            "the source map has no room for the source keys the new prefixes give the {} \
+             tracked connections: they stay charged to their old keys until they close \
+             (capacity.sources)",
+            moves.len()
+        );
+        Ok(Vec::new())
     }
 
     /// Clears [`FLAG_CHECK_FLOWS`] if every tracked flow is charged to the source key the live

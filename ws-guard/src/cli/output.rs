@@ -168,6 +168,14 @@ pub fn human(req: &Request, data: serde_json::Value) -> anyhow::Result<String> {
                 })
                 .collect();
             o += &table(&["MAP", "ENTRIES", "CAPACITY", "FILL"], &rows, "  ");
+            if s.unmatched_connections > 0 {
+                o += &format!(
+                    "\n{} connection(s) in other network namespaces matched no admitted attempt \
+                     (client address rewritten: SNAT, masquerade, a proxy); per-source limits do \
+                     not apply to them (README, \"Deploying with containers\")\n",
+                    s.unmatched_connections
+                );
+            }
             o
         }
         Request::LimitsGet { .. } => {

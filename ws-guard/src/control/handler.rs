@@ -131,6 +131,7 @@ fn status(s: &Shared) -> Response {
         ports: port_infos(s, None),
         counters,
         maps,
+        unmatched_connections: s.guard.unmatched_connections,
     })
 }
 

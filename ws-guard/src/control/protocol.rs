@@ -350,6 +350,10 @@ pub struct StatusReply {
     pub ports: Vec<PortInfo>,
     pub counters: Vec<PortCounters>,
     pub maps: Vec<MapInfo>,
+    /// Connections found in another network namespace that match no admitted attempt (SNAT,
+    /// masquerade, a proxy), since the daemon started: charged to no source.
+    #[serde(default)]
+    pub unmatched_connections: u64,
 }
 
 /// One source in `sources top`.
