@@ -671,6 +671,11 @@ impl Gen {
             } else {
                 self.pick(&BAN_NS)
             },
+            pass_fragments: if self.chance(1, 3) {
+                self.pick(&[1, 2, 0xffff_ffff])
+            } else {
+                0
+            },
             ..GlobalConfig::default()
         }
     }

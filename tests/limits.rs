@@ -639,3 +639,119 @@ fn connections_older_than_ws_guard_are_counted() {
     drop((old, third, fourth));
     wait_count(&enf, a, port, 0);
 }
+
+/// A SYN sent in IP fragments by a source at its limit (SECURITY.md finding 10): the kernel
+/// would reassemble it and answer, unjudged. With the default `fragments = "drop"` the first
+/// fragment is dropped, so the server never answers (no SYN-ACK reaches the client) and holds
+/// no more connections; with `fragments = "pass"` the same fragments are answered, which shows
+/// the test sees the hole when it is open.
+#[test]
+fn fragmented_syns_from_a_held_source_never_reach_the_server() {
+    if !privileged("fragmented_syns_from_a_held_source_never_reach_the_server") {
+        return;
+    }
+    let port = test_port(12);
+    let tb = Testbed::new("frag", 12);
+    let _server = Server::start(&tb.srv, port, Stack::Separate);
+    let dst = SocketAddrV4::new(
+        match tb.server_v4() {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(_) => unreachable!(),
+        },
+        port,
+    );
+    let IpAddr::V4(a) = tb.client_v4(0) else {
+        unreachable!()
+    };
+    for (policy, answered) in [("drop", false), ("pass", true)] {
+        let enf = Enforcer::start(
+            &tb,
+            &format!(
+                "fragments = \"{policy}\"\n{}",
+                limit_config(port, 1, "reject")
+            ),
+        );
+        let held = connect_ok(&tb.cli, IpAddr::V4(a), SocketAddr::V4(dst), &enf);
+        wait_count(&enf, IpAddr::V4(a), port, 1);
+        let sport = if answered { 50_001 } else { 50_000 };
+        let got = fragmented_syn_answered(&tb.cli, a, sport, dst);
+        assert_eq!(
+            got,
+            answered,
+            "fragments = {policy}: a SYN-ACK to the fragmented SYN {}",
+            if got { "came" } else { "never came" }
+        );
+        assert!(
+            enf.counters().get(Counter::Fragments) >= 1,
+            "fragments = {policy}: not counted"
+        );
+        drop(held);
+    }
+}
+
+/// Sends a SYN from `src:sport` to `dst` in two IP fragments (16 and 4 bytes of its TCP
+/// header) from namespace `ns`; whether a SYN-ACK for it arrives within 2 s.
+fn fragmented_syn_answered(ns: &str, src: Ipv4Addr, sport: u16, dst: SocketAddrV4) -> bool {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let mut pkt = Vec::new();
+    etherparse::PacketBuilder::ipv4(src.octets(), dst.ip().octets(), 64)
+        .tcp(sport, dst.port(), 0x2000_0000, 64240)
+        .syn()
+        .write(&mut pkt, &[])
+        .unwrap();
+    let (ip, tcp) = pkt.split_at(20);
+    let fragment = |payload: &[u8], offset8: u16, more: bool| {
+        let mut f = ip.to_vec();
+        f[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        // An IP ID of its own per SYN: fragments left from another one must not overlap.
+        f[4..6].copy_from_slice(&sport.to_be_bytes());
+        f[6..8].copy_from_slice(&(offset8 | if more { 0x2000 } else { 0 }).to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let pieces = [
+        fragment(&tcp[..16], 0, true),
+        fragment(&tcp[16..], 2, false),
+    ];
+    in_ns(ns, || {
+        let listen = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP)).expect("raw TCP");
+        listen
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let send = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )
+        .expect("raw socket");
+        let to = SockAddr::from(SocketAddr::V4(SocketAddrV4::new(*dst.ip(), 0)));
+        for p in &pieces {
+            send.send_to(p, &to).expect("sending a fragment");
+        }
+        let start = Instant::now();
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+        while start.elapsed() < Duration::from_secs(2) {
+            let Ok(n) = listen.recv(&mut buf) else {
+                continue;
+            };
+            // SAFETY: recv initialized the first n bytes.
+            let b: Vec<u8> = buf[..n]
+                .iter()
+                .map(|x| unsafe { x.assume_init() })
+                .collect();
+            let ihl = ((b[0] & 0x0f) as usize) * 4;
+            if b.len() < ihl + 14 {
+                continue;
+            }
+            let t = &b[ihl..];
+            let (from_port, to_port) = (
+                u16::from_be_bytes([t[0], t[1]]),
+                u16::from_be_bytes([t[2], t[3]]),
+            );
+            if from_port == dst.port() && to_port == sport && t[13] & 0x12 == 0x12 {
+                return true;
+            }
+        }
+        false
+    })
+}

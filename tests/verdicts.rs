@@ -1351,22 +1351,21 @@ fn udp_icmp_arp_and_other_ether_types_pass_untouched() {
     assert_untracked(&g);
 }
 
+/// IP fragments (SECURITY.md finding 10): the first fragment of a TCP segment to a protected
+/// port is dropped, so a SYN sent in fragments never reaches the kernel unjudged (Linux would
+/// reassemble it); later fragments (no ports to read) and first fragments to other ports or of
+/// other protocols pass; an IPv6 atomic fragment is a whole SYN, judged as one. With
+/// `pass_fragments` or in monitor mode, first fragments pass too. All are counted as fragments.
 #[test]
-fn ip_fragments_pass_untouched() {
-    if !ws_guard_tests::privileged("ip_fragments_pass_untouched") {
+fn first_fragments_to_a_protected_port_are_dropped() {
+    if !ws_guard_tests::privileged("first_fragments_to_a_protected_port_are_dropped") {
         return;
     }
-    let mut g = guard(
-        limits(1, ACTION_REJECT, 1, ACTION_REJECT, 100 * SECOND),
-        GlobalConfig::default(),
-    );
-    let frames = vec![
-        // First IPv4 fragment: carries a whole SYN header, but only fragments' first piece would.
+    let first_to_port = vec![
+        // First IPv4 fragment of a SYN to the protected port.
         syn4(client4(1), 40000, 1).ipv4_fragment(true, 0).build(),
-        // A later IPv4 fragment, whose "TCP header" is payload.
-        syn4(client4(1), 40001, 1).ipv4_fragment(false, 100).build(),
-        syn4(client4(1), 40002, 1)
-            .ipv4_fragment(true, 7)
+        syn4(client4(1), 40003, 1)
+            .ipv4_fragment(true, 0)
             .vlan(3)
             .build(),
         // IPv6 fragment header in front of a SYN, alone and behind hop-by-hop.
@@ -1377,6 +1376,23 @@ fn ip_fragments_pass_untouched() {
                 id: 9,
             })
             .build(),
+        syn6(client6(), 40004, 1)
+            .ext(Ext::HopByHop)
+            .ext(Ext::Fragment {
+                offset: 0,
+                more: true,
+                id: 10,
+            })
+            .ext(Ext::DestOpts)
+            .build(),
+    ];
+    let others = vec![
+        // A later IPv4 fragment, whose "TCP header" is payload.
+        syn4(client4(1), 40001, 1).ipv4_fragment(false, 100).build(),
+        syn4(client4(1), 40002, 1)
+            .ipv4_fragment(true, 7)
+            .vlan(3)
+            .build(),
         syn6(client6(), 40001, 1)
             .ext(Ext::HopByHop)
             .ext(Ext::Fragment {
@@ -1385,13 +1401,77 @@ fn ip_fragments_pass_untouched() {
                 id: 9,
             })
             .build(),
+        // A first fragment to another port.
+        FrameBuilder::ipv4(client4(1), server4())
+            .tcp(Tcp::syn(40005, PORT + 1, 1))
+            .ipv4_fragment(true, 0)
+            .build(),
     ];
-    let c0 = g.counters().unwrap();
-    for f in &frames {
-        expect(&mut g, f, XDP_PASS);
+    for (global, first_verdict) in [
+        (GlobalConfig::default(), XDP_DROP),
+        (
+            GlobalConfig {
+                pass_fragments: 1,
+                ..GlobalConfig::default()
+            },
+            XDP_PASS,
+        ),
+        (
+            GlobalConfig {
+                monitor: 1,
+                ..GlobalConfig::default()
+            },
+            XDP_PASS,
+        ),
+    ] {
+        let mut g = guard(
+            limits(1, ACTION_REJECT, 1, ACTION_REJECT, 100 * SECOND),
+            global,
+        );
+        let c0 = g.counters().unwrap();
+        for f in &first_to_port {
+            let (v, _) = run(&mut g, f);
+            assert_eq!(v, first_verdict, "{global:?}: {f:02x?}");
+        }
+        for f in &others {
+            expect(&mut g, f, XDP_PASS);
+        }
+        assert_deltas(
+            &g,
+            &c0,
+            &[(
+                Counter::Fragments,
+                (first_to_port.len() + others.len()) as u64,
+            )],
+        );
+        // The first fragments to the port are its own.
+        let stats = g.stats().unwrap();
+        let port_fragments: u64 = stats
+            .ports
+            .iter()
+            .filter(|((p, _), _)| *p == PORT)
+            .map(|(_, c)| c[Counter::Fragments as usize])
+            .sum();
+        assert_eq!(port_fragments, first_to_port.len() as u64);
+        assert_untracked(&g);
     }
-    assert_deltas(&g, &c0, &[(Counter::Fragments, frames.len() as u64)]);
-    assert_untracked(&g);
+    // An IPv6 atomic fragment (offset 0, no more fragments) is a whole packet: judged.
+    let mut g = guard(
+        limits(1, ACTION_DROP, 0, ACTION_DROP, 0),
+        GlobalConfig::default(),
+    );
+    let atomic = |sport| {
+        syn6(client6(), sport, 1)
+            .ext(Ext::Fragment {
+                offset: 0,
+                more: false,
+                id: 11,
+            })
+            .build()
+    };
+    expect(&mut g, &atomic(40010), XDP_PASS);
+    let (v, _) = run(&mut g, &atomic(40011));
+    assert_eq!(v, XDP_DROP, "over max_connections");
 }
 
 #[test]
@@ -1689,15 +1769,23 @@ fn garbage_frames_are_never_aborted_and_only_syns_are_refused() {
         // What the program counts follows from what the shared parser says.
         let want: Vec<(Counter, u64)> = match parsed {
             Parsed::NotIp | Parsed::NotTcp => vec![(Counter::NotProtected, 1)],
-            Parsed::Fragment => vec![(Counter::Fragments, 1)],
+            Parsed::Fragment | Parsed::TcpFirstFragment { .. } => vec![(Counter::Fragments, 1)],
             Parsed::Malformed => vec![(Counter::Malformed, 1)],
             Parsed::Tcp(seg) if seg.dport != PORT => vec![(Counter::NotProtected, 1)],
             Parsed::Tcp(_) if !syn_to_port => vec![(Counter::ProtectedOther, 1)],
             Parsed::Tcp(_) => Vec::new(),
         };
+        // Besides SYNs, only first fragments of TCP segments to the port are refused (dropped).
+        let first_fragment_to_port =
+            matches!(parsed, Parsed::TcpFirstFragment { dport, .. } if dport == PORT);
         if !syn_to_port {
-            assert_eq!(v, XDP_PASS, "frame {i} ({parsed:?}): {f:02x?}");
-            assert_eq!(out, f, "frame {i}: passed untouched");
+            let verdict = if first_fragment_to_port {
+                XDP_DROP
+            } else {
+                XDP_PASS
+            };
+            assert_eq!(v, verdict, "frame {i} ({parsed:?}): {f:02x?}");
+            assert_eq!(out, f, "frame {i}: untouched");
             assert_deltas(&g, &before, &want);
             continue;
         }

@@ -493,6 +493,19 @@ impl Model {
                 out.counted = std::mem::take(counted);
                 return out;
             }
+            Parsed::TcpFirstFragment { family, dport } => {
+                match self.protected(dport) {
+                    Some(_) => {
+                        self.count(counted, Bucket::Port(dport, family), Counter::Fragments);
+                        if self.global.pass_fragments == 0 && self.global.monitor == 0 {
+                            out.verdict = XDP_DROP;
+                        }
+                    }
+                    None => self.count(counted, Bucket::Unattributed, Counter::Fragments),
+                }
+                out.counted = std::mem::take(counted);
+                return out;
+            }
             Parsed::Malformed => {
                 self.count(counted, Bucket::Unattributed, Counter::Malformed);
                 out.counted = std::mem::take(counted);

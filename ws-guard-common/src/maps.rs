@@ -150,7 +150,11 @@ pub struct GlobalConfig {
     /// attempt needs, so the hot path skips the maps that are empty. Maintained by userspace
     /// from the maps' contents (and, for [`FLAG_CHECK_FLOWS`], prefix changes and the sweep).
     pub flags: u32,
-    pub _pad: u32,
+    /// Non-zero: the first fragment of a TCP segment to a protected port passes (counted as
+    /// [`Counter::Fragments`] of its port). Zero, the default: it is dropped, so a SYN sent in
+    /// fragments never reaches the kernel unjudged (a real TCP stack never fragments its
+    /// segments; conntrack, which iptables' connlimit uses, reassembles them first).
+    pub pass_fragments: u32,
     /// How long a source refused by the rate limit is banned; zero: no automatic bans.
     pub ban_ns: u64,
 }
@@ -177,7 +181,7 @@ impl Default for GlobalConfig {
             ipv6_prefix: 64,
             fail_closed: 0,
             flags: 0,
-            _pad: 0,
+            pass_fragments: 0,
             ban_ns: 0,
         }
     }

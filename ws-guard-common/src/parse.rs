@@ -97,8 +97,18 @@ pub enum Parsed {
     NotIp,
     /// IP, but not TCP (or TCP behind something we do not open, such as ESP).
     NotTcp,
-    /// An IP fragment.
+    /// An IP fragment that is not the first of a TCP segment (a later fragment, or one of
+    /// another protocol): it cannot be told apart from payload.
     Fragment,
+    /// The first fragment of a fragmented TCP segment. Its ports are there (a fragment other
+    /// than the last carries at least 8 bytes), its flags may not be; a real TCP stack never
+    /// fragments its segments, so one to a protected port is refused whole (see
+    /// `GlobalConfig::pass_fragments`): without it the kernel cannot reassemble the rest.
+    TcpFirstFragment {
+        family: u16,
+        /// Destination port, host byte order.
+        dport: u16,
+    },
     /// A TCP segment whose headers are all present and consistent.
     Tcp(TcpSegment),
     /// Truncated or inconsistent headers.
@@ -150,8 +160,12 @@ fn parse_ipv4<P: Packet + ?Sized>(p: &P, l3: usize) -> Parsed {
         return Parsed::Malformed;
     }
     // More-fragments flag or a fragment offset.
-    if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
-        return Parsed::Fragment;
+    let frag = u16::from_be_bytes([h[6], h[7]]) & 0x3fff;
+    if frag != 0 {
+        if frag & 0x1fff != 0 || h[9] != IPPROTO_TCP {
+            return Parsed::Fragment;
+        }
+        return first_fragment(p, AF_INET, l3 + ihl);
     }
     if h[9] != IPPROTO_TCP {
         return Parsed::NotTcp;
@@ -174,6 +188,7 @@ fn parse_ipv6<P: Packet + ?Sized>(p: &P, l3: usize) -> Parsed {
     let mut next = h[6];
     let mut off = l3 + 40;
     let mut ext_len = 0u32;
+    let mut fragmented = false;
     for _ in 0..MAX_IPV6_EXT {
         let len = match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
@@ -190,7 +205,21 @@ fn parse_ipv6<P: Packet + ?Sized>(p: &P, l3: usize) -> Parsed {
                 next = e[0];
                 (e[1] as usize + 2) * 4
             }
-            IPV6_FRAGMENT => return Parsed::Fragment,
+            IPV6_FRAGMENT => {
+                let Some(e) = p.load::<[u8; 4]>(off) else {
+                    return Parsed::Malformed;
+                };
+                let frag = u16::from_be_bytes([e[2], e[3]]);
+                // A later fragment: payload. The first: judged by its TCP ports below. An
+                // atomic fragment (offset 0, no more fragments) is a whole packet to the
+                // kernel, and to the parser.
+                if frag >> 3 != 0 {
+                    return Parsed::Fragment;
+                }
+                fragmented |= frag & 1 != 0;
+                next = e[0];
+                8
+            }
             _ => break,
         };
         off += len;
@@ -200,16 +229,33 @@ fn parse_ipv6<P: Packet + ?Sized>(p: &P, l3: usize) -> Parsed {
         }
     }
     match next {
+        IPPROTO_TCP if fragmented => return first_fragment(p, AF_INET6, off),
         IPPROTO_TCP => {}
         IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT => {
             return Parsed::Malformed;
         }
+        _ if fragmented => return Parsed::Fragment,
         _ => return Parsed::NotTcp,
     }
     if payload_len < ext_len {
         return Parsed::Malformed;
     }
     parse_tcp(p, AF_INET6, l3, off, payload_len - ext_len, ext_len != 0)
+}
+
+/// The first fragment of a TCP segment whose header starts at `l4`: its destination port.
+#[inline(always)]
+fn first_fragment<P: Packet + ?Sized>(p: &P, family: u16, l4: usize) -> Parsed {
+    if l4 > MAX_HEADER_OFFSET {
+        return Parsed::Malformed;
+    }
+    match p.load::<[u8; 4]>(l4) {
+        Some(ports) => Parsed::TcpFirstFragment {
+            family,
+            dport: u16::from_be_bytes([ports[2], ports[3]]),
+        },
+        None => Parsed::Malformed,
+    }
 }
 
 #[inline(always)]
@@ -974,6 +1020,24 @@ pub(crate) mod tests {
             },
         ];
         for exts in chains {
+            let first = exts.iter().any(|e| {
+                matches!(
+                    e,
+                    Ext::Fragment {
+                        offset: 0,
+                        more: true
+                    }
+                )
+            });
+            let atomic = exts.iter().any(|e| {
+                matches!(
+                    e,
+                    Ext::Fragment {
+                        offset: 0,
+                        more: false
+                    }
+                )
+            });
             for proto in [IPPROTO_TCP, UDP] {
                 let f = Spec {
                     exts: exts.clone(),
@@ -981,7 +1045,22 @@ pub(crate) mod tests {
                     ..Spec::v6()
                 }
                 .build();
-                assert_eq!(parse(&f[..]), Parsed::Fragment, "{exts:?}");
+                let got = parse(&f[..]);
+                match (first, atomic, proto) {
+                    // The first fragment of a TCP segment: its destination port.
+                    (true, _, IPPROTO_TCP) => assert_eq!(
+                        got,
+                        Parsed::TcpFirstFragment {
+                            family: AF_INET6,
+                            dport: Spec::v6().dport
+                        },
+                        "{exts:?}"
+                    ),
+                    // An atomic fragment is a whole packet.
+                    (_, true, IPPROTO_TCP) => assert!(matches!(got, Parsed::Tcp(_)), "{exts:?}"),
+                    (_, true, _) => assert_eq!(got, Parsed::NotTcp, "{exts:?}"),
+                    _ => assert_eq!(got, Parsed::Fragment, "{exts:?} then {proto}"),
+                }
             }
         }
     }
@@ -1016,13 +1095,28 @@ pub(crate) mod tests {
                     ..Spec::v4()
                 }
                 .build();
+                let want = if frag_offset == 0 && proto == IPPROTO_TCP {
+                    Parsed::TcpFirstFragment {
+                        family: AF_INET,
+                        dport: Spec::v4().dport,
+                    }
+                } else {
+                    Parsed::Fragment
+                };
                 assert_eq!(
                     parse(&f[..]),
-                    Parsed::Fragment,
-                    "MF {more_fragments} offset {frag_offset}"
+                    want,
+                    "MF {more_fragments} offset {frag_offset} proto {proto}"
                 );
             }
         }
+        // A first fragment too short for the ports is malformed.
+        let f = Spec {
+            more_fragments: true,
+            ..Spec::v4()
+        }
+        .build();
+        assert_eq!(parse(&f[..14 + 20 + 3]), Parsed::Malformed);
         // Don't-fragment alone, and the reserved flag, are not fragmentation.
         let f = Spec::v4().build();
         assert_eq!(f[20], 0x40);
@@ -1182,22 +1276,27 @@ pub(crate) mod tests {
                 Parsed::NotTcp
             }
         });
-        let v6_frag = Spec {
-            exts: vec![
-                Ext::Raw(HBH, 16),
-                Ext::Fragment {
-                    offset: 0,
-                    more: true,
-                },
-            ],
+        let v6_frag = |offset| Spec {
+            exts: vec![Ext::Raw(HBH, 16), Ext::Fragment { offset, more: true }],
             ..Spec::v6()
         };
-        // The fragment header is recognised by the previous header's next-header field.
-        sweep(&v6_frag.build(), |n| {
-            if n < 14 + 40 + 2 {
+        // A later fragment: decided by the fragment header's offset (its first 4 bytes).
+        sweep(&v6_frag(1).build(), |n| {
+            if n < 14 + 40 + 16 + 4 {
                 Parsed::Malformed
             } else {
                 Parsed::Fragment
+            }
+        });
+        // The first: by the TCP ports after the fragment header.
+        sweep(&v6_frag(0).build(), |n| {
+            if n < 14 + 40 + 16 + 8 + 4 {
+                Parsed::Malformed
+            } else {
+                Parsed::TcpFirstFragment {
+                    family: AF_INET6,
+                    dport: Spec::v6().dport,
+                }
             }
         });
         let v6_esp = Spec {

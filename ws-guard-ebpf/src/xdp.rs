@@ -44,6 +44,7 @@ pub fn enforce(ctx: &XdpContext) -> u32 {
             count(Bucket::UNATTRIBUTED, Counter::Fragments);
             return xdp_action::XDP_PASS;
         }
+        Parsed::TcpFirstFragment { family, dport } => return first_fragment(family, dport),
         Parsed::Malformed => {
             count(Bucket::UNATTRIBUTED, Counter::Malformed);
             return xdp_action::XDP_PASS;
@@ -190,6 +191,22 @@ fn new_attempt(
         return untracked(port, global, bucket, tracked_as, would_block);
     }
     Verdict::Pass
+}
+
+/// The first fragment of a TCP segment: to a protected port, dropped unless the operator
+/// chose to pass fragments (without it the kernel cannot reassemble the segment, so a SYN in
+/// fragments never reaches it unjudged); counted as a fragment of that port either way.
+#[inline(always)]
+fn first_fragment(family: u16, dport: u16) -> u32 {
+    let Some(port) = maps::port(dport) else {
+        count(Bucket::UNATTRIBUTED, Counter::Fragments);
+        return xdp_action::XDP_PASS;
+    };
+    count(Bucket::of(port, family), Counter::Fragments);
+    match maps::WSG_GLOBAL.get(0) {
+        Some(g) if g.pass_fragments != 0 || g.monitor != 0 => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_DROP,
+    }
 }
 
 /// An attempt a full map keeps from being tracked: [`map_full`] decides, except for an

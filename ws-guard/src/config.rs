@@ -71,6 +71,19 @@ pub enum OnMapFull {
     Closed,
 }
 
+/// What the first fragment of a TCP segment to a protected port gets (README, "What the
+/// limits mean").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fragments {
+    /// Dropped: a SYN in fragments would otherwise reach the kernel unjudged (the kernel
+    /// reassembles it). Real TCP stacks never fragment their segments.
+    #[default]
+    Drop,
+    /// Passed unjudged, as before ws-guard 0.1's hardening (counted all the same).
+    Pass,
+}
+
 /// What to do with an attempt over a limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -401,6 +414,9 @@ pub struct Config {
     /// Fail open or closed when a map is full (README, "When maps are full").
     #[serde(default)]
     pub on_map_full: OnMapFull,
+    /// First fragments of TCP segments to a protected port: dropped (default) or passed.
+    #[serde(default)]
+    pub fragments: Fragments,
     /// A half-open attempt that the kernel has no socket for is released after a second; one
     /// whose handshake is still pending is released after this long.
     #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
@@ -695,6 +711,7 @@ impl Config {
             ipv4_prefix: self.ipv4_prefix,
             ipv6_prefix: self.ipv6_prefix,
             fail_closed: (self.on_map_full == OnMapFull::Closed) as u32,
+            pass_fragments: (self.fragments == Fragments::Pass) as u32,
             ban_ns: u64::try_from(self.ban_duration.as_nanos()).unwrap_or(u64::MAX),
             // `flags` follow the maps' contents: the guard sets them.
             ..GlobalConfig::default()
@@ -829,6 +846,11 @@ impl Config {
             "on_map_full",
             format!("{:?}", self.on_map_full).to_lowercase(),
             format!("{:?}", new.on_map_full).to_lowercase(),
+        );
+        field(
+            "fragments",
+            format!("{:?}", self.fragments).to_lowercase(),
+            format!("{:?}", new.fragments).to_lowercase(),
         );
         field(
             "ban_duration",

@@ -43,7 +43,7 @@ use crate::{
 
 /// Every metric name the endpoint can expose (the top-sources one only when enabled). The
 /// dashboard and the alert rules may use these and nothing else; a test checks both.
-pub const METRIC_NAMES: [&str; 24] = [
+pub const METRIC_NAMES: [&str; 25] = [
     "ws_guard_build_info",
     "ws_guard_xdp_attached",
     "ws_guard_monitor_mode",
@@ -52,6 +52,7 @@ pub const METRIC_NAMES: [&str; 24] = [
     "ws_guard_rst_sent_total",
     "ws_guard_reject_as_drop_total",
     "ws_guard_other_segments_total",
+    "ws_guard_fragments_total",
     "ws_guard_unjudged_packets_total",
     "ws_guard_connection_events_total",
     "ws_guard_ban_events_total",
@@ -411,6 +412,13 @@ fn registry(s: &Snapshot) -> prometheus::Result<Registry> {
          FINs, RSTs); always passed.",
         &pf,
     )?;
+    let fragments = counter(
+        "ws_guard_fragments_total",
+        "First fragments of TCP segments to a protected port: dropped (fragments = \"drop\", \
+         the default: a SYN in fragments would reach the kernel unjudged), or passed \
+         (fragments = \"pass\", or monitor mode).",
+        &pf,
+    )?;
     let events = counter(
         "ws_guard_connection_events_total",
         "Tracked connections by event: established (handshake completed), closed (slot given \
@@ -434,6 +442,7 @@ fn registry(s: &Snapshot) -> prometheus::Result<Registry> {
             (&rst, Counter::RstSent),
             (&reject_as_drop, Counter::RejectAsDrop),
             (&other, Counter::ProtectedOther),
+            (&fragments, Counter::Fragments),
         ] {
             v.with_label_values(&[port.as_str(), fam])
                 .inc_by(c[k as usize]);
@@ -861,6 +870,7 @@ mod tests {
             r#"ws_guard_connection_events_total{event="closed",family="ipv4",port="9000"} 4"#,
             r#"ws_guard_unjudged_packets_total{reason="not_protected"} 1000"#,
             r#"ws_guard_unjudged_packets_total{reason="fragments"} 5"#,
+            r#"ws_guard_fragments_total{family="ipv4",port="9000"} 0"#,
             // 2 unattributed + 1 of port 9000.
             r#"ws_guard_unjudged_packets_total{reason="malformed"} 3"#,
             r#"ws_guard_tracked_sources{family="ipv4",port="9000"} 2"#,
