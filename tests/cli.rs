@@ -574,7 +574,7 @@ fn bad_arguments_change_nothing() {
         assert!(r.stdout.is_empty(), "{args:?}: {r:?}");
     }
     // The daemon checks again what the CLI checks: a request written to the socket by
-    // another client gets the same refusals (finding 8 of SECURITY.md).
+    // another client gets the same refusals (finding 14 of SECURITY.md).
     let raw = |line: &str| -> String {
         use std::io::{BufRead as _, Write as _};
         let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connecting");
@@ -706,7 +706,7 @@ fn only_root_may_use_the_socket() {
 }
 
 /// Idle and polling clients of the control socket never lock the operator out (SECURITY.md
-/// finding 15): 40 idle connections and 8 scripts sending `status` every 4 s on connections
+/// finding 13): 40 idle connections and 8 scripts sending `status` every 4 s on connections
 /// they keep open; meanwhile every `ws-guard status` succeeds within 2 s.
 #[test]
 fn idle_and_polling_clients_never_lock_out_the_cli() {
@@ -771,7 +771,7 @@ fn idle_and_polling_clients_never_lock_out_the_cli() {
 /// A block list is imported in one go: `deny add -f FILE` with 16,384 CIDRs (the default
 /// capacity) is applied whole, in seconds (each add used to re-read the whole trie: 316 s for
 /// 20,000 adds); a file with one bad line adds nothing and names the line; single adds on the
-/// full list still work (SECURITY.md finding 17). Timings are printed.
+/// full list still work (SECURITY.md finding 15). Timings are printed.
 #[test]
 fn block_lists_load_in_bulk_whole_or_not_at_all() {
     if !privileged("block_lists_load_in_bulk_whole_or_not_at_all") {

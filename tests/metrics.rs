@@ -597,7 +597,7 @@ fn serve_in(
     (stop_tx, server)
 }
 
-/// Slow and idle clients cannot keep Prometheus out (SECURITY.md findings 1 and 14): 64 local
+/// Slow and idle clients cannot keep Prometheus out (SECURITY.md findings 1 and 12): 64 local
 /// clients that send their request one byte every 2 s, reconnecting when closed, plus idle
 /// ones, while scrapes with Prometheus' default 10 s timeout come every second. Each scrape is
 /// answered within 2 s; the endpoint keeps at most `metrics::MAX_CONNECTIONS` connections by

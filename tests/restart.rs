@@ -605,7 +605,7 @@ fn cli(sock: &str, args: &[&str]) -> String {
 
 /// Exactly one daemon owns a pin directory: a second one started on it refuses before it loads
 /// or replaces anything, naming the first, and the first keeps enforcing its own limits
-/// (SECURITY.md finding 13).
+/// (SECURITY.md finding 7).
 #[test]
 fn a_second_daemon_on_the_same_pin_directory_is_refused() {
     if !privileged("a_second_daemon_on_the_same_pin_directory_is_refused") {
