@@ -578,6 +578,17 @@ fn failed_restart_keeps_the_taken_over_link() {
         connect_from(&tb.cli, a, dst, Duration::from_secs(2)),
         Outcome::TimedOut
     ));
+    // The RSTs the driver dropped are said, not only counted as sent.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(matches!(
+        connect_from(&tb.cli, a, dst, Duration::from_secs(2)),
+        Outcome::TimedOut
+    ));
+    assert!(
+        again.wait_for("its driver dropped", Duration::from_secs(5)),
+        "{:?}",
+        again.lines()
+    );
     assert!(again.stop(libc::SIGTERM).success());
     drop(held);
 }

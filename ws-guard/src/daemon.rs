@@ -250,6 +250,7 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweeper = sweep::Sweeper::default();
     let mut unmatched = UnmatchedLog::default();
+    let mut tx_drops = TxErrorWatch::default();
     let mut watch = InterfaceWatch::default();
     // Enforcing on every interface, metrics listening, signal handlers installed: ready.
     notify::ready(&status_line(&lock(&shared), metrics_addr));
@@ -273,6 +274,7 @@ pub async fn run(
                 let guard = &mut shared.guard;
                 watch.check(guard, xdp_mode);
                 guard.flush_kernel_log();
+                tx_drops.check(guard);
                 if let Err(e) = guard.expire_bans() {
                     warn!("ending expired bans failed (retried next sweep): {e:#}");
                 }
@@ -668,5 +670,45 @@ impl UnmatchedLog {
         );
         self.unreported = 0;
         self.last = Some(std::time::Instant::now());
+    }
+}
+
+/// Says when an interface's driver drops frames the XDP program sends back with XDP_TX (the
+/// RSTs of `reject`): counted as sent, they never reach the client, who times out instead of
+/// being refused. At most once a minute per interface, with the count since the last report.
+#[derive(Default)]
+struct TxErrorWatch {
+    /// Per interface: the driver's count when last read, and when it was last reported.
+    seen: std::collections::HashMap<String, (u64, Option<std::time::Instant>)>,
+}
+
+impl TxErrorWatch {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+    fn check(&mut self, guard: &Guard) {
+        for a in guard.attachments() {
+            let Some(now) = crate::interfaces::xdp_tx_errors(&a.interface) else {
+                continue;
+            };
+            let (base, last) = self.seen.entry(a.interface.clone()).or_insert((now, None));
+            // The interface was recreated (its counters restarted): a new base.
+            if now < *base {
+                *base = now;
+            }
+            if now == *base || last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+                continue;
+            }
+            warn!(
+                "{}: its driver dropped {} frame(s) the XDP program sent back (the RSTs of \
+                 `reject`): refused clients time out instead of being refused. On a veth in \
+                 native mode the peer must run an XDP program; use xdp_mode = \"auto\" or \
+                 \"generic\" (after `ws-guard teardown` if the link is pinned), or \"drop\" \
+                 actions (metric ws_guard_xdp_tx_errors_total)",
+                a.interface,
+                now - *base
+            );
+            *base = now;
+            *last = Some(std::time::Instant::now());
+        }
     }
 }

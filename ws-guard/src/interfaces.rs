@@ -27,46 +27,88 @@ pub fn default_route_interface() -> anyhow::Result<String> {
     bail!("no default route, so no interface to attach to: name one in `interfaces` in the config")
 }
 
-/// The driver of `interface` as ethtool names it (e.g. "veth", "virtio_net"); `None` when the
-/// interface has no ethtool driver information (or does not exist).
-pub fn driver(interface: &str) -> Option<String> {
-    // struct ethtool_drvinfo: cmd, then driver[32], version[32], ... (196 bytes in all).
-    #[repr(C)]
-    struct DrvInfo {
-        cmd: u32,
-        driver: [u8; 32],
-        rest: [u8; 160],
-    }
-    const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+/// Runs ethtool command `data` (its first u32 is the command) on `interface`, in place.
+fn ethtool(interface: &str, data: &mut [u64]) -> std::io::Result<()> {
     let name = interface.as_bytes();
     if name.len() >= libc::IFNAMSIZ {
-        return None;
+        return Err(std::io::Error::from_raw_os_error(libc::ENODEV));
     }
-    let mut info = DrvInfo {
-        cmd: ETHTOOL_GDRVINFO,
-        driver: [0; 32],
-        rest: [0; 160],
-    };
-    // SAFETY: an all-zero ifreq is valid; the name fits (checked) and stays NUL-terminated; the
-    // ioctl writes only into `info`, which outlives the call; the socket is closed below.
+    // SAFETY: an all-zero ifreq is valid; the name fits (checked) and stays NUL-terminated;
+    // the kernel writes at most the sizes the command inside `data` announces, which the
+    // callers size `data` for; the socket is closed below.
     unsafe {
         let mut req: libc::ifreq = std::mem::zeroed();
         for (d, s) in req.ifr_name.iter_mut().zip(name) {
             *d = *s as libc::c_char;
         }
-        req.ifr_ifru.ifru_data = (&raw mut info).cast();
+        req.ifr_ifru.ifru_data = data.as_mut_ptr().cast();
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {
-            return None;
+            return Err(std::io::Error::last_os_error());
         }
         let rc = libc::ioctl(fd, libc::SIOCETHTOOL, &mut req);
+        let err = std::io::Error::last_os_error();
         libc::close(fd);
         if rc != 0 {
-            return None;
+            return Err(err);
         }
     }
-    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
-    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+    Ok(())
+}
+
+/// The driver of `interface` as ethtool names it (e.g. "veth", "virtio_net"); `None` when the
+/// interface has no ethtool driver information (or does not exist).
+pub fn driver(interface: &str) -> Option<String> {
+    const ETHTOOL_GDRVINFO: u64 = 0x0000_0003;
+    // struct ethtool_drvinfo: cmd, then driver[32], ... (196 bytes in all).
+    let mut info = [0u64; 25];
+    info[0] = ETHTOOL_GDRVINFO;
+    ethtool(interface, &mut info).ok()?;
+    let bytes: Vec<u8> = info.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let driver = &bytes[4..36];
+    let end = driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&driver[..end]).into_owned())
+}
+
+/// The frames the driver of `interface` failed to send with XDP_TX since it came up (the sum of
+/// its ethtool statistics named `*xdp_tx_errors`, as veth reports them): RSTs of `reject` that
+/// never left. `None` when the driver reports no such statistic.
+pub fn xdp_tx_errors(interface: &str) -> Option<u64> {
+    const ETHTOOL_GSSET_INFO: u64 = 0x37;
+    const ETHTOOL_GSTRINGS: u64 = 0x1b;
+    const ETHTOOL_GSTATS: u64 = 0x1d;
+    const ETH_SS_STATS: u64 = 1;
+    const NAME: usize = 32;
+    // struct ethtool_sset_info: cmd, reserved, sset_mask (u64), data[]: the set's size.
+    let mut info = [0u64; 3];
+    info[0] = ETHTOOL_GSSET_INFO;
+    info[1] = 1 << ETH_SS_STATS;
+    ethtool(interface, &mut info).ok()?;
+    let n = (info[2] & 0xffff_ffff) as usize;
+    if n == 0 || n > 65_536 {
+        return None;
+    }
+    // struct ethtool_gstrings: cmd, string_set, len (u32 each), then len names of 32 bytes.
+    let mut names = vec![0u64; 2 + n * NAME / 8];
+    names[0] = ETHTOOL_GSTRINGS | (ETH_SS_STATS << 32);
+    names[1] = n as u64;
+    ethtool(interface, &mut names).ok()?;
+    // struct ethtool_stats: cmd, n_stats (u32 each), then n u64.
+    let mut stats = vec![0u64; 1 + n];
+    stats[0] = ETHTOOL_GSTATS | ((n as u64) << 32);
+    ethtool(interface, &mut stats).ok()?;
+    let bytes: Vec<u8> = names.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut found = false;
+    let mut sum = 0u64;
+    for i in 0..n {
+        let raw = &bytes[12 + i * NAME..12 + (i + 1) * NAME];
+        let end = raw.iter().position(|b| *b == 0).unwrap_or(NAME);
+        if raw[..end].ends_with(b"xdp_tx_errors") {
+            found = true;
+            sum = sum.saturating_add(stats[1 + i]);
+        }
+    }
+    found.then_some(sum)
 }
 
 /// Whether `interface` is a veth: native XDP there sends XDP_TX frames (the RSTs of `reject`)
@@ -84,5 +126,36 @@ mod tests {
         assert!(!is_veth("lo"));
         assert!(!is_veth("no-such-interface"));
         assert!(driver("an-interface-name-far-too-long").is_none());
+        assert!(xdp_tx_errors("lo").is_none());
+    }
+
+    #[test]
+    fn a_veth_reports_its_driver_and_xdp_tx_errors() {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let ns = format!("wsg-ifunit-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let ok = std::process::Command::new("ip").args(args).status();
+            assert!(ok.is_ok_and(|s| s.success()), "ip {args:?}");
+        };
+        ip(&["netns", "add", &ns]);
+        ip(&[
+            "-n", &ns, "link", "add", "wsgu0", "type", "veth", "peer", "name", "wsgu1",
+        ]);
+        let got = std::thread::scope(|s| {
+            s.spawn(|| {
+                let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+                // SAFETY: a valid descriptor; this thread only.
+                assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                (is_veth("wsgu0"), xdp_tx_errors("wsgu0"))
+            })
+            .join()
+            .unwrap()
+        });
+        ip(&["netns", "del", &ns]);
+        assert_eq!(got, (true, Some(0)));
     }
 }

@@ -43,9 +43,10 @@ use crate::{
 
 /// Every metric name the endpoint can expose (the top-sources one only when enabled). The
 /// dashboard and the alert rules may use these and nothing else; a test checks both.
-pub const METRIC_NAMES: [&str; 25] = [
+pub const METRIC_NAMES: [&str; 26] = [
     "ws_guard_build_info",
     "ws_guard_xdp_attached",
+    "ws_guard_xdp_tx_errors_total",
     "ws_guard_monitor_mode",
     "ws_guard_decisions_total",
     "ws_guard_monitor_would_block_total",
@@ -115,6 +116,9 @@ pub struct AttachState {
     pub mode: &'static str,
     /// The interface still exists with the index the program was attached to.
     pub attached: bool,
+    /// Frames its driver failed to send with XDP_TX (RSTs that never left), when it reports
+    /// them ([`crate::interfaces::xdp_tx_errors`]).
+    pub tx_errors: Option<u64>,
 }
 
 /// How full one of the hash maps is.
@@ -215,6 +219,7 @@ pub fn read_fixed(guard: &Guard) -> anyhow::Result<Fixed> {
                 interface: a.interface.clone(),
                 mode: a.mode,
                 attached: a.interface_present(),
+                tx_errors: crate::interfaces::xdp_tx_errors(&a.interface),
             })
             .collect(),
         unmatched: guard.unmatched_connections,
@@ -365,6 +370,21 @@ fn registry(s: &Snapshot) -> prometheus::Result<Registry> {
         attached
             .with_label_values(&[a.interface.as_str(), a.mode])
             .set(a.attached as i64);
+    }
+    let tx_errors = counter(
+        "ws_guard_xdp_tx_errors_total",
+        "Frames the interface's driver failed to send with XDP_TX (RSTs of reject that never \
+         left; ws_guard_rst_sent_total counts them as sent), from its ethtool statistics, for \
+         drivers that report them (veth): on a veth in native mode, a peer without an XDP \
+         program drops them all.",
+        &["interface"],
+    )?;
+    for a in &s.attachments {
+        if let Some(n) = a.tx_errors {
+            tx_errors
+                .with_label_values(&[a.interface.as_str()])
+                .inc_by(n);
+        }
     }
     let monitor = IntGauge::with_opts(Opts::new(
         "ws_guard_monitor_mode",
@@ -810,11 +830,13 @@ mod tests {
                     interface: "eth0".into(),
                     mode: "native",
                     attached: true,
+                    tx_errors: Some(7),
                 },
                 AttachState {
                     interface: "eth1".into(),
                     mode: "generic",
                     attached: false,
+                    tx_errors: None,
                 },
             ],
             stats,
@@ -854,6 +876,7 @@ mod tests {
             r#"ws_guard_build_info{version="1.2.3"} 1"#,
             r#"ws_guard_xdp_attached{interface="eth0",mode="native"} 1"#,
             r#"ws_guard_xdp_attached{interface="eth1",mode="generic"} 0"#,
+            r#"ws_guard_xdp_tx_errors_total{interface="eth0"} 7"#,
             "ws_guard_monitor_mode 0",
             r#"ws_guard_decisions_total{family="ipv4",port="9000",reason="admitted"} 7"#,
             r#"ws_guard_decisions_total{family="ipv4",port="9000",reason="conn_limited"} 3"#,

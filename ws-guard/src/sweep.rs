@@ -93,17 +93,11 @@ pub fn socket_table(
 ) -> anyhow::Result<SocketTable> {
     let mut out = SocketTable::default();
     let si = procfs::current_system_info();
-    let namespaces = netns::namespaces().context("listing network namespaces in /proc")?;
+    let namespaces = netns::tables().context("reading the network namespaces' socket tables")?;
     for ns in &namespaces {
-        for file in ["tcp", "tcp6"] {
-            let text = match ns.read(file) {
-                Ok(Some(t)) => t,
-                // No IPv6, or the namespace went with its last task.
-                Ok(None) => continue,
-                Err(e) => {
-                    return Err(e).with_context(|| format!("reading net/{file} of a namespace"));
-                }
-            };
+        for (file, text) in [("tcp", Some(&ns.tcp)), ("tcp6", ns.tcp6.as_ref())] {
+            // No IPv6 in that namespace.
+            let Some(text) = text else { continue };
             let entries = TcpNetEntries::from_buf_read(&text[..], si)
                 .with_context(|| format!("parsing net/{file}"))?;
             for e in entries.0 {
@@ -122,7 +116,9 @@ pub fn socket_table(
                     namespace: ns.id,
                     own: ns.own,
                 };
-                if out.sockets.insert(flow, socket).is_none() {
+                // The first namespace that has it wins (the daemon's own comes first).
+                if let std::collections::hash_map::Entry::Vacant(v) = out.sockets.entry(flow) {
+                    v.insert(socket);
                     out.by_endpoint
                         .entry(endpoint(&flow))
                         .or_default()
