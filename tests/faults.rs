@@ -365,7 +365,7 @@ fn native_mode_unsupported_is_an_error_and_auto_falls_back_to_generic() {
             && d.contains("attached in generic mode")
             && d.contains("enforcing on wsgd0 (generic XDP)")
             && d.contains(&format!(
-                "{} is a veth: attached in generic mode",
+                "{} is a veth (or a bond of veths): attached in generic mode",
                 tb.srv_if
             ))
             && d.contains(&format!("enforcing on {} (generic XDP)", tb.srv_if)),

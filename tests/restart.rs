@@ -562,7 +562,7 @@ fn failed_restart_keeps_the_taken_over_link() {
     // Still enforcing, with the count of the held connection. Native XDP on this veth: the
     // RSTs do not reach a client without an XDP program (the daemon warns), so the refused
     // attempt times out.
-    assert!(log.contains("is a veth in native XDP mode"), "{log}");
+    assert!(log.contains("in native XDP mode: the RSTs"), "{log}");
     assert!(matches!(
         connect_from(&tb.cli, a, dst, Duration::from_secs(2)),
         Outcome::TimedOut

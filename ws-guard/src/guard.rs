@@ -823,14 +823,15 @@ impl Guard {
             ),
             // Native XDP on a veth cannot deliver the RSTs of `reject` to a peer without an XDP
             // program (a container's end): generic XDP sends them through the stack.
-            config::XdpMode::Auto if crate::interfaces::is_veth(interface) => {
+            config::XdpMode::Auto if crate::interfaces::tx_through_veth(interface) => {
                 let link = prog
                     .attach_to_if_index(index, XdpMode::Skb)
                     .with_context(|| format!("attaching to {interface} in generic mode"))?;
                 info!(
-                    "{interface} is a veth: attached in generic mode, so the RSTs of `reject` \
-                     reach its peer (native XDP on a veth sends them only to a peer that runs an \
-                     XDP program itself; xdp_mode = \"native\" forces native)"
+                    "{interface} is a veth (or a bond of veths): attached in generic mode, so \
+                     the RSTs of `reject` reach its peer (native XDP on a veth sends them only \
+                     to a peer that runs an XDP program itself; xdp_mode = \"native\" forces \
+                     native)"
                 );
                 (link, "generic")
             }
@@ -1220,9 +1221,9 @@ impl Guard {
 }
 
 /// Says so when a combination cannot deliver the RSTs of `reject` (see
-/// [`crate::interfaces::is_veth`]).
+/// [`crate::interfaces::tx_through_veth`]).
 fn warn_if_native_veth(interface: &str, mode_name: &str) {
-    if mode_name == "native" && crate::interfaces::is_veth(interface) {
+    if mode_name == "native" && crate::interfaces::tx_through_veth(interface) {
         warn!(
             "{interface} is a veth in native XDP mode: the RSTs of `reject` reach its peer only \
              if the peer runs an XDP program (a container's end does not), so refused clients \

@@ -117,9 +117,46 @@ pub fn is_veth(interface: &str) -> bool {
     driver(interface).as_deref() == Some("veth")
 }
 
+/// Whether native XDP on `interface` sends XDP_TX frames through a veth: it is one, or a bond
+/// with a veth among its slaves (a bond's XDP_TX leaves through a slave).
+pub fn tx_through_veth(interface: &str) -> bool {
+    is_veth(interface) || bond_slaves(interface).iter().any(|s| is_veth(s))
+}
+
+/// The slaves of bond `interface` (none if it is not a bond), from the bonding driver's file
+/// in the calling thread's network namespace.
+fn bond_slaves(interface: &str) -> Vec<String> {
+    let path = format!("/proc/thread-self/net/bonding/{interface}");
+    match std::fs::read_to_string(path) {
+        Ok(text) => slaves_of(&text),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The slaves a `/proc/net/bonding/BOND` file lists.
+fn slaves_of(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("Slave Interface:"))
+        .map(|s| s.trim().to_owned())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bond_slaves_are_read_from_the_bonding_file() {
+        // As the bonding driver writes it (this machine's kernel has no bonding to make one).
+        let text = "Ethernet Channel Bonding Driver: v6.18\n\nBonding Mode: fault-tolerance \
+                    (active-backup)\nCurrently Active Slave: veth0\nMII Status: up\n\n\
+                    Slave Interface: veth0\nMII Status: up\n\nSlave Interface: eth1\n\
+                    MII Status: down\n";
+        assert_eq!(slaves_of(text), ["veth0", "eth1"]);
+        assert!(slaves_of("").is_empty());
+        assert!(bond_slaves("lo").is_empty());
+        assert!(!tx_through_veth("lo"));
+    }
 
     #[test]
     fn loopback_is_not_a_veth() {
