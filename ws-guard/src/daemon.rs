@@ -415,7 +415,6 @@ fn check_privileges() -> anyhow::Result<()> {
     if euid == 0 {
         return Ok(());
     }
-    // CapEff from /proc/self/status: CAP_NET_ADMIN is bit 12, CAP_SYS_ADMIN 21, CAP_BPF 39.
     let eff = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|t| {
@@ -424,15 +423,35 @@ fn check_privileges() -> anyhow::Result<()> {
                 .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         })
         .unwrap_or(0);
-    let has = |bit: u32| eff & (1u64 << bit) != 0;
-    if !((has(39) || has(21)) && has(12)) {
+    let missing = missing_capabilities(eff);
+    if !missing.is_empty() {
         bail!(
-            "ws-guard run needs root, or the capabilities CAP_BPF (or CAP_SYS_ADMIN), \
-             CAP_NET_ADMIN and CAP_PERFMON: it runs as uid {euid} without them (effective \
-             capabilities {eff:#x}); nothing was loaded"
+            "ws-guard run needs root, or the capabilities CAP_BPF, CAP_NET_ADMIN and \
+             CAP_PERFMON (CAP_SYS_ADMIN stands for CAP_BPF and CAP_PERFMON): it runs as uid \
+             {euid} without {} (effective capabilities {eff:#x}); nothing was loaded",
+            missing.join(", ")
         );
     }
     Ok(())
+}
+
+/// The capabilities a start needs that the effective set `eff` (CapEff's bits) lacks: CAP_BPF
+/// (bit 39) to load, CAP_NET_ADMIN (12) to attach XDP, CAP_PERFMON (38) to attach the
+/// tracepoint; CAP_SYS_ADMIN (21) covers CAP_BPF and CAP_PERFMON.
+fn missing_capabilities(eff: u64) -> Vec<&'static str> {
+    let has = |bit: u32| eff & (1u64 << bit) != 0;
+    let admin = has(21);
+    let mut missing = Vec::new();
+    if !(has(39) || admin) {
+        missing.push("CAP_BPF");
+    }
+    if !has(12) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !(has(38) || admin) {
+        missing.push("CAP_PERFMON");
+    }
+    missing
 }
 
 /// After a failed start with nothing pinned before: removes what this start pinned, so a
@@ -710,5 +729,29 @@ impl TxErrorWatch {
             *base = now;
             *last = Some(std::time::Instant::now());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_bits() {
+        let bit = |b: u32| 1u64 << b;
+        // The unit's set: CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON.
+        assert!(missing_capabilities(bit(39) | bit(12) | bit(38)).is_empty());
+        // CAP_SYS_ADMIN stands for CAP_BPF and CAP_PERFMON, not CAP_NET_ADMIN.
+        assert!(missing_capabilities(bit(21) | bit(12)).is_empty());
+        assert_eq!(missing_capabilities(bit(21)), ["CAP_NET_ADMIN"]);
+        // CAP_PERFMON is bit 38 (bit 37 is CAP_AUDIT_READ).
+        assert_eq!(
+            missing_capabilities(bit(39) | bit(12) | bit(37)),
+            ["CAP_PERFMON"]
+        );
+        assert_eq!(
+            missing_capabilities(0),
+            ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]
+        );
     }
 }

@@ -48,7 +48,8 @@ enum Task {
         test_args: Vec<OsString>,
     },
     /// Set up, build ws-guard (release) and run it in place of this process (via sudo when not
-    /// root). Default arguments: `run --config packaging/config.toml --detach-on-exit`.
+    /// root). Default arguments: `run --config packaging/config.toml`; a `run` always gets
+    /// `--detach-on-exit` (a try-out: Ctrl-C leaves nothing enforcing).
     Run {
         /// Skip the setup step.
         #[arg(long)]
@@ -300,6 +301,50 @@ fn test(ctx: &Ctx, quick: bool, test_args: &[OsString]) -> anyhow::Result<()> {
     }
 }
 
+/// The daemon's arguments for `cargo xtask run`: by default `run --config packaging/config.toml`;
+/// a `run` always gets `--detach-on-exit`, since this is a try-out (Ctrl-C must not leave the
+/// host's interface enforcing; a service keeps enforcing instead, and so does the binary run
+/// directly).
+fn run_args(args: Vec<OsString>, default_config: &Path) -> Vec<OsString> {
+    let mut args = if args.is_empty() {
+        vec![
+            "run".into(),
+            "--config".into(),
+            default_config.as_os_str().to_owned(),
+        ]
+    } else {
+        args
+    };
+    if args.first().is_some_and(|a| a == "run") && !args.iter().any(|a| a == "--detach-on-exit") {
+        args.push("--detach-on-exit".into());
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_always_detaches_on_exit() {
+        let cfg = Path::new("/cfg.toml");
+        let s = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            run_args(Vec::new(), cfg),
+            s(&["run", "--config", "/cfg.toml", "--detach-on-exit"])
+        );
+        assert_eq!(
+            run_args(s(&["run", "--config", "x.toml"]), cfg),
+            s(&["run", "--config", "x.toml", "--detach-on-exit"])
+        );
+        assert_eq!(
+            run_args(s(&["run", "--detach-on-exit"]), cfg),
+            s(&["run", "--detach-on-exit"])
+        );
+        assert_eq!(run_args(s(&["status"]), cfg), s(&["status"]));
+    }
+}
+
 /// Builds the release daemon and replaces this process with it, so Ctrl-C and SIGTERM reach the
 /// daemon directly and it shuts down (and detaches) cleanly.
 fn run_daemon(ctx: &Ctx, quick: bool, args: Vec<OsString>) -> anyhow::Result<()> {
@@ -312,17 +357,7 @@ fn run_daemon(ctx: &Ctx, quick: bool, args: Vec<OsString>) -> anyhow::Result<()>
     run(ctx.cargo().args(["build", "--release", "-p", "ws-guard"]))
         .context("building ws-guard failed (errors above)")?;
     let bin = ctx.target_dir.join("release/ws-guard");
-    let args = if args.is_empty() {
-        vec![
-            "run".into(),
-            "--config".into(),
-            ctx.root.join("packaging/config.toml").into_os_string(),
-            // A try-out: Ctrl-C leaves nothing behind (a service keeps enforcing instead).
-            "--detach-on-exit".into(),
-        ]
-    } else {
-        args
-    };
+    let args = run_args(args, &ctx.root.join("packaging/config.toml"));
     let mut cmd =
         if ctx.is_root {
             Command::new(&bin)
