@@ -274,8 +274,8 @@ fn missing_interface_is_refused_with_nothing_attached() {
     let root = PinRoot::new("noif");
     // The existing interface first: attaching it must not survive the missing one.
     let cfg = config_file(&format!(
-        "interfaces = [\"{}\", \"wsgnope0\"]\n[metrics]\nlisten = \"\"\n\n[[port]]\nport = {}\n\
-         max_connections = 2\n",
+        "interfaces = [\"{}\", \"wsgnope0\"]\nwait_for_interfaces = \"1s\"\n[metrics]\n\
+         listen = \"\"\n\n[[port]]\nport = {}\nmax_connections = 2\n",
         tb.srv_if,
         test_port(26)
     ));
@@ -291,10 +291,75 @@ fn missing_interface_is_refused_with_nothing_attached() {
     ));
     assert!(!status.success());
     assert!(
-        err.contains("interface wsgnope0") && err.contains("does not exist"),
+        err.contains("interface wsgnope0")
+            && err.contains("does not exist")
+            && err.contains("waiting for it")
+            && err.contains("after waiting 1s; nothing was attached"),
         "{err}"
     );
     assert_nothing_left(&tb.srv, &[&tb.srv_if], &root);
+}
+
+/// At boot the daemon may start before its interface exists (the unit's config names the
+/// default route's, or an interface networking brings up later): it waits for it (bounded,
+/// logged) and then enforces; a SIGTERM meanwhile stops it cleanly with nothing loaded.
+#[test]
+fn daemon_started_before_its_interface_waits_for_it() {
+    if !privileged("daemon_started_before_its_interface_waits_for_it") {
+        return;
+    }
+    let port = test_port(28);
+    let tb = Testbed::new("boot", 50);
+    let root = PinRoot::new("boot");
+    let _server = Server::start(&tb.srv, port, Stack::Separate);
+    let cfg = config_file(&format!(
+        "interfaces = [\"wsgboot0\"]\nwait_for_interfaces = \"20s\"\n[metrics]\nlisten = \"\"\n\n\
+         [[port]]\nport = {port}\nmax_connections = 1\nconnection_action = \"reject\"\n"
+    ));
+    let args = [
+        "run",
+        "--config",
+        cfg.path().to_str().unwrap(),
+        "--pin-dir",
+        &root.path(),
+        "--detach-on-exit",
+    ];
+    // Stopped while waiting: a clean exit, nothing pinned.
+    let mut d = Daemon::spawn_in(&tb.srv, &args);
+    assert!(
+        d.wait_for("waiting for it", Duration::from_secs(10)),
+        "{:?}",
+        d.lines()
+    );
+    assert!(d.stop(libc::SIGTERM).success(), "{:?}", d.lines());
+    assert!(d.contains("stopped while waiting"), "{:?}", d.lines());
+    assert_nothing_left(&tb.srv, &[&tb.srv_if], &root);
+    // Waiting, then the interface appears (a veth renamed into place, as networking would).
+    let mut d = Daemon::spawn_in(&tb.srv, &args);
+    assert!(
+        d.wait_for("waiting for it", Duration::from_secs(10)),
+        "{:?}",
+        d.lines()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!d.contains("enforcing on"), "{:?}", d.lines());
+    ip(&["-n", &tb.srv, "link", "set", &tb.srv_if, "down"]);
+    ip(&["-n", &tb.srv, "link", "set", &tb.srv_if, "name", "wsgboot0"]);
+    ip(&["-n", &tb.srv, "link", "set", "wsgboot0", "up"]);
+    assert!(
+        d.wait_for("enforcing on wsgboot0", Duration::from_secs(10)),
+        "{:?}",
+        d.lines()
+    );
+    let dst = sa(tb.server_v4(), port);
+    let a = tb.client_v4(0);
+    let held = wait_until(Duration::from_secs(5), || {
+        connect_from(&tb.cli, a, dst, Duration::from_secs(1)).is_connected()
+    });
+    assert!(held, "no connection through the interface once it appeared");
+    assert!(d.stop(libc::SIGTERM).success(), "{:?}", d.lines());
+    // Back to its name, for the test bed's cleanup.
+    ip(&["-n", &tb.srv, "link", "set", "wsgboot0", "name", &tb.srv_if]);
 }
 
 #[test]

@@ -424,6 +424,10 @@ pub struct Config {
     /// How often the accounting is checked against the kernel's socket table.
     #[serde(default = "default_sweep_interval", deserialize_with = "duration")]
     pub sweep_interval: Duration,
+    /// How long `run` waits at start for the interfaces (or the default route) to appear: at
+    /// boot the network may come up after the daemon. Zero: fail at once.
+    #[serde(default = "default_wait_for_interfaces", deserialize_with = "duration")]
+    pub wait_for_interfaces: Duration,
     /// Log level of the kernel programs' own logging (off, error, warn, info, debug).
     #[serde(default = "default_kernel_log")]
     pub kernel_log: String,
@@ -467,6 +471,13 @@ pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3600);
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(60)
 }
+/// The longest `wait_for_interfaces`.
+pub const MAX_WAIT_FOR_INTERFACES: Duration = Duration::from_secs(600);
+
+fn default_wait_for_interfaces() -> Duration {
+    Duration::from_secs(45)
+}
+
 fn default_sweep_interval() -> Duration {
     Duration::from_secs(1)
 }
@@ -579,6 +590,12 @@ impl Config {
             return Err(invalid(
                 "handshake_timeout".into(),
                 "must be between 1s and 1h".into(),
+            ));
+        }
+        if self.wait_for_interfaces > MAX_WAIT_FOR_INTERFACES {
+            return Err(invalid(
+                "wait_for_interfaces".into(),
+                "must be at most 10m".into(),
             ));
         }
         if self.sweep_interval < Duration::from_millis(100)

@@ -153,20 +153,11 @@ pub async fn run(
         );
     }
     // Every interface is looked up before anything is loaded: a missing one is refused with
-    // nothing attached or pinned.
-    let interfaces = if cfg.interfaces.is_empty() {
-        vec![interfaces::default_route_interface()?]
-    } else {
-        cfg.interfaces.clone()
+    // nothing attached or pinned (after waiting for it, at boot).
+    let Some(interfaces) = await_interfaces(&cfg, &mut term, &mut int).await? else {
+        info!("stopped while waiting for the interfaces; nothing was loaded");
+        return Ok(());
     };
-    for interface in &interfaces {
-        if guard::ifindex(interface).is_none() {
-            bail!(
-                "interface {interface} (in `interfaces`) does not exist in this network \
-                 namespace; nothing was attached"
-            );
-        }
-    }
     // Bound first: a taken address fails before anything is loaded or attached.
     let metrics_listener = match cfg.metrics.listen_addr().map_err(anyhow::Error::msg)? {
         Some(addr) => Some(metrics::bind(addr).await?),
@@ -374,6 +365,15 @@ mod notify {
         send("RELOADING", &states);
     }
 
+    /// EXTEND_TIMEOUT_USEC=: the start takes longer (waiting for the network), by `by`.
+    pub fn extend_start(by: Duration) {
+        let usec = u32::try_from(by.as_micros()).unwrap_or(u32::MAX);
+        send(
+            "EXTEND_TIMEOUT_USEC",
+            &[NotifyState::ExtendTimeoutUsec(usec)],
+        );
+    }
+
     /// STOPPING=1 on SIGTERM or SIGINT.
     pub fn stopping() {
         send("STOPPING", &[NotifyState::Stopping]);
@@ -405,6 +405,72 @@ mod notify {
             None => std::future::pending().await,
         }
     }
+}
+
+/// The interfaces to attach to: the configured ones, or the default route's. At boot the
+/// network may come up after the daemon: waits for them up to `wait_for_interfaces`, saying so
+/// every 5 s and extending systemd's start timeout meanwhile; a SIGTERM or SIGINT ends the wait
+/// (`None`).
+async fn await_interfaces(
+    cfg: &Config,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<Option<Vec<String>>> {
+    let start = std::time::Instant::now();
+    let mut said = None::<std::time::Instant>;
+    loop {
+        let missing = match resolve_interfaces(cfg) {
+            Ok(found) => return Ok(Some(found)),
+            Err(e) => e,
+        };
+        let waited = start.elapsed();
+        if waited >= cfg.wait_for_interfaces {
+            let tried = if cfg.wait_for_interfaces.is_zero() {
+                String::new()
+            } else {
+                format!(
+                    " after waiting {}",
+                    humantime::format_duration(round_s(waited))
+                )
+            };
+            bail!("{missing}{tried}; nothing was attached");
+        }
+        if said.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5)) {
+            info!(
+                "{missing}: waiting for it (at most {}, wait_for_interfaces)",
+                humantime::format_duration(cfg.wait_for_interfaces.saturating_sub(round_s(waited)))
+            );
+            notify::extend_start(std::time::Duration::from_secs(10));
+            said = Some(std::time::Instant::now());
+        }
+        tokio::select! {
+            _ = term.recv() => return Ok(None),
+            _ = int.recv() => return Ok(None),
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+fn round_s(d: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_secs(d.as_secs())
+}
+
+/// The interfaces to attach to, if they all exist now; else what is missing.
+fn resolve_interfaces(cfg: &Config) -> Result<Vec<String>, String> {
+    let interfaces = if cfg.interfaces.is_empty() {
+        vec![interfaces::default_route_interface().map_err(|e| format!("{e:#}"))?]
+    } else {
+        cfg.interfaces.clone()
+    };
+    for interface in &interfaces {
+        if guard::ifindex(interface).is_none() {
+            return Err(format!(
+                "interface {interface} (in `interfaces`) does not exist in this network \
+                 namespace"
+            ));
+        }
+    }
+    Ok(interfaces)
 }
 
 /// Refuses to start without the privileges loading and attaching need, with an error that says
