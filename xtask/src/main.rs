@@ -321,29 +321,6 @@ fn run_args(args: Vec<OsString>, default_config: &Path) -> Vec<OsString> {
     args
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_run_always_detaches_on_exit() {
-        let cfg = Path::new("/cfg.toml");
-        let s = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-        assert_eq!(
-            run_args(Vec::new(), cfg),
-            s(&["run", "--config", "/cfg.toml", "--detach-on-exit"])
-        );
-        assert_eq!(
-            run_args(s(&["run", "--config", "x.toml"]), cfg),
-            s(&["run", "--config", "x.toml", "--detach-on-exit"])
-        );
-        assert_eq!(
-            run_args(s(&["run", "--detach-on-exit"]), cfg),
-            s(&["run", "--detach-on-exit"])
-        );
-        assert_eq!(run_args(s(&["status"]), cfg), s(&["status"]));
-    }
-}
 
 /// Builds the release daemon and replaces this process with it, so Ctrl-C and SIGTERM reach the
 /// daemon directly and it shuts down (and detaches) cleanly.
@@ -385,4 +362,28 @@ fn run_daemon(ctx: &Ctx, quick: bool, args: Vec<OsString>) -> anyhow::Result<()>
     println!("xtask run: exec {}", proc::describe(&cmd));
     let err = cmd.exec();
     Err(anyhow!("could not exec {}: {err}", proc::describe(&cmd)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_always_detaches_on_exit() {
+        let cfg = Path::new("/cfg.toml");
+        let s = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            run_args(Vec::new(), cfg),
+            s(&["run", "--config", "/cfg.toml", "--detach-on-exit"])
+        );
+        assert_eq!(
+            run_args(s(&["run", "--config", "x.toml"]), cfg),
+            s(&["run", "--config", "x.toml", "--detach-on-exit"])
+        );
+        assert_eq!(
+            run_args(s(&["run", "--detach-on-exit"]), cfg),
+            s(&["run", "--detach-on-exit"])
+        );
+        assert_eq!(run_args(s(&["status"]), cfg), s(&["status"]));
+    }
 }
