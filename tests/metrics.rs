@@ -370,7 +370,7 @@ fn ws_guard_names(text: &str) -> BTreeSet<String> {
 fn alert_rules_pass_promtool_and_their_unit_tests() {
     let rules = "packaging/prometheus-alerts.yml";
     let out = promtool(&["check", "rules", rules], None);
-    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
     let out = promtool(
         &["test", "rules", "tests/data/prometheus-alerts.test.yml"],
         None,
@@ -416,6 +416,20 @@ fn dashboard_queries_use_exposed_metrics_only() {
     let d: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(d["uid"], "ws-guard");
     assert_eq!(d["__inputs"][0]["pluginId"], "prometheus");
+    // A data source variable of the same name, so the dashboard also works when provisioned
+    // from a file (Grafana substitutes `__inputs` only on import).
+    let vars = d["templating"]["list"].as_array().unwrap();
+    let ds = vars
+        .iter()
+        .find(|v| v["name"] == "DS_PROMETHEUS")
+        .expect("a DS_PROMETHEUS variable");
+    assert_eq!(
+        (&ds["type"], &ds["query"]),
+        (&"datasource".into(), &"prometheus".into())
+    );
+    for v in vars.iter().filter(|v| v["type"] == "query") {
+        assert_eq!(v["datasource"]["uid"], "${DS_PROMETHEUS}", "{}", v["name"]);
+    }
     // Panel ids are unique, and every panel reads the data source chosen at import.
     let mut ids = BTreeSet::new();
     for p in d["panels"].as_array().unwrap() {
@@ -446,7 +460,10 @@ fn dashboard_queries_use_exposed_metrics_only() {
     }
     // The template variables query exposed metrics too.
     for v in d["templating"]["list"].as_array().unwrap() {
-        for n in ws_guard_names(v["definition"].as_str().unwrap()) {
+        let Some(definition) = v["definition"].as_str() else {
+            continue;
+        };
+        for n in ws_guard_names(definition) {
             assert!(METRIC_NAMES.contains(&n.as_str()), "variable uses {n}");
         }
     }
@@ -1057,7 +1074,7 @@ fn prometheus_scrapes_exact_counts_from_the_daemon() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap())
         .collect();
-    assert_eq!(rules.len(), 7, "{rules:#?}");
+    assert_eq!(rules.len(), 9, "{rules:#?}");
     let evaluated = wait_until(Duration::from_secs(10), || {
         let r = api.get("/api/v1/rules").unwrap();
         r["groups"][0]["rules"]
