@@ -24,6 +24,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("nftables", "nft"),
     ("python3", "python3"),
+    // tests/completions.rs completes words in each shell the completions are generated for.
+    ("bash", "bash"),
+    ("zsh", "zsh"),
+    ("fish", "fish"),
     // The real server and promtool of the metrics tests.
     ("prometheus", "promtool"),
     // systemd-analyze verify checks packaging/ws-guard.service (tests/systemd.rs).

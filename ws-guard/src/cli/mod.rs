@@ -216,6 +216,20 @@ fn read_cidr_file(path: &std::path::Path) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+/// The completion script for `shell`. clap_complete's bash script names the functions of a
+/// hyphenated binary's subcommands inconsistently (`cmd="ws__guard__subcmd__limits"` is set,
+/// but its case is labelled `ws__subcmd__guard__subcmd__limits`), so nothing after the first
+/// word completed; the labels are put right here (tests/completions.rs completes for real).
+pub fn completion_script(shell: clap_complete::Shell) -> String {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut command(), "ws-guard", &mut out);
+    let script = String::from_utf8_lossy(&out).into_owned();
+    match shell {
+        clap_complete::Shell::Bash => script.replace("ws__subcmd__guard", "ws__guard"),
+        _ => script,
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration such as 10m or 1h ({e})"))?;
@@ -497,7 +511,7 @@ fn local(cmd: Command, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()
             Ok(())
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut command(), "ws-guard", &mut std::io::stdout());
+            print!("{}", completion_script(shell));
             Ok(())
         }
         Command::Man { dir: None } => clap_mangen::Man::new(command())
