@@ -420,6 +420,41 @@ fn every_command_takes_effect_and_survives_a_restart() {
         wsg(&sock, &["--json", "deny", "list"]).json()["cidrs"],
         serde_json::json!([b_net])
     );
+    // config show --effective: the iptables-save of ws-guard, a config file check-config
+    // accepts, runtime changes included; without --effective the file alone; and the same
+    // from the files when no daemon answers.
+    let eff = wsg(&sock, &["config", "show", "--effective"]).ok().stdout;
+    assert!(
+        eff.contains("max_connections = 2") && eff.contains(&b_net),
+        "{eff}"
+    );
+    let file_only = wsg(&sock, &["config", "show"]).ok().stdout;
+    assert!(
+        file_only.contains("max_connections = 3") && !file_only.contains(&b_net),
+        "{file_only}"
+    );
+    let saved = paths.dir.path().join("saved.toml");
+    std::fs::write(&saved, &eff).unwrap();
+    let mut check = Command::new(binary());
+    check.arg("check-config").arg(&saved);
+    let r = run_cmd(check);
+    assert_eq!(r.code, 0, "{r:?}\n{eff}");
+    let offline = wsg(
+        &paths.dir.path().join("nothing.sock"),
+        &[
+            "config",
+            "show",
+            "--effective",
+            "--config",
+            paths.config().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(offline.code, 0, "{offline:?}");
+    assert_eq!(offline.stdout, eff);
+    assert!(
+        offline.stderr.contains("showing what the files say"),
+        "{offline:?}"
+    );
     // `a` holds 3 (adopted), the file's limit is 3, the override 2: refused either way; a
     // fresh source shows the override: its third connection is refused.
     let c = tb.client_v4(2);

@@ -343,6 +343,118 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     }
 }
 
+/// The TOML form of a configuration: every key, defaults included, in the schema of the
+/// configuration file, so [`Config::parse`] reads it back to the same configuration
+/// (`ws-guard config show`; the round trip is tested).
+pub fn to_toml(cfg: &Config) -> String {
+    use toml::{Table, Value};
+    // Destructured whole: a field added to `Config` must be written here too.
+    let Config {
+        interfaces,
+        xdp_mode,
+        monitor,
+        ipv4_prefix,
+        ipv6_prefix,
+        on_map_full,
+        fragments,
+        handshake_timeout,
+        sweep_interval,
+        wait_for_interfaces,
+        kernel_log,
+        capacity,
+        metrics,
+        allow,
+        deny,
+        ban_duration,
+        state_file,
+        control,
+        ports,
+    } = cfg;
+    let lower = |d: &dyn fmt::Debug| Value::String(format!("{d:?}").to_lowercase());
+    let duration = |d: &Duration| Value::String(humantime::format_duration(*d).to_string());
+    let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+    let int = |n: u32| Value::Integer(n.into());
+    let mut t = Table::new();
+    t.insert(
+        "interfaces".into(),
+        strings(interfaces.clone()),
+    );
+    t.insert("xdp_mode".into(), lower(xdp_mode));
+    t.insert("monitor".into(), Value::Boolean(*monitor));
+    t.insert("ipv4_prefix".into(), int(*ipv4_prefix));
+    t.insert("ipv6_prefix".into(), int(*ipv6_prefix));
+    t.insert("on_map_full".into(), lower(on_map_full));
+    t.insert("fragments".into(), lower(fragments));
+    t.insert("handshake_timeout".into(), duration(handshake_timeout));
+    t.insert("sweep_interval".into(), duration(sweep_interval));
+    t.insert("wait_for_interfaces".into(), duration(wait_for_interfaces));
+    t.insert("kernel_log".into(), Value::String(kernel_log.clone()));
+    t.insert(
+        "allow".into(),
+        strings(allow.iter().map(ToString::to_string).collect()),
+    );
+    t.insert(
+        "deny".into(),
+        strings(deny.iter().map(ToString::to_string).collect()),
+    );
+    t.insert("ban_duration".into(), duration(ban_duration));
+    t.insert(
+        "state_file".into(),
+        Value::String(state_file.display().to_string()),
+    );
+    let Capacity {
+        sources,
+        flows,
+        bans,
+        cidrs,
+    } = capacity;
+    let mut c = Table::new();
+    for (k, v) in [("sources", sources), ("flows", flows), ("bans", bans), ("cidrs", cidrs)] {
+        c.insert(k.into(), int(*v));
+    }
+    t.insert("capacity".into(), Value::Table(c));
+    let MetricsSettings {
+        listen,
+        top_sources,
+    } = metrics;
+    let mut m = Table::new();
+    m.insert("listen".into(), Value::String(listen.clone()));
+    m.insert("top_sources".into(), int(*top_sources));
+    t.insert("metrics".into(), Value::Table(m));
+    let ControlSettings { socket } = control;
+    let mut ctl = Table::new();
+    ctl.insert("socket".into(), Value::String(socket.display().to_string()));
+    t.insert("control".into(), Value::Table(ctl));
+    let ports = ports
+        .iter()
+        .map(|p| {
+            let PortLimits {
+                port,
+                max_connections,
+                connection_action,
+                new_connections,
+                rate_action,
+            } = p;
+            let mut pt = Table::new();
+            pt.insert("port".into(), int(*port));
+            if let Some(n) = max_connections {
+                pt.insert("max_connections".into(), int(*n));
+            }
+            pt.insert(
+                "connection_action".into(),
+                Value::String(connection_action.to_string()),
+            );
+            if let Some(r) = new_connections {
+                pt.insert("new_connections".into(), Value::String(r.to_string()));
+            }
+            pt.insert("rate_action".into(), Value::String(rate_action.to_string()));
+            Value::Table(pt)
+        })
+        .collect();
+    t.insert("port".into(), Value::Array(ports));
+    toml::to_string(&t).expect("a table of strings, numbers and booleans encodes")
+}
+
 /// The 1-based line and column (in characters) of byte `offset` of `text`.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -1063,6 +1175,27 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn to_toml_reads_back_to_the_same_config() {
+        let mut c = parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(parse(&to_toml(&c)).unwrap(), c, "{}", to_toml(&c));
+        // Every field away from its default.
+        c = parse(
+            "interfaces = [\"eth0\", \"eth1\"]\nxdp_mode = \"generic\"\nmonitor = true\n\
+             ipv4_prefix = 24\nipv6_prefix = 48\non_map_full = \"closed\"\nfragments = \"pass\"\n\
+             handshake_timeout = \"90s\"\nsweep_interval = \"250ms\"\n\
+             wait_for_interfaces = \"0s\"\nkernel_log = \"debug\"\n\
+             allow = [\"198.18.0.0/24\", \"2001:2::/48\"]\ndeny = [\"198.19.0.0/16\"]\n\
+             ban_duration = \"1h 30m\"\nstate_file = \"/tmp/x y.toml\"\n\
+             [capacity]\nsources = 1024\nflows = 4096\nbans = 64\ncidrs = 128\n\
+             [metrics]\nlisten = \"off\"\ntop_sources = 5\n[control]\nsocket = \"/tmp/c.sock\"\n\
+             [[port]]\nport = 9000\nmax_connections = 3\nconnection_action = \"drop\"\n\
+             new_connections = \"9/100s\"\nrate_action = \"reject\"\n[[port]]\nport = 9001\n",
+        )
+        .unwrap();
+        assert_eq!(parse(&to_toml(&c)).unwrap(), c, "{}", to_toml(&c));
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub enum Command {
     },
     /// Print the built-in default configuration.
     DefaultConfig,
+    /// The configuration in force, as a TOML file `check-config` accepts.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// What is attached where, limits per port, counters and map fill.
     Status,
     /// Show or change per-port limits (changes take effect on the next packet and are kept
@@ -172,6 +175,26 @@ pub struct SetArgs {
 }
 
 #[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Print the configuration the daemon runs with, every key spelled out: its config file,
+    /// or with --effective the file with the runtime changes laid over it (the iptables-save
+    /// of ws-guard: paste it into the config file to keep them). Without a daemon, read from
+    /// the files (--config and --state-file).
+    Show {
+        /// With the runtime changes (`limits set`, `allow add`, ...) laid over the file.
+        #[arg(long)]
+        effective: bool,
+        /// The config file to read when the daemon does not answer.
+        #[arg(long, value_name = "FILE", default_value = "/etc/ws-guard/config.toml")]
+        config: PathBuf,
+        /// The state file to read when the daemon does not answer (default: the config's
+        /// `state_file`).
+        #[arg(long, value_name = "FILE")]
+        state_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum ListCommand {
     /// Add CIDRs (kept across restarts): given as arguments, or one per line from a file
     /// (`-f FILE`, `-f -` for standard input; `#` starts a comment). All are added, or none.
@@ -189,6 +212,66 @@ pub enum ListCommand {
     },
     /// Every CIDR in force.
     List,
+}
+
+/// `config show`: from the daemon, or (it does not answer) from the files.
+fn config_show(
+    socket: Option<PathBuf>,
+    json: bool,
+    effective: bool,
+    config: &std::path::Path,
+    state_file: Option<&std::path::Path>,
+) -> ExitCode {
+    let socket = socket.unwrap_or_else(|| PathBuf::from(control::DEFAULT_SOCKET));
+    let text = match request(&socket, &Request::ConfigShow { effective }) {
+        Ok(data) => match data["toml"].as_str() {
+            Some(t) => t.to_owned(),
+            None => {
+                eprintln!("ws-guard: error: unexpected answer from the daemon: {data}");
+                return ExitCode::from(EXIT_REFUSED);
+            }
+        },
+        Err(ClientError::Refused(m)) => {
+            eprintln!("ws-guard: error: {m}");
+            return ExitCode::from(EXIT_REFUSED);
+        }
+        Err(ClientError::Unreachable(m)) => {
+            eprintln!("ws-guard: {m}; showing what the files say instead");
+            match config_from_files(effective, config, state_file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("ws-guard: error: {e:#}");
+                    return ExitCode::from(EXIT_REFUSED);
+                }
+            }
+        }
+    };
+    if json {
+        println!(
+            "{:#}",
+            serde_json::json!({ "effective": effective, "toml": text })
+        );
+    } else {
+        print!("{text}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// The configuration the files give: `config`, with the runtime changes of the state file
+/// when `effective`.
+fn config_from_files(
+    effective: bool,
+    config: &std::path::Path,
+    state_file: Option<&std::path::Path>,
+) -> anyhow::Result<String> {
+    let file = Config::load(config)?;
+    if !effective {
+        return Ok(crate::config::to_toml(&file));
+    }
+    let state = state_file.unwrap_or(&file.state_file);
+    let overrides = crate::state::Overrides::load(state)?;
+    let cfg = crate::state::effective(&file, &overrides).map_err(anyhow::Error::msg)?;
+    Ok(crate::config::to_toml(&cfg))
 }
 
 /// The CIDRs of a file (`-`: standard input), one per line, `#` comments and blank lines
@@ -341,6 +424,13 @@ pub fn main() -> ExitCode {
         Command::Monitor { state } => Request::Monitor {
             on: matches!(state, OnOff::On),
         },
+        Command::Config(ConfigCommand::Show {
+            effective,
+            config,
+            state_file,
+        }) => {
+            return config_show(socket, json, effective, &config, state_file.as_deref());
+        }
         local => return run_local(local, socket, cli.json),
     };
     let socket = socket.unwrap_or_else(|| PathBuf::from(control::DEFAULT_SOCKET));

@@ -38,6 +38,10 @@ pub fn handle(s: &mut Shared, req: Request) -> Response {
             }
         }
         Request::ListShow { list } => list_show(s, list),
+        Request::ConfigShow { effective } => Response::ok(&serde_json::json!({
+            "effective": effective,
+            "toml": crate::config::to_toml(if effective { &s.cfg } else { &s.file }),
+        })),
         Request::SourcesTop { by, n } => sources_top(s, by, n),
         Request::BansList => bans_list(s),
         Request::BanAdd {

@@ -222,6 +222,12 @@ pub enum Request {
     ListShow {
         list: ListName,
     },
+    /// The configuration in force, as TOML: the config file, or with `effective` the file with
+    /// the runtime changes laid over it.
+    ConfigShow {
+        #[serde(default)]
+        effective: bool,
+    },
     BansList,
     BanAdd {
         addr: IpAddr,
