@@ -184,7 +184,7 @@ fn every_command_takes_effect_and_survives_a_restart() {
     assert_eq!(st["interfaces"][0]["interface"], tb.srv_if.as_str(), "{st}");
     assert_eq!(st["interfaces"][0]["attached"], true);
     assert_eq!(st["ports"][0]["port"], port);
-    assert_eq!(st["ports"][0]["max_connections"], "3");
+    assert_eq!(st["ports"][0]["max_connections"], 3);
     // Every map once: the hash maps, the ban map and the two CIDR tries.
     let mut maps: Vec<&str> = st["maps"]
         .as_array()
@@ -218,7 +218,7 @@ fn every_command_takes_effect_and_survives_a_restart() {
         &["--json", "limits", "get", "--port", &port.to_string()],
     )
     .json();
-    assert_eq!(l["ports"][0]["max_connections"], "3");
+    assert_eq!(l["ports"][0]["max_connections"], 3);
     assert_eq!(l["ports"][0]["source"], "config");
 
     // Two connections held by `a`; lowering the limit to 1 refuses the next one.
@@ -321,6 +321,9 @@ fn every_command_takes_effect_and_survives_a_restart() {
         ],
     )
     .ok();
+    let l = wsg(&sock, &["--json", "limits", "get"]).json();
+    assert!(l["ports"][0]["new_connections"].is_null(), "{l}");
+    assert_eq!(l["schema_version"], 1, "{l}");
 
     // Allowlist: `a` is no longer limited; removing it limits it again.
     let a_net = format!("{a}/32");
@@ -415,7 +418,7 @@ fn every_command_takes_effect_and_survives_a_restart() {
     let daemon2 = paths.start(&tb);
     let after = wsg(&sock, &["--json", "limits", "get"]).json();
     assert_eq!(before, after);
-    assert_eq!(after["ports"][0]["max_connections"], "2");
+    assert_eq!(after["ports"][0]["max_connections"], 2);
     assert_eq!(
         wsg(&sock, &["--json", "deny", "list"]).json()["cidrs"],
         serde_json::json!([b_net])
@@ -478,7 +481,7 @@ fn every_command_takes_effect_and_survives_a_restart() {
     daemon2.signal(libc::SIGHUP);
     assert!(daemon2.wait_for("reloaded", Duration::from_secs(5)));
     let l = wsg(&sock, &["--json", "limits", "get"]).json();
-    assert_eq!(l["ports"][0]["max_connections"], "2", "{l}");
+    assert_eq!(l["ports"][0]["max_connections"], 2, "{l}");
     assert!(matches!(connect(&tb, c, port), Outcome::Refused));
     // limits reset: back to the config file's, now 4.
     wsg(&sock, &["limits", "reset", "--port", &port.to_string()]).ok();
@@ -487,7 +490,7 @@ fn every_command_takes_effect_and_survives_a_restart() {
     assert!(matches!(connect(&tb, c, port), Outcome::Refused));
     let l = wsg(&sock, &["--json", "limits", "get"]).json();
     assert_eq!(l["ports"][0]["source"], "config");
-    assert_eq!(l["ports"][0]["max_connections"], "4");
+    assert_eq!(l["ports"][0]["max_connections"], 4);
     drop((a1, a2, a3, c1, c2, c3, c4));
     assert!(
         daemon2.contains("runtime changes from"),
@@ -649,6 +652,31 @@ fn bad_arguments_change_nothing() {
     assert!(
         r.stderr.contains("does not exist") && r.stderr.contains("--socket"),
         "{r:?}"
+    );
+    // With --json the error is JSON too (on stdout), with the schema version.
+    let r = wsg(
+        &paths.dir.path().join("nothing.sock"),
+        &["--json", "status"],
+    );
+    assert_eq!(r.code, 3, "{r:?}");
+    let v: Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+    assert_eq!(v["error"]["exit_code"], 3, "{v}");
+    assert_eq!(v["schema_version"], 1, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("does not exist")),
+        "{v}"
+    );
+    let r = wsg(&sock, &["--json", "limits", "get", "--port", "1"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let v: Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not protected"),
+        "{v}"
     );
     // --help documents the exit codes.
     let help = wsg(&sock, &["limits", "--help"]).ok().stdout;

@@ -781,3 +781,45 @@ fn kill_during_a_syn_flood_never_lets_a_source_at_its_maximum_in() {
     assert!(!xdp_on(&tb.srv, &tb.srv_if));
     assert_eq!(pins_under(&root.0), 0);
 }
+
+/// An interface another XDP program occupies (here another ws-guard with its own pin
+/// directory): the start fails naming that program and how to remove it, with nothing left.
+#[test]
+fn an_occupied_interface_names_its_program() {
+    if !privileged("an_occupied_interface_names_its_program") {
+        return;
+    }
+    let tb = Testbed::new("busy", 51);
+    let (root1, root2) = (PinRoot::new("busy1"), PinRoot::new("busy2"));
+    let cfg = config_file(&format!(
+        "interfaces = [\"{}\"]\n[metrics]\nlisten = \"\"\n\n[[port]]\nport = {}\n",
+        tb.srv_if,
+        test_port(29)
+    ));
+    let cfg_s = cfg.path().to_str().unwrap().to_owned();
+    let mut first = Daemon::start_in(
+        &tb.srv,
+        &[
+            "run",
+            "--config",
+            &cfg_s,
+            "--pin-dir",
+            &root1.path(),
+            "--detach-on-exit",
+        ],
+    );
+    let (status, err) = run_to_exit(in_netns(
+        &tb.srv,
+        &["run", "--config", &cfg_s, "--pin-dir", &root2.path()],
+    ));
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} already has an XDP program attached (wsg_xdp, id",
+            tb.srv_if
+        )) && err.contains("ws-guard teardown --pin-dir"),
+        "{err}"
+    );
+    assert!(first.stop(libc::SIGTERM).success());
+    assert_eq!(pins_under(&root2.0), 0, "the failed start left pins");
+}

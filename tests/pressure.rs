@@ -2,7 +2,7 @@
 //! real XDP program with BPF_PROG_TEST_RUN (the fastest generator on these machines: each frame
 //! is a SYN from a source never seen before).
 //!
-//! What is checked (README, "When maps are full"):
+//! What is checked (docs/configuration.md, "When maps are full"):
 //! - a source holding connections keeps its count whatever the flood does (`WSG_CONNS` is a
 //!   plain hash, never evicted from): it still cannot open one more, and once its connections
 //!   are released it connects again;

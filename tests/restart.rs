@@ -191,6 +191,30 @@ fn enforcement_survives_kill_and_restart_adopts_the_counts() {
     );
     assert!(matches!(connect(a), Outcome::Refused));
     assert!(server.wait_held(4, Duration::from_secs(5)));
+    // `status` with the daemon down: exit 3, and what the kernel enforces, from the pins.
+    let out = Command::new(binary())
+        .args(["--socket", &sock, "status", "--pin-dir", &root_s])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        text.contains("the kernel keeps enforcing")
+            && text.contains(&format!("attached to {}", tb.srv_if))
+            && text.contains(&format!(
+                "port {port}: max_connections 2 (then reject), new_connections none (then \
+                 drop); 4 connection(s) held by 2 source(s)"
+            ))
+            && text.contains("bans pinned: 1"),
+        "{text}"
+    );
+    let out = Command::new(binary())
+        .args(["--json", "--socket", &sock, "status", "--pin-dir", &root_s])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["daemon"], "down", "{v}");
+    assert_eq!(v["pinned"]["ports"][0]["connections"], 4, "{v}");
 
     // The hammer thread again, through the restart.
     let stop = Arc::new(AtomicBool::new(false));

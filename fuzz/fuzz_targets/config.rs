@@ -3,7 +3,7 @@
 //! unique, prefixes in range, rate counts 1-32, capacities in range) and convert to the
 //! kernel's form without panicking.
 //!
-//! `cargo +nightly fuzz run config` (README, "Testing").
+//! `cargo +nightly fuzz run config` (docs/testing.md, "Testing").
 
 #![no_main]
 

@@ -4,7 +4,7 @@
 //! same (see `ws_guard::control::exercise`). The kernel side of a request (the map writes) is
 //! covered by the integration tests.
 //!
-//! `cargo +nightly fuzz run control` (README, "Testing").
+//! `cargo +nightly fuzz run control` (docs/testing.md, "Testing").
 
 #![no_main]
 

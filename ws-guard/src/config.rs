@@ -12,6 +12,8 @@ use std::{
 
 use ipnet::IpNet;
 
+pub use crate::logging::LogFormat;
+
 use serde::{Deserialize, Deserializer, de};
 use thiserror::Error;
 use ws_guard_common::maps::{
@@ -99,6 +101,15 @@ impl Action {
         match self {
             Action::Drop => ACTION_DROP,
             Action::Reject => ACTION_REJECT,
+        }
+    }
+
+    /// The action of the kernel's code, if it is one.
+    pub fn from_code(code: u32) -> Option<Self> {
+        match code {
+            ACTION_DROP => Some(Action::Drop),
+            ACTION_REJECT => Some(Action::Reject),
+            _ => None,
         }
     }
 }
@@ -361,6 +372,7 @@ pub fn to_toml(cfg: &Config) -> String {
         sweep_interval,
         wait_for_interfaces,
         kernel_log,
+        log_format,
         capacity,
         metrics,
         allow,
@@ -375,10 +387,7 @@ pub fn to_toml(cfg: &Config) -> String {
     let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
     let int = |n: u32| Value::Integer(n.into());
     let mut t = Table::new();
-    t.insert(
-        "interfaces".into(),
-        strings(interfaces.clone()),
-    );
+    t.insert("interfaces".into(), strings(interfaces.clone()));
     t.insert("xdp_mode".into(), lower(xdp_mode));
     t.insert("monitor".into(), Value::Boolean(*monitor));
     t.insert("ipv4_prefix".into(), int(*ipv4_prefix));
@@ -389,6 +398,7 @@ pub fn to_toml(cfg: &Config) -> String {
     t.insert("sweep_interval".into(), duration(sweep_interval));
     t.insert("wait_for_interfaces".into(), duration(wait_for_interfaces));
     t.insert("kernel_log".into(), Value::String(kernel_log.clone()));
+    t.insert("log_format".into(), Value::String(log_format.to_string()));
     t.insert(
         "allow".into(),
         strings(allow.iter().map(ToString::to_string).collect()),
@@ -409,7 +419,12 @@ pub fn to_toml(cfg: &Config) -> String {
         cidrs,
     } = capacity;
     let mut c = Table::new();
-    for (k, v) in [("sources", sources), ("flows", flows), ("bans", bans), ("cidrs", cidrs)] {
+    for (k, v) in [
+        ("sources", sources),
+        ("flows", flows),
+        ("bans", bans),
+        ("cidrs", cidrs),
+    ] {
         c.insert(k.into(), int(*v));
     }
     t.insert("capacity".into(), Value::Table(c));
@@ -523,7 +538,7 @@ pub struct Config {
     /// Prefix length of IPv6 source keys.
     #[serde(default = "default_ipv6_prefix")]
     pub ipv6_prefix: u32,
-    /// Fail open or closed when a map is full (README, "When maps are full").
+    /// Fail open or closed when a map is full (docs/configuration.md, "When maps are full").
     #[serde(default)]
     pub on_map_full: OnMapFull,
     /// First fragments of TCP segments to a protected port: dropped (default) or passed.
@@ -543,6 +558,11 @@ pub struct Config {
     /// Log level of the kernel programs' own logging (off, error, warn, info, debug).
     #[serde(default = "default_kernel_log")]
     pub kernel_log: String,
+    /// How the daemon logs: "auto" (journald when systemd connected stderr to the journal,
+    /// else text), "text", "json" (JSON Lines on stderr) or "journald". `ws-guard run
+    /// --log-format` overrides it; takes effect on restart.
+    #[serde(default = "default_log_format")]
+    pub log_format: LogFormat,
     #[serde(default)]
     pub capacity: Capacity,
     /// The Prometheus endpoint.
@@ -558,7 +578,7 @@ pub struct Config {
     /// (every new attempt dropped). Zero: no automatic bans.
     #[serde(default, deserialize_with = "duration")]
     pub ban_duration: Duration,
-    /// Where runtime changes made with the CLI are kept (README, "Changing limits at runtime").
+    /// Where runtime changes made with the CLI are kept (docs/operations.md, "Changing limits at runtime").
     #[serde(default = "default_state_file")]
     pub state_file: PathBuf,
     /// The control socket.
@@ -598,6 +618,9 @@ fn default_state_file() -> PathBuf {
 }
 fn default_kernel_log() -> String {
     "warn".into()
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Auto
 }
 
 /// The kernel log levels, as aya-log numbers them.
@@ -1175,6 +1198,39 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn log_format_defaults_to_auto_and_takes_four_values() {
+        assert_eq!(
+            parse("[[port]]\nport = 1\n").unwrap().log_format,
+            LogFormat::Auto
+        );
+        assert_eq!(parse(DEFAULT_CONFIG).unwrap().log_format, LogFormat::Auto);
+        for (v, want) in [
+            ("auto", LogFormat::Auto),
+            ("text", LogFormat::Text),
+            ("json", LogFormat::Json),
+            ("journald", LogFormat::Journald),
+        ] {
+            let c = parse(&format!("log_format = \"{v}\"\n[[port]]\nport = 1\n")).unwrap();
+            assert_eq!(c.log_format, want);
+            assert_eq!(parse(&to_toml(&c)).unwrap(), c, "{}", to_toml(&c));
+        }
+        // Refused with the line, like any other value of the wrong form.
+        for bad in ["\"syslog\"", "\"JSON\"", "1", "true"] {
+            let r = parse(&format!("\n\nlog_format = {bad}\n[[port]]\nport = 1\n"));
+            assert!(
+                matches!(
+                    r,
+                    Err(ConfigError::Parse {
+                        line: Some((3, _)),
+                        ..
+                    })
+                ),
+                "log_format = {bad}: {r:?}"
+            );
+        }
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct Shared {
     pub cfg: Config,
     pub config_path: Option<PathBuf>,
     pub state_file: PathBuf,
+    /// The last events (bans, sampled refusals) for `ws-guard events`.
+    pub events: Arc<crate::events::EventRing>,
 }
 
 impl AsRef<Guard> for Shared {
@@ -201,6 +203,7 @@ pub async fn run(
         info!("enforcing on {} ({} XDP)", a.interface, a.mode);
     }
 
+    let events = Arc::new(crate::events::EventRing::default());
     // Shared with the metrics endpoint, which reads the maps when Prometheus scrapes.
     let shared = Arc::new(Mutex::new(Shared {
         guard,
@@ -209,8 +212,9 @@ pub async fn run(
         cfg: cfg.clone(),
         config_path: config_path.clone(),
         state_file,
+        events: events.clone(),
     }));
-    crate::events::start(&shared);
+    crate::events::start(&shared, events);
     let mut metrics_addr = None;
     let server = match metrics_listener {
         Some(listener) => {
@@ -243,6 +247,7 @@ pub async fn run(
     let mut unmatched = UnmatchedLog::default();
     let mut tx_drops = TxErrorWatch::default();
     let mut watch = InterfaceWatch::default();
+    let mut refusals = crate::events::RefusalSampler::default();
     // Enforcing on every interface, metrics listening, signal handlers installed: ready.
     notify::ready(&status_line(&lock(&shared), metrics_addr));
     // Pinged from this loop only, so a daemon stuck in a sweep or a scrape stops pinging and
@@ -277,6 +282,9 @@ pub async fn run(
                         unmatched.add(r.unmatched);
                     }
                     Err(e) => warn!("sweep failed (accounting not checked this round): {e:#}"),
+                }
+                if let Err(e) = refusals.tick(&shared.guard, &shared.cfg.deny, &shared.events) {
+                    log::debug!("sampling refusals for `ws-guard events`: {e:#}");
                 }
             }
         }
@@ -702,8 +710,12 @@ fn reload(shared: &mut Shared) {
         || new.xdp_mode != cfg.xdp_mode
         || new.capacity != cfg.capacity
         || new.metrics != cfg.metrics
+        || new.log_format != cfg.log_format
     {
-        warn!("interfaces, xdp_mode, capacity and [metrics] take effect on restart only");
+        warn!(
+            "interfaces, xdp_mode, capacity, [metrics] and log_format take effect on restart \
+             only"
+        );
     }
     let changes = cfg.changes(&new);
     match state::apply(&mut shared.guard, &new) {
@@ -749,7 +761,7 @@ impl UnmatchedLog {
             "{} connection(s) established in another network namespace match no attempt \
              ws-guard admitted: their client address was rewritten before the socket (SNAT, \
              masquerade, a proxy) or they did not pass an attached interface; per-source limits \
-             cannot apply to them (README \"Deploying with containers\"; metric \
+             cannot apply to them (docs/containers.md \"Deploying with containers\"; metric \
              ws_guard_unmatched_connections_total)",
             self.unreported
         );

@@ -804,51 +804,64 @@ impl Guard {
                 return Ok(mode_name);
             }
         }
-        let (link, mode_name) = match mode {
-            config::XdpMode::Native => (
-                prog.attach_to_if_index(index, XdpMode::Driver)
-                    .with_context(|| {
-                        format!(
-                            "attaching to {interface} in native mode (xdp_mode = \"native\"): \
+        let attached = (|| -> anyhow::Result<_> {
+            Ok(match mode {
+                config::XdpMode::Native => (
+                    prog.attach_to_if_index(index, XdpMode::Driver)
+                        .with_context(|| {
+                            format!(
+                                "attaching to {interface} in native mode (xdp_mode = \"native\"): \
                              its driver may not support native XDP; xdp_mode = \"auto\" falls \
                              back to generic mode"
-                        )
-                    })?,
-                "native",
-            ),
-            config::XdpMode::Generic => (
-                prog.attach_to_if_index(index, XdpMode::Skb)
-                    .with_context(|| format!("attaching to {interface} in generic mode"))?,
-                "generic",
-            ),
-            // Native XDP on a veth cannot deliver the RSTs of `reject` to a peer without an XDP
-            // program (a container's end): generic XDP sends them through the stack.
-            config::XdpMode::Auto if crate::interfaces::tx_through_veth(interface) => {
-                let link = prog
-                    .attach_to_if_index(index, XdpMode::Skb)
-                    .with_context(|| format!("attaching to {interface} in generic mode"))?;
-                info!(
-                    "{interface} is a veth (or a bond of veths): attached in generic mode, so \
+                            )
+                        })?,
+                    "native",
+                ),
+                config::XdpMode::Generic => (
+                    prog.attach_to_if_index(index, XdpMode::Skb)
+                        .with_context(|| format!("attaching to {interface} in generic mode"))?,
+                    "generic",
+                ),
+                // Native XDP on a veth cannot deliver the RSTs of `reject` to a peer without an XDP
+                // program (a container's end): generic XDP sends them through the stack.
+                config::XdpMode::Auto if crate::interfaces::tx_through_veth(interface) => {
+                    let link = prog
+                        .attach_to_if_index(index, XdpMode::Skb)
+                        .with_context(|| format!("attaching to {interface} in generic mode"))?;
+                    info!(
+                        "{interface} is a veth (or a bond of veths): attached in generic mode, so \
                      the RSTs of `reject` reach its peer (native XDP on a veth sends them only \
                      to a peer that runs an XDP program itself; xdp_mode = \"native\" forces \
                      native)"
-                );
-                (link, "generic")
-            }
-            config::XdpMode::Auto => match prog.attach_to_if_index(index, XdpMode::Driver) {
-                Ok(link) => (link, "native"),
-                Err(native_err) => {
-                    let link = prog.attach_to_if_index(index, XdpMode::Skb).with_context(|| {
-                        format!("attaching to {interface}: native mode failed ({native_err}), and generic mode")
-                    })?;
-                    warn!(
-                        "{interface}: native XDP unavailable ({native_err}); attached in generic mode, \
-                         which runs later in the stack and costs more per packet"
                     );
                     (link, "generic")
                 }
-            },
-        };
+                config::XdpMode::Auto => match prog.attach_to_if_index(index, XdpMode::Driver) {
+                    Ok(link) => (link, "native"),
+                    Err(native_err) => {
+                        let link = prog.attach_to_if_index(index, XdpMode::Skb).with_context(|| {
+                        format!("attaching to {interface}: native mode failed ({native_err}), and generic mode")
+                    })?;
+                        warn!(
+                            "{interface}: native XDP unavailable ({native_err}); attached in generic mode, \
+                         which runs later in the stack and costs more per packet"
+                        );
+                        (link, "generic")
+                    }
+                },
+            })
+        })();
+        let (link, mode_name) =
+            attached.map_err(|e| match crate::interfaces::attached_xdp(interface) {
+                // Occupied (EEXIST from bpf_link_create, EBUSY from netlink): name the occupant.
+                Some(other) => e.context(format!(
+                    "{interface} already has an XDP program attached ({other}): another ws-guard \
+                 (another --pin-dir: `ws-guard teardown --pin-dir DIR` removes it) or another \
+                 tool; detach it first (`ip link set dev {interface} xdp off` for one attached \
+                 without a link)"
+                )),
+                None => e,
+            })?;
         info!("attached to {interface} ({mode_name} XDP)");
         warn_if_native_veth(interface, mode_name);
         let link = match &pins {

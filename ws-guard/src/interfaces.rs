@@ -117,6 +117,33 @@ pub fn is_veth(interface: &str) -> bool {
     driver(interface).as_deref() == Some("veth")
 }
 
+/// The XDP program attached to `interface`, as `NAME, id ID, MODE mode`, from iproute2's JSON
+/// (`ip -j -d link show`); `None` when none is, or it cannot be told.
+pub fn attached_xdp(interface: &str) -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "-d", "link", "show", "dev", interface])
+        .output()
+        .ok()?;
+    describe_attached_xdp(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// [`attached_xdp`] from `ip -j -d link show` output.
+fn describe_attached_xdp(json: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let xdp = &v.get(0)?["xdp"];
+    let prog = &xdp["prog"];
+    let id = prog["id"].as_u64()?;
+    let name = prog["name"].as_str().unwrap_or("unnamed");
+    // iproute2's XDP_ATTACHED_*: 1 native (driver), 2 generic (skb), 3 offloaded.
+    let mode = match xdp["mode"].as_u64() {
+        Some(1) => "native",
+        Some(2) => "generic",
+        Some(3) => "offloaded",
+        _ => "some",
+    };
+    Some(format!("{name}, id {id}, {mode} mode"))
+}
+
 /// Whether native XDP on `interface` sends XDP_TX frames through a veth: it is one, or a bond
 /// with a veth among its slaves (a bond's XDP_TX leaves through a slave).
 pub fn tx_through_veth(interface: &str) -> bool {
@@ -144,6 +171,19 @@ fn slaves_of(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_attached_program_is_described() {
+        let json = r#"[{"ifname":"va","xdp":{"mode":1,"prog":{"id":3977,"name":"wsg_xdp",
+            "tag":"cd2116990ebb332d","jited":1},"attached":[]}}]"#;
+        assert_eq!(
+            describe_attached_xdp(json).as_deref(),
+            Some("wsg_xdp, id 3977, native mode")
+        );
+        assert_eq!(describe_attached_xdp(r#"[{"ifname":"va"}]"#), None);
+        assert_eq!(describe_attached_xdp("garbage"), None);
+        assert_eq!(attached_xdp("no-such-interface"), None);
+    }
 
     #[test]
     fn bond_slaves_are_read_from_the_bonding_file() {

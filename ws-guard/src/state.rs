@@ -19,7 +19,7 @@ use thiserror::Error;
 
 use crate::{
     config::{Action, Config, PortLimits},
-    control::protocol::{ActionName, Limit, LimitChange, ListName, MaxConnections, RateLimit},
+    control::protocol::{ActionName, LimitChange, ListName, MaxConnections, RateLimit},
 };
 
 /// The state file's default path (`state_file`).
@@ -322,15 +322,9 @@ pub fn origin(file: &Config, overrides: &Overrides, port: u16) -> &'static str {
 pub fn port_info(p: &PortLimits) -> crate::control::protocol::PortInfo {
     crate::control::protocol::PortInfo {
         port: p.port as u16,
-        max_connections: match p.max_connections {
-            Some(n) => Limit::Value(MaxConnections(n)),
-            None => Limit::Unlimited,
-        },
+        max_connections: p.max_connections,
         connection_action: ActionName::from(p.connection_action),
-        new_connections: match p.new_connections {
-            Some(r) => Limit::Value(RateLimit(r)),
-            None => Limit::Unlimited,
-        },
+        new_connections: p.new_connections.map(|r| r.to_string()),
         rate_action: ActionName::from(p.rate_action),
         source: String::new(),
     }
@@ -368,6 +362,7 @@ fn check(cfg: &Config) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::config::DEFAULT_CONFIG;
+    use crate::control::protocol::Limit;
 
     fn file() -> Config {
         Config::parse(DEFAULT_CONFIG, "default").unwrap()

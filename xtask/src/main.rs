@@ -1,9 +1,10 @@
 //! Developer tasks for ws-guard: `cargo xtask setup`, `cargo xtask test`, `cargo xtask run`,
-//! `cargo xtask bench`.
+//! `cargo xtask bench`, `cargo xtask dist`.
 //!
 //! `cargo xtask` is an alias (.cargo/config.toml) for `cargo run --quiet --package xtask --`.
 
 mod bench;
+mod dist;
 mod llvm;
 mod proc;
 mod setup;
@@ -34,8 +35,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing needs: the nightly with rust-src, bpf-linker built
-    /// against the nightly's LLVM, rustfmt, the Debian packages the tests use; mount tracefs
-    /// and bpffs. Does nothing that is already done.
+    /// against the nightly's LLVM, rustfmt, cargo-deb (for `dist`), the Debian packages the
+    /// tests use; mount tracefs and bpffs. Does nothing that is already done.
     Setup,
     /// Set up, check formatting, build ws-guard (with its eBPF object), run every test.
     /// WS_GUARD_REQUIRE_PRIVILEGED=1 makes privileged tests fail instead of skipping.
@@ -70,6 +71,14 @@ enum Task {
         /// Passed to the benchmark binary (e.g. `-- --layer 1`).
         #[arg(last = true)]
         args: Vec<OsString>,
+    },
+    /// Set up, then build the release artifacts into target/dist/: the Debian package
+    /// (cargo-deb), a tarball of the release binary with the unit, config, man pages and
+    /// completions, and SHA256SUMS. Prints where it wrote each one.
+    Dist {
+        /// Skip the setup step.
+        #[arg(long)]
+        quick: bool,
     },
     /// (Re)build bpf-linker against the nightly's LLVM even if one works, optionally into
     /// another install root (e.g. to try the build without touching the installed one).
@@ -181,6 +190,14 @@ fn main() -> anyhow::Result<()> {
         Task::Test { quick, test_args } => test(&ctx, quick, &test_args),
         Task::Run { quick, args } => run_daemon(&ctx, quick, args),
         Task::Bench { quick, smoke, args } => bench::bench(&ctx, quick, smoke, &args),
+        Task::Dist { quick } => {
+            if quick {
+                println!("xtask dist: --quick: setup skipped");
+            } else {
+                setup::setup(&ctx).context("setup failed, nothing was built")?;
+            }
+            dist::dist(&ctx)
+        }
         Task::InstallBpfLinker { root } => {
             let root = match root {
                 Some(dir) => Some(std::env::current_dir()?.join(dir)),
@@ -241,9 +258,18 @@ fn test(ctx: &Ctx, quick: bool, test_args: &[OsString]) -> anyhow::Result<()> {
         ctx.cargo().args(["build", "-p", "ws-guard"]),
         "the build failed (errors above)",
     );
+    const DIST: &str = "release artifacts (cargo xtask dist)";
     const WORKSPACE_TESTS: &str = "unit and doc tests (workspace except ws-guard-tests)";
     const INTEGRATION_TESTS: &str = "integration tests (ws-guard-tests, one at a time)";
     if built {
+        // A release build: the integration test tests/dist.rs installs what it writes to
+        // target/dist/ (and fails, under WS_GUARD_REQUIRE_PRIVILEGED, if this step did not).
+        let xtask = std::env::current_exe().context("locating the xtask binary")?;
+        step(
+            DIST,
+            Command::new(xtask).args(["dist", "--quick"]),
+            "building the release artifacts failed (errors above)",
+        );
         // The eBPF crate only builds for the BPF target (ws-guard's build script does that).
         let exclude = ["--exclude", "ws-guard-ebpf", "--exclude", "ws-guard-tests"];
         step(
@@ -265,7 +291,7 @@ fn test(ctx: &Ctx, quick: bool, test_args: &[OsString]) -> anyhow::Result<()> {
             "some integration tests failed (see above)",
         );
     } else {
-        for name in [WORKSPACE_TESTS, INTEGRATION_TESTS] {
+        for name in [DIST, WORKSPACE_TESTS, INTEGRATION_TESTS] {
             steps.push(Step {
                 name,
                 outcome: Outcome::Skipped("the build failed"),
@@ -320,7 +346,6 @@ fn run_args(args: Vec<OsString>, default_config: &Path) -> Vec<OsString> {
     }
     args
 }
-
 
 /// Builds the release daemon and replaces this process with it, so Ctrl-C and SIGTERM reach the
 /// daemon directly and it shuts down (and detaches) cleanly.

@@ -32,6 +32,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "promtool"),
     // systemd-analyze verify checks packaging/ws-guard.service (tests/systemd.rs).
     ("systemd", "systemd-analyze"),
+    // `cargo xtask dist`: cargo-deb computes the package's Depends with dpkg-shlibdeps; the
+    // tarball's binary is stripped and its glibc requirement read with objdump.
+    ("dpkg-dev", "dpkg-shlibdeps"),
+    ("binutils", "objdump"),
 ];
 
 fn say(step: &str, msg: impl std::fmt::Display) {
@@ -42,11 +46,12 @@ type StepFn = fn(&Ctx) -> anyhow::Result<()>;
 
 /// Runs every step, then fails if any failed (naming each, with what to do).
 pub fn setup(ctx: &Ctx) -> anyhow::Result<()> {
-    let steps: [(&str, StepFn); 6] = [
+    let steps: [(&str, StepFn); 7] = [
         ("privileges", privileges),
         ("rustfmt", rustfmt),
         ("nightly", nightly),
         ("bpf-linker", bpf_linker),
+        ("cargo-deb", cargo_deb),
         ("packages", packages),
         ("filesystems", filesystems),
     ];
@@ -92,6 +97,32 @@ fn rustfmt(ctx: &Ctx) -> anyhow::Result<()> {
         .context("could not add rustfmt; run `rustup component add rustfmt` by hand")?;
     let v = stdout_of(Command::new(&ctx.cargo).args(["fmt", "--version"]))?;
     say("rustfmt", format_args!("installed {}", v.trim()));
+    Ok(())
+}
+
+/// cargo-deb builds the Debian package of `cargo xtask dist`. A working one is kept as it is.
+fn cargo_deb(ctx: &Ctx) -> anyhow::Result<()> {
+    let version = || stdout_of(Command::new(&ctx.cargo).args(["deb", "--version"]));
+    if let Ok(v) = version() {
+        say("cargo-deb", format_args!("found {}", v.trim()));
+        return Ok(());
+    }
+    say(
+        "cargo-deb",
+        "not found; installing it from crates.io (about a minute)",
+    );
+    let mut cmd = Command::new(&ctx.cargo);
+    cmd.args(["install", "cargo-deb", "--locked"])
+        .current_dir(&ctx.root);
+    run(&mut cmd).with_context(|| {
+        format!(
+            "installing cargo-deb failed; fix the error above and run `cargo xtask setup` again \
+             (command: {})",
+            describe(&cmd)
+        )
+    })?;
+    let v = version().context("cargo-deb was installed but `cargo deb --version` fails")?;
+    say("cargo-deb", format_args!("installed {}", v.trim()));
     Ok(())
 }
 

@@ -71,6 +71,10 @@ pub enum Command {
         /// config file's `state_file`.
         #[arg(long, value_name = "PATH")]
         state_file: Option<PathBuf>,
+        /// How to log (overrides the config file's `log_format`): auto (journald when systemd
+        /// connected stderr to the journal, else text), text, json (JSON Lines) or journald.
+        #[arg(long, value_enum, value_name = "FORMAT")]
+        log_format: Option<crate::logging::LogFormat>,
     },
     /// Detach and remove everything pinned (works with no daemon running).
     Teardown {
@@ -88,8 +92,13 @@ pub enum Command {
     /// The configuration in force, as a TOML file `check-config` accepts.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// What is attached where, limits per port, counters and map fill.
-    Status,
+    /// What is attached where, limits per port, counters and map fill. When the daemon does not
+    /// answer, what the kernel enforces, read from the pinned maps (exit code 3 all the same).
+    Status {
+        /// Where the pins are (for when the daemon does not answer).
+        #[arg(long, value_name = "DIR", default_value = crate::pin::DEFAULT_ROOT)]
+        pin_dir: PathBuf,
+    },
     /// Show or change per-port limits (changes take effect on the next packet and are kept
     /// across restarts in the state file).
     #[command(subcommand)]
@@ -111,6 +120,18 @@ pub enum Command {
         #[arg(value_enum)]
         state: OnOff,
     },
+    /// Bans started and ended, and sampled refusals with their source and reason, one line
+    /// each (with --json: one JSON object per line): the events the daemon keeps (its last
+    /// 1,000), for fail2ban-, CrowdSec- or SIEM-style consumers.
+    Events {
+        /// Then print new events as they come (polled every 500 ms), until SIGINT or SIGTERM
+        /// (exit code 0) or until the daemon goes away (exit code 3).
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the events after this sequence number (`seq`), e.g. the last one seen.
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
+    },
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -118,7 +139,8 @@ pub enum Command {
     },
     /// Print the man page (roff), or write one page per command into a directory.
     Man {
-        /// Write ws-guard.1, ws-guard-limits-set.1, ... here instead of printing ws-guard.1.
+        /// Write ws-guard.1, ws-guard-limits-set.1, ... and ws-guard.toml.5 (the configuration
+        /// file) here instead of printing ws-guard.1.
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
@@ -214,6 +236,47 @@ pub enum ListCommand {
     List,
 }
 
+/// `status`: from the daemon, or (it does not answer) what the pins say, with exit code 3.
+fn status(socket: Option<PathBuf>, json: bool, pin_dir: &std::path::Path) -> ExitCode {
+    let socket = socket.unwrap_or_else(|| PathBuf::from(control::DEFAULT_SOCKET));
+    let req = Request::Status;
+    match request(&socket, &req) {
+        Ok(data) if json => {
+            print_json(data);
+            ExitCode::SUCCESS
+        }
+        Ok(data) => match output::human(&req, data) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(json, EXIT_REFUSED, &format!("{e:#}")),
+        },
+        Err(ClientError::Refused(m)) => fail(json, EXIT_REFUSED, &m),
+        Err(ClientError::Unreachable(m)) => {
+            let pinned = crate::pinned::read(pin_dir);
+            eprintln!("ws-guard: error: {m}");
+            if json {
+                let mut v = serde_json::json!({
+                    "error": { "message": m, "exit_code": EXIT_UNREACHABLE },
+                    "daemon": "down",
+                });
+                match &pinned {
+                    Ok(p) => v["pinned"] = serde_json::to_value(p).unwrap_or_default(),
+                    Err(e) => v["pinned_error"] = format!("{e:#}").into(),
+                }
+                print_json(v);
+            } else {
+                match &pinned {
+                    Ok(p) => print!("{}", crate::pinned::describe(p)),
+                    Err(e) => eprintln!("ws-guard: and the pins say nothing: {e:#}"),
+                }
+            }
+            ExitCode::from(EXIT_UNREACHABLE)
+        }
+    }
+}
+
 /// `config show`: from the daemon, or (it does not answer) from the files.
 fn config_show(
     socket: Option<PathBuf>,
@@ -227,30 +290,21 @@ fn config_show(
         Ok(data) => match data["toml"].as_str() {
             Some(t) => t.to_owned(),
             None => {
-                eprintln!("ws-guard: error: unexpected answer from the daemon: {data}");
-                return ExitCode::from(EXIT_REFUSED);
+                let m = format!("unexpected answer from the daemon: {data}");
+                return fail(json, EXIT_REFUSED, &m);
             }
         },
-        Err(ClientError::Refused(m)) => {
-            eprintln!("ws-guard: error: {m}");
-            return ExitCode::from(EXIT_REFUSED);
-        }
+        Err(ClientError::Refused(m)) => return fail(json, EXIT_REFUSED, &m),
         Err(ClientError::Unreachable(m)) => {
             eprintln!("ws-guard: {m}; showing what the files say instead");
             match config_from_files(effective, config, state_file) {
                 Ok(t) => t,
-                Err(e) => {
-                    eprintln!("ws-guard: error: {e:#}");
-                    return ExitCode::from(EXIT_REFUSED);
-                }
+                Err(e) => return fail(json, EXIT_REFUSED, &format!("{e:#}")),
             }
         }
     };
     if json {
-        println!(
-            "{:#}",
-            serde_json::json!({ "effective": effective, "toml": text })
-        );
+        print_json(serde_json::json!({ "effective": effective, "toml": text }));
     } else {
         print!("{text}");
     }
@@ -381,7 +435,7 @@ pub fn main() -> ExitCode {
     let json = cli.json;
     let socket = cli.socket.clone();
     let req = match cli.command {
-        Command::Status => Request::Status,
+        Command::Status { pin_dir } => return status(socket, json, &pin_dir),
         Command::Limits(LimitsCommand::Get { port }) => Request::LimitsGet { port },
         Command::Limits(LimitsCommand::Set(a)) => {
             let change = LimitChange {
@@ -424,6 +478,7 @@ pub fn main() -> ExitCode {
         Command::Monitor { state } => Request::Monitor {
             on: matches!(state, OnOff::On),
         },
+        Command::Events { follow, since } => return events(socket, json, follow, since),
         Command::Config(ConfigCommand::Show {
             effective,
             config,
@@ -437,29 +492,167 @@ pub fn main() -> ExitCode {
     match request(&socket, &req) {
         Ok(data) => {
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&data).unwrap_or_else(|_| data.to_string())
-                );
+                print_json(data);
             } else {
                 match output::human(&req, data) {
                     Ok(text) => print!("{text}"),
-                    Err(e) => {
-                        eprintln!("ws-guard: error: {e:#}");
-                        return ExitCode::from(EXIT_REFUSED);
-                    }
+                    Err(e) => return fail(json, EXIT_REFUSED, &format!("{e:#}")),
                 }
             }
             ExitCode::SUCCESS
         }
-        Err(ClientError::Refused(m)) => {
-            eprintln!("ws-guard: error: {m}");
-            ExitCode::from(EXIT_REFUSED)
+        Err(ClientError::Refused(m)) => fail(json, EXIT_REFUSED, &m),
+        Err(ClientError::Unreachable(m)) => fail(json, EXIT_UNREACHABLE, &m),
+    }
+}
+
+/// The version of the JSON every `--json` command prints (`schema_version`), raised when a
+/// field changes meaning or goes away (adding one does not).
+pub const JSON_SCHEMA_VERSION: u32 = 1;
+
+/// Prints `data` as `--json` output: an object gets `schema_version`.
+fn print_json(mut data: serde_json::Value) {
+    if let Some(o) = data.as_object_mut() {
+        o.insert("schema_version".into(), JSON_SCHEMA_VERSION.into());
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&data).unwrap_or_else(|_| data.to_string())
+    );
+}
+
+/// Reports an error: on stderr, and with `--json` also as JSON on stdout (`{"error":
+/// {"message", "exit_code"}, "schema_version"}`), so scripts read one format; the exit code.
+fn fail(json: bool, code: u8, message: &str) -> ExitCode {
+    eprintln!("ws-guard: error: {message}");
+    if json {
+        print_json(serde_json::json!({
+            "error": { "message": message, "exit_code": code },
+        }));
+    }
+    ExitCode::from(code)
+}
+
+/// How often `events --follow` asks for new events.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
+
+/// `events`: the events the daemon keeps, one line each (JSON Lines with `--json`); with
+/// `follow`, then the new ones every [`FOLLOW_INTERVAL`] until SIGINT or SIGTERM (exit code 0)
+/// or until the daemon goes away (exit code 3). An error is one line on stderr (and with
+/// `--json` one JSON object on a line of stdout).
+fn events(socket: Option<PathBuf>, json: bool, follow: bool, since: Option<u64>) -> ExitCode {
+    use std::io::Write as _;
+
+    use control::protocol::EventsReply;
+
+    let socket = socket.unwrap_or_else(|| PathBuf::from(control::DEFAULT_SOCKET));
+    let fail = |code: u8, message: &str| {
+        eprintln!("ws-guard: error: {message}");
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "error": { "message": message, "exit_code": code },
+                    "schema_version": JSON_SCHEMA_VERSION,
+                })
+            );
         }
-        Err(ClientError::Unreachable(m)) => {
-            eprintln!("ws-guard: error: {m}");
-            ExitCode::from(EXIT_UNREACHABLE)
+        ExitCode::from(code)
+    };
+    if follow {
+        stop::install();
+    }
+    let mut since = since;
+    // The daemon's last sequence number at the previous answer: a lower one means it restarted.
+    let mut last: Option<u64> = None;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let reply = match request(&socket, &Request::Events { since }) {
+            Ok(data) => match serde_json::from_value::<EventsReply>(data) {
+                Ok(r) => r,
+                Err(e) => {
+                    return fail(
+                        EXIT_REFUSED,
+                        &format!(
+                            "unexpected answer from the daemon ({e}); is it the same version?"
+                        ),
+                    );
+                }
+            },
+            Err(_) if stop::requested() => return ExitCode::SUCCESS,
+            Err(ClientError::Refused(m)) => return fail(EXIT_REFUSED, &m),
+            Err(ClientError::Unreachable(m)) if last.is_some() => {
+                return fail(EXIT_UNREACHABLE, &format!("the daemon went away: {m}"));
+            }
+            Err(ClientError::Unreachable(m)) => return fail(EXIT_UNREACHABLE, &m),
+        };
+        if last.is_some_and(|l| reply.seq < l) {
+            eprintln!("ws-guard: the daemon restarted; its events follow from the first");
+            (since, last) = (None, None);
+            continue;
         }
+        if since.is_some() && reply.lost > 0 {
+            eprintln!(
+                "ws-guard: {} event(s) were no longer kept by the daemon (it keeps its last {})",
+                reply.lost,
+                crate::events::RING_CAPACITY
+            );
+        }
+        for e in &reply.events {
+            let line = if json {
+                let mut v = serde_json::to_value(e).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("schema_version".into(), JSON_SCHEMA_VERSION.into());
+                }
+                v.to_string()
+            } else {
+                e.line()
+            };
+            // The reader went away (`| head`): done.
+            if writeln!(out, "{line}").is_err() {
+                return ExitCode::SUCCESS;
+            }
+        }
+        if out.flush().is_err() {
+            return ExitCode::SUCCESS;
+        }
+        last = Some(reply.seq);
+        since = Some(since.unwrap_or(0).max(reply.seq));
+        if !follow {
+            return ExitCode::SUCCESS;
+        }
+        let until = std::time::Instant::now() + FOLLOW_INTERVAL;
+        while std::time::Instant::now() < until {
+            if stop::requested() {
+                return ExitCode::SUCCESS;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// SIGINT and SIGTERM for `events --follow`: noted, so it ends cleanly between two polls.
+mod stop {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static STOP: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn on_signal(_: libc::c_int) {
+        STOP.store(true, Ordering::SeqCst);
+    }
+
+    pub fn install() {
+        let handler: extern "C" fn(libc::c_int) = on_signal;
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+            unsafe {
+                libc::signal(sig, handler as libc::sighandler_t);
+            }
+        }
+    }
+
+    pub fn requested() -> bool {
+        STOP.load(Ordering::SeqCst)
     }
 }
 
@@ -499,15 +692,64 @@ fn list_request(list: ListName, c: ListCommand) -> Request {
 
 /// The commands that do not talk to a daemon.
 fn run_local(cmd: Command, socket: Option<PathBuf>, json: bool) -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let output = crate::logging::init(log_format_of(&cmd));
+    if matches!(cmd, Command::Run { .. }) {
+        // The daemon's last word is a record like the others: one line, and in JSON or in the
+        // journal (priority err) when it logs there.
+        return match local(cmd, socket, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                let message = crate::logging::one_line(&format!("{e:#}"));
+                match output {
+                    crate::logging::Output::Text => fail(json, EXIT_REFUSED, &message),
+                    crate::logging::Output::Json => {
+                        log::error!("{message}");
+                        ExitCode::from(EXIT_REFUSED)
+                    }
+                    crate::logging::Output::Journald => {
+                        log::error!("{message}");
+                        if !crate::logging::stderr_is_journal() {
+                            return fail(json, EXIT_REFUSED, &message);
+                        }
+                        ExitCode::from(EXIT_REFUSED)
+                    }
+                }
+            }
+        };
+    }
+    // check-config --json reports an invalid file in its own JSON.
+    let own_json_errors = matches!(cmd, Command::CheckConfig { .. });
     match local(cmd, socket, json) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // The whole chain of context, one line, no backtrace: what failed and why.
+        // The whole chain of context, one line, no backtrace: what failed and why.
+        Err(e) if own_json_errors => {
             eprintln!("ws-guard: error: {e:#}");
             ExitCode::from(EXIT_REFUSED)
         }
+        Err(e) => fail(json, EXIT_REFUSED, &format!("{e:#}")),
     }
+}
+
+/// The log format of a local command: for `run`, its `--log-format`, else the config file's
+/// `log_format` (read on its own, before the file is loaded and checked, so that even a file
+/// refused for another reason is reported in the format it asks for); `auto` otherwise.
+fn log_format_of(cmd: &Command) -> crate::logging::LogFormat {
+    let Command::Run {
+        config, log_format, ..
+    } = cmd
+    else {
+        return crate::logging::LogFormat::Auto;
+    };
+    if let Some(f) = log_format {
+        return *f;
+    }
+    let text = match config {
+        Some(path) => crate::config::read_regular_file(path).ok(),
+        None => Some(DEFAULT_CONFIG.to_owned()),
+    };
+    text.and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("log_format")?.clone().try_into().ok())
+        .unwrap_or_default()
 }
 
 fn local(cmd: Command, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
@@ -517,6 +759,7 @@ fn local(cmd: Command, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()
             pin_dir,
             detach_on_exit,
             state_file,
+            log_format: _,
         } => {
             let cfg = match &config {
                 Some(path) => Config::load(path)?,
@@ -568,8 +811,9 @@ fn local(cmd: Command, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()
                     })
                 }
             };
-            println!("{report:#}");
-            if report["valid"] == true {
+            let valid = report["valid"] == true;
+            print_json(report);
+            if valid {
                 Ok(())
             } else {
                 anyhow::bail!("{} is not valid", file.display())
@@ -586,7 +830,7 @@ fn local(cmd: Command, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()
         Command::Teardown { pin_dir } => {
             let removed = crate::pin::teardown(&pin_dir)?;
             if json {
-                println!("{:#}", serde_json::json!({ "removed": removed }));
+                print_json(serde_json::json!({ "removed": removed }));
             } else if removed.is_empty() {
                 println!("nothing pinned under {}", pin_dir.display());
             } else {
@@ -611,6 +855,12 @@ fn local(cmd: Command, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             clap_mangen::generate_to(command(), &dir)
                 .with_context(|| format!("writing the man pages into {}", dir.display()))?;
+            let toml5 = dir.join("ws-guard.toml.5");
+            std::fs::write(
+                &toml5,
+                crate::config_reference::man_page(env!("CARGO_PKG_VERSION")),
+            )
+            .with_context(|| format!("writing {}", toml5.display()))?;
             println!("man pages written to {}", dir.display());
             Ok(())
         }

@@ -38,9 +38,12 @@ fn ports_table(ports: &[PortInfo], indent: &str) -> String {
         .map(|p| {
             vec![
                 p.port.to_string(),
-                p.max_connections.to_string(),
+                p.max_connections
+                    .map_or_else(|| "none".to_owned(), |n| n.to_string()),
                 p.connection_action.to_string(),
-                p.new_connections.to_string(),
+                p.new_connections
+                    .clone()
+                    .unwrap_or_else(|| "none".to_owned()),
                 p.rate_action.to_string(),
                 p.source.clone(),
             ]
@@ -172,7 +175,7 @@ pub fn human(req: &Request, data: serde_json::Value) -> anyhow::Result<String> {
                 o += &format!(
                     "\n{} connection(s) in other network namespaces matched no admitted attempt \
                      (client address rewritten: SNAT, masquerade, a proxy); per-source limits do \
-                     not apply to them (README, \"Deploying with containers\")\n",
+                     not apply to them (docs/containers.md, \"Deploying with containers\")\n",
                     s.unmatched_connections
                 );
             }

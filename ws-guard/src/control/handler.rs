@@ -9,8 +9,9 @@ use log::{error, info};
 use ws_guard_common::maps::{AF_INET6, Counter, SourceKey};
 
 use super::protocol::{
-    BanInfo, BansReply, ChangeReply, InterfaceInfo, LimitsReply, ListName, ListReply, MapInfo,
-    PortCounters, PortInfo, Request, Response, SortBy, SourceInfo, SourcesReply, StatusReply,
+    BanInfo, BansReply, ChangeReply, EventInfo, EventKind, InterfaceInfo, LimitsReply, ListName,
+    ListReply, MapInfo, PortCounters, PortInfo, Request, Response, SortBy, SourceInfo,
+    SourcesReply, StatusReply,
 };
 use crate::{
     config::Config,
@@ -50,6 +51,7 @@ pub fn handle(s: &mut Shared, req: Request) -> Response {
             duration_ms,
         } => ban_add(s, addr, port, duration_ms),
         Request::BanRemove { addr, port } => ban_remove(s, addr, port),
+        Request::Events { since } => Response::ok(&s.events.since(since)),
     }
 }
 
@@ -383,6 +385,17 @@ fn ban_add(s: &mut Shared, addr: IpAddr, port: Option<u16>, ms: Option<u64>) -> 
             }
         }
     }
+    // For `ws-guard events` (a ban made here does not go through the kernel's ring buffer).
+    if let Ok(global) = s.guard.global() {
+        for k in &done {
+            let mut e = EventInfo::new(EventKind::BanStarted);
+            e.source = Some(metrics::source_label(k, &global));
+            e.port = Some(k.port);
+            e.reason = Some("manual".into());
+            e.duration_ms = Some(duration.as_millis() as u64);
+            s.events.record(e);
+        }
+    }
     let what = format!(
         "{label} banned for {} on {}",
         humantime::format_duration(duration),
@@ -432,6 +445,17 @@ fn ban_remove(s: &mut Shared, addr: IpAddr, port: Option<u16>) -> Response {
             None => format!("{addr} is not banned"),
         }),
         Ok(lifted) => {
+            if let Ok(global) = s.guard.global() {
+                for p in &lifted {
+                    if let Ok(k) = s.guard.source_key(addr, *p) {
+                        let mut e = EventInfo::new(EventKind::BanEnded);
+                        e.source = Some(metrics::source_label(&k, &global));
+                        e.port = Some(*p);
+                        e.reason = Some("lifted".into());
+                        s.events.record(e);
+                    }
+                }
+            }
             let what = format!("ban of {addr} lifted on {}", ports_phrase(&lifted));
             info!("control: {what}");
             Response::ok(&ChangeReply {

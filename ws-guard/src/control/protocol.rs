@@ -249,6 +249,12 @@ pub enum Request {
     Monitor {
         on: bool,
     },
+    /// The events the daemon keeps (bans started and ended, sampled refusals) after sequence
+    /// number `since` (all it keeps without it); `ws-guard events --follow` polls this.
+    Events {
+        #[serde(default)]
+        since: Option<u64>,
+    },
 }
 
 /// The daemon's answer: `{"ok": DATA}` or `{"error": MESSAGE}`.
@@ -299,9 +305,11 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortInfo {
     pub port: u16,
-    pub max_connections: Limit<MaxConnections>,
+    /// `null`: no concurrency limit.
+    pub max_connections: Option<u32>,
     pub connection_action: ActionName,
-    pub new_connections: Limit<RateLimit>,
+    /// `COUNT/WINDOW` (e.g. `9/1m 40s`); `null`: no rate limit.
+    pub new_connections: Option<String>,
     pub rate_action: ActionName,
     /// Where these limits come from: "config", "runtime" (an override of `limits set`), or
     /// "config+runtime".
@@ -411,6 +419,126 @@ pub struct ChangeReply {
     pub persisted: bool,
 }
 
+/// What an event says happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A source was banned from a port (`reason`: `rate` or `manual`; `duration_ms`).
+    BanStarted,
+    /// A ban ran out (`reason`: `expired`; `ban_reason`: the ban's), or was lifted with `bans
+    /// remove` (`reason`: `lifted`).
+    BanEnded,
+    /// A source's attempts on a port were refused since the last event about it (`count`;
+    /// `reason`: `banned`, `denied` or `limit`), sampled every sweep.
+    Refused,
+    /// `refused` events left out by the rate limit: `count` attempts from `sources` (source,
+    /// port) pairs.
+    RefusedSuppressed,
+}
+
+/// One event of `ws-guard events` (JSON Lines with `--json`: these field names are stable;
+/// absent fields are left out).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventInfo {
+    /// Sequence number: 1 for the daemon's first event, one more for each.
+    pub seq: u64,
+    /// When the daemon recorded it: RFC 3339, UTC, milliseconds.
+    pub time: String,
+    pub kind: EventKind,
+    /// `ADDRESS/PREFIX`, the source key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Refused attempts (`refused`, `refused_suppressed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// (source, port) pairs whose events were left out (`refused_suppressed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<u64>,
+    /// How long the ban lasts (`ban_started`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Why the ban that ended was made (`ban_ended`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ban_reason: Option<String>,
+}
+
+impl EventInfo {
+    /// An event of `kind` with no details yet (`seq` and `time` are set when it is recorded).
+    pub fn new(kind: EventKind) -> Self {
+        Self {
+            seq: 0,
+            time: String::new(),
+            kind,
+            source: None,
+            port: None,
+            reason: None,
+            count: None,
+            sources: None,
+            duration_ms: None,
+            ban_reason: None,
+        }
+    }
+
+    /// What happened, as the daemon logs it (`ban started: source=198.18.0.5/32 port=9000
+    /// reason=rate duration=1m`), without the time.
+    pub fn message(&self) -> String {
+        let s = |o: &Option<String>| o.clone().unwrap_or_default();
+        let n = |o: Option<u64>| o.unwrap_or_default();
+        let where_ = format!(
+            "source={} port={}",
+            s(&self.source),
+            self.port.unwrap_or_default()
+        );
+        match self.kind {
+            EventKind::BanStarted => format!(
+                "ban started: {where_} reason={} duration={}",
+                s(&self.reason),
+                humantime::format_duration(std::time::Duration::from_secs(
+                    n(self.duration_ms).div_ceil(1000)
+                ))
+            ),
+            EventKind::BanEnded => match &self.ban_reason {
+                Some(b) => format!(
+                    "ban ended: {where_} reason={} ban_reason={b}",
+                    s(&self.reason)
+                ),
+                None => format!("ban ended: {where_} reason={}", s(&self.reason)),
+            },
+            EventKind::Refused => format!(
+                "refused: {where_} reason={} count={}",
+                s(&self.reason),
+                n(self.count)
+            ),
+            EventKind::RefusedSuppressed => format!(
+                "refused events suppressed: count={} sources={}",
+                n(self.count),
+                n(self.sources)
+            ),
+        }
+    }
+
+    /// The line of `ws-guard events` without `--json`: the time, then [`EventInfo::message`].
+    pub fn line(&self) -> String {
+        format!("{} {}", self.time, self.message())
+    }
+}
+
+/// `events`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsReply {
+    /// The sequence number of the daemon's last event (0: none yet); the next request's
+    /// `since`.
+    pub seq: u64,
+    /// Events after `since` that are no longer kept (the daemon keeps the last
+    /// [`crate::events::RING_CAPACITY`]).
+    pub lost: u64,
+    pub events: Vec<EventInfo>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,6 +566,8 @@ mod tests {
                 by: SortBy::Drops,
                 n: 5,
             },
+            Request::Events { since: None },
+            Request::Events { since: Some(7) },
         ];
         for r in reqs {
             let line = serde_json::to_string(&r).unwrap();
