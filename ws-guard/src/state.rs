@@ -447,6 +447,40 @@ mod tests {
     }
 
     #[test]
+    fn port_changes_are_written_as_the_config_writes_them() {
+        let mut o = Overrides::default();
+        o.set_port(
+            9000,
+            &LimitChange {
+                max_connections: Some(Limit::Value(MaxConnections(2))),
+                new_connections: Some(Limit::Value("9/100s".parse().unwrap())),
+                connection_action: Some(ActionName::Drop),
+                ..Default::default()
+            },
+        );
+        let text = toml::to_string(&o).unwrap();
+        // A [[port]] table the config file takes as it is (numbers as numbers).
+        assert!(text.contains("max_connections = 2\n"), "{text}");
+        let cfg = Config::parse(&text, "state").unwrap();
+        assert_eq!(cfg.ports[0].max_connections, Some(2));
+        assert_eq!(cfg.ports[0].connection_action, Action::Drop);
+        assert_eq!(
+            cfg.ports[0]
+                .new_connections
+                .map(|r| r.to_string())
+                .as_deref(),
+            Some("9/1m 40s")
+        );
+        // State files of earlier versions (counts as strings) still read.
+        let old: Overrides =
+            toml::from_str("[[port]]\nport = 9000\nmax_connections = \"2\"\n").unwrap();
+        assert_eq!(
+            old.port(9000).unwrap().change.max_connections,
+            Some(Limit::Value(MaxConnections(2)))
+        );
+    }
+
+    #[test]
     fn list_changes() {
         let file: Vec<IpNet> = vec!["198.18.0.0/24".parse().unwrap()];
         let a: IpNet = "198.18.1.0/24".parse().unwrap();

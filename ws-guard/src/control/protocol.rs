@@ -53,17 +53,31 @@ impl<T: FromStr<Err = String>> FromStr for Limit<T> {
     }
 }
 
-// As a string ("none", "3", "9/100s") in JSON and in the state file.
+// In JSON and in the state file as the config file writes it: a count as a number (`3`),
+// a rate as its string (`"9/100s"`), no limit as `"none"`. Read from either form.
 impl<T: fmt::Display> Serialize for Limit<T> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        let text = self.to_string();
+        match text.parse::<u32>() {
+            Ok(n) => s.serialize_u32(n),
+            Err(_) => s.serialize_str(&text),
+        }
     }
 }
 
 impl<'de, T: FromStr<Err = String>> Deserialize<'de> for Limit<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Number(u64),
+            Text(String),
+        }
+        let text = match Form::deserialize(d)? {
+            Form::Number(n) => n.to_string(),
+            Form::Text(t) => t,
+        };
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
