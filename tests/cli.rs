@@ -5,127 +5,29 @@
 use std::{
     net::IpAddr,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use ws_guard_tests::{
-    binary::{Daemon, binary},
+    binary::{CliRun, DaemonFiles, binary, run_cli, wsg},
     netns::{Testbed, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
 };
 
-/// A pin root and a private directory (config, socket, state file) of one test; removed on drop.
-struct Paths {
-    pins: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Paths {
-    fn new(tag: &str) -> Self {
-        Self {
-            pins: PathBuf::from(format!(
-                "/sys/fs/bpf/ws-guard-test-{tag}-{}",
-                std::process::id()
-            )),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("run/control.sock")
-    }
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("lib/runtime.toml")
-    }
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("config.toml")
-    }
-
-    /// Writes the config: one port, 3 concurrent connections per source, rejected above.
-    fn write_config(&self, tb: &Testbed, port: u16) {
-        std::fs::write(
-            self.config(),
-            format!(
-                "interfaces = [\"{}\"]\nsweep_interval = \"200ms\"\nstate_file = \"{}\"\n\
-                 [control]\nsocket = \"{}\"\n[capacity]\nsources = 1024\nflows = 4096\n\
-                 [metrics]\nlisten = \"off\"\n\n[[port]]\nport = {port}\nmax_connections = 3\n\
-                 connection_action = \"reject\"\n",
-                tb.srv_if,
-                self.state().display(),
-                self.socket().display()
-            ),
-        )
-        .unwrap();
-    }
-
-    fn start(&self, tb: &Testbed) -> Daemon {
-        Daemon::start_in(
-            &tb.srv,
-            &[
-                "run",
-                "--config",
-                self.config().to_str().unwrap(),
-                "--pin-dir",
-                self.pins.to_str().unwrap(),
-            ],
-        )
-    }
-}
-
-impl Drop for Paths {
-    fn drop(&mut self) {
-        if let Err(e) = ws_guard::pin::teardown(&self.pins) {
-            eprintln!("warning: removing {}: {e:#}", self.pins.display());
-        }
-    }
-}
-
-/// What one CLI run gave.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "{self:?}");
-        self
-    }
-    fn json(self) -> Value {
-        let r = self.ok();
-        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
-    }
-}
-
-fn run_cmd(mut cmd: Command) -> Run {
-    let out = cmd.output().expect("running the CLI");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// `ws-guard --socket SOCKET ARGS...` (from the host namespace: the socket is a file).
-fn wsg(socket: &Path, args: &[&str]) -> Run {
-    let mut cmd = Command::new(binary());
-    cmd.arg("--socket").arg(socket).args(args);
-    let start = Instant::now();
-    let r = run_cmd(cmd);
-    eprintln!(
-        "$ ws-guard {} -> {} in {:?}\n{}{}",
-        args.join(" "),
-        r.code,
-        start.elapsed(),
-        r.stdout,
-        r.stderr
+/// The daemon files of a test, with its config: one port, 3 concurrent connections per
+/// source, rejected above.
+fn paths(tag: &str, tb: &Testbed, port: u16) -> DaemonFiles {
+    let p = DaemonFiles::new(tag);
+    p.write_config(
+        &tb.srv_if,
+        "",
+        &format!("[[port]]\nport = {port}\nmax_connections = 3\nconnection_action = \"reject\"\n"),
     );
-    r
+    p
 }
 
 /// Connects from `src` until an attempt is refused (RST); how long that took after `since`.
@@ -165,10 +67,9 @@ fn every_command_takes_effect_and_survives_a_restart() {
     }
     let port = test_port(25);
     let tb = Testbed::new("cli", 60);
-    let paths = Paths::new("cli");
+    let paths = paths("cli", &tb, port);
     let _server = Server::start(&tb.srv, port, Stack::Separate);
-    paths.write_config(&tb, port);
-    let mut daemon = paths.start(&tb);
+    let mut daemon = paths.start(&tb.srv, &[]);
     let sock = paths.socket();
     let a = tb.client_v4(0);
     let b = tb.client_v4(1);
@@ -415,7 +316,7 @@ fn every_command_takes_effect_and_survives_a_restart() {
     assert_eq!(state_mode, 0o600);
     assert!(daemon.stop(libc::SIGTERM).success());
     assert!(!sock.exists(), "the daemon left its socket behind");
-    let daemon2 = paths.start(&tb);
+    let daemon2 = paths.start(&tb.srv, &[]);
     let after = wsg(&sock, &["--json", "limits", "get"]).json();
     assert_eq!(before, after);
     assert_eq!(after["ports"][0]["max_connections"], 2);
@@ -440,7 +341,7 @@ fn every_command_takes_effect_and_survives_a_restart() {
     std::fs::write(&saved, &eff).unwrap();
     let mut check = Command::new(binary());
     check.arg("check-config").arg(&saved);
-    let r = run_cmd(check);
+    let r = run_cli(check);
     assert_eq!(r.code, 0, "{r:?}\n{eff}");
     let offline = wsg(
         &paths.dir.path().join("nothing.sock"),
@@ -507,9 +408,8 @@ fn bad_arguments_change_nothing() {
     }
     let port = test_port(26);
     let tb = Testbed::new("clibad", 61);
-    let paths = Paths::new("clibad");
-    paths.write_config(&tb, port);
-    let _daemon = paths.start(&tb);
+    let paths = paths("clibad", &tb, port);
+    let _daemon = paths.start(&tb.srv, &[]);
     let sock = paths.socket();
     let p = port.to_string();
     wsg(&sock, &["allow", "add", "198.18.0.0/16"]).ok();
@@ -693,9 +593,8 @@ fn only_root_may_use_the_socket() {
     }
     let port = test_port(27);
     let tb = Testbed::new("cliroot", 62);
-    let paths = Paths::new("cliroot");
-    paths.write_config(&tb, port);
-    let mut daemon = paths.start(&tb);
+    let paths = paths("cliroot", &tb, port);
+    let mut daemon = paths.start(&tb.srv, &[]);
     let sock = paths.socket();
     let nobody = |args: &[&str]| {
         let mut cmd = Command::new("setpriv");
@@ -704,7 +603,7 @@ fn only_root_may_use_the_socket() {
             .arg("--socket")
             .arg(&sock)
             .args(args);
-        run_cmd(cmd)
+        run_cli(cmd)
     };
     let meta = std::fs::metadata(&sock).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
@@ -746,7 +645,7 @@ fn only_root_may_use_the_socket() {
             "--pin-dir",
             &other_pins,
         ]);
-    let r = run_cmd(second);
+    let r = run_cli(second);
     let _ = ws_guard::pin::teardown(Path::new(&other_pins));
     assert_ne!(r.code, 0, "{r:?}");
     assert!(
@@ -759,7 +658,7 @@ fn only_root_may_use_the_socket() {
     daemon.stop(libc::SIGKILL);
     assert!(sock.exists());
     assert_eq!(wsg(&sock, &["status"]).code, 3);
-    let daemon = paths.start(&tb);
+    let daemon = paths.start(&tb.srv, &[]);
     assert!(
         daemon.contains("replaced the stale control socket"),
         "{:?}",
@@ -778,9 +677,8 @@ fn idle_and_polling_clients_never_lock_out_the_cli() {
     }
     let port = test_port(28);
     let tb = Testbed::new("clislow", 63);
-    let paths = Paths::new("clislow");
-    paths.write_config(&tb, port);
-    let _daemon = paths.start(&tb);
+    let paths = paths("clislow", &tb, port);
+    let _daemon = paths.start(&tb.srv, &[]);
     let sock = paths.socket();
     let idle: Vec<std::os::unix::net::UnixStream> = (0..40)
         .map(|_| std::os::unix::net::UnixStream::connect(&sock).expect("connect"))
@@ -842,9 +740,8 @@ fn block_lists_load_in_bulk_whole_or_not_at_all() {
     }
     let port = test_port(29);
     let tb = Testbed::new("clibulk", 64);
-    let paths = Paths::new("clibulk");
-    paths.write_config(&tb, port);
-    let _daemon = paths.start(&tb);
+    let paths = paths("clibulk", &tb, port);
+    let _daemon = paths.start(&tb.srv, &[]);
     let sock = paths.socket();
     let cidrs: Vec<String> = (0..16_383u32)
         .map(|i| format!("2001:2:0:{:x}::/64", i + 1))
@@ -861,7 +758,7 @@ fn block_lists_load_in_bulk_whole_or_not_at_all() {
             && r.stderr.contains("host bits"),
         "{r:?}"
     );
-    let listed = |r: Run| r.json()["cidrs"].as_array().map_or(0, Vec::len);
+    let listed = |r: CliRun| r.json()["cidrs"].as_array().map_or(0, Vec::len);
     assert_eq!(listed(wsg(&sock, &["--json", "deny", "list"])), 0);
     // The good file, whole.
     std::fs::write(&file, format!("{}\n", cidrs.join("\n"))).unwrap();

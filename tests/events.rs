@@ -19,116 +19,16 @@ use std::{
 
 use serde_json::Value;
 use ws_guard_tests::{
-    binary::{Daemon, binary},
+    binary::{Daemon, DaemonFiles, binary, wsg},
     netns::{Testbed, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
 };
 
-/// A pin root and a private directory (config, socket, state file) of one test; removed on drop.
-struct Paths {
-    pins: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Paths {
-    fn new(tag: &str) -> Self {
-        Self {
-            pins: PathBuf::from(format!(
-                "/sys/fs/bpf/ws-guard-test-{tag}-{}",
-                std::process::id()
-            )),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("run/control.sock")
-    }
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("lib/runtime.toml")
-    }
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("config.toml")
-    }
-
-    /// Writes the config: the test bed's interface, this socket and state file, then `rest`
-    /// (top-level keys, then tables).
-    fn write_config(&self, tb: &Testbed, top: &str, ports: &str) {
-        std::fs::write(
-            self.config(),
-            format!(
-                "interfaces = [\"{}\"]\nsweep_interval = \"200ms\"\nstate_file = \"{}\"\n{top}\n\
-                 [control]\nsocket = \"{}\"\n[capacity]\nsources = 1024\nflows = 4096\n\
-                 [metrics]\nlisten = \"off\"\n\n{ports}",
-                tb.srv_if,
-                self.state().display(),
-                self.socket().display()
-            ),
-        )
-        .unwrap();
-    }
-
-    /// `run --config C --pin-dir P --detach-on-exit` and `extra`.
-    fn run_args(&self, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "run",
-            "--config",
-            self.config().to_str().unwrap(),
-            "--pin-dir",
-            self.pins.to_str().unwrap(),
-            "--detach-on-exit",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args
-    }
-
-    /// A state file the daemon cannot read (a TOML error whose message spans lines).
-    fn break_state_file(&self) {
-        std::fs::create_dir_all(self.state().parent().unwrap()).unwrap();
-        std::fs::write(self.state(), "monitor = \n[[[\n").unwrap();
-    }
-}
-
-impl Drop for Paths {
-    fn drop(&mut self) {
-        if let Err(e) = ws_guard::pin::teardown(&self.pins) {
-            eprintln!("warning: removing {}: {e:#}", self.pins.display());
-        }
-    }
-}
-
-/// What one CLI run gave.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// `ws-guard --socket SOCKET ARGS...` (from the host namespace: the socket is a file).
-fn wsg(socket: &Path, args: &[&str]) -> Run {
-    let out = Command::new(binary())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("running the CLI");
-    let r = Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    eprintln!(
-        "$ ws-guard {} -> {}\n{}{}",
-        args.join(" "),
-        r.code,
-        r.stdout,
-        r.stderr
-    );
-    r
+/// A state file the daemon cannot read (a TOML error whose message spans lines).
+fn break_state_file(paths: &DaemonFiles) {
+    std::fs::create_dir_all(paths.state().parent().unwrap()).unwrap();
+    std::fs::write(paths.state(), "monitor = \n[[[\n").unwrap();
 }
 
 /// The lines of `events --json`, each an object.
@@ -249,18 +149,18 @@ fn events_show_bans_and_refusals_and_follow() {
     }
     let (port, port2) = (test_port(1), test_port(2));
     let tb = Testbed::new("events", 70);
-    let paths = Paths::new("events");
+    let paths = DaemonFiles::new("events");
     let _server = Server::start(&tb.srv, port, Stack::Separate);
     let _server2 = Server::start(&tb.srv, port2, Stack::Separate);
     paths.write_config(
-        &tb,
+        &tb.srv_if,
         "ban_duration = \"3s\"",
         &format!(
             "[[port]]\nport = {port}\nnew_connections = \"2/100s\"\nrate_action = \"drop\"\n\n\
              [[port]]\nport = {port2}\nmax_connections = 1\nconnection_action = \"reject\"\n"
         ),
     );
-    let args = paths.run_args(&[]);
+    let args = paths.run_args(&["--detach-on-exit"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut daemon = Daemon::start_in(&tb.srv, &args);
     let sock = paths.socket();
@@ -445,16 +345,16 @@ fn json_log_lines() {
     }
     let port = test_port(3);
     let tb = Testbed::new("logjson", 71);
-    let paths = Paths::new("logjson");
+    let paths = DaemonFiles::new("logjson");
     paths.write_config(
-        &tb,
+        &tb.srv_if,
         "",
         &format!("[[port]]\nport = {port}\nmax_connections = 2\n"),
     );
-    let args = paths.run_args(&["--log-format", "json"]);
+    let args = paths.run_args(&["--log-format", "json", "--detach-on-exit"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut daemon = Daemon::start_in(&tb.srv, &args);
-    paths.break_state_file();
+    break_state_file(&paths);
     daemon.signal(libc::SIGHUP);
     assert!(
         daemon.wait_for("reload refused", Duration::from_secs(5)),
@@ -580,13 +480,13 @@ fn journald_records_and_the_text_fallback() {
     }
     let port = test_port(4);
     let tb = Testbed::new("logjd", 72);
-    let paths = Paths::new("logjd");
+    let paths = DaemonFiles::new("logjd");
     paths.write_config(
-        &tb,
+        &tb.srv_if,
         "",
         &format!("[[port]]\nport = {port}\nmax_connections = 2\n"),
     );
-    let args = paths.run_args(&[]);
+    let args = paths.run_args(&["--detach-on-exit"]);
 
     // A socket standing in for journald's.
     let journal = tempfile::tempdir().unwrap();
@@ -638,7 +538,7 @@ fn journald_records_and_the_text_fallback() {
     assert_eq!(r["SYSLOG_IDENTIFIER"], "ws-guard", "{r:?}");
     assert!(r["CODE_FILE"].ends_with("daemon.rs"), "{r:?}");
     assert!(r["CODE_LINE"].parse::<u32>().is_ok(), "{r:?}");
-    paths.break_state_file();
+    break_state_file(&paths);
     daemon.signal(libc::SIGHUP);
     let refused = "reload refused, the running limits stay: ";
     assert!(
@@ -661,7 +561,7 @@ fn journald_records_and_the_text_fallback() {
 
     // No journal socket: text on stderr (Daemon::start waits for its "enforcing on").
     let mut daemon = Daemon::start(journal_command(&tb.srv, None, &args));
-    paths.break_state_file();
+    break_state_file(&paths);
     daemon.signal(libc::SIGHUP);
     assert!(
         daemon.wait_for(refused, Duration::from_secs(5)),

@@ -281,3 +281,132 @@ impl Drop for PinRoot {
         }
     }
 }
+
+/// The files of one test daemon: a pin root (`/sys/fs/bpf/ws-guard-test-TAG-PID`) and a
+/// private directory for its config, control socket and state file. The pins are removed on
+/// drop, the directory with it.
+pub struct DaemonFiles {
+    pub pins: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl DaemonFiles {
+    pub fn new(tag: &str) -> Self {
+        Self {
+            pins: PathBuf::from(format!(
+                "/sys/fs/bpf/ws-guard-test-{tag}-{}",
+                std::process::id()
+            )),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("run/control.sock")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("lib/runtime.toml")
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// Writes the config: `interface`, a 200 ms sweep, this socket and state file, small
+    /// maps, no metrics endpoint, then `top` (more top-level keys) and `ports` (tables).
+    pub fn write_config(&self, interface: &str, top: &str, ports: &str) {
+        std::fs::write(
+            self.config(),
+            format!(
+                "interfaces = [\"{interface}\"]\nsweep_interval = \"200ms\"\nstate_file = \
+                 \"{}\"\n{top}\n[control]\nsocket = \"{}\"\n[capacity]\nsources = 1024\n\
+                 flows = 4096\n[metrics]\nlisten = \"off\"\n\n{ports}",
+                self.state().display(),
+                self.socket().display()
+            ),
+        )
+        .unwrap();
+    }
+
+    /// `run --config C --pin-dir P`, then `extra`.
+    pub fn run_args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "run",
+            "--config",
+            self.config().to_str().unwrap(),
+            "--pin-dir",
+            self.pins.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Starts the daemon with these files in namespace `ns` (waits for "enforcing on").
+    pub fn start(&self, ns: &str, extra: &[&str]) -> Daemon {
+        let args = self.run_args(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start_in(ns, &args)
+    }
+}
+
+impl Drop for DaemonFiles {
+    fn drop(&mut self) {
+        if let Err(e) = ws_guard::pin::teardown(&self.pins) {
+            eprintln!("warning: removing {}: {e:#}", self.pins.display());
+        }
+    }
+}
+
+/// What one CLI run gave.
+#[derive(Debug)]
+pub struct CliRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliRun {
+    /// Asserts success.
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "{self:?}");
+        self
+    }
+
+    /// Asserts success and parses the output as JSON.
+    pub fn json(self) -> serde_json::Value {
+        let r = self.ok();
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+    }
+}
+
+/// Runs a CLI command (stdin closed); what it gave.
+pub fn run_cli(mut cmd: Command) -> CliRun {
+    let out = cmd.stdin(Stdio::null()).output().expect("running the CLI");
+    CliRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `ws-guard --socket SOCKET ARGS...` (from the host namespace: the socket is a file), logged
+/// with how long it took.
+pub fn wsg(socket: &Path, args: &[&str]) -> CliRun {
+    let mut cmd = Command::new(binary());
+    cmd.arg("--socket").arg(socket).args(args);
+    let start = Instant::now();
+    let r = run_cli(cmd);
+    eprintln!(
+        "$ ws-guard {} -> {} in {:?}\n{}{}",
+        args.join(" "),
+        r.code,
+        start.elapsed(),
+        r.stdout,
+        r.stderr
+    );
+    r
+}
