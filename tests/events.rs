@@ -11,7 +11,7 @@ use std::{
     io::{BufRead as _, BufReader},
     net::IpAddr,
     os::unix::net::UnixDatagram,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
