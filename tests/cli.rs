@@ -337,6 +337,17 @@ fn every_command_takes_effect_and_survives_a_restart() {
         file_only.contains("max_connections = 3") && !file_only.contains(&b_net),
         "{file_only}"
     );
+    // The state file itself is a config fragment in the config's schema: check-config takes
+    // it (here it has a [[port]] table, so it is a whole config), with the changes in it.
+    let state_text = std::fs::read_to_string(paths.state()).unwrap();
+    assert!(
+        state_text.contains("max_connections = 2") && state_text.contains(&b_net),
+        "{state_text}"
+    );
+    let mut check = Command::new(binary());
+    check.arg("check-config").arg(paths.state());
+    let r = run_cli(check);
+    assert_eq!(r.code, 0, "{r:?}\n{state_text}");
     let saved = paths.dir.path().join("saved.toml");
     std::fs::write(&saved, &eff).unwrap();
     let mut check = Command::new(binary());
@@ -372,17 +383,33 @@ fn every_command_takes_effect_and_survives_a_restart() {
         !connect(&tb, b, port).is_connected(),
         "the denylist entry is lost"
     );
-    // SIGHUP with a changed config file (4 instead of 3): the runtime change stays on top.
+    // SIGHUP with a changed config file (4 instead of 3, and a denylist): the runtime changes
+    // stay on top, and the masked list edit is said.
     let text = std::fs::read_to_string(paths.config()).unwrap();
     std::fs::write(
         paths.config(),
-        text.replace("max_connections = 3", "max_connections = 4"),
+        text.replace("max_connections = 3", "max_connections = 4")
+            .replace("interfaces = ", "deny = [\"198.19.7.0/24\"]\ninterfaces = "),
     )
     .unwrap();
     daemon2.signal(libc::SIGHUP);
     assert!(daemon2.wait_for("reloaded", Duration::from_secs(5)));
     let l = wsg(&sock, &["--json", "limits", "get"]).json();
     assert_eq!(l["ports"][0]["max_connections"], 2, "{l}");
+    assert!(
+        daemon2.contains("the config file's denylist changed, but the denylist changed at runtime"),
+        "{:?}",
+        daemon2.lines()
+    );
+    assert_eq!(
+        wsg(&sock, &["--json", "deny", "list"]).json()["cidrs"],
+        serde_json::json!([b_net])
+    );
+    // deny reset: the file's list is in force.
+    wsg(&sock, &["deny", "reset"]).ok();
+    let d = wsg(&sock, &["--json", "deny", "list"]).json();
+    assert_eq!(d["cidrs"], serde_json::json!(["198.19.7.0/24"]), "{d}");
+    assert_eq!(d["source"], "config", "{d}");
     assert!(matches!(connect(&tb, c, port), Outcome::Refused));
     // limits reset: back to the config file's, now 4.
     wsg(&sock, &["limits", "reset", "--port", &port.to_string()]).ok();
@@ -544,7 +571,16 @@ fn bad_arguments_change_nothing() {
         "{deny}"
     );
     wsg(&sock, &["deny", "remove", "198.19.0.5"]).ok();
-    assert_eq!(snapshot(), before, "add and remove left something");
+    // The denylist is a runtime list now (kept whole in the state file) until reset.
+    let deny = wsg(&sock, &["--json", "deny", "list"]).json();
+    assert_eq!(deny["source"], "runtime", "{deny}");
+    let text = wsg(&sock, &["deny", "list"]).ok().stdout;
+    assert!(text.contains("`ws-guard deny reset`"), "{text}");
+    wsg(&sock, &["deny", "reset"]).ok();
+    let r = wsg(&sock, &["deny", "reset"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("no runtime change to reset"), "{r:?}");
+    assert_eq!(snapshot(), before, "add, remove and reset left something");
 
     // Unreachable daemon: exit 3 and what to do.
     let r = wsg(&paths.dir.path().join("nothing.sock"), &["status"]);

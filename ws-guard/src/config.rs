@@ -179,6 +179,32 @@ impl<'de> Deserialize<'de> for Rate {
     }
 }
 
+/// A count, or `"none"` for no limit (as the CLI and the state file write it).
+fn count_or_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Count(u32),
+        Text(String),
+    }
+    match Form::deserialize(d)? {
+        Form::Count(n) => Ok(Some(n)),
+        Form::Text(t) if t == "none" => Ok(None),
+        Form::Text(t) => Err(de::Error::custom(format!(
+            "expected a number of connections or \"none\", got {t:?}"
+        ))),
+    }
+}
+
+/// `COUNT/WINDOW`, or `"none"` for no limit.
+fn rate_or_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Rate>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim() == "none" {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(de::Error::custom)
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(|e| de::Error::custom(format!("{s:?}: {e}")))
@@ -190,12 +216,15 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 pub struct PortLimits {
     /// TCP port, 1..=65535.
     pub port: u32,
-    /// Concurrent connections per source key, half-open included. Omitted: no limit.
+    /// Concurrent connections per source key, half-open included. Omitted or `"none"`: no
+    /// limit.
+    #[serde(default, deserialize_with = "count_or_none")]
     pub max_connections: Option<u32>,
     /// What happens to an attempt over `max_connections`.
     #[serde(default = "default_connection_action")]
     pub connection_action: Action,
-    /// New connections per source key per window. Omitted: no limit.
+    /// New connections per source key per window. Omitted or `"none"`: no limit.
+    #[serde(default, deserialize_with = "rate_or_none")]
     pub new_connections: Option<Rate>,
     /// What happens to an attempt over `new_connections`.
     #[serde(default = "default_rate_action")]
@@ -1252,6 +1281,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(parse(&to_toml(&c)).unwrap(), c, "{}", to_toml(&c));
+    }
+
+    #[test]
+    fn none_is_no_limit() {
+        let c =
+            parse("[[port]]\nport = 1\nmax_connections = \"none\"\nnew_connections = \"none\"\n")
+                .unwrap();
+        assert_eq!(
+            (c.ports[0].max_connections, c.ports[0].new_connections),
+            (None, None)
+        );
+        let e = parse("[[port]]\nport = 1\nmax_connections = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("number of connections or \"none\""), "{e}");
     }
 
     #[test]

@@ -153,7 +153,8 @@ pub const KEYS: &[Key] = &[
     Key {
         key: "port.max_connections",
         default: "(none)",
-        meaning: "Concurrent connections, half-open included, per source (at least 1).",
+        meaning: "Concurrent connections, half-open included, per source (at least 1); \
+                  \"none\" (as the state file writes a limit switched off) is no limit.",
     },
     Key {
         key: "port.connection_action",
@@ -165,7 +166,7 @@ pub const KEYS: &[Key] = &[
         key: "port.new_connections",
         default: "(none)",
         meaning: "COUNT/WINDOW: at most COUNT (1-32) new connections per source in any window \
-                  of WINDOW (at most 7 days), e.g. \"9/100s\".",
+                  of WINDOW (at most 7 days), e.g. \"9/100s\"; \"none\" is no limit.",
     },
     Key {
         key: "port.rate_action",

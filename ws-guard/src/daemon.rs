@@ -16,7 +16,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     config::Config,
     config::XdpMode,
-    control,
+    control::{self, protocol::ListName},
     guard::{self, Guard, LoadOptions},
     interfaces, metrics,
     pin::PinDir,
@@ -698,7 +698,7 @@ fn reload(shared: &mut Shared) {
         Err(e) => {
             error!(
                 "reload refused, the running limits stay: {e} (the runtime changes in {} do \
-                 not fit the new config file; `ws-guard limits reset` or `allow|deny remove` \
+                 not fit the new config file; `ws-guard limits reset` or `allow|deny reset` \
                  drop single changes)",
                 shared.state_file.display()
             );
@@ -716,6 +716,20 @@ fn reload(shared: &mut Shared) {
             "interfaces, xdp_mode, capacity, [metrics] and log_format take effect on restart \
              only"
         );
+    }
+    // A list changed at runtime replaces the file's: an edit of the file's list is not in
+    // force until `allow|deny reset`; say so rather than let it look applied.
+    for (list, old, now) in [
+        (ListName::Allow, &shared.file.allow, &new_file.allow),
+        (ListName::Deny, &shared.file.deny, &new_file.deny),
+    ] {
+        if old != now && overrides.list_changed(list) {
+            warn!(
+                "reload: the config file's {list}list changed, but the {list}list changed at \
+                 runtime (in {}) stays in force; `ws-guard {list} reset` puts the file's in force",
+                shared.state_file.display()
+            );
+        }
     }
     let changes = cfg.changes(&new);
     match state::apply(&mut shared.guard, &new) {

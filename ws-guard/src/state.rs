@@ -1,7 +1,8 @@
 //! Runtime overrides: what `ws-guard limits set`, `monitor on|off`, `allow|deny add|remove`
-//! changed while the daemon ran. They are kept in the state file (`state_file`, TOML) and laid
-//! over the configuration file: effective config = config file + overrides, applied at start,
-//! on SIGHUP and after every change.
+//! changed while the daemon ran. They are kept in the state file (`state_file`), a fragment of
+//! a configuration file in its own schema, laid over the configuration file: each key there
+//! replaces the file's (a port's fields one by one), applied at start, on SIGHUP and after
+//! every change, until `limits reset` / `allow|deny reset` drops it.
 //!
 //! The state file is written atomically (temporary file, fsync, rename, fsync of the
 //! directory), so a crash leaves the old or the new overrides, never half of them.
@@ -62,24 +63,34 @@ pub struct Overrides {
     /// `monitor on|off`; unset: the config file's `monitor`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monitor: Option<bool>,
-    /// CIDRs added to the allowlist / removed from the config file's allowlist.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// The allowlist, whole and sorted, once changed at runtime (`allow add|remove`); unset:
+    /// the config file's. `allow reset` unsets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<IpNet>>,
+    /// The denylist, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Vec<IpNet>>,
+    /// State files of earlier versions kept list changes as differences from the config
+    /// file's lists: read, and turned into whole lists on the next change of that list.
+    #[serde(default, skip_serializing)]
     pub allow_added: Vec<IpNet>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing)]
     pub allow_removed: Vec<IpNet>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing)]
     pub deny_added: Vec<IpNet>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing)]
     pub deny_removed: Vec<IpNet>,
     /// Per-port limits (`limits set`), by port; `limits reset` removes one.
     #[serde(default, rename = "port", skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortOverride>,
 }
 
-const HEADER: &str = "# ws-guard runtime overrides, written by the daemon (`ws-guard limits set`, \
-`allow`, `deny`, `monitor`).\n# They are laid over the config file. Edit only while the daemon \
-is stopped; `ws-guard limits reset` and\n# `allow|deny remove` undo single changes, deleting \
-this file undoes all of them.\n\n";
+const HEADER: &str = "# ws-guard runtime changes, written by the daemon (`ws-guard limits set`, \
+`allow`, `deny`, `monitor`):\n# a fragment of a config file, in its schema. Each key here \
+replaces the config file's (a [[port]]\n# table's fields one by one); paste them into the config \
+file to keep them (or `ws-guard config show\n# --effective`). Edit only while the daemon is \
+stopped; `ws-guard limits reset` and `allow|deny reset`\n# drop single changes, deleting this \
+file drops all of them.\n\n";
 
 impl Overrides {
     /// Reads `path`; a missing file is no overrides.
@@ -104,7 +115,11 @@ impl Overrides {
             &mut o.allow_removed,
             &mut o.deny_added,
             &mut o.deny_removed,
-        ] {
+        ]
+        .into_iter()
+        .chain(o.allow.iter_mut())
+        .chain(o.deny.iter_mut())
+        {
             l.sort();
             l.dedup();
         }
@@ -202,27 +217,44 @@ impl Overrides {
         self.ports.len() != before
     }
 
-    fn lists(&mut self, list: ListName) -> (&mut Vec<IpNet>, &mut Vec<IpNet>) {
-        match list {
-            ListName::Allow => (&mut self.allow_added, &mut self.allow_removed),
-            ListName::Deny => (&mut self.deny_added, &mut self.deny_removed),
+    /// The runtime list `list`, made from `file`'s entries (and an earlier version's
+    /// differences) on its first change.
+    fn list_mut(&mut self, list: ListName, file: &[IpNet]) -> &mut Vec<IpNet> {
+        // Made once: later changes edit it in place (a bulk add is one change per CIDR).
+        let first = match list {
+            ListName::Allow => self.allow.is_none(),
+            ListName::Deny => self.deny.is_none(),
         }
+        .then(|| self.list_entries(list, file));
+        let (whole, added, removed) = match list {
+            ListName::Allow => (
+                &mut self.allow,
+                &mut self.allow_added,
+                &mut self.allow_removed,
+            ),
+            ListName::Deny => (&mut self.deny, &mut self.deny_added, &mut self.deny_removed),
+        };
+        if let Some(current) = first {
+            added.clear();
+            removed.clear();
+            *whole = Some(current);
+        }
+        whole.get_or_insert_with(Vec::new)
     }
 
     /// Records `cidr` added to `list`, whose config-file entries are `file`. Err: already in.
     pub fn list_add(&mut self, list: ListName, file: &[IpNet], cidr: IpNet) -> Result<(), String> {
-        let (added, removed) = self.lists(list);
-        if removed.contains(&cidr) {
-            removed.retain(|c| *c != cidr);
-            return Ok(());
-        }
         // Kept sorted, so an add costs a binary search and a move, not a sort (block lists of
-        // thousands of CIDRs are added one by one or in bulk).
-        match added.binary_search(&cidr) {
+        // thousands of CIDRs are added one by one or in bulk). A refused change leaves the
+        // list as it was (not made into a runtime list).
+        if !self.list_changed(list) && self.list_entries(list, file).contains(&cidr) {
+            return Err(format!("{cidr} is already in the {list}list"));
+        }
+        let l = self.list_mut(list, file);
+        match l.binary_search(&cidr) {
             Ok(_) => Err(format!("{cidr} is already in the {list}list")),
-            Err(_) if file.contains(&cidr) => Err(format!("{cidr} is already in the {list}list")),
             Err(at) => {
-                added.insert(at, cidr);
+                l.insert(at, cidr);
                 Ok(())
             }
         }
@@ -235,25 +267,58 @@ impl Overrides {
         file: &[IpNet],
         cidr: IpNet,
     ) -> Result<(), String> {
-        let (added, removed) = self.lists(list);
-        if added.contains(&cidr) {
-            added.retain(|c| *c != cidr);
-            return Ok(());
+        if !self.list_entries(list, file).contains(&cidr) {
+            return Err(format!("{cidr} is not in the {list}list"));
         }
-        if file.contains(&cidr) && !removed.contains(&cidr) {
-            removed.push(cidr);
-            removed.sort();
-            return Ok(());
+        let l = self.list_mut(list, file);
+        if let Ok(at) = l.binary_search(&cidr) {
+            l.remove(at);
         }
-        Err(format!("{cidr} is not in the {list}list"))
+        Ok(())
     }
 
-    /// `file`'s entries of `list` with these overrides: removed ones out, added ones in.
-    pub fn list_entries(&self, list: ListName, file: &[IpNet]) -> Vec<IpNet> {
-        let (added, removed) = match list {
-            ListName::Allow => (&self.allow_added, &self.allow_removed),
-            ListName::Deny => (&self.deny_added, &self.deny_removed),
+    /// Drops the runtime changes of `list`: the config file's list is in force again. False
+    /// when it had none.
+    pub fn list_reset(&mut self, list: ListName) -> bool {
+        let (whole, added, removed) = match list {
+            ListName::Allow => (
+                &mut self.allow,
+                &mut self.allow_added,
+                &mut self.allow_removed,
+            ),
+            ListName::Deny => (&mut self.deny, &mut self.deny_added, &mut self.deny_removed),
         };
+        let had = whole.is_some() || !added.is_empty() || !removed.is_empty();
+        *whole = None;
+        added.clear();
+        removed.clear();
+        had
+    }
+
+    /// Whether `list` was changed at runtime.
+    pub fn list_changed(&self, list: ListName) -> bool {
+        match list {
+            ListName::Allow => {
+                self.allow.is_some()
+                    || !self.allow_added.is_empty()
+                    || !self.allow_removed.is_empty()
+            }
+            ListName::Deny => {
+                self.deny.is_some() || !self.deny_added.is_empty() || !self.deny_removed.is_empty()
+            }
+        }
+    }
+
+    /// The entries of `list` in force: the runtime list if it was changed, else `file`'s (with
+    /// an earlier version's differences), sorted.
+    pub fn list_entries(&self, list: ListName, file: &[IpNet]) -> Vec<IpNet> {
+        let (whole, added, removed) = match list {
+            ListName::Allow => (&self.allow, &self.allow_added, &self.allow_removed),
+            ListName::Deny => (&self.deny, &self.deny_added, &self.deny_removed),
+        };
+        if let Some(l) = whole {
+            return l.clone();
+        }
         let mut out: Vec<IpNet> = file
             .iter()
             .filter(|c| !removed.contains(c))
@@ -494,8 +559,59 @@ mod tests {
         assert_eq!(o.list_entries(ListName::Allow, &file), vec![a]);
         o.list_add(ListName::Allow, &file, file[0]).unwrap();
         o.list_remove(ListName::Allow, &file, a).unwrap();
+        // Changed at runtime, even if back to the file's entries: the state file holds the
+        // whole list, in the config's schema, until `allow reset`.
+        assert_eq!(o.list_entries(ListName::Allow, &file), file);
+        assert!(o.list_changed(ListName::Allow));
+        let text = toml::to_string(&o).unwrap();
+        assert_eq!(text, "allow = [\"198.18.0.0/24\"]\n");
+        assert!(o.list_reset(ListName::Allow));
+        assert!(!o.list_reset(ListName::Allow));
         assert_eq!(o, Overrides::default());
         assert!(o.list_remove(ListName::Deny, &file, a).is_err());
+        assert_eq!(
+            o,
+            Overrides::default(),
+            "a refused change changes nothing it keeps"
+        );
+    }
+
+    #[test]
+    fn the_state_file_is_a_config_fragment_and_older_ones_still_read() {
+        let f = file();
+        let mut o = Overrides::default();
+        o.list_add(ListName::Deny, &f.deny, "198.19.0.0/16".parse().unwrap())
+            .unwrap();
+        o.monitor = Some(true);
+        o.set_port(
+            9000,
+            &LimitChange {
+                max_connections: Some(Limit::Value(MaxConnections(5))),
+                ..Default::default()
+            },
+        );
+        // The whole state file parses as a config file (its keys in the config's schema).
+        let cfg = Config::parse(&toml::to_string(&o).unwrap(), "state").unwrap();
+        assert!(cfg.monitor);
+        assert_eq!(cfg.deny, vec!["198.19.0.0/16".parse::<IpNet>().unwrap()]);
+        assert_eq!(cfg.ports[0].max_connections, Some(5));
+        // An earlier version's differences: laid over the file, then turned into the whole
+        // list on the next change of that list, and written in the new form.
+        let file: Vec<IpNet> = vec!["198.18.0.0/24".parse().unwrap()];
+        let mut old: Overrides = toml::from_str(
+            "allow_added = [\"198.18.1.0/24\"]\nallow_removed = [\"198.18.0.0/24\"]\n",
+        )
+        .unwrap();
+        let one: IpNet = "198.18.1.0/24".parse().unwrap();
+        assert_eq!(old.list_entries(ListName::Allow, &file), vec![one]);
+        let two: IpNet = "198.18.2.0/24".parse().unwrap();
+        old.list_add(ListName::Allow, &file, two).unwrap();
+        assert_eq!(old.allow, Some(vec![one, two]));
+        assert!(old.allow_added.is_empty() && old.allow_removed.is_empty());
+        assert_eq!(
+            toml::to_string(&old).unwrap(),
+            "allow = [\"198.18.1.0/24\", \"198.18.2.0/24\"]\n"
+        );
     }
 
     fn tempfile_dir() -> PathBuf {

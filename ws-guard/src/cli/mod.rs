@@ -232,8 +232,10 @@ pub enum ListCommand {
         #[arg(value_parser = crate::config::parse_cidr)]
         cidr: IpNet,
     },
-    /// Every CIDR in force.
+    /// Every CIDR in force, and whether the list is the config file's or changed at runtime.
     List,
+    /// Drop the runtime changes of the list: the config file's list is in force again.
+    Reset,
 }
 
 /// `status`: from the daemon, or (it does not answer) what the pins say, with exit code 3.
@@ -687,6 +689,7 @@ fn list_request(list: ListName, c: ListCommand) -> Request {
             cidr: cidr.to_string(),
         },
         ListCommand::List => Request::ListShow { list },
+        ListCommand::Reset => Request::ListReset { list },
     }
 }
 

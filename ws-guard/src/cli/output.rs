@@ -191,11 +191,18 @@ pub fn human(req: &Request, data: serde_json::Value) -> anyhow::Result<String> {
         }
         Request::ListShow { .. } => {
             let l: ListReply = serde_json::from_value(data.clone()).with_context(bad)?;
-            if l.cidrs.is_empty() {
+            let mut o = if l.cidrs.is_empty() {
                 format!("the {}list is empty\n", l.list)
             } else {
                 l.cidrs.iter().map(|c| format!("{c}\n")).collect()
+            };
+            if l.source == "runtime" {
+                o += &format!(
+                    "(changed at runtime: `ws-guard {} reset` goes back to the config file's)\n",
+                    l.list
+                );
             }
+            o
         }
         Request::BansList => {
             let b: BansReply = serde_json::from_value(data.clone()).with_context(bad)?;

@@ -45,6 +45,7 @@ pub fn exercise_request(line: &[u8], file: &Config, o: &mut Overrides) -> bool {
                     | Request::ListAdd { .. }
                     | Request::ListAddAll { .. }
                     | Request::ListRemove { .. }
+                    | Request::ListReset { .. }
             ));
             assert_eq!(&next, o, "a read-only request changed the overrides");
             false
@@ -89,6 +90,7 @@ mod tests {
         r#"{"command":"list_add","list":"deny","cidr":"2001:2::/48"}"#,
         r#"{"command":"list_remove","list":"deny","cidr":"2001:2::/48"}"#,
         r#"{"command":"list_show","list":"allow"}"#,
+        r#"{"command":"list_reset","list":"deny"}"#,
         r#"{"command":"bans_list"}"#,
         r#"{"command":"ban_add","addr":"198.18.0.5","port":9000,"duration_ms":1000}"#,
         r#"{"command":"ban_remove","addr":"2001:2::5"}"#,
@@ -108,7 +110,7 @@ mod tests {
             .iter()
             .filter(|s| exercise_request(s.as_bytes(), &file, &mut o))
             .count();
-        assert_eq!(changed, 8, "{o:?}");
+        assert_eq!(changed, 9, "{o:?}");
     }
 
     /// The fuzz target's job, cheaply and on stable, in every test run: every truncation of

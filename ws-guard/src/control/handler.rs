@@ -30,7 +30,8 @@ pub fn handle(s: &mut Shared, req: Request) -> Response {
         | Request::Monitor { .. }
         | Request::ListAdd { .. }
         | Request::ListAddAll { .. }
-        | Request::ListRemove { .. } => {
+        | Request::ListRemove { .. }
+        | Request::ListReset { .. } => {
             let mut next = s.overrides.clone();
             match change_overrides(&req, &mut next, &s.file) {
                 Some(Ok(what)) => commit(s, next, &what),
@@ -194,6 +195,15 @@ pub fn change_overrides(
                 ))
             })
         }
+        Request::ListReset { list } => {
+            if o.list_reset(*list) {
+                Ok(format!(
+                    "the {list}list is the config file's again (runtime changes dropped)"
+                ))
+            } else {
+                Err(format!("the {list}list has no runtime change to reset"))
+            }
+        }
         Request::ListAddAll { list, cidrs } => {
             let entries = match list {
                 ListName::Allow => &file.allow,
@@ -269,6 +279,12 @@ fn list_show(s: &Shared, list: ListName) -> Response {
     Response::ok(&ListReply {
         list,
         cidrs: entries.iter().map(|c| c.to_string()).collect(),
+        source: if s.overrides.list_changed(list) {
+            "runtime"
+        } else {
+            "config"
+        }
+        .into(),
     })
 }
 

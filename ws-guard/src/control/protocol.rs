@@ -233,6 +233,10 @@ pub enum Request {
         list: ListName,
         cidr: String,
     },
+    /// Drops the runtime changes of a list: the config file's is in force again.
+    ListReset {
+        list: ListName,
+    },
     ListShow {
         list: ListName,
     },
@@ -407,6 +411,10 @@ pub struct ListReply {
     pub list: ListName,
     /// Every CIDR in force, sorted.
     pub cidrs: Vec<String>,
+    /// "config" (the config file's list) or "runtime" (changed with `add`/`remove` since;
+    /// `reset` goes back to the file's).
+    #[serde(default)]
+    pub source: String,
 }
 
 /// One active ban.
