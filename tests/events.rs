@@ -8,7 +8,6 @@
 
 use std::{
     collections::HashMap,
-    io::{BufRead as _, BufReader},
     net::IpAddr,
     os::unix::net::UnixDatagram,
     path::Path,
@@ -19,7 +18,7 @@ use std::{
 
 use serde_json::Value;
 use ws_guard_tests::{
-    binary::{Daemon, DaemonFiles, binary, wsg},
+    binary::{Daemon, DaemonFiles, binary, collect_lines, wsg},
     netns::{Testbed, sa, test_port, wait_until},
     privileged,
     traffic::{Outcome, Server, Stack, connect_from},
@@ -73,18 +72,7 @@ impl Follower {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting events --follow");
-        let stdout = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let reader = {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().take(100_000) {
-                    let Ok(line) = line else { break };
-                    eprintln!("follow: {line}");
-                    lines.lock().unwrap().push(line);
-                }
-            })
-        };
+        let (lines, reader) = collect_lines(child.stdout.take().unwrap(), "follow");
         Self {
             child,
             lines,

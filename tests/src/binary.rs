@@ -93,6 +93,26 @@ impl Default for Private {
     }
 }
 
+/// Collects the lines `from` gives (at most 100,000), echoing each as `label: line`, on a
+/// thread of its own; the lines so far, and the thread (it ends at end of file).
+pub fn collect_lines(
+    from: impl std::io::Read + Send + 'static,
+    label: &'static str,
+) -> (Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(from).lines().take(100_000) {
+                let Ok(line) = line else { break };
+                eprintln!("{label}: {line}");
+                lines.lock().unwrap().push(line);
+            }
+        })
+    };
+    (lines, reader)
+}
+
 /// A running daemon, its stderr collected line by line; killed by PID on drop if still running.
 pub struct Daemon {
     child: Child,
@@ -129,18 +149,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting the daemon");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let reader = {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().take(100_000) {
-                    let Ok(line) = line else { break };
-                    eprintln!("daemon: {line}");
-                    log.lock().unwrap().push(line);
-                }
-            })
-        };
+        let (log, reader) = collect_lines(child.stderr.take().unwrap(), "daemon");
         Self {
             child,
             log,

@@ -217,23 +217,39 @@ impl Overrides {
         self.ports.len() != before
     }
 
-    /// The runtime list `list`, made from `file`'s entries (and an earlier version's
-    /// differences) on its first change.
-    fn list_mut(&mut self, list: ListName, file: &[IpNet]) -> &mut Vec<IpNet> {
-        // Made once: later changes edit it in place (a bulk add is one change per CIDR).
-        let first = match list {
-            ListName::Allow => self.allow.is_none(),
-            ListName::Deny => self.deny.is_none(),
+    /// The fields of `list`: the whole runtime list, and an earlier version's differences.
+    fn list_fields(&self, list: ListName) -> (&Option<Vec<IpNet>>, &Vec<IpNet>, &Vec<IpNet>) {
+        match list {
+            ListName::Allow => (&self.allow, &self.allow_added, &self.allow_removed),
+            ListName::Deny => (&self.deny, &self.deny_added, &self.deny_removed),
         }
-        .then(|| self.list_entries(list, file));
-        let (whole, added, removed) = match list {
+    }
+
+    /// [`Overrides::list_fields`], to change.
+    fn list_fields_mut(
+        &mut self,
+        list: ListName,
+    ) -> (&mut Option<Vec<IpNet>>, &mut Vec<IpNet>, &mut Vec<IpNet>) {
+        match list {
             ListName::Allow => (
                 &mut self.allow,
                 &mut self.allow_added,
                 &mut self.allow_removed,
             ),
             ListName::Deny => (&mut self.deny, &mut self.deny_added, &mut self.deny_removed),
-        };
+        }
+    }
+
+    /// The runtime list `list`, made from `file`'s entries (and an earlier version's
+    /// differences) on its first change.
+    fn list_mut(&mut self, list: ListName, file: &[IpNet]) -> &mut Vec<IpNet> {
+        // Made once: later changes edit it in place (a bulk add is one change per CIDR).
+        let first = self
+            .list_fields(list)
+            .0
+            .is_none()
+            .then(|| self.list_entries(list, file));
+        let (whole, added, removed) = self.list_fields_mut(list);
         if let Some(current) = first {
             added.clear();
             removed.clear();
@@ -280,14 +296,7 @@ impl Overrides {
     /// Drops the runtime changes of `list`: the config file's list is in force again. False
     /// when it had none.
     pub fn list_reset(&mut self, list: ListName) -> bool {
-        let (whole, added, removed) = match list {
-            ListName::Allow => (
-                &mut self.allow,
-                &mut self.allow_added,
-                &mut self.allow_removed,
-            ),
-            ListName::Deny => (&mut self.deny, &mut self.deny_added, &mut self.deny_removed),
-        };
+        let (whole, added, removed) = self.list_fields_mut(list);
         let had = whole.is_some() || !added.is_empty() || !removed.is_empty();
         *whole = None;
         added.clear();
@@ -297,25 +306,14 @@ impl Overrides {
 
     /// Whether `list` was changed at runtime.
     pub fn list_changed(&self, list: ListName) -> bool {
-        match list {
-            ListName::Allow => {
-                self.allow.is_some()
-                    || !self.allow_added.is_empty()
-                    || !self.allow_removed.is_empty()
-            }
-            ListName::Deny => {
-                self.deny.is_some() || !self.deny_added.is_empty() || !self.deny_removed.is_empty()
-            }
-        }
+        let (whole, added, removed) = self.list_fields(list);
+        whole.is_some() || !added.is_empty() || !removed.is_empty()
     }
 
     /// The entries of `list` in force: the runtime list if it was changed, else `file`'s (with
     /// an earlier version's differences), sorted.
     pub fn list_entries(&self, list: ListName, file: &[IpNet]) -> Vec<IpNet> {
-        let (whole, added, removed) = match list {
-            ListName::Allow => (&self.allow, &self.allow_added, &self.allow_removed),
-            ListName::Deny => (&self.deny, &self.deny_added, &self.deny_removed),
-        };
+        let (whole, added, removed) = self.list_fields(list);
         if let Some(l) = whole {
             return l.clone();
         }
