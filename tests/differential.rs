@@ -649,6 +649,7 @@ impl Gen {
                 100 * SECOND,
                 u64::MAX,
             ]),
+            ..PortConfig::default()
         }
     }
 
@@ -2051,6 +2052,7 @@ fn regressions() {
             rate_limit: 1,
             index: 0,
             rate_window_ns: 20_000_000,
+            ..PortConfig::default()
         },
     ));
     r.event(Event::Policy {

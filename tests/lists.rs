@@ -70,6 +70,7 @@ fn limits(max_connections: u32, rate_limit: u32, window: Duration) -> PortConfig
         rate_limit,
         index: 0,
         rate_window_ns: window.as_nanos() as u64,
+        ..PortConfig::default()
     }
 }
 

@@ -169,6 +169,7 @@ fn limits(max_connections: u32, conn_action: u32, rate_limit: u32, window_ns: u6
         rate_limit,
         index: 0,
         rate_window_ns: window_ns,
+        ..PortConfig::default()
     }
 }
 

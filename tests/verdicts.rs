@@ -66,6 +66,7 @@ fn limits(
         rate_limit,
         index: 0,
         rate_window_ns,
+        ..PortConfig::default()
     }
 }
 

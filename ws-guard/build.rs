@@ -19,6 +19,12 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("ws-guard-ebpf manifest has no parent"))?
         .as_str();
+    // aya-build watches the eBPF crate only; the kernel also compiles ws-guard-common.
+    let common = std::path::Path::new(root_dir)
+        .parent()
+        .map(|p| p.join("ws-guard-common"))
+        .ok_or_else(|| anyhow!("ws-guard-ebpf has no parent directory"))?;
+    println!("cargo:rerun-if-changed={}", common.display());
     aya_build::build_ebpf(
         [aya_build::Package {
             name: ebpf.name.as_str(),

@@ -1046,6 +1046,7 @@ mod tests {
                 rate_limit: rate,
                 index: 0,
                 rate_window_ns: 1_000_000_000,
+                ..PortConfig::default()
             },
         );
         m

@@ -11,7 +11,9 @@ pub mod names;
 pub mod parse;
 pub mod policy;
 pub mod rate;
+pub mod reply;
 pub mod rst;
+pub mod syncookie;
 pub mod tracepoint;
 
 #[cfg(test)]

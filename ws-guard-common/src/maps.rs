@@ -98,6 +98,11 @@ pub struct PortConfig {
     /// Assigned by userspace, stable while the port stays protected.
     pub index: u32,
     pub rate_window_ns: u64,
+    /// Non-zero while the port is in SYN-cookie mode: a new attempt of a source key without
+    /// state is answered with a SYN cookie and judged at its ACK (see [`crate::syncookie`]).
+    /// Set by userspace (`syn_cookies = "on"`, or `"auto"` under a flood).
+    pub syn_cookies: u32,
+    pub _pad: u32,
 }
 
 /// The most ports whose counters the stats map keeps apart (and so the most protected ports).
@@ -157,6 +162,44 @@ pub struct GlobalConfig {
     pub pass_fragments: u32,
     /// How long a source refused by the rate limit is banned; zero: no automatic bans.
     pub ban_ns: u64,
+    /// What SYN-ACKs carrying a cookie offer, as the kernel's own SYN-ACKs would.
+    pub cookie: CookieSettings,
+}
+
+/// The host's TCP settings a SYN cookie's SYN-ACK must match, read by userspace from the
+/// interfaces' MTU and the `net.ipv4.tcp_*` sysctls (see [`crate::syncookie`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CookieSettings {
+    /// MSS offered over IPv4 (the smallest MTU of the interfaces minus 40).
+    pub mss4: u16,
+    /// MSS offered over IPv6 (MTU minus 60).
+    pub mss6: u16,
+    /// The server's window scale (what `tcp_select_initial_window` computes).
+    pub wscale: u8,
+    /// [`COOKIE_SACK`], [`COOKIE_TIMESTAMPS`], [`COOKIE_WSCALE`]: what the host enables.
+    pub flags: u8,
+    pub _pad: u16,
+}
+
+/// [`CookieSettings::flags`]: `net.ipv4.tcp_sack` is on.
+pub const COOKIE_SACK: u8 = 1;
+/// [`CookieSettings::flags`]: `net.ipv4.tcp_timestamps` is on.
+pub const COOKIE_TIMESTAMPS: u8 = 2;
+/// [`CookieSettings::flags`]: `net.ipv4.tcp_window_scaling` is on.
+pub const COOKIE_WSCALE: u8 = 4;
+
+impl Default for CookieSettings {
+    /// Linux's defaults on a 1500-byte MTU.
+    fn default() -> Self {
+        Self {
+            mss4: 1460,
+            mss6: 1440,
+            wscale: 7,
+            flags: COOKIE_SACK | COOKIE_TIMESTAMPS | COOKIE_WSCALE,
+            _pad: 0,
+        }
+    }
 }
 
 /// [`GlobalConfig::flags`]: the allowlist trie (`WSG_ALLOW`) has entries.
@@ -183,6 +226,7 @@ impl Default for GlobalConfig {
             flags: 0,
             pass_fragments: 0,
             ban_ns: 0,
+            cookie: CookieSettings::default(),
         }
     }
 }
@@ -210,10 +254,9 @@ impl Default for RateState {
 }
 
 /// Index of each per-CPU decision counter within a bucket of the stats map (see
-/// [`stats_bucket`]). Every frame the XDP program sees adds to exactly one of the counters from
-/// `NotProtected` to `MapFull` except `MonitorWouldBlock`, `RstSent` and `RejectAsDrop`, which
-/// say more about a frame already counted; [`Counter::FRAME_OUTCOMES`] lists the ones that add
-/// up to all frames seen.
+/// [`stats_bucket`]). Every frame the XDP program sees adds to exactly one of
+/// [`Counter::FRAME_OUTCOMES`]; the others (`MonitorWouldBlock`, `RstSent`, `CookieAcksValid`...)
+/// say more about a frame already counted, or count what the tracepoint and the sweep saw.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -265,11 +308,23 @@ pub enum Counter {
     EventsLost,
     /// Bans not started because the ban map was full.
     BansFull,
+    /// New attempts of sources without state answered with a SYN cookie (nothing stored).
+    CookiesSent,
+    /// ACKs to a port in SYN-cookie mode whose cookie is not valid (forged, or too old):
+    /// dropped.
+    CookieAcksInvalid,
+    /// ACKs carrying a cookie already used by an admitted connection: dropped.
+    CookieAcksReplayed,
+    /// ACKs carrying a valid cookie: judged as the source's new attempt (admitted, refused...).
+    CookieAcksValid,
+    /// New attempts a port in SYN-cookie mode judged on their SYN instead (no listener in the
+    /// interface's network namespace, IP options, a full accept queue).
+    CookieFallbacks,
 }
 
 impl Counter {
     /// Number of counters; the size of one bucket of the stats map.
-    pub const COUNT: u32 = Counter::BansFull as u32 + 1;
+    pub const COUNT: u32 = Counter::CookieFallbacks as u32 + 1;
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::NotProtected,
@@ -296,10 +351,15 @@ impl Counter {
         Counter::BansEnded,
         Counter::EventsLost,
         Counter::BansFull,
+        Counter::CookiesSent,
+        Counter::CookieAcksInvalid,
+        Counter::CookieAcksReplayed,
+        Counter::CookieAcksValid,
+        Counter::CookieFallbacks,
     ];
 
     /// The counters whose sum is the number of frames the XDP program saw.
-    pub const FRAME_OUTCOMES: [Counter; 12] = [
+    pub const FRAME_OUTCOMES: [Counter; 15] = [
         Counter::NotProtected,
         Counter::Fragments,
         Counter::Malformed,
@@ -312,6 +372,9 @@ impl Counter {
         Counter::Allowed,
         Counter::Denied,
         Counter::Banned,
+        Counter::CookiesSent,
+        Counter::CookieAcksInvalid,
+        Counter::CookieAcksReplayed,
     ];
 
     /// A stable snake_case name for logs and metrics.
@@ -341,6 +404,11 @@ impl Counter {
             Counter::BansEnded => "bans_ended",
             Counter::EventsLost => "events_lost",
             Counter::BansFull => "bans_full",
+            Counter::CookiesSent => "cookies_sent",
+            Counter::CookieAcksInvalid => "cookie_acks_invalid",
+            Counter::CookieAcksReplayed => "cookie_acks_replayed",
+            Counter::CookieAcksValid => "cookie_acks_valid",
+            Counter::CookieFallbacks => "cookie_fallbacks",
         }
     }
 }
@@ -389,6 +457,25 @@ impl BanEvent {
         // SAFETY: length checked; every bit pattern is a valid BanEvent (integers only).
         Some(unsafe { core::ptr::read_unaligned(b.as_ptr().cast::<Self>()) })
     }
+}
+
+/// The `WSG_SCRATCH` value: copies of a frame's IP and TCP headers, for the kernel's SYN-cookie
+/// helpers (which take memory of a size the verifier can bound, and the BPF stack is full).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Scratch {
+    pub ip: [u8; 40],
+    pub tcp: [u8; 60],
+    /// A `struct bpf_sock_tuple` for the socket lookup.
+    pub tuple: [u8; 40],
+    /// The options of the SYN being answered.
+    pub options: crate::syncookie::SynOptions,
+    /// Where reading them is.
+    pub cursor: crate::syncookie::OptionCursor,
+    /// The flow of a valid cookie ACK being judged, and its cookie.
+    pub flow: FlowKey,
+    pub cookie: u32,
+    pub _pad: u32,
 }
 
 /// Release a half-open attempt the kernel no longer has a socket for.
@@ -444,8 +531,10 @@ const _: () = {
     // The kernel creates source entries from the all-zero rate state (see the eBPF maps).
     assert!(size_of::<SourceState>() <= size_of::<RateState>());
     assert!(size_of::<FlowValue>() == 32);
-    assert!(size_of::<PortConfig>() == 32);
-    assert!(size_of::<GlobalConfig>() == 32);
+    assert!(size_of::<PortConfig>() == 40);
+    assert!(size_of::<GlobalConfig>() == 40);
+    assert!(size_of::<CookieSettings>() == 8);
+    assert!(size_of::<Scratch>() == 204);
     assert!(size_of::<BanValue>() == 16);
     assert!(size_of::<BanEvent>() == 40);
     assert!(size_of::<RateState>() == 8 + 8 * RATE_SLOTS);
@@ -464,6 +553,8 @@ mod pod {
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for PortConfig {}
     unsafe impl aya::Pod for GlobalConfig {}
+    unsafe impl aya::Pod for CookieSettings {}
+    unsafe impl aya::Pod for Scratch {}
     unsafe impl aya::Pod for RateState {}
     unsafe impl aya::Pod for ControlOp {}
     unsafe impl aya::Pod for BanValue {}

@@ -36,10 +36,24 @@ pub const MAP_BANS: &str = "WSG_BANS";
 /// Ring buffer of [`crate::maps::BanEvent`]s, from the XDP program to the daemon.
 pub const MAP_EVENTS: &str = "WSG_EVENTS";
 
+/// Per-CPU scratch space for the headers handed to the kernel's SYN-cookie helpers.
+pub const MAP_SCRATCH: &str = "WSG_SCRATCH";
+/// Cookies already used by an admitted connection (flow -> cookie), so a replayed ACK is not
+/// another connection; LRU (only sources that completed a handshake ever have an entry).
+pub const MAP_COOKIES: &str = "WSG_COOKIES";
+
+/// The SYN-cookie half of the XDP limiter, tail-called by [`PROG_XDP`] through [`MAP_JUMP`]
+/// (a program of its own: the verifier checks it apart, with a stack of its own).
+pub const PROG_COOKIE: &str = "wsg_cookie";
+/// The tail-call table of [`PROG_XDP`]: index 0 is [`PROG_COOKIE`].
+pub const MAP_JUMP: &str = "WSG_JUMP";
+/// [`PROG_COOKIE`]'s per-CPU copy of the segment it handles.
+pub const MAP_SEG: &str = "WSG_SEG";
+
 /// Every program name.
-pub const PROGRAMS: [&str; 3] = [PROG_XDP, PROG_SOCK_STATE, PROG_CONTROL];
+pub const PROGRAMS: [&str; 4] = [PROG_XDP, PROG_SOCK_STATE, PROG_CONTROL, PROG_COOKIE];
 /// Every map name the program defines (the aya-log map excluded).
-pub const MAPS: [&str; 12] = [
+pub const MAPS: [&str; 16] = [
     MAP_PORTS,
     MAP_RATE_ZERO,
     MAP_GLOBAL,
@@ -52,6 +66,10 @@ pub const MAPS: [&str; 12] = [
     MAP_DENY,
     MAP_BANS,
     MAP_EVENTS,
+    MAP_SCRATCH,
+    MAP_COOKIES,
+    MAP_JUMP,
+    MAP_SEG,
 ];
 
 /// The kernel's limit on object names (BPF_OBJ_NAME_LEN - 1).
@@ -72,7 +90,7 @@ const _: () = assert!(BANS_LAYOUT_SINCE <= LAYOUT_VERSION);
 
 /// Version of the map layouts; part of the pin directory so a daemon never adopts maps whose
 /// layout it does not know.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// The first layout version whose ban map (`SourceKey` -> `BanValue`, and what they mean) is
 /// this version's: an upgrade from it or later carries the bans in force over. Raise it to

@@ -54,7 +54,7 @@ pub const TCP_PSH: u8 = 0x08;
 pub const TCP_ACK: u8 = 0x10;
 
 /// The facts about a TCP segment that the decisions need. Offsets are from the frame start.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpSegment {
     pub family: u16,
     /// Offset of the IP header.
@@ -67,6 +67,8 @@ pub struct TcpSegment {
     pub dport: u16,
     pub flags: u8,
     pub seq: u32,
+    /// Acknowledgment number (meaningful when [`TCP_ACK`] is set).
+    pub ack: u32,
     /// TCP header plus payload, in bytes, as the IP header states.
     pub segment_len: u32,
     /// TCP header length in bytes.
@@ -289,6 +291,7 @@ fn parse_tcp<P: Packet + ?Sized>(
         dport: u16::from_be_bytes([t[2], t[3]]),
         flags: t[13],
         seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        ack: u32::from_be_bytes([t[8], t[9], t[10], t[11]]),
         segment_len,
         header_len,
         ipv6_ext,
@@ -422,6 +425,8 @@ pub(crate) mod tests {
         pub seq: u32,
         /// TCP option words (data offset - 5).
         pub tcp_option_words: u8,
+        /// Raw TCP options (zero-padded to `tcp_option_words`) instead of MSS and no-ops.
+        pub tcp_options: Option<Vec<u8>>,
         pub payload: usize,
         /// Zero bytes after the IP packet, as Ethernet padding.
         pub padding: usize,
@@ -456,6 +461,7 @@ pub(crate) mod tests {
                 flags: TCP_SYN,
                 seq: 0x1234_5678,
                 tcp_option_words: 0,
+                tcp_options: None,
                 payload: 0,
                 padding: 0,
                 sport: SPORT,
@@ -507,10 +513,14 @@ pub(crate) mod tests {
             if t.ack {
                 t.acknowledgment_number = 0x0bad_cafe;
             }
-            // MSS, then no-ops.
+            // MSS, then no-ops; or the options given.
             let mut opts = vec![1u8; 4 * self.tcp_option_words as usize];
             if !opts.is_empty() {
                 opts[..4].copy_from_slice(&[2, 4, 0x05, 0xb4]);
+            }
+            if let Some(given) = &self.tcp_options {
+                opts = given.clone();
+                opts.resize(4 * self.tcp_option_words as usize, 0);
             }
             t.set_options_raw(&opts).unwrap();
             assert_eq!(t.header_len(), self.tcp_len());
@@ -693,6 +703,7 @@ pub(crate) mod tests {
                 dport: 9000,
                 flags: TCP_SYN,
                 seq: 0x1234_5678,
+                ack: 0,
                 segment_len: 20,
                 header_len: 20,
                 ipv6_ext: false,
@@ -874,6 +885,7 @@ pub(crate) mod tests {
                 dport: DPORT,
                 flags: TCP_SYN,
                 seq: 0x1234_5678,
+                ack: 0,
                 segment_len: 20,
                 header_len: 20,
                 ipv6_ext: false,

@@ -8,6 +8,7 @@
 
 mod accounting;
 mod control;
+mod cookie;
 mod frame;
 mod maps;
 mod sock_state;
@@ -22,6 +23,13 @@ use aya_ebpf::{
 #[xdp]
 pub fn wsg_xdp(ctx: XdpContext) -> u32 {
     xdp::enforce(&ctx)
+}
+
+/// SYN-cookie mode (see `cookie`): reached from `wsg_xdp` by a tail call, for the new attempts
+/// and ACKs of a port in cookie mode. Never attached.
+#[xdp]
+pub fn wsg_cookie(ctx: XdpContext) -> u32 {
+    cookie::run(&ctx)
 }
 
 /// Learns from the kernel's own socket state when connections are established and closed.

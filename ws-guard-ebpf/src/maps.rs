@@ -9,13 +9,15 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, lpm_trie::Key,
+    },
 };
 use ws_guard_common::{
     maps::{
         BanEvent, BanValue, Counter, EVENT_BAN_ENDED, FLOW_FILTER_SLOTS, FlowKey, FlowValue,
-        GlobalConfig, PortConfig, RateState, STATS_ENTRIES, SourceKey, SourceState, UNATTRIBUTED,
-        stats_bucket,
+        GlobalConfig, PortConfig, RateState, STATS_ENTRIES, Scratch, SourceKey, SourceState,
+        UNATTRIBUTED, stats_bucket,
     },
     policy::{CIDR_DATA_LEN, TAG_BITS, address_bits},
 };
@@ -53,6 +55,20 @@ pub static WSG_BANS: HashMap<SourceKey, BanValue> = HashMap::with_max_entries(65
 /// Ban events for the daemon's log; 256 KiB holds over 6000 events.
 #[map]
 pub static WSG_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// `wsg_cookie`'s copy of the segment it judges (see `cookie::run`).
+#[map]
+pub static WSG_SEG: PerCpuArray<ws_guard_common::parse::TcpSegment> =
+    PerCpuArray::with_max_entries(1, 0);
+/// Index 0: `wsg_cookie`, which `wsg_xdp` tail-calls for the ports in SYN-cookie mode.
+#[map]
+pub static WSG_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+#[map]
+pub static WSG_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// Used SYN cookies: flow -> cookie. Entries are made only for admitted connections (a real
+/// handshake), and a cookie is valid for about two minutes: LRU eviction only drops old ones.
+#[map]
+pub static WSG_COOKIES: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(16384, 0);
 
 /// `-EEXIST`, as map updates with BPF_NOEXIST return it.
 pub const EEXIST: i32 = -17;

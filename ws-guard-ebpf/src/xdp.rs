@@ -16,17 +16,18 @@ use ws_guard_common::{
         FLAG_BANS, FlowKey, FlowValue, GATE_FLAGS, GlobalConfig, PortConfig, SourceKey,
         SourceState,
     },
-    parse::{self, Packet, Parsed, TcpSegment},
+    parse::{self, Parsed, TcpSegment},
     policy::{ListVerdict, ban_active, ban_until, list_verdict},
     rst,
 };
 
 use crate::{
-    frame::Frame,
+    cookie,
+    frame::{Frame, FrameIo},
     maps::{self, Bucket, WSG_BANS, WSG_CONNS, WSG_OWNED, WSG_PENDING, count},
 };
 
-enum Verdict {
+pub(crate) enum Verdict {
     Pass,
     Refuse(u32),
 }
@@ -56,20 +57,47 @@ pub fn enforce(ctx: &XdpContext) -> u32 {
     };
     let bucket = Bucket::of(port, seg.family);
     if !seg.is_new_attempt() {
+        if port.syn_cookies != 0 && cookie::may_carry_cookie(&seg) {
+            cookie::jump(ctx);
+        }
         count(bucket, Counter::ProtectedOther);
         return xdp_action::XDP_PASS;
     }
-    match new_attempt(ctx, &frame, &seg, port, bucket) {
+    if port.syn_cookies != 0 {
+        cookie::jump(ctx);
+    }
+    judge(ctx, &frame, &seg, port, bucket)
+}
+
+/// A new attempt's action: admitted (passed), or refused with the port's action.
+#[inline(always)]
+pub(crate) fn judge<F: FrameIo>(
+    ctx: &XdpContext,
+    frame: &F,
+    seg: &TcpSegment,
+    port: &PortConfig,
+    bucket: Bucket,
+) -> u32 {
+    match new_attempt(ctx, frame, seg, port, bucket) {
         Verdict::Pass => xdp_action::XDP_PASS,
-        Verdict::Refuse(action) if action == ACTION_REJECT => reject(&frame, &seg, bucket),
-        Verdict::Refuse(_) => xdp_action::XDP_DROP,
+        Verdict::Refuse(action) => refuse(frame, seg, bucket, action),
+    }
+}
+
+/// What a refused attempt gets: `action` (reject: a RST, else dropped).
+#[inline(always)]
+pub(crate) fn refuse<F: FrameIo>(frame: &F, seg: &TcpSegment, bucket: Bucket, action: u32) -> u32 {
+    if action == ACTION_REJECT {
+        reject(frame, seg, bucket)
+    } else {
+        xdp_action::XDP_DROP
     }
 }
 
 #[inline(always)]
-fn new_attempt(
+pub(crate) fn new_attempt<F: FrameIo>(
     ctx: &XdpContext,
-    frame: &Frame,
+    frame: &F,
     seg: &TcpSegment,
     port: &PortConfig,
     bucket: Bucket,
@@ -227,7 +255,7 @@ fn untracked(
 }
 
 /// What the lists and bans say about a new attempt.
-enum Gate {
+pub(crate) enum Gate {
     /// Neither listed nor banned: the limits decide.
     Continue,
     /// Allowlisted: not limited, tracked.
@@ -243,7 +271,7 @@ enum Gate {
 /// refusal is noted in the source's entry (`state`) if it has one; none is created for it. Kept
 /// lean (scalars, events written in place): the program's stack is near its 512-byte limit.
 #[inline(always)]
-fn gate(
+pub(crate) fn gate(
     client: &[u8; 16],
     source: &SourceKey,
     state: Option<*mut SourceState>,
@@ -377,7 +405,7 @@ fn map_full(
 
 /// Turns the frame into the RST that answers it and sends it back out.
 #[inline(always)]
-fn reject(frame: &Frame, seg: &TcpSegment, bucket: Bucket) -> u32 {
+fn reject<F: FrameIo>(frame: &F, seg: &TcpSegment, bucket: Bucket) -> u32 {
     if !rst::can_reject(seg) {
         count(bucket, Counter::RejectAsDrop);
         return xdp_action::XDP_DROP;
@@ -395,7 +423,7 @@ fn reject(frame: &Frame, seg: &TcpSegment, bucket: Bucket) -> u32 {
 }
 
 #[inline(always)]
-fn write_rst(frame: &Frame, seg: &TcpSegment) -> Option<()> {
+fn write_rst<F: FrameIo>(frame: &F, seg: &TcpSegment) -> Option<()> {
     if seg.family == AF_INET {
         let (ip, tcp) = rst::ipv4(&frame.load(seg.l3)?, seg);
         write_reply(frame, seg, &ip, &tcp)
@@ -407,8 +435,8 @@ fn write_rst(frame: &Frame, seg: &TcpSegment) -> Option<()> {
 
 /// Swaps the Ethernet addresses, cuts the frame to the reply's length and writes the headers.
 #[inline(always)]
-fn write_reply<const N: usize>(
-    frame: &Frame,
+fn write_reply<F: FrameIo, const N: usize>(
+    frame: &F,
     seg: &TcpSegment,
     ip: &[u8; N],
     tcp: &[u8; rst::TCP_LEN],
@@ -417,14 +445,14 @@ fn write_reply<const N: usize>(
     let mut swapped = [0u8; 12];
     swapped[..6].copy_from_slice(&macs[6..]);
     swapped[6..].copy_from_slice(&macs[..6]);
-    shrink(frame.0, rst::reply_len(seg) as i32 - frame.len() as i32)?;
+    shrink(frame.ctx(), rst::reply_len(seg) as i32 - frame.len() as i32)?;
     frame.store(0, &swapped)?;
     frame.store(seg.l3, ip)?;
     frame.store(seg.l4, tcp)
 }
 
 #[inline(always)]
-fn shrink(ctx: &XdpContext, delta: i32) -> Option<()> {
+pub(crate) fn shrink(ctx: &XdpContext, delta: i32) -> Option<()> {
     if delta == 0 {
         return Some(());
     }

@@ -86,6 +86,46 @@ pub enum Fragments {
     Pass,
 }
 
+/// When a port answers new sources with SYN cookies (docs/limits.md, "SYN cookies").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CookieMode {
+    /// Never: every attempt is judged on its SYN (iptables-exact).
+    #[default]
+    Off,
+    /// Always: a source without state is judged at the ACK that returns its cookie.
+    On,
+    /// Under a flood: on while the port's half-open attempts are over `syn_cookie_threshold`.
+    Auto,
+}
+
+impl fmt::Display for CookieMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CookieMode::Off => "off",
+            CookieMode::On => "on",
+            CookieMode::Auto => "auto",
+        })
+    }
+}
+
+impl std::str::FromStr for CookieMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(CookieMode::Off),
+            "on" => Ok(CookieMode::On),
+            "auto" => Ok(CookieMode::Auto),
+            _ => Err(format!("{s:?} is not \"off\", \"on\" or \"auto\"")),
+        }
+    }
+}
+
+/// The default `syn_cookie_threshold`: half-open attempts of one port. A Linux listener's SYN
+/// queue holds up to `net.core.somaxconn` (4096) before the kernel's own cookies start; a
+/// WebSocket server's legitimate half-open attempts are a few per RTT per client.
+pub const DEFAULT_SYN_COOKIE_THRESHOLD: u32 = 1000;
+
 /// What to do with an attempt over a limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -229,6 +269,16 @@ pub struct PortLimits {
     /// What happens to an attempt over `new_connections`.
     #[serde(default = "default_rate_action")]
     pub rate_action: Action,
+    /// SYN-cookie mode: "off" (default), "on", or "auto".
+    #[serde(default)]
+    pub syn_cookies: CookieMode,
+    /// `auto`: half-open attempts of the port that switch cookies on.
+    #[serde(default = "default_syn_cookie_threshold")]
+    pub syn_cookie_threshold: u32,
+}
+
+fn default_syn_cookie_threshold() -> u32 {
+    DEFAULT_SYN_COOKIE_THRESHOLD
 }
 
 fn default_connection_action() -> Action {
@@ -252,6 +302,9 @@ impl PortLimits {
             rate_window_ns: self
                 .new_connections
                 .map_or(0, |r| r.window.as_nanos() as u64),
+            // `auto` is switched by the daemon (crate::cookies).
+            syn_cookies: (self.syn_cookies == CookieMode::On) as u32,
+            _pad: 0,
         }
     }
 }
@@ -478,6 +531,8 @@ pub fn to_toml(cfg: &Config) -> String {
                 connection_action,
                 new_connections,
                 rate_action,
+                syn_cookies,
+                syn_cookie_threshold,
             } = p;
             let mut pt = Table::new();
             pt.insert("port".into(), int(*port));
@@ -492,6 +547,8 @@ pub fn to_toml(cfg: &Config) -> String {
                 pt.insert("new_connections".into(), Value::String(r.to_string()));
             }
             pt.insert("rate_action".into(), Value::String(rate_action.to_string()));
+            pt.insert("syn_cookies".into(), Value::String(syn_cookies.to_string()));
+            pt.insert("syn_cookie_threshold".into(), int(*syn_cookie_threshold));
             Value::Table(pt)
         })
         .collect();
@@ -733,6 +790,14 @@ impl Config {
                 return Err(invalid(
                     field("max_connections"),
                     "0 would refuse every connection; leave it out for no limit".into(),
+                ));
+            }
+            if p.syn_cookie_threshold == 0 {
+                return Err(invalid(
+                    field("syn_cookie_threshold"),
+                    "must be at least 1 half-open attempt (syn_cookies = \"on\" keeps cookies \
+                     on)"
+                    .into(),
                 ));
             }
         }
@@ -1005,6 +1070,16 @@ impl Config {
                 "rate_action",
                 old.rate_action.to_string(),
                 p.rate_action.to_string(),
+            );
+            field(
+                "syn_cookies",
+                old.syn_cookies.to_string(),
+                p.syn_cookies.to_string(),
+            );
+            field(
+                "syn_cookie_threshold",
+                old.syn_cookie_threshold.to_string(),
+                p.syn_cookie_threshold.to_string(),
             );
         }
         let mut field = |name: &str, a: String, b: String| {

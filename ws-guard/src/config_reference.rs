@@ -173,6 +173,22 @@ pub const KEYS: &[Key] = &[
         default: "\"drop\"",
         meaning: "What attempts over new_connections get: \"drop\" or \"reject\".",
     },
+    Key {
+        key: "port.syn_cookies",
+        default: "\"off\"",
+        meaning: "\"on\": a new attempt of a source without state is answered from XDP with a \
+                  SYN cookie and judged at the ACK that returns it, so forged sources cost no \
+                  state; \"auto\": on while the port has more half-open attempts than \
+                  syn_cookie_threshold; \"off\": every attempt is judged on its SYN. While on, \
+                  the daemon sets net.ipv4.tcp_syncookies = 2 and net.ipv4.tcp_timestamps = 2 \
+                  (restored after).",
+    },
+    Key {
+        key: "port.syn_cookie_threshold",
+        default: "1000",
+        meaning: "With syn_cookies = \"auto\": the half-open attempts of the port that switch \
+                  cookies on; they go off once the flood is under half of it for 10 s.",
+    },
 ];
 
 /// The `ws-guard.toml(5)` man page.

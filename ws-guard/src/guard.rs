@@ -233,13 +233,29 @@ impl Guard {
                 None
             }
         };
-        for name in [names::PROG_XDP, names::PROG_CONTROL] {
+        for name in [names::PROG_XDP, names::PROG_CONTROL, names::PROG_COOKIE] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
                 .try_into()?;
             prog.load()
                 .with_context(|| format!("the verifier refused program {name}"))?;
+        }
+        // The XDP program's tail call into the cookie half: this load's, replacing (atomically)
+        // the one a pinned table held.
+        {
+            let fd = ebpf
+                .program(names::PROG_COOKIE)
+                .ok_or_else(|| anyhow!("program {} missing", names::PROG_COOKIE))?
+                .fd()?
+                .try_clone()
+                .context("duplicating the cookie program's descriptor")?;
+            let mut jump: aya::maps::ProgramArray<&mut MapData> = ebpf
+                .map_mut(names::MAP_JUMP)
+                .ok_or_else(|| anyhow!("map {} missing", names::MAP_JUMP))?
+                .try_into()?;
+            jump.set(0, &fd, 0)
+                .context("filling the XDP program's tail-call table")?;
         }
         let tp: &mut TracePoint = ebpf
             .program_mut(names::PROG_SOCK_STATE)

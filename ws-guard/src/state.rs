@@ -347,6 +347,8 @@ impl Overrides {
                         connection_action: Action::Reject,
                         new_connections: None,
                         rate_action: Action::Drop,
+                        syn_cookies: Default::default(),
+                        syn_cookie_threshold: crate::config::DEFAULT_SYN_COOKIE_THRESHOLD,
                     });
                     cfg.ports.len() - 1
                 }

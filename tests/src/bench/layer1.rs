@@ -190,6 +190,7 @@ fn port(max_connections: u32, conn_action: u32, rate_limit: u32, window_ns: u64)
         rate_limit,
         index: 0,
         rate_window_ns: window_ns,
+        ..PortConfig::default()
     }
 }
 

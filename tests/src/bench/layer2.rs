@@ -1297,6 +1297,7 @@ fn setup_filter(
                     rate_limit: 9,
                     index: 0,
                     rate_window_ns: 100_000_000_000,
+                    ..PortConfig::default()
                 },
             )?;
             in_ns(&bed.srv_ns, || g.attach_xdp(SRV_IF, XdpMode::Native))?;
