@@ -87,7 +87,9 @@ pub enum Fragments {
 }
 
 /// When a port answers new sources with SYN cookies (docs/limits.md, "SYN cookies").
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum CookieMode {
     /// Never: every attempt is judged on its SYN (iptables-exact).
@@ -302,8 +304,9 @@ impl PortLimits {
             rate_window_ns: self
                 .new_connections
                 .map_or(0, |r| r.window.as_nanos() as u64),
-            // `auto` is switched by the daemon (crate::cookies).
-            syn_cookies: (self.syn_cookies == CookieMode::On) as u32,
+            // Switched by the daemon (crate::cookies), which sets the sysctls cookie mode needs
+            // first; Guard::apply keeps what it set.
+            syn_cookies: 0,
             _pad: 0,
         }
     }

@@ -96,8 +96,16 @@ pub fn describe(cfg: &Config) -> Vec<String> {
             ),
             None => "no rate limit".into(),
         };
+        let cookies = match p.syn_cookies {
+            crate::config::CookieMode::Off => String::new(),
+            crate::config::CookieMode::On => "; SYN cookies on".into(),
+            crate::config::CookieMode::Auto => format!(
+                "; SYN cookies above {} half-open attempts",
+                p.syn_cookie_threshold
+            ),
+        };
         lines.push(format!(
-            "port {}: per source (IPv4 /{}, IPv6 /{}): {conc}; {rate}",
+            "port {}: per source (IPv4 /{}, IPv6 /{}): {conc}; {rate}{cookies}",
             p.port, cfg.ipv4_prefix, cfg.ipv6_prefix
         ));
     }
@@ -185,6 +193,13 @@ pub async fn run(
             return Err(e);
         }
     };
+    let mut cookies = crate::cookies::Controller::new(crate::cookies::Sysctls::new(
+        opts.control_socket.with_file_name("syn-cookie-sysctls"),
+    ));
+    // Sysctls a daemon that died left set for SYN cookies: back to what they were first.
+    if let Err(e) = cookies.recover() {
+        warn!("restoring the sysctls a previous daemon set for SYN cookies: {e:#}");
+    }
     let started = start(&cfg, &pins, &interfaces);
     let guard = match started {
         Ok(g) => g,
@@ -248,6 +263,14 @@ pub async fn run(
     let mut tx_drops = TxErrorWatch::default();
     let mut watch = InterfaceWatch::default();
     let mut refusals = crate::events::RefusalSampler::default();
+    {
+        // Ports with syn_cookies = "on" go into cookie mode before the daemon reports ready.
+        let mut shared = lock(&shared);
+        let (ports, timeout) = (shared.cfg.ports.clone(), shared.cfg.handshake_timeout);
+        if let Err(e) = cookies.tick(&mut shared.guard, &ports, &Default::default(), timeout) {
+            warn!("SYN cookies: {e:#}; retried every sweep");
+        }
+    }
     // Enforcing on every interface, metrics listening, signal handlers installed: ready.
     notify::ready(&status_line(&lock(&shared), metrics_addr));
     // Pinged from this loop only, so a daemon stuck in a sweep or a scrape stops pinging and
@@ -274,14 +297,27 @@ pub async fn run(
                 if let Err(e) = guard.expire_bans() {
                     warn!("ending expired bans failed (retried next sweep): {e:#}");
                 }
-                match sweeper.run(guard, handshake_timeout) {
+                let half_open = match sweeper.run(guard, handshake_timeout) {
                     Ok(r) => {
                         if r.expired + r.released + r.adopted + r.translated > 0 {
                             log::debug!("sweep: {r:?}");
                         }
                         unmatched.add(r.unmatched);
+                        Some(r.half_open)
                     }
-                    Err(e) => warn!("sweep failed (accounting not checked this round): {e:#}"),
+                    Err(e) => {
+                        warn!("sweep failed (accounting not checked this round): {e:#}");
+                        None
+                    }
+                };
+                if let Err(e) = guard.set_cookie_settings(crate::cookies::host_settings(&interfaces)) {
+                    warn!("updating the SYN-cookie settings: {e:#}");
+                }
+                if let Some(half_open) = half_open {
+                    let ports = shared.cfg.ports.clone();
+                    if let Err(e) = cookies.tick(&mut shared.guard, &ports, &half_open, handshake_timeout) {
+                        warn!("SYN cookies: {e:#}; retried next sweep");
+                    }
                 }
                 if let Err(e) = refusals.tick(&shared.guard, &shared.cfg.deny, &shared.events) {
                     log::debug!("sampling refusals for `ws-guard events`: {e:#}");
@@ -297,6 +333,9 @@ pub async fn run(
     let _ = control.await;
     let mut shared = lock(&shared);
     let guard = &mut shared.guard;
+    if let Err(e) = cookies.shutdown(guard) {
+        warn!("leaving SYN-cookie mode at exit: {e:#}");
+    }
     if opts.detach_on_exit {
         let removed = guard.teardown()?;
         info!(
@@ -627,6 +666,7 @@ fn start(cfg: &Config, pins: &PinDir, interfaces: &[String]) -> anyhow::Result<G
             pins.dir().display()
         );
     }
+    guard.set_cookie_settings(crate::cookies::host_settings(interfaces))?;
     // New limits apply to the adopted maps; counts and tracked connections stay.
     state::apply(&mut guard, cfg)?;
     guard.attach_tracepoint()?;

@@ -151,6 +151,11 @@ pub struct Guard {
     /// Connections the sweep found in another namespace that match no admitted attempt
     /// (see [`crate::sweep::SweepReport::unmatched`]), since load.
     pub unmatched_connections: u64,
+    /// Each protected port's SYN-cookie mode, as the daemon's [`crate::cookies::Controller`]
+    /// last set it (for status and metrics).
+    pub cookie_status: BTreeMap<u16, crate::cookies::PortCookies>,
+    /// What the SYN-ACKs of cookie mode offer ([`Guard::set_cookie_settings`]).
+    cookie_settings: ws_guard_common::maps::CookieSettings,
 }
 
 /// Counters per protected port and address family, summed over CPUs; arrays are indexed by
@@ -277,6 +282,8 @@ impl Guard {
             adopted,
             tracepoint_link: None,
             unmatched_connections: 0,
+            cookie_status: BTreeMap::new(),
+            cookie_settings: Default::default(),
             lists_in_kernel: None,
         };
         if guard.pins.is_some() {
@@ -434,6 +441,12 @@ impl Guard {
             .iter()
             .map(|p| (p.port as u16, p.to_kernel()))
             .collect();
+        let cookies_off: BTreeSet<u16> = cfg
+            .ports
+            .iter()
+            .filter(|p| p.syn_cookies == crate::config::CookieMode::Off)
+            .map(|p| p.port as u16)
+            .collect();
         let current: BTreeMap<u16, PortConfig> = self.ports()?.into_iter().collect();
         for (port, old) in &current {
             if !wanted.contains_key(port) && old.enabled != 0 {
@@ -444,6 +457,11 @@ impl Guard {
             // Only what changed is written (a reload rewrites nothing it does not change).
             if let Some(cur) = current.get(&port) {
                 limits.index = cur.index;
+                // Cookie mode is the daemon's controller's to switch (crate::cookies), except
+                // that "off" is off at once.
+                if !cookies_off.contains(&port) {
+                    limits.syn_cookies = cur.syn_cookies;
+                }
                 if limits == *cur {
                     continue;
                 }
@@ -451,6 +469,20 @@ impl Guard {
             self.set_port(port, limits)?;
         }
         Ok(())
+    }
+
+    /// Sets what the SYN-ACKs of cookie mode offer (the host's MTU and TCP sysctls, see
+    /// [`crate::cookies::host_settings`]); written at once when they changed.
+    pub fn set_cookie_settings(
+        &mut self,
+        s: ws_guard_common::maps::CookieSettings,
+    ) -> anyhow::Result<()> {
+        if s == self.cookie_settings {
+            return Ok(());
+        }
+        self.cookie_settings = s;
+        let g = self.global()?;
+        self.write_global(GlobalConfig { cookie: s, ..g })
     }
 
     /// Sets the global settings; the next packet sees them. `g.flags` is ignored: the flags
@@ -473,6 +505,7 @@ impl Guard {
             old.flags & FLAG_CHECK_FLOWS
         };
         g.flags = self.live_flags(g.ban_ns)? | check;
+        g.cookie = self.cookie_settings;
         let moves = if changed {
             self.charge_new_keys(&g)?
         } else {

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod config_reference;
 pub mod control;
+pub mod cookies;
 pub mod daemon;
 pub mod events;
 pub mod guard;

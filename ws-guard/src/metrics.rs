@@ -43,7 +43,7 @@ use crate::{
 
 /// Every metric name the endpoint can expose (the top-sources one only when enabled). The
 /// dashboard and the alert rules may use these and nothing else; a test checks both.
-pub const METRIC_NAMES: [&str; 26] = [
+pub const METRIC_NAMES: [&str; 29] = [
     "ws_guard_build_info",
     "ws_guard_xdp_attached",
     "ws_guard_xdp_tx_errors_total",
@@ -70,6 +70,18 @@ pub const METRIC_NAMES: [&str; 26] = [
     "ws_guard_source_connections",
     "ws_guard_unmatched_connections_total",
     "ws_guard_scrape_duration_seconds",
+    "ws_guard_syn_cookies_total",
+    "ws_guard_syn_cookie_mode",
+    "ws_guard_syn_cookie_transitions_total",
+];
+
+/// What happened in SYN-cookie mode, per port and family.
+pub const COOKIE_EVENTS: [Counter; 5] = [
+    Counter::CookiesSent,
+    Counter::CookieAcksValid,
+    Counter::CookieAcksInvalid,
+    Counter::CookieAcksReplayed,
+    Counter::CookieFallbacks,
 ];
 
 /// Decisions on new connection attempts: each attempt to a protected port adds to exactly one.
@@ -168,6 +180,8 @@ pub struct Snapshot {
     pub unmatched_connections: u64,
     /// How long reading the kernel took.
     pub read_seconds: f64,
+    /// Each protected port's SYN-cookie mode (empty unless the daemon's controller ran).
+    pub cookies: BTreeMap<u16, crate::cookies::PortCookies>,
 }
 
 fn family_name(family: u16) -> &'static str {
@@ -203,6 +217,7 @@ pub struct Fixed {
     stats: Stats,
     attachments: Vec<AttachState>,
     unmatched: u64,
+    cookies: BTreeMap<u16, crate::cookies::PortCookies>,
     view: Arc<MapView>,
 }
 
@@ -223,6 +238,7 @@ pub fn read_fixed(guard: &Guard) -> anyhow::Result<Fixed> {
             })
             .collect(),
         unmatched: guard.unmatched_connections,
+        cookies: guard.cookie_status.clone(),
         view: guard.view(),
     })
 }
@@ -237,6 +253,7 @@ pub fn walk(fixed: Fixed, top_sources: usize) -> anyhow::Result<Snapshot> {
         stats,
         attachments,
         unmatched,
+        cookies: fixed_cookies,
         view,
     } = fixed;
     let sources = view
@@ -318,6 +335,7 @@ pub fn walk(fixed: Fixed, top_sources: usize) -> anyhow::Result<Snapshot> {
         list_entries,
         unmatched_connections: unmatched,
         read_seconds: start.elapsed().as_secs_f64(),
+        cookies: fixed_cookies,
     })
 }
 
@@ -446,6 +464,16 @@ fn registry(s: &Snapshot) -> prometheus::Result<Registry> {
          the sweep), untracked_full (left untracked, a map was full).",
         &["port", "family", "event"],
     )?;
+    let cookie_events = counter(
+        "ws_guard_syn_cookies_total",
+        "SYN-cookie mode by event: cookies_sent (a new source's SYN answered with a cookie, \
+         nothing stored), cookie_acks_valid (its ACK returned a valid cookie: judged as the \
+         source's attempt, see ws_guard_decisions_total), cookie_acks_invalid (dropped: forged \
+         or too old), cookie_acks_replayed (dropped: the cookie of a connection already \
+         admitted), cookie_fallbacks (judged on the SYN instead: no listener in the \
+         interface's namespace, IP options, a full accept queue).",
+        &["port", "family", "event"],
+    )?;
     let mut unjudged = [0u64; Counter::COUNT as usize];
     for (t, v) in unjudged.iter_mut().zip(s.stats.unattributed) {
         *t += v;
@@ -474,6 +502,11 @@ fn registry(s: &Snapshot) -> prometheus::Result<Registry> {
         }
         for e in BAN_EVENTS {
             ban_events
+                .with_label_values(&[port.as_str(), fam, e.name()])
+                .inc_by(c[e as usize]);
+        }
+        for e in COOKIE_EVENTS {
+            cookie_events
                 .with_label_values(&[port.as_str(), fam, e.name()])
                 .inc_by(c[e as usize]);
         }
@@ -603,6 +636,28 @@ fn registry(s: &Snapshot) -> prometheus::Result<Registry> {
     ))?;
     unmatched.inc_by(s.unmatched_connections);
     r.register(Box::new(unmatched))?;
+    let mode = gauge(
+        "ws_guard_syn_cookie_mode",
+        "1 while the port is in SYN-cookie mode (new sources judged at the ACK of their \
+         cookie), 0 otherwise; setting: the port's syn_cookies (off, on, auto).",
+        &["port", "setting"],
+    )?;
+    let transitions = counter(
+        "ws_guard_syn_cookie_transitions_total",
+        "Times the port's SYN-cookie mode went on or off (to: on, off).",
+        &["port", "to"],
+    )?;
+    for (port, c) in &s.cookies {
+        let port = port.to_string();
+        mode.with_label_values(&[port.as_str(), &c.mode.to_string()])
+            .set(c.active as i64);
+        transitions
+            .with_label_values(&[port.as_str(), "on"])
+            .inc_by(c.turned_on);
+        transitions
+            .with_label_values(&[port.as_str(), "off"])
+            .inc_by(c.turned_off);
+    }
     let took = Gauge::with_opts(Opts::new(
         "ws_guard_scrape_duration_seconds",
         "Time this scrape took to read the kernel's maps.",
@@ -860,6 +915,16 @@ mod tests {
             list_entries: vec![("allow", 1), ("deny", 3)],
             unmatched_connections: 4,
             read_seconds: 0.25,
+            cookies: [(
+                9000,
+                crate::cookies::PortCookies {
+                    mode: crate::config::CookieMode::Auto,
+                    active: true,
+                    turned_on: 2,
+                    turned_off: 1,
+                },
+            )]
+            .into(),
         }
     }
 
@@ -915,6 +980,10 @@ mod tests {
             r#"ws_guard_source_connections{family="ipv4",port="9000",source="198.18.0.9/32"} 3"#,
             "ws_guard_unmatched_connections_total 4",
             "ws_guard_scrape_duration_seconds 0.25",
+            r#"ws_guard_syn_cookie_mode{port="9000",setting="auto"} 1"#,
+            r#"ws_guard_syn_cookie_transitions_total{port="9000",to="on"} 2"#,
+            r#"ws_guard_syn_cookie_transitions_total{port="9000",to="off"} 1"#,
+            r#"ws_guard_syn_cookies_total{event="cookies_sent",family="ipv4",port="9000"} 0"#,
         ] {
             assert!(got.contains(&want), "missing {want:?} in\n{text}");
         }

@@ -208,6 +208,9 @@ impl Overrides {
         if change.rate_action.is_some() {
             o.rate_action = change.rate_action;
         }
+        if change.syn_cookies.is_some() {
+            o.syn_cookies = change.syn_cookies;
+        }
     }
 
     /// Drops the override of `port`; false if there was none.
@@ -367,6 +370,9 @@ impl Overrides {
             if let Some(a) = c.rate_action {
                 p.rate_action = a.into();
             }
+            if let Some(m) = c.syn_cookies {
+                p.syn_cookies = m;
+            }
         }
         self.overlay_lists(&mut cfg, file);
         cfg
@@ -392,6 +398,8 @@ pub fn port_info(p: &PortLimits) -> crate::control::protocol::PortInfo {
         new_connections: p.new_connections.map(|r| r.to_string()),
         rate_action: ActionName::from(p.rate_action),
         source: String::new(),
+        syn_cookies: p.syn_cookies.to_string(),
+        syn_cookies_active: false,
     }
 }
 

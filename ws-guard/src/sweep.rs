@@ -29,7 +29,7 @@ use crate::{guard::Guard, netns};
 pub const GRACE: Duration = Duration::from_secs(1);
 
 /// What one sweep changed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {
     /// Half-open attempts released.
     pub expired: u32,
@@ -47,6 +47,9 @@ pub struct SweepReport {
     pub unmatched: u32,
     /// `FLAG_CHECK_FLOWS` was cleared: every tracked flow's source key is current again.
     pub flow_check_cleared: bool,
+    /// Half-open attempts per protected (wire) port when the sweep read them: what `auto`
+    /// cookie mode watches (crate::cookies).
+    pub half_open: std::collections::BTreeMap<u16, u64>,
 }
 
 /// A socket of the table, keyed like the programs key flows.
@@ -267,6 +270,9 @@ fn sweep(
     let grace = GRACE.as_nanos() as u64;
     let timeout = u64::try_from(handshake_timeout.as_nanos()).unwrap_or(u64::MAX);
     let mut report = SweepReport::default();
+    for (flow, _) in &pending {
+        *report.half_open.entry(flow.server_port).or_default() += 1;
+    }
 
     // The socket of each attempt whose tuple DNAT rewrote: an untracked socket with its client
     // endpoint, the one on the same port first. Each socket is one attempt's at most.

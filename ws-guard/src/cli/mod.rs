@@ -194,6 +194,10 @@ pub struct SetArgs {
     /// What attempts over --new-connections get.
     #[arg(long, value_enum)]
     pub rate_action: Option<ActionName>,
+    /// SYN-cookie mode: new sources answered with a SYN cookie and judged at its ACK
+    /// (`auto`: while the port's half-open attempts are over syn_cookie_threshold).
+    #[arg(long, value_enum)]
+    pub syn_cookies: Option<crate::config::CookieMode>,
 }
 
 #[derive(Subcommand)]
@@ -445,6 +449,7 @@ pub fn main() -> ExitCode {
                 new_connections: a.new_connections,
                 connection_action: a.connection_action.or(a.action),
                 rate_action: a.rate_action.or(a.action),
+                syn_cookies: a.syn_cookies,
             };
             if change.is_empty() {
                 command()

@@ -45,6 +45,11 @@ fn ports_table(ports: &[PortInfo], indent: &str) -> String {
                     .clone()
                     .unwrap_or_else(|| "none".to_owned()),
                 p.rate_action.to_string(),
+                if p.syn_cookies_active {
+                    format!("{} (active)", p.syn_cookies)
+                } else {
+                    p.syn_cookies.clone()
+                },
                 p.source.clone(),
             ]
         })
@@ -56,6 +61,7 @@ fn ports_table(ports: &[PortInfo], indent: &str) -> String {
             "THEN",
             "NEW CONNECTIONS",
             "THEN",
+            "SYN COOKIES",
             "FROM",
         ],
         &rows,

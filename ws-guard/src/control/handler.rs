@@ -65,6 +65,7 @@ fn port_infos(s: &Shared, port: Option<u16>) -> Vec<PortInfo> {
         .map(|p| {
             let mut i = state::port_info(p);
             i.source = state::origin(&s.file, &s.overrides, i.port).into();
+            i.syn_cookies_active = s.guard.cookie_status.get(&i.port).is_some_and(|c| c.active);
             i
         })
         .collect();
@@ -158,7 +159,7 @@ pub fn change_overrides(
             } else if change.is_empty() {
                 Err(
                     "nothing to change: give --max-connections, --new-connections, --action, \
-                     --connection-action or --rate-action"
+                     --connection-action, --rate-action or --syn-cookies"
                         .to_owned(),
                 )
             } else {

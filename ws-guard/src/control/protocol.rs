@@ -168,6 +168,8 @@ pub struct LimitChange {
     pub connection_action: Option<ActionName>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_action: Option<ActionName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syn_cookies: Option<crate::config::CookieMode>,
 }
 
 impl LimitChange {
@@ -332,6 +334,16 @@ pub struct PortInfo {
     /// Where these limits come from: "config", "runtime" (an override of `limits set`), or
     /// "config+runtime".
     pub source: String,
+    /// The port's `syn_cookies` setting: "off", "on" or "auto".
+    #[serde(default = "cookies_off")]
+    pub syn_cookies: String,
+    /// In SYN-cookie mode now (new sources judged at the ACK of their cookie).
+    #[serde(default)]
+    pub syn_cookies_active: bool,
+}
+
+fn cookies_off() -> String {
+    "off".into()
 }
 
 /// `limits get`.
