@@ -525,7 +525,17 @@ struct Gen {
     small_maps: bool,
     /// Sources banned by hand lately, to lift again.
     banned: VecDeque<SourceKey>,
+    /// The cookie run: ports go into SYN-cookie mode.
+    cookies: bool,
+    /// ACKs answering SYN-ACKs the kernel sent with a cookie (from [`Run::cookie_acks`]).
+    cookie_acks: VecDeque<Vec<u8>>,
+    /// Cookie ACKs sent so far: kept under the capacity of `WSG_COOKIES` (an LRU whose
+    /// evictions the model does not follow).
+    cookie_acks_sent: u64,
 }
+
+/// At most this many cookie ACKs per run: `WSG_COOKIES` holds 16,384 entries.
+const MAX_COOKIE_ACKS: u64 = 12_000;
 
 impl Gen {
     fn new(seed: u64, checkpoint_every: u64, small_maps: bool) -> Self {
@@ -543,6 +553,9 @@ impl Gen {
             v6_clients: v6_clients(),
             v6_servers: v6_servers(),
             small_maps,
+            cookies: false,
+            cookie_acks: VecDeque::new(),
+            cookie_acks_sent: 0,
             banned: VecDeque::new(),
         }
     }
@@ -649,6 +662,11 @@ impl Gen {
                 100 * SECOND,
                 u64::MAX,
             ]),
+            syn_cookies: if self.cookies {
+                self.pick(&[0, 1, 1, 1, 7])
+            } else {
+                0
+            },
             ..PortConfig::default()
         }
     }
@@ -772,6 +790,11 @@ impl Gen {
             }
             424..430 => Event::ExpireBans,
             430..445 => Event::SettleFlowCheck,
+            445..1445
+                if !self.cookie_acks.is_empty() && self.cookie_acks_sent < MAX_COOKIE_ACKS =>
+            {
+                self.cookie_ack()
+            }
             _ => {
                 let (f, what) = self.frame();
                 Event::Frame(f, what)
@@ -781,6 +804,79 @@ impl Gen {
             self.frames += 1;
         }
         Some(e)
+    }
+
+    /// The ACK of a SYN-ACK the kernel sent with a cookie: as it came (most often), again (a
+    /// replay), or with a wrong cookie, sequence number or flags.
+    fn cookie_ack(&mut self) -> Event {
+        self.cookie_acks_sent += 1;
+        let i = self.below(self.cookie_acks.len());
+        let mut f = self.cookie_acks[i].clone();
+        let replay = self.chance(1, 4);
+        if !replay {
+            self.cookie_acks.remove(i);
+        }
+        let l4 = match parse::parse(&f[..]) {
+            Parsed::Tcp(seg) => seg.l4,
+            _ => unreachable!("an ACK the harness built"),
+        };
+        // Wrong by a high bit: the kernel's check is not exact in the low bits (a cookie or
+        // sequence number off by a little decodes to another MSS of its table, still valid);
+        // off in the top byte, the cookie's minute counter is out of range.
+        let how = match self.below(12) {
+            0 => {
+                f[l4 + 8] ^= 0x80 >> self.below(4);
+                "a wrong cookie"
+            }
+            1 => {
+                f[l4 + 4] ^= 0x80 >> self.below(4);
+                "a wrong sequence number"
+            }
+            2 => {
+                // Data with the ACK (PSH), still a cookie's ACK.
+                f[l4 + 13] |= 0x08;
+                "PSH"
+            }
+            3 => {
+                f[l4 + 13] |= 0x01;
+                "FIN"
+            }
+            _ => "as sent",
+        };
+        // Its flow released first now and then (as the sweep releases a closed connection), so
+        // a replay meets no tracked flow and is judged a replay.
+        if self.chance(1, 3) {
+            if let Parsed::Tcp(seg) = parse::parse(&f[..]) {
+                if let Some((client, server)) = parse::addresses(&f[..], &seg) {
+                    self.queue.push_back(Event::Expire(FlowKey {
+                        client,
+                        server,
+                        client_port: seg.sport,
+                        server_port: seg.dport,
+                        family: seg.family,
+                        _pad: 0,
+                    }));
+                }
+            }
+        }
+        // Checksums are not verified by the program: the edited bytes need no fixing.
+        let e = Event::Frame(
+            f,
+            Desc {
+                notes: format!(
+                    "cookie ACK, {how}{}",
+                    if replay { " (kept to replay)" } else { "" }
+                ),
+                ..Desc::default()
+            },
+        );
+        match self.queue.pop_front() {
+            Some(expire) => {
+                self.queue.push_back(e);
+                expire
+            }
+            None => e,
+        }
     }
 
     /// A flow seen recently, or a new one from the pools.
@@ -1229,6 +1325,8 @@ struct Run {
     /// Whether the last frame's flow lookups were skipped by the flow filter (per the model,
     /// which checked that no tracked flow was this one).
     last_skipped: bool,
+    /// ACKs of the SYN-ACKs the kernel sent with a cookie, for the generator.
+    cookie_acks: Vec<Vec<u8>>,
 }
 
 #[derive(Default, Debug)]
@@ -1251,6 +1349,8 @@ struct RunStats {
     flow_checks_settled: u64,
     /// The decision counters at the end.
     totals: [u64; Counter::COUNT as usize],
+    /// SYN-ACKs with a cookie compared.
+    cookies: u64,
 }
 
 /// How far a kernel stamp may fall outside the host's monotonic interval around the run
@@ -1284,6 +1384,7 @@ impl Run {
             last_checked_frame: 0,
             stats: RunStats::default(),
             last_skipped: false,
+            cookie_acks: Vec::new(),
         }
     }
 
@@ -1361,7 +1462,24 @@ impl Run {
                 expected.verdict, expected.counted
             ));
         }
-        if out != expected.frame {
+        if let Some(plan) = &expected.synack {
+            // The cookie is the kernel's (its secret); everything else is the model's.
+            let cookie = match parse::parse(&out[..]) {
+                Parsed::Tcp(seg) => seg.seq,
+                other => self.fail(&format!("the SYN-ACK does not parse: {other:?}")),
+            };
+            let candidates = plan.candidates(cookie);
+            if !candidates.contains(&out) {
+                self.fail(&format!(
+                    "SYN-ACK (cookie {cookie:#x}):\n  kernel {}\n  model  {}",
+                    hex(&out),
+                    hex(&candidates[0])
+                ));
+            }
+            self.stats.cookies += 1;
+            self.model.issued.insert((plan.flow, plan.isn), cookie);
+            self.cookie_acks.push(ack_of(&out));
+        } else if out != expected.frame {
             self.fail(&format!(
                 "frame out (verdict {verdict}):\n  kernel {}\n  model  {}",
                 hex(&out),
@@ -1533,6 +1651,19 @@ impl Run {
                     "rate window of {k:?}: kernel {kernel:?}, model {m:?}"
                 ));
             }
+        }
+        let used: HashMap<FlowKey, u32> = self
+            .guard
+            .used_cookies()
+            .unwrap_or_else(|e| self.fail(&format!("{e:#}")))
+            .into_iter()
+            .collect();
+        if used != self.model.used {
+            self.fail(&format!(
+                "WSG_COOKIES: kernel {} entries, model {}",
+                used.len(),
+                self.model.used.len()
+            ));
         }
         self.check_policy();
     }
@@ -1833,7 +1964,50 @@ impl Run {
     }
 }
 
+/// The ACK a client sends for the SYN-ACK `synack` (a frame the XDP program sent): the same
+/// link header (MAC addresses swapped back), the IP addresses and ports swapped,
+/// `<SEQ=SEG.ACK><ACK=SEG.SEQ+1><CTL=ACK>`, a 20-byte TCP header, checksums set.
+fn ack_of(synack: &[u8]) -> Vec<u8> {
+    let Parsed::Tcp(seg) = parse::parse(synack) else {
+        unreachable!()
+    };
+    let mut f = synack[..seg.l4 + 20].to_vec();
+    let (dst, src) = f.split_at_mut(6);
+    dst.swap_with_slice(&mut src[..6]);
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&seg.dport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&seg.sport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seg.ack.to_be_bytes());
+    tcp[8..12].copy_from_slice(&seg.seq.wrapping_add(1).to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = parse::TCP_ACK;
+    tcp[14..16].copy_from_slice(&502u16.to_be_bytes());
+    let (l3, l4) = (seg.l3, seg.l4);
+    let sum = if seg.family == AF_INET {
+        let ip = ws_guard_common::reply::ipv4_header(&synack[l3..l3 + 20].try_into().unwrap(), 20);
+        f[l3..l3 + 20].copy_from_slice(&ip);
+        ws_guard_common::reply::tcp_checksum_v4(&ip, &tcp, 20)
+    } else {
+        let ip = ws_guard_common::reply::ipv6_header(&synack[l3..l3 + 40].try_into().unwrap(), 20);
+        f[l3..l3 + 40].copy_from_slice(&ip);
+        ws_guard_common::reply::tcp_checksum_v6(&ip, &tcp, 20)
+    };
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    f[l4..l4 + 20].copy_from_slice(&tcp);
+    f
+}
+
 fn run(name: &'static str, opts: LoadOptions, frames: u64, small_maps: bool) -> RunStats {
+    run_with(name, opts, frames, small_maps, false)
+}
+
+fn run_with(
+    name: &'static str,
+    opts: LoadOptions,
+    frames: u64,
+    small_maps: bool,
+    cookies: bool,
+) -> RunStats {
     let seed = match std::env::var("WS_GUARD_DIFF_SEED") {
         Ok(_) => env_u64("WS_GUARD_DIFF_SEED", 0),
         Err(_) => {
@@ -1855,9 +2029,15 @@ fn run(name: &'static str, opts: LoadOptions, frames: u64, small_maps: bool) -> 
     );
     let mut r = Run::new(name, seed, &opts, check_every);
     let mut g = Gen::new(gen_seed, checkpoint_every, small_maps);
+    g.cookies = cookies;
+    r.model.listeners = cookies;
     let start = Instant::now();
     while let Some(e) = g.next(frames) {
         r.event(e);
+        g.cookie_acks.extend(r.cookie_acks.drain(..));
+        while g.cookie_acks.len() > 64 {
+            g.cookie_acks.pop_front();
+        }
     }
     r.check_maps();
     let took = start.elapsed();
@@ -1921,6 +2101,75 @@ fn kernel_matches_model() {
     // FLAG_CHECK_FLOWS was set by prefix changes and cleared.
     assert!(s.skipped_lookups > 0 && s.flow_checks_settled > 0, "{s:?}");
     assert!(s.totals[Counter::SynRetransmits as usize] > 0, "{s:?}");
+}
+
+/// SYN-cookie mode: ports switch in and out of it, in a network namespace of its own with
+/// listeners on every port of the pool (IPv4 and IPv6) and `net.ipv4.tcp_syncookies = 2`, so
+/// the kernel issues cookies. The model cannot compute a cookie (the kernel's secret): it takes
+/// the one in the kernel's SYN-ACK and checks every other byte of it, then expects exactly the
+/// ACKs returning a cookie it saw issued to be valid. The generator sends those ACKs (as they
+/// came, replayed, or with a wrong cookie, sequence number or flags) among everything else.
+#[test]
+fn kernel_matches_model_in_cookie_mode() {
+    if !ws_guard_tests::privileged("kernel_matches_model_in_cookie_mode") {
+        return;
+    }
+    let frames = env_u64("WS_GUARD_DIFF_FRAMES", 20_000);
+    let ns = format!("wsg-diffck-{}", std::process::id());
+    ws_guard_tests::netns::ip(&["netns", "add", &ns]);
+    let _cleanup = NetnsGuard(ns.clone());
+    let s = ws_guard_tests::netns::in_ns(&ns, || {
+        for (name, value) in [("tcp_syncookies", "2"), ("tcp_timestamps", "2")] {
+            std::fs::write(format!("/proc/sys/net/ipv4/{name}"), value).expect("sysctl");
+        }
+        let mut listeners = Vec::new();
+        for port in PORTS {
+            for v6 in [false, true] {
+                use socket2::{Domain, Protocol, Socket, Type};
+                let (domain, addr): (Domain, std::net::SocketAddr) = if v6 {
+                    (Domain::IPV6, (std::net::Ipv6Addr::UNSPECIFIED, port).into())
+                } else {
+                    (Domain::IPV4, (std::net::Ipv4Addr::UNSPECIFIED, port).into())
+                };
+                let l = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).unwrap();
+                if v6 {
+                    l.set_only_v6(true).unwrap();
+                }
+                l.bind(&addr.into()).unwrap();
+                l.listen(4096).unwrap();
+                listeners.push(l);
+            }
+        }
+        let s = run_with(
+            "kernel_matches_model_in_cookie_mode",
+            LoadOptions::default(),
+            frames,
+            false,
+            true,
+        );
+        drop(listeners);
+        s
+    });
+    assert!(s.cookies > 0, "no SYN-ACK with a cookie: {s:?}");
+    for c in [
+        Counter::CookiesSent,
+        Counter::CookieAcksValid,
+        Counter::CookieAcksInvalid,
+        Counter::CookieAcksReplayed,
+    ] {
+        assert!(s.totals[c as usize] > 0, "no {}: {s:?}", c.name());
+    }
+}
+
+/// Removes a network namespace by name on drop.
+struct NetnsGuard(String);
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
 }
 
 /// Tiny flow maps (8 half-open, 8 established) and ban map (4): attempts meet a full

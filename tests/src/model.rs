@@ -34,9 +34,10 @@ use ws_guard_common::{
         Counter, EVENT_BAN_ENDED, EVENT_BAN_STARTED, FLAG_BANS, FLAG_CHECK_FLOWS, FlowKey,
         GATE_FLAGS, GlobalConfig, PortConfig, RATE_SLOTS, RateState, SourceKey, SourceState,
     },
-    parse::{self, Packet, Parsed, TcpSegment},
+    parse::{self, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, TcpSegment},
     policy::{self, CIDR_DATA_LEN, CidrKey, ListVerdict, ban_active, ban_until, list_verdict},
-    rst,
+    reply, rst,
+    syncookie::{self, SYNACK_TCP_MAX, SynOptions},
 };
 
 pub const XDP_ABORTED: u32 = 0;
@@ -106,6 +107,62 @@ pub struct Outcome {
     /// A new attempt whose source's flow filter (and `FLAG_CHECK_FLOWS`) let the kernel skip
     /// the two flow-map lookups.
     pub skipped_lookups: bool,
+    /// A SYN answered with a SYN cookie: `frame` is a placeholder; the expected frame is
+    /// [`SynAck::frame`] of the kernel's cookie (the kernel's secret makes it: an oracle).
+    pub synack: Option<SynAck>,
+}
+
+/// A SYN-ACK carrying a cookie, as the model expects it, but for the cookie itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SynAck {
+    syn: Vec<u8>,
+    seg: TcpSegment,
+    options: SynOptions,
+    settings: ws_guard_common::maps::CookieSettings,
+    /// The flow and the client's initial sequence number, for [`Model::issued`].
+    pub flow: FlowKey,
+    pub isn: u32,
+    /// The run's interval: the SYN-ACK's TSval is the millisecond clock within it.
+    pub during: (u64, u64),
+}
+
+impl SynAck {
+    /// The reply with `cookie`, its TSval taken at `now_ns`.
+    pub fn frame(&self, cookie: u32, now_ns: u64) -> Vec<u8> {
+        let mut tcp = [0u8; SYNACK_TCP_MAX];
+        let len = syncookie::synack_tcp(
+            &self.seg,
+            &self.options,
+            &self.settings,
+            cookie,
+            now_ns,
+            &mut tcp,
+        );
+        let (l3, l4) = (self.seg.l3, self.seg.l4);
+        let mut out = self.syn[..l4 + len].to_vec();
+        let (dst, src) = out.split_at_mut(6);
+        dst.swap_with_slice(&mut src[..6]);
+        let sum = if self.seg.family == AF_INET {
+            let ip = reply::ipv4_header(&self.syn.load(l3).unwrap(), len as u16);
+            out[l3..l3 + 20].copy_from_slice(&ip);
+            reply::tcp_checksum_v4(&ip, &tcp, len as u16)
+        } else {
+            let ip = reply::ipv6_header(&self.syn.load(l3).unwrap(), len as u16);
+            out[l3..l3 + 40].copy_from_slice(&ip);
+            reply::tcp_checksum_v6(&ip, &tcp, len as u16)
+        };
+        tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+        out[l4..l4 + len].copy_from_slice(&tcp[..len]);
+        out
+    }
+
+    /// The candidates for the kernel's reply with `cookie`: one per millisecond of the run.
+    pub fn candidates(&self, cookie: u32) -> Vec<Vec<u8>> {
+        let (a, b) = (self.during.0 / 1_000_000, self.during.1 / 1_000_000);
+        (a..=b.min(a + 2))
+            .map(|ms| self.frame(cookie, ms * 1_000_000))
+            .collect()
+    }
 }
 
 impl Outcome {
@@ -162,6 +219,14 @@ pub struct Model {
     pub bans: HashMap<SourceKey, BanValue>,
     /// Ban events the XDP program sent since the caller last took them.
     pub events: Vec<BanEvent>,
+    /// Whether every protected port has a listener in the namespace the programs run in (the
+    /// differential's cookie run): SYN cookies can then be made, else a port in cookie mode
+    /// judges on the SYN (`cookie_fallbacks`).
+    pub listeners: bool,
+    /// SYN cookies the kernel issued: (flow, client ISN) -> cookie.
+    pub issued: HashMap<(FlowKey, u32), u32>,
+    /// `WSG_COOKIES`: the cookie of each flow admitted at its cookie's ACK.
+    pub used: HashMap<FlowKey, u32>,
 }
 
 impl Model {
@@ -182,6 +247,9 @@ impl Model {
             deny: BTreeSet::new(),
             bans: HashMap::new(),
             events: Vec::new(),
+            listeners: false,
+            issued: HashMap::new(),
+            used: HashMap::new(),
         }
     }
 
@@ -479,6 +547,7 @@ impl Model {
             rate: None,
             ban: None,
             skipped_lookups: false,
+            synack: None,
         };
         let counted = &mut Vec::new();
         let seg = match parse::parse(frame) {
@@ -519,7 +588,20 @@ impl Model {
         };
         let bucket = Bucket::Port(seg.dport, seg.family);
         if !seg.is_new_attempt() {
+            if port.syn_cookies != 0
+                && seg.flags & (TCP_ACK | TCP_SYN | TCP_RST) == TCP_ACK
+                && self.cookie_ack(frame, &seg, &port, bucket, during, clock, counted, &mut out)
+            {
+                out.counted = std::mem::take(counted);
+                return out;
+            }
             self.count(counted, bucket, Counter::ProtectedOther);
+            out.counted = std::mem::take(counted);
+            return out;
+        }
+        if port.syn_cookies != 0
+            && self.cookie_syn(frame, &seg, bucket, during, clock, counted, &mut out)
+        {
             out.counted = std::mem::take(counted);
             return out;
         }
@@ -534,6 +616,121 @@ impl Model {
         }
         out.counted = std::mem::take(counted);
         out
+    }
+
+    /// `cookie::syn_action`: true when the SYN was answered (a cookie, or dropped by the
+    /// lists or a ban); false to judge it on its SYN.
+    #[allow(clippy::too_many_arguments)]
+    fn cookie_syn(
+        &mut self,
+        frame: &[u8],
+        seg: &TcpSegment,
+        bucket: Bucket,
+        during: (u64, u64),
+        clock: &mut dyn Clock,
+        counted: &mut Vec<(Bucket, Counter)>,
+        out: &mut Outcome,
+    ) -> bool {
+        let Some((client, server)) = parse::addresses(frame, seg) else {
+            return false;
+        };
+        let source = source_key(seg.family, client, seg.dport, &self.global);
+        if self.conns.contains_key(&source) {
+            return false;
+        }
+        if self.global.flags & GATE_FLAGS != 0 {
+            match self.gate(&client, &source, bucket, clock, counted, out) {
+                Gate::Continue => {}
+                Gate::Refuse => {
+                    out.verdict = XDP_DROP;
+                    return true;
+                }
+                Gate::Allowed | Gate::WouldBlock => return false,
+            }
+        }
+        if !rst::can_reject(seg) || !self.listeners {
+            self.count(counted, bucket, Counter::CookieFallbacks);
+            return false;
+        }
+        let mut options = SynOptions::default();
+        syncookie::syn_options(frame, seg.l4, seg.header_len, &mut options);
+        let flow = FlowKey {
+            client,
+            server,
+            client_port: seg.sport,
+            server_port: seg.dport,
+            family: seg.family,
+            _pad: 0,
+        };
+        self.count(counted, bucket, Counter::CookiesSent);
+        out.verdict = XDP_TX;
+        out.synack = Some(SynAck {
+            syn: frame.to_vec(),
+            seg: *seg,
+            options,
+            settings: self.global.cookie,
+            flow,
+            isn: seg.seq,
+            during,
+        });
+        true
+    }
+
+    /// `cookie::ack_action` and what `wsg_cookie` does with it: true when the ACK carried a
+    /// cookie (dropped as invalid or replayed, or judged); false for a flow's own traffic.
+    #[allow(clippy::too_many_arguments)]
+    fn cookie_ack(
+        &mut self,
+        frame: &[u8],
+        seg: &TcpSegment,
+        port: &PortConfig,
+        bucket: Bucket,
+        during: (u64, u64),
+        clock: &mut dyn Clock,
+        counted: &mut Vec<(Bucket, Counter)>,
+        out: &mut Outcome,
+    ) -> bool {
+        // No listener: the lookup finds nothing, the segment is the kernel's to answer.
+        if !self.listeners {
+            return false;
+        }
+        let Some((client, server)) = parse::addresses(frame, seg) else {
+            return false;
+        };
+        let flow = FlowKey {
+            client,
+            server,
+            client_port: seg.sport,
+            server_port: seg.dport,
+            family: seg.family,
+            _pad: 0,
+        };
+        if self.pending.contains_key(&flow) {
+            return false;
+        }
+        let cookie = seg.ack.wrapping_sub(1);
+        let isn = seg.seq.wrapping_sub(1);
+        if self.issued.get(&(flow, isn)) != Some(&cookie) {
+            self.count(counted, bucket, Counter::CookieAcksInvalid);
+            out.verdict = XDP_DROP;
+            return true;
+        }
+        if self.used.get(&flow) == Some(&cookie) {
+            self.count(counted, bucket, Counter::CookieAcksReplayed);
+            out.verdict = XDP_DROP;
+            return true;
+        }
+        self.count(counted, bucket, Counter::CookieAcksValid);
+        match self.new_attempt(frame, seg, port, bucket, during, clock, counted, out) {
+            None => {
+                self.used.insert(flow, cookie);
+            }
+            Some(action) if action == ACTION_REJECT => {
+                self.reject(frame, seg, bucket, counted, out)
+            }
+            Some(_) => out.verdict = XDP_DROP,
+        }
+        true
     }
 
     /// `new_attempt`: `Some(action)` when refused.

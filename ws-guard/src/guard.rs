@@ -1106,6 +1106,15 @@ impl Guard {
         self.view.rate_entries()
     }
 
+    /// The cookies of the connections admitted at their cookie's ACK ([`names::MAP_COOKIES`]:
+    /// flow -> cookie), which a replayed ACK is checked against.
+    pub fn used_cookies(&self) -> anyhow::Result<Vec<(FlowKey, u32)>> {
+        let m: HashMap<&MapData, FlowKey, u32> = self.map(names::MAP_COOKIES)?;
+        m.iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading the used SYN cookies")
+    }
+
     /// The rate window of `key` ([`names::MAP_RATE`]), if it has one. Read-only (the
     /// differential test compares the kernel's ring with its model's).
     pub fn rate_state(&self, key: &SourceKey) -> anyhow::Result<Option<RateState>> {
