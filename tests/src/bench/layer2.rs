@@ -185,15 +185,20 @@ pub enum Filter {
     Hashlimit,
     /// nftables: `ct count over 3` reject + a per-source `limit rate` meter.
     Nftables,
+    /// ws-guard with the port in SYN-cookie mode (`syn_cookies = "on"`): a source without
+    /// state gets a cookie from XDP and is judged at its ACK; the namespace's sysctls as the
+    /// daemon sets them (tcp_syncookies = 2, tcp_timestamps = 2).
+    WsGuardCookies,
 }
 
 impl Filter {
-    pub const ALL: [Filter; 8] = [
+    pub const ALL: [Filter; 9] = [
         Filter::None,
         Filter::Pass,
         Filter::Drop,
         Filter::WsGuard,
         Filter::WsGuardDrop,
+        Filter::WsGuardCookies,
         Filter::Iptables,
         Filter::Hashlimit,
         Filter::Nftables,
@@ -201,9 +206,10 @@ impl Filter {
 
     /// The filters legitimate clients are measured through (the XDP floor and ceiling are not
     /// filters a server would run; the drop variant of ws-guard admits the same clients).
-    pub const WITH_CLIENTS: [Filter; 5] = [
+    pub const WITH_CLIENTS: [Filter; 6] = [
         Filter::None,
         Filter::WsGuard,
+        Filter::WsGuardCookies,
         Filter::Iptables,
         Filter::Hashlimit,
         Filter::Nftables,
@@ -216,6 +222,7 @@ impl Filter {
             Filter::Drop => "XDP_DROP all (ceiling)",
             Filter::WsGuard => "ws-guard",
             Filter::WsGuardDrop => "ws-guard, drop instead of reject",
+            Filter::WsGuardCookies => "ws-guard, SYN cookies on",
             Filter::Iptables => "iptables recipe",
             Filter::Hashlimit => "iptables connlimit + hashlimit",
             Filter::Nftables => "nftables ct count + meter",
@@ -229,6 +236,7 @@ impl Filter {
             Filter::Drop => "xdp_drop",
             Filter::WsGuard => "ws_guard",
             Filter::WsGuardDrop => "ws_guard_drop",
+            Filter::WsGuardCookies => "ws_guard_cookies",
             Filter::Iptables => "iptables",
             Filter::Hashlimit => "iptables_hashlimit",
             Filter::Nftables => "nftables",
@@ -292,7 +300,7 @@ impl Options {
             stats_phase: Duration::from_secs(1),
             cpu: last_cpu(),
             batch: 64,
-            client_scenarios: vec![Scenario::OneSource, Scenario::Random65k],
+            client_scenarios: Scenario::ALL.to_vec(),
             client_filters: Filter::WITH_CLIENTS.to_vec(),
             clients: ClientOptions {
                 addresses: 64,
@@ -442,6 +450,8 @@ pub struct Measurement {
     pub cpu: Option<CpuUse>,
     /// Legitimate clients during the flood: SYN cookies on, then off (where measured).
     pub clients: Vec<ClientStats>,
+    /// ws-guard: entries of its maps before and after the measured flood.
+    pub map_entries: Option<(Vec<(&'static str, u64)>, Vec<(&'static str, u64)>)>,
 }
 
 /// Everything layer 2 measured.
@@ -503,19 +513,61 @@ impl Report {
                 w.processed_mpps / i.processed_mpps
             ));
         }
-        for scenario in Scenario::ALL {
-            let Some(w) = self.find(scenario, Filter::WsGuard) else {
+        for scenario in [Scenario::Random65k, Scenario::Random1M] {
+            if let (Some(w), Some(d)) = (
+                self.find(scenario, Filter::WsGuardCookies),
+                self.find(scenario, Filter::Drop),
+            ) {
+                let r = w.processed_mpps / d.processed_mpps;
+                out.push(format!(
+                    "{} flood, SYN cookies on: ws-guard {:.3} Mpps = {} of the XDP_DROP ceiling \
+                     ({:.3} Mpps); target >= 60%: {}",
+                    scenario.name(),
+                    w.processed_mpps,
+                    pct(r),
+                    d.processed_mpps,
+                    met(r >= 0.60)
+                ));
+                if let Some((before, after)) = &w.map_entries {
+                    let grown: Vec<String> = before
+                        .iter()
+                        .zip(after)
+                        .filter(|(b, a)| a.1 != b.1)
+                        .map(|(b, a)| format!("{} {} -> {}", b.0, b.1, a.1))
+                        .collect();
+                    out.push(format!(
+                        "{} flood, SYN cookies on: map entries before and after the measured \
+                         flood: {}; target: no entry for a forged source: {}",
+                        scenario.name(),
+                        if grown.is_empty() {
+                            "all unchanged".to_owned()
+                        } else {
+                            grown.join(", ")
+                        },
+                        met(grown.is_empty())
+                    ));
+                }
+            }
+        }
+        for (scenario, filter) in Scenario::ALL
+            .iter()
+            .flat_map(|s| [(*s, Filter::WsGuard), (*s, Filter::WsGuardCookies)])
+        {
+            let Some(w) = self.find(scenario, filter) else {
                 continue;
             };
             for c in &w.clients {
                 let share = c.success_share();
                 out.push(format!(
-                    "Legitimate clients during the {} flood, SYN cookies {}: {} of {} connected \
-                     through ws-guard ({}; p50 {} ms, p99 {} ms); target >= 99%: {}",
+                    "Legitimate clients during the {} flood, the kernel's SYN cookies {}: {} of \
+                     {} connected through {} ({} with a SYN retransmission; {}; p50 {} ms, p99 \
+                     {} ms); target >= 99%: {}",
                     scenario.name(),
                     if c.syn_cookies { "on" } else { "off" },
                     c.succeeded,
                     c.attempts,
+                    filter.name(),
+                    c.syn_retransmitted,
                     pct(share),
                     report_ms(c.p50_ms),
                     report_ms(c.p99_ms),
@@ -876,6 +928,7 @@ fn client_phase(
     opts: &Options,
     cookies: bool,
     first: u8,
+    ws_guard_cookies: bool,
 ) -> anyhow::Result<ClientStats> {
     let c = &opts.clients;
     bed.netns_exec(&[
@@ -890,7 +943,12 @@ fn client_phase(
             .parse()
             .with_context(|| format!("sysctl {k}: {v:?}"))
     };
+    // The namespace's own setting; ws-guard in cookie mode then sets its own, as the daemon
+    // does whatever it found.
     let syncookies_sysctl = read("net.ipv4.tcp_syncookies")?;
+    if ws_guard_cookies {
+        daemon_cookie_sysctls(bed)?;
+    }
     let max_syn_backlog = read("net.ipv4.tcp_max_syn_backlog")?;
     let stop_flood = AtomicBool::new(false);
     let flooding = AtomicBool::new(false);
@@ -997,6 +1055,30 @@ fn client_phase(
         flood_mpps: rx as f64 / seconds / 1e6,
         seconds,
     })
+}
+
+/// What the daemon sets while a port is in SYN-cookie mode (ws_guard::cookies::Sysctls).
+fn daemon_cookie_sysctls(bed: &Bed) -> anyhow::Result<()> {
+    bed.netns_exec(&[
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.tcp_syncookies=2",
+        "net.ipv4.tcp_timestamps=2",
+    ])?;
+    Ok(())
+}
+
+/// Entries of ws-guard's maps that grow with sources and flows.
+fn map_entries(g: &Guard) -> anyhow::Result<Vec<(&'static str, u64)>> {
+    Ok(vec![
+        ("WSG_CONNS", g.source_states()?.len() as u64),
+        ("WSG_RATE", g.rate_entries()? as u64),
+        ("WSG_PENDING", g.pending()?.len() as u64),
+        ("WSG_OWNED", g.owned()?.len() as u64),
+        ("WSG_BANS", g.bans()?.len() as u64),
+        ("WSG_COOKIES", g.used_cookies()?.len() as u64),
+    ])
 }
 
 /// The two namespaces and the veth pair of one measurement; removed by name on drop.
@@ -1268,7 +1350,10 @@ fn setup_filter(
         Filter::None => Receiver::Plain,
         Filter::Pass => Receiver::Raw(in_ns(&bed.srv_ns, || pass_prog.attach(ifindex(SRV_IF)?))?),
         Filter::Drop => Receiver::Raw(in_ns(&bed.srv_ns, || drop_prog.attach(ifindex(SRV_IF)?))?),
-        Filter::WsGuard | Filter::WsGuardDrop => {
+        Filter::WsGuard | Filter::WsGuardDrop | Filter::WsGuardCookies => {
+            if filter == Filter::WsGuardCookies {
+                daemon_cookie_sysctls(bed)?;
+            }
             let sources = scenario.sources().next_power_of_two().max(65536);
             let mut g = Guard::load(&LoadOptions {
                 sources,
@@ -1297,6 +1382,7 @@ fn setup_filter(
                     rate_limit: 9,
                     index: 0,
                     rate_window_ns: 100_000_000_000,
+                    syn_cookies: (filter == Filter::WsGuardCookies) as u32,
                     ..PortConfig::default()
                 },
             )?;
@@ -1539,7 +1625,7 @@ fn map_memory(g: &mut Guard) -> anyhow::Result<MapMemory> {
     })
 }
 
-const SHOWN: [Counter; 7] = [
+const SHOWN: [Counter; 9] = [
     Counter::Admitted,
     Counter::SynRetransmits,
     Counter::ConnLimited,
@@ -1547,6 +1633,8 @@ const SHOWN: [Counter; 7] = [
     Counter::MapFull,
     Counter::RstSent,
     Counter::NotProtected,
+    Counter::CookiesSent,
+    Counter::CookieAcksInvalid,
 ];
 
 fn verdicts(before: &Counters, after: &Counters) -> (String, Vec<(&'static str, u64)>) {
@@ -1661,6 +1749,10 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
                 let took = flood(&generator, &frame, gen_if, opts.batch, warm)?;
                 let rate = warm as f64 / took.as_secs_f64();
                 let sent = frames_for(rate, opts.measure);
+                let entries0 = match &receiver {
+                    Receiver::Guard(g) => Some(map_entries(g)?),
+                    _ => None,
+                };
                 let c0 = counters(&receiver)?;
                 let r0 = rule_counters(&bed, scenario, filter)?;
                 let rx0 = bed.rx_packets()?;
@@ -1670,6 +1762,10 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
                 let rx1 = bed.rx_packets()?;
                 let c1 = counters(&receiver)?;
                 let r1 = rule_counters(&bed, scenario, filter)?;
+                let entries1 = match &receiver {
+                    Receiver::Guard(g) => Some(map_entries(g)?),
+                    _ => None,
+                };
                 let prog_fd = guard_fd.as_ref().map(|f| f.as_fd()).or(raw_fd);
                 let program_ns = match prog_fd {
                     Some(fd) if !opts.stats_phase.is_zero() => {
@@ -1708,6 +1804,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
                     map_memory: None,
                     cpu: Some(cpu),
                     clients: Vec::new(),
+                    map_entries: entries0.zip(entries1),
                 })
             })?;
             let mut m = m;
@@ -1737,7 +1834,15 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
                 let rate = m.offered as f64 / m.seconds;
                 for (cookies, first) in [(true, CLIENTS_FIRST), (false, CLIENTS_FIRST + 64)] {
                     let c = client_phase(
-                        &bed, &listener, &generator, &frame, rate, opts, cookies, first,
+                        &bed,
+                        &listener,
+                        &generator,
+                        &frame,
+                        rate,
+                        opts,
+                        cookies,
+                        first,
+                        filter == Filter::WsGuardCookies,
                     )?;
                     log(&format!(
                         "    clients, SYN cookies {}: {}/{} connected ({} after a SYN \

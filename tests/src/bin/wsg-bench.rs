@@ -1,11 +1,13 @@
 //! ws-guard's benchmark (what `cargo xtask bench` runs; needs root).
 //!
 //! ```text
-//! wsg-bench [--smoke] [--layer 1|2] [--out DIR]
+//! wsg-bench [--smoke] [--layer 1|2] [--filters ID,..] [--scenarios ID,..] [--out DIR]
 //! ```
 //!
-//! `--smoke`: tiny counts, seconds. `--layer N`: only that layer. `--out DIR` (default
-//! `target/bench`): where bench.md, bench.json and the PNG charts go.
+//! `--smoke`: tiny counts, seconds. `--layer N`: only that layer. `--filters` / `--scenarios`:
+//! only these cells of layer 2 (ids as in bench.json, e.g. `xdp_drop,ws_guard_cookies` and
+//! `random_65k`). `--out DIR` (default `target/bench`): where bench.md, bench.json and the PNG
+//! charts go.
 
 use std::{path::PathBuf, time::Instant};
 
@@ -16,6 +18,8 @@ fn main() -> anyhow::Result<()> {
     let mut smoke = false;
     let mut layers = vec![1, 2];
     let mut out = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench"));
+    let mut filters: Option<Vec<layer2::Filter>> = None;
+    let mut scenarios: Option<Vec<layer2::Scenario>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -29,8 +33,35 @@ fn main() -> anyhow::Result<()> {
                 };
             }
             "--out" => out = PathBuf::from(args.next().context("--out needs a directory")?),
+            "--filters" => {
+                let list = args.next().context("--filters needs a list of ids")?;
+                let mut v = Vec::new();
+                for id in list.split(',') {
+                    let f = layer2::Filter::ALL
+                        .into_iter()
+                        .find(|f| f.id() == id)
+                        .with_context(|| format!("--filters: no filter {id:?}"))?;
+                    v.push(f);
+                }
+                filters = Some(v);
+            }
+            "--scenarios" => {
+                let list = args.next().context("--scenarios needs a list of ids")?;
+                let mut v = Vec::new();
+                for id in list.split(',') {
+                    let s = layer2::Scenario::ALL
+                        .into_iter()
+                        .find(|s| s.id() == id)
+                        .with_context(|| format!("--scenarios: no scenario {id:?}"))?;
+                    v.push(s);
+                }
+                scenarios = Some(v);
+            }
             "-h" | "--help" => {
-                println!("usage: wsg-bench [--smoke] [--layer 1|2] [--out DIR]");
+                println!(
+                    "usage: wsg-bench [--smoke] [--layer 1|2] [--filters ID,..] \
+                     [--scenarios ID,..] [--out DIR]"
+                );
                 return Ok(());
             }
             _ => bail!("unknown argument {a:?} (see --help)"),
@@ -58,11 +89,17 @@ fn main() -> anyhow::Result<()> {
         None
     };
     let layer2 = if layers.contains(&2) {
-        let opts = if smoke {
+        let mut opts = if smoke {
             layer2::Options::smoke()
         } else {
             layer2::Options::full()
         };
+        if let Some(f) = filters {
+            opts.filters = f;
+        }
+        if let Some(s) = scenarios {
+            opts.scenarios = s;
+        }
         Some(layer2::run(&opts, &mut log)?)
     } else {
         None
