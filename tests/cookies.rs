@@ -229,7 +229,7 @@ fn spoofed_flood(
             }
             // A few thousand per second: the veth and both kernels keep up on two cores, and
             // the kernel's own SYN queue (1024) would overflow within a second without cookies.
-            if sent.load(Ordering::Relaxed) % 64 == 0 {
+            if sent.load(Ordering::Relaxed).is_multiple_of(64) {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }

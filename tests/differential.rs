@@ -845,19 +845,18 @@ impl Gen {
         };
         // Its flow released first now and then (as the sweep releases a closed connection), so
         // a replay meets no tracked flow and is judged a replay.
-        if self.chance(1, 3) {
-            if let Parsed::Tcp(seg) = parse::parse(&f[..]) {
-                if let Some((client, server)) = parse::addresses(&f[..], &seg) {
-                    self.queue.push_back(Event::Expire(FlowKey {
-                        client,
-                        server,
-                        client_port: seg.sport,
-                        server_port: seg.dport,
-                        family: seg.family,
-                        _pad: 0,
-                    }));
-                }
-            }
+        if self.chance(1, 3)
+            && let Parsed::Tcp(seg) = parse::parse(&f[..])
+            && let Some((client, server)) = parse::addresses(&f[..], &seg)
+        {
+            self.queue.push_back(Event::Expire(FlowKey {
+                client,
+                server,
+                client_port: seg.sport,
+                server_port: seg.dport,
+                family: seg.family,
+                _pad: 0,
+            }));
         }
         // Checksums are not verified by the program: the edited bytes need no fixing.
         let e = Event::Frame(

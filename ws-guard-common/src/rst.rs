@@ -263,6 +263,36 @@ mod tests {
     }
 
     #[test]
+    fn an_ack_is_answered_with_its_acknowledgment_as_sequence_number() {
+        // A SYN cookie's ACK refused: <SEQ=SEG.ACK><CTL=RST>, which the client accepts.
+        for base in [Spec::v4(), Spec::v6()] {
+            let spec = Spec {
+                flags: TCP_ACK,
+                payload: 7,
+                ..base
+            };
+            let (seg, out) = write_rst(&spec.build());
+            let h = PacketHeaders::from_ethernet_slice(&out).unwrap();
+            let Some(TransportHeader::Tcp(t)) = h.transport else {
+                panic!()
+            };
+            assert!(t.rst && !t.ack && !t.syn, "{t:?}");
+            assert_eq!(t.sequence_number, seg.ack);
+            assert_eq!(t.sequence_number, 0x0bad_cafe);
+            assert_eq!(t.acknowledgment_number, 0);
+            match h.net {
+                Some(NetHeaders::Ipv4(ip, _)) => {
+                    assert_eq!(t.checksum, t.calc_checksum_ipv4(&ip, &[]).unwrap())
+                }
+                Some(NetHeaders::Ipv6(ip, _)) => {
+                    assert_eq!(t.checksum, t.calc_checksum_ipv6(&ip, &[]).unwrap())
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn ack_wraps_around() {
         for base in [Spec::v4(), Spec::v6()] {
             for (seq, payload, ack) in [

@@ -451,7 +451,7 @@ pub struct Measurement {
     /// Legitimate clients during the flood: SYN cookies on, then off (where measured).
     pub clients: Vec<ClientStats>,
     /// ws-guard: entries of its maps before and after the measured flood.
-    pub map_entries: Option<(Vec<(&'static str, u64)>, Vec<(&'static str, u64)>)>,
+    pub map_entries: Option<(MapEntries, MapEntries)>,
 }
 
 /// Everything layer 2 measured.
@@ -1069,8 +1069,11 @@ fn daemon_cookie_sysctls(bed: &Bed) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Entries of ws-guard's maps that grow with sources and flows, by map name.
+pub type MapEntries = Vec<(&'static str, u64)>;
+
 /// Entries of ws-guard's maps that grow with sources and flows.
-fn map_entries(g: &Guard) -> anyhow::Result<Vec<(&'static str, u64)>> {
+fn map_entries(g: &Guard) -> anyhow::Result<MapEntries> {
     Ok(vec![
         ("WSG_CONNS", g.source_states()?.len() as u64),
         ("WSG_RATE", g.rate_entries()? as u64),

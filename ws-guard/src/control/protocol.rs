@@ -589,6 +589,7 @@ mod tests {
                     new_connections: Some(Limit::Unlimited),
                     connection_action: Some(ActionName::Drop),
                     rate_action: None,
+                    syn_cookies: Some(crate::config::CookieMode::Auto),
                 },
             },
             Request::BanAdd {
