@@ -370,7 +370,7 @@ fn ws_guard_names(text: &str) -> BTreeSet<String> {
 fn alert_rules_pass_promtool_and_their_unit_tests() {
     let rules = "packaging/prometheus-alerts.yml";
     let out = promtool(&["check", "rules", rules], None);
-    assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 10 rules found"), "{out}");
     let out = promtool(
         &["test", "rules", "tests/data/prometheus-alerts.test.yml"],
         None,
@@ -1074,7 +1074,7 @@ fn prometheus_scrapes_exact_counts_from_the_daemon() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap())
         .collect();
-    assert_eq!(rules.len(), 9, "{rules:#?}");
+    assert_eq!(rules.len(), 10, "{rules:#?}");
     let evaluated = wait_until(Duration::from_secs(10), || {
         let r = api.get("/api/v1/rules").unwrap();
         r["groups"][0]["rules"]
