@@ -158,13 +158,26 @@ impl Sysctls {
         }
         fs::write(&self.saved_file, format!("{cookies} {stamps}\n"))
             .with_context(|| format!("writing {}", self.saved_file.display()))?;
-        self.saved = Some((cookies, stamps));
-        self.write(SYNCOOKIES, 2)?;
         // 0 stays 0 (no timestamps: the cookies then carry neither window scale nor SACK, as
         // the kernel's own do); 1 becomes 2: the same timestamps without the random offset.
-        if stamps == 1 {
-            self.write(TIMESTAMPS, 2)?;
+        let set = self.write(SYNCOOKIES, 2).and_then(|()| {
+            if stamps == 1 {
+                self.write(TIMESTAMPS, 2)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = set {
+            // Nothing half-set is left behind, and the next attempt starts from scratch.
+            let _ = self.write(SYNCOOKIES, cookies);
+            let _ = fs::remove_file(&self.saved_file);
+            return Err(e.context(
+                "SYN cookies need to set net.ipv4.tcp_syncookies and tcp_timestamps (a \
+                 read-only /proc/sys, e.g. systemd's ProtectKernelTunables=yes, prevents it: see \
+                 docs/operations.md, \"SYN cookies\")",
+            ));
         }
+        self.saved = Some((cookies, stamps));
         info!(
             "SYN cookies: net.ipv4.{SYNCOOKIES} {cookies} -> 2{}",
             if stamps == 1 {
@@ -268,6 +281,9 @@ pub struct Controller {
     ports: BTreeMap<u16, Port>,
     /// When the last port left cookie mode (the sysctls are restored [`LINGER`] after).
     all_off_since: Option<Instant>,
+    /// When the sysctls last failed to be set, logged (at most once a minute: it is tried
+    /// again every round).
+    warned_at: Option<Instant>,
 }
 
 impl Controller {
@@ -276,6 +292,7 @@ impl Controller {
             sysctls,
             ports: BTreeMap::new(),
             all_off_since: None,
+            warned_at: None,
         }
     }
 
@@ -361,11 +378,30 @@ impl Controller {
                 .cloned()
                 .unwrap_or_default();
             s.mode = l.syn_cookies;
+            // Whenever a port is to be in cookie mode, the sysctls must be set: also for a port
+            // adopted in it from a daemon that died (whose sysctls were restored at start).
+            let want = if want && !self.sysctls.set() {
+                match self.sysctls.engage() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        if self
+                            .warned_at
+                            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+                        {
+                            self.warned_at = Some(now);
+                            warn!(
+                                "port {number}: SYN cookies stay off: {e:#}; new sources are \
+                                 judged on their SYN (tried again every sweep)"
+                            );
+                        }
+                        false
+                    }
+                }
+            } else {
+                want
+            };
             if want != (current.syn_cookies != 0) {
                 if want {
-                    self.sysctls
-                        .engage()
-                        .context("setting the sysctls SYN cookies need")?;
                     s.turned_on += 1;
                 } else {
                     s.turned_off += 1;
@@ -464,6 +500,21 @@ mod tests {
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(p, value).unwrap();
         }
+    }
+
+    #[test]
+    fn a_failure_leaves_nothing_set_and_is_tried_again() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("ipv4");
+        let saved = d.path().join("run/sysctls");
+        fake_proc(&dir, &[(SYNCOOKIES, "1\n")]);
+        // tcp_timestamps cannot be used: a directory in its place.
+        fs::create_dir_all(dir.join(TIMESTAMPS).join("x")).unwrap();
+        let mut s = Sysctls::at(dir.clone(), saved.clone());
+        assert!(s.engage().is_err());
+        assert!(!s.set() && !saved.exists());
+        assert_eq!(read_number(&dir.join(SYNCOOKIES)).unwrap(), 1);
+        assert!(s.engage().is_err(), "tried again, not taken as set");
     }
 
     #[test]
