@@ -330,7 +330,7 @@ fn layer2_smoke_floods_every_filter() {
         );
         let xdp = matches!(
             m.filter_id,
-            "xdp_pass" | "xdp_drop" | "ws_guard" | "ws_guard_drop"
+            "xdp_pass" | "xdp_drop" | "ws_guard" | "ws_guard_drop" | "ws_guard_cookies"
         );
         assert_eq!(m.program_ns.is_some(), xdp, "{m:?}");
         if let Some(ns) = m.program_ns {
@@ -406,6 +406,20 @@ fn layer2_smoke_floods_every_filter() {
             }
         }
     }
+    // ws-guard in cookie mode answered the one-source flood with cookies and stored nothing.
+    let m = r
+        .measurements
+        .iter()
+        .find(|m| m.filter_id == "ws_guard_cookies")
+        .expect("the cookie-mode cell");
+    let cookies = m
+        .verdict_counts
+        .iter()
+        .find(|(n, _)| *n == "cookies_sent")
+        .map_or(0, |(_, v)| *v);
+    assert!(cookies * 100 >= m.processed * 99, "{m:?}");
+    let (before, after) = m.map_entries.as_ref().expect("map entries measured");
+    assert_eq!(before, after, "{m:?}");
     // The rule-based filters: each rule's counter read, and the one-source flood refused by
     // the connection limit (the first rule), as ws-guard refuses it.
     for (id, rules) in [

@@ -266,7 +266,10 @@ fn a_spoofed_flood_stores_nothing_while_real_clients_connect_and_exchange_data()
         &format!("[[port]]\nport = {port}\nmax_connections = 10\nsyn_cookies = \"on\"\n"),
         "",
     );
-    assert!(daemon.wait_for("SYN cookies on", Duration::from_secs(5)));
+    assert!(daemon.wait_for(
+        &format!("port {port}: SYN cookies on"),
+        Duration::from_secs(5)
+    ));
     assert_eq!(sysctl(&tb.srv, "tcp_syncookies"), "2");
     assert_eq!(sysctl(&tb.srv, "tcp_timestamps"), "2");
     let before = map_entries(&status(&files));
@@ -389,7 +392,10 @@ fn connections_through_cookies_negotiate_what_the_kernel_would() {
         ),
     );
     let mut daemon = files.start(&tb.srv, &[]);
-    assert!(daemon.wait_for("SYN cookies on", Duration::from_secs(5)));
+    assert!(daemon.wait_for(
+        &format!("port {port}: SYN cookies on"),
+        Duration::from_secs(5)
+    ));
     for (src, dst) in [
         (tb.client_v4(0), tb.server_v4()),
         (tb.client_v6(0), tb.server_v6()),
@@ -434,7 +440,10 @@ fn auto_switches_cookies_on_under_a_flood_and_off_after_it() {
     let sent = Arc::new(AtomicU64::new(0));
     let dst = SocketAddrV4::new(v4(tb.server_v4()), port);
     let flood = spoofed_flood(&tb.cli, dst, stop.clone(), sent.clone());
-    let on = daemon.wait_for("SYN cookies on", Duration::from_secs(10));
+    let on = daemon.wait_for(
+        &format!("port {port}: SYN cookies on"),
+        Duration::from_secs(10),
+    );
     let engaged_after = sent.load(Ordering::Relaxed);
     assert!(on, "cookies never went on ({engaged_after} forged SYNs)");
     let s = status(&files);
@@ -451,7 +460,10 @@ fn auto_switches_cookies_on_under_a_flood_and_off_after_it() {
     stop.store(true, Ordering::Relaxed);
     flood.join().unwrap();
     // Off once the flood is over: the unanswered cookies age out (3 s), then the cool-down.
-    let off = daemon.wait_for("SYN cookies off", Duration::from_secs(30));
+    let off = daemon.wait_for(
+        &format!("port {port}: SYN cookies off"),
+        Duration::from_secs(30),
+    );
     assert!(off, "cookies stayed on after the flood");
     let s = status(&files);
     assert!(!port_active(&s, port));
@@ -600,7 +612,10 @@ fn invalid_and_replayed_cookie_acks_are_dropped() {
         &format!("[[port]]\nport = {port}\nmax_connections = 10\nsyn_cookies = \"on\"\n"),
         "",
     );
-    assert!(daemon.wait_for("SYN cookies on", Duration::from_secs(5)));
+    assert!(daemon.wait_for(
+        &format!("port {port}: SYN cookies on"),
+        Duration::from_secs(5)
+    ));
     let dst = SocketAddrV4::new(v4(tb.server_v4()), port);
     let peer = RawPeer::new(&tb.cli, &tb.cli_if, Ipv4Addr::new(198, 18, n, 77), dst);
 
@@ -666,7 +681,10 @@ fn a_client_over_its_limit_is_refused_at_its_ack_with_a_reset() {
         ),
         "",
     );
-    assert!(daemon.wait_for("SYN cookies on", Duration::from_secs(5)));
+    assert!(daemon.wait_for(
+        &format!("port {port}: SYN cookies on"),
+        Duration::from_secs(5)
+    ));
     // The client's bare ACKs are held back, so both of its handshakes are still cookies when
     // their first data (which carries the ACK) arrives: the first is admitted, the second is
     // over max_connections = 1.
@@ -703,4 +721,54 @@ fn a_client_over_its_limit_is_refused_at_its_ack_with_a_reset() {
     assert_eq!(counter(&s, port, "rst_sent"), 1);
     daemon.signal(libc::SIGTERM);
     daemon.stop_when_exited(Duration::from_secs(10));
+}
+
+#[test]
+fn cookies_work_again_after_the_daemon_was_killed_and_restarted() {
+    if !privileged("cookies_work_again_after_the_daemon_was_killed_and_restarted") {
+        return;
+    }
+    let _serial = serial();
+    let n = 6;
+    let port = test_port(n);
+    let (tb, echo, files, mut daemon) = setup(
+        "ckkill",
+        n,
+        &format!("[[port]]\nport = {port}\nmax_connections = 10\nsyn_cookies = \"on\"\n"),
+        "",
+    );
+    assert!(daemon.wait_for(
+        &format!("port {port}: SYN cookies on"),
+        Duration::from_secs(5)
+    ));
+    let mut c = connect_quickly(&tb.cli, tb.client_v4(0), sa(tb.server_v4(), port)).unwrap();
+    round_trip(&mut c, b"before").unwrap();
+    // Killed: the pinned programs keep the port in cookie mode, the sysctls stay set.
+    daemon.signal(libc::SIGKILL);
+    daemon.stop_when_exited(Duration::from_secs(10));
+    assert_eq!(sysctl(&tb.srv, "tcp_syncookies"), "2");
+    let mut daemon = files.start(&tb.srv, &[]);
+    // The next daemon puts the sysctls back first, then sets them again for the port it
+    // adopted in cookie mode: a new source still gets in through a cookie.
+    assert!(daemon.wait_for(
+        "restored net.ipv4.tcp_syncookies = 1",
+        Duration::from_secs(5)
+    ));
+    assert!(wait_until(Duration::from_secs(5), || sysctl(
+        &tb.srv,
+        "tcp_syncookies"
+    ) == "2"));
+    let s = status(&files);
+    assert!(port_active(&s, port), "{s}");
+    let valid = counter(&s, port, "cookie_acks_valid");
+    let mut d = connect_quickly(&tb.cli, tb.client_v4(1), sa(tb.server_v4(), port)).unwrap();
+    round_trip(&mut d, b"after").unwrap();
+    let s = status(&files);
+    assert_eq!(counter(&s, port, "cookie_acks_valid"), valid + 1, "{s}");
+    assert_eq!(counter(&s, port, "cookie_fallbacks"), 0, "{s}");
+    assert_eq!(echo.accepted.load(Ordering::Relaxed), 2);
+    daemon.signal(libc::SIGTERM);
+    daemon.stop_when_exited(Duration::from_secs(10));
+    assert_eq!(sysctl(&tb.srv, "tcp_syncookies"), "1");
+    assert_eq!(sysctl(&tb.srv, "tcp_timestamps"), "1");
 }

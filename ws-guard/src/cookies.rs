@@ -377,6 +377,12 @@ impl Controller {
                 .get(&number)
                 .cloned()
                 .unwrap_or_default();
+            // Switched off since the last round by a reload or `limits set --syn-cookies off`
+            // (Guard::apply turns "off" off at once): counted and said here.
+            if s.active && current.syn_cookies == 0 && l.syn_cookies == CookieMode::Off {
+                s.turned_off += 1;
+                info!("port {number}: SYN cookies off (syn_cookies = \"off\")");
+            }
             s.mode = l.syn_cookies;
             // Whenever a port is to be in cookie mode, the sysctls must be set: also for a port
             // adopted in it from a daemon that died (whose sysctls were restored at start).
