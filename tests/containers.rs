@@ -690,3 +690,75 @@ fn masqueraded_connections_are_counted_as_unmatched_and_logged() {
     verdict(&bed, &[&a], problems);
     bed.stop_daemon();
 }
+
+/// `syn_cookies = "on"` on a published port whose wire port also has a listener in the host's
+/// namespace (docker-proxy's, by Docker's default): the cookie is the host listener's, the ACK
+/// goes on by DNAT to the container, whose kernel does not take it, and the connection dies.
+/// The daemon sees connections admitted through a cookie that never reach a socket and turns
+/// cookie mode off for the port; from then on new sources get in (judged at their SYN).
+#[test]
+fn cookies_turn_themselves_off_where_dnat_takes_their_connections_elsewhere() {
+    if !privileged("cookies_turn_themselves_off_where_dnat_takes_their_connections_elsewhere") {
+        return;
+    }
+    let _serial = serial();
+    let (wire, port) = (test_port(19), test_port(20));
+    let mut bed = HostBed::new(
+        11,
+        Variant::IptablesDnat,
+        &[Publish {
+            wire,
+            container: 1,
+            port,
+        }],
+    );
+    bed.start_server(1, port);
+    let dst = bed.wire_dst(false, wire);
+    bed.check_reachable(&[dst]);
+    // docker-proxy's listener on the wire port, in the host's namespace.
+    let _proxy = ws_guard_tests::netns::in_ns(&bed.host, || {
+        std::net::TcpListener::bind(("0.0.0.0", wire)).expect("the host's listener")
+    });
+    bed.start_daemon(&format!(
+        "[[port]]\nport = {wire}\nmax_connections = 100\nsyn_cookies = \"on\"\n"
+    ));
+    assert!(
+        bed.daemon().wait_for(
+            &format!("port {wire}: SYN cookies on"),
+            Duration::from_secs(5)
+        ),
+        "{}",
+        bed.report()
+    );
+    // New sources, one attempt each, until the daemon gives up on cookies for the port (each
+    // first connection of a new source went through a cookie and died in the container).
+    let mut clients = Vec::new();
+    let mut off = false;
+    for i in 0..6 {
+        let mut c = Client::new(&bed, bed.client_v4(i), dst);
+        c.attempt(TRY);
+        clients.push(c);
+        if bed.daemon().wait_for(
+            "SYN cookies off until the daemon restarts",
+            Duration::from_secs(3),
+        ) {
+            off = true;
+            break;
+        }
+    }
+    assert!(off, "cookie mode stayed on\n{}", bed.report());
+    // A new source now gets a connection the container's server holds.
+    let before = bed.server(1).held();
+    let mut c = Client::new(&bed, bed.client_v4(7), dst);
+    assert_eq!(c.attempt(TRY).0, Seen::Open, "{}", bed.report());
+    assert!(
+        bed.server(1).wait_held(before + 1, Duration::from_secs(2)),
+        "the container's server did not get the connection\n{}",
+        bed.report()
+    );
+    let (code, out, _) = bed.cli(&["status"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("(active)"), "{out}");
+    drop(clients);
+    bed.stop_daemon();
+}

@@ -253,6 +253,12 @@ pub fn decide(state: &mut AutoState, load: u64, threshold: u32, now: Instant) ->
     None
 }
 
+/// Whether connections admitted through a cookie fail to reach a socket too often to go on:
+/// three at least, and at least half of those admitted since cookie mode went on.
+pub fn lost_too_often(lost: u64, admitted: u64) -> bool {
+    lost >= 3 && lost * 2 >= admitted
+}
+
 /// One port's cookie mode, for status and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PortCookies {
@@ -266,6 +272,13 @@ pub struct PortCookies {
 
 #[derive(Debug)]
 struct Port {
+    /// Cookie mode is off for this port until the daemon restarts: its cookie connections did
+    /// not reach a socket (see [`lost_too_often`]).
+    faulted: bool,
+    /// Since cookie mode last went on: valid cookie ACKs at that moment, and connections
+    /// admitted through a cookie that never got a socket.
+    valid_at_on: u64,
+    lost: u64,
     auto: AutoState,
     /// Cookies sent and valid cookie ACKs at the last round, and when.
     last: Option<(u64, u64, Instant)>,
@@ -296,12 +309,14 @@ impl Controller {
         }
     }
 
-    /// One round: `half_open` is each port's half-open attempts (the sweep's count).
+    /// One round: `half_open` is each port's half-open attempts, `lost` its connections
+    /// admitted through a cookie that got no socket (the sweep's counts).
     pub fn tick(
         &mut self,
         guard: &mut Guard,
         limits: &[PortLimits],
         half_open: &BTreeMap<u16, u64>,
+        lost: &BTreeMap<u16, u64>,
         handshake_timeout: Duration,
     ) -> anyhow::Result<()> {
         let now = Instant::now();
@@ -325,6 +340,9 @@ impl Controller {
                     )
                 });
             let port = self.ports.entry(number).or_insert_with(|| Port {
+                faulted: false,
+                valid_at_on: sent_valid.1,
+                lost: 0,
                 auto: AutoState {
                     engaged: current.syn_cookies != 0,
                     calm_since: None,
@@ -344,7 +362,24 @@ impl Controller {
                 .retain(|(t, _)| now.duration_since(*t) <= handshake_timeout);
             let waiting: u64 = port.unanswered.iter().map(|(_, n)| n).sum();
             let load = half_open.get(&number).copied().unwrap_or(0) + waiting;
+            port.lost += lost.get(&number).copied().unwrap_or(0);
+            if !port.faulted
+                && current.syn_cookies != 0
+                && lost_too_often(port.lost, sent_valid.1.saturating_sub(port.valid_at_on))
+            {
+                port.faulted = true;
+                log::error!(
+                    "port {number}: SYN cookies off until the daemon restarts: {} of the \
+                     connections admitted through a cookie never reached a socket; the port's \
+                     connections are most likely DNAT'd into another network namespace (a \
+                     container's published port, with a listener such as docker-proxy in this \
+                     one), where the kernel does not accept a cookie issued here. Use \
+                     syn_cookies = \"off\" for such ports (docs/containers.md)",
+                    port.lost
+                );
+            }
             let want = match l.syn_cookies {
+                _ if port.faulted => false,
                 CookieMode::Off => false,
                 CookieMode::On => true,
                 CookieMode::Auto => {
@@ -409,6 +444,8 @@ impl Controller {
             if want != (current.syn_cookies != 0) {
                 if want {
                     s.turned_on += 1;
+                    port.valid_at_on = sent_valid.1;
+                    port.lost = 0;
                 } else {
                     s.turned_off += 1;
                 }
@@ -506,6 +543,15 @@ mod tests {
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(p, value).unwrap();
         }
+    }
+
+    #[test]
+    fn cookie_connections_that_never_reach_a_socket_turn_cookies_off() {
+        assert!(!lost_too_often(2, 2));
+        assert!(lost_too_often(3, 3));
+        assert!(lost_too_often(3, 6));
+        assert!(!lost_too_often(3, 7));
+        assert!(lost_too_often(50, 90));
     }
 
     #[test]

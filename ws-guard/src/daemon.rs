@@ -267,7 +267,8 @@ pub async fn run(
         // Ports with syn_cookies = "on" go into cookie mode before the daemon reports ready.
         let mut shared = lock(&shared);
         let (ports, timeout) = (shared.cfg.ports.clone(), shared.cfg.handshake_timeout);
-        if let Err(e) = cookies.tick(&mut shared.guard, &ports, &Default::default(), timeout) {
+        let none = Default::default();
+        if let Err(e) = cookies.tick(&mut shared.guard, &ports, &none, &none, timeout) {
             warn!("SYN cookies: {e:#}; retried every sweep");
         }
     }
@@ -303,7 +304,7 @@ pub async fn run(
                             log::debug!("sweep: {r:?}");
                         }
                         unmatched.add(r.unmatched);
-                        Some(r.half_open)
+                        Some((r.half_open, r.cookies_lost))
                     }
                     Err(e) => {
                         warn!("sweep failed (accounting not checked this round): {e:#}");
@@ -313,9 +314,9 @@ pub async fn run(
                 if let Err(e) = guard.set_cookie_settings(crate::cookies::host_settings(&interfaces)) {
                     warn!("updating the SYN-cookie settings: {e:#}");
                 }
-                if let Some(half_open) = half_open {
+                if let Some((half_open, lost)) = half_open {
                     let ports = shared.cfg.ports.clone();
-                    if let Err(e) = cookies.tick(&mut shared.guard, &ports, &half_open, handshake_timeout) {
+                    if let Err(e) = cookies.tick(&mut shared.guard, &ports, &half_open, &lost, handshake_timeout) {
                         warn!("SYN cookies: {e:#}; retried next sweep");
                     }
                 }

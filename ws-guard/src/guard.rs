@@ -1115,6 +1115,16 @@ impl Guard {
             .context("reading the used SYN cookies")
     }
 
+    /// Whether `flow` was admitted at the ACK of its SYN cookie ([`names::MAP_COOKIES`]).
+    pub fn cookie_used(&self, flow: &FlowKey) -> anyhow::Result<bool> {
+        let m: HashMap<&MapData, FlowKey, u32> = self.map(names::MAP_COOKIES)?;
+        match m.get(flow, 0) {
+            Ok(_) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e).context("reading the used SYN cookies"),
+        }
+    }
+
     /// The rate window of `key` ([`names::MAP_RATE`]), if it has one. Read-only (the
     /// differential test compares the kernel's ring with its model's).
     pub fn rate_state(&self, key: &SourceKey) -> anyhow::Result<Option<RateState>> {

@@ -50,6 +50,9 @@ pub struct SweepReport {
     /// Half-open attempts per protected (wire) port when the sweep read them: what `auto`
     /// cookie mode watches (crate::cookies).
     pub half_open: std::collections::BTreeMap<u16, u64>,
+    /// Per wire port, attempts admitted at the ACK of their SYN cookie that never got a socket
+    /// (released now): crate::cookies turns cookie mode off for a port where that is common.
+    pub cookies_lost: std::collections::BTreeMap<u16, u64>,
 }
 
 /// A socket of the table, keyed like the programs key flows.
@@ -327,6 +330,12 @@ fn sweep(
         let gone = age >= grace && missing.contains(flow) && confirmed_missing(flow);
         if (gone || age >= timeout) && guard.control(op(OP_EXPIRE_PENDING, *flow))? {
             report.expired += 1;
+            // Admitted at the ACK of its SYN cookie, yet no socket anywhere: the kernel did not
+            // take the cookie (the connection went on to another namespace by DNAT, where it
+            // is not valid, or the accept queue was full).
+            if gone && guard.cookie_used(flow)? {
+                *report.cookies_lost.entry(flow.server_port).or_default() += 1;
+            }
         }
     }
     for (flow, v) in &owned {
