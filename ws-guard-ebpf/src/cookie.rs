@@ -7,20 +7,20 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{
         bpf_ktime_get_ns, bpf_loop, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
-        bpf_tcp_gen_syncookie, bpf_xdp_load_bytes,
+        bpf_tcp_gen_syncookie, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
     },
     programs::XdpContext,
 };
 use ws_guard_common::{
     key::source_key,
     maps::{AF_INET, Counter, FlowKey, GATE_FLAGS, GlobalConfig, PortConfig, Scratch},
-    parse::{self, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, TcpSegment},
+    parse::{self, MAX_HEADER_OFFSET, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, TcpSegment},
     reply, rst,
     syncookie::{self, MAX_OPTION_BYTES, OptionCursor, SynOptions},
 };
 
 use crate::{
-    frame::{FrameIo, HelperFrame},
+    frame::{Frame, FrameIo, HelperFrame},
     maps::{
         self, Bucket, WSG_CONNS, WSG_COOKIES, WSG_JUMP, WSG_PENDING, WSG_SCRATCH, WSG_SEG, count,
     },
@@ -28,6 +28,18 @@ use crate::{
 };
 
 const TCP_LISTEN: u32 = 10;
+
+/// [`Frame`] for `parse_tcp` only: a type of its own, so that the parser is compiled apart from
+/// `wsg_xdp`'s (code LLVM would share between the two programs becomes a subprogram the
+/// verifier walks again for every header layout of `wsg_xdp`).
+struct ParseFrame<'a>(Frame<'a>);
+
+impl Packet for ParseFrame<'_> {
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.0.load(offset)
+    }
+}
 
 /// A socket the lookup helper returned; the reference is released when dropped.
 struct Sock(*mut bpf_sock);
@@ -173,7 +185,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     // SAFETY: a live per-CPU value.
-    if !parse_tcp(&frame, unsafe { &mut *copy }) {
+    if !parse_tcp(ctx, unsafe { &mut *copy }) {
         count(Bucket::UNATTRIBUTED, Counter::Malformed);
         return xdp_action::XDP_PASS;
     }
@@ -213,10 +225,16 @@ pub fn run(ctx: &XdpContext) -> u32 {
 }
 
 /// The frame's TCP segment into `seg`; false when it has none (wsg_xdp found one, so only a
-/// frame changed meanwhile).
+/// frame changed meanwhile). Read with packet pointers (the rest of `wsg_cookie` uses helpers):
+/// the verifier walks this function once per header layout, and nothing after it sees the
+/// layout's exact offsets (they come back from map memory).
 #[inline(never)]
-fn parse_tcp(frame: &HelperFrame, seg: &mut TcpSegment) -> bool {
-    match parse::parse(frame) {
+fn parse_tcp(ctx: &XdpContext, seg: &mut TcpSegment) -> bool {
+    // Through a volatile read: otherwise LLVM passes the context's data pointers as arguments
+    // (cut to 32 bits), which the verifier no longer knows as packet pointers.
+    // SAFETY: a read of a live reference.
+    let ctx: &XdpContext = unsafe { core::ptr::read_volatile(&ctx) };
+    match parse::parse(&ParseFrame(Frame(ctx))) {
         Parsed::Tcp(s) => {
             *seg = s;
             true
@@ -367,14 +385,16 @@ fn write_synack(
     swapped[..6].copy_from_slice(&macs[6..]);
     swapped[6..].copy_from_slice(&macs[..6]);
     frame.store(0, &swapped)?;
-    let head: &[u8; 20] = tcp[..20].try_into().ok()?;
-    io.store(seg.l4, head)?;
-    // The options, a word at a time (constant sizes for the verifier).
-    let mut at = 20;
-    while at < len && at + 4 <= syncookie::SYNACK_TCP_MAX {
-        let w: &[u8; 4] = tcp[at..at + 4].try_into().ok()?;
-        io.store(seg.l4 + at, w)?;
-        at += 4;
+    // The header and its options in one store of `len` bytes (20 to 40, inside the scratch).
+    if !(20..=syncookie::SYNACK_TCP_MAX).contains(&len) || seg.l4 > MAX_HEADER_OFFSET {
+        return None;
+    }
+    // SAFETY: `len` bytes of the scratch value; the helper checks the frame's bounds.
+    let stored = unsafe {
+        bpf_xdp_store_bytes(frame.0.ctx, seg.l4 as u32, tcp.as_mut_ptr().cast(), len as u32)
+    };
+    if stored != 0 {
+        return None;
     }
     xdp::shrink(frame.0, (seg.l4 + len) as i32 - frame.len() as i32)
 }
