@@ -391,7 +391,12 @@ fn write_synack(
     }
     // SAFETY: `len` bytes of the scratch value; the helper checks the frame's bounds.
     let stored = unsafe {
-        bpf_xdp_store_bytes(frame.0.ctx, seg.l4 as u32, tcp.as_mut_ptr().cast(), len as u32)
+        bpf_xdp_store_bytes(
+            frame.0.ctx,
+            seg.l4 as u32,
+            tcp.as_mut_ptr().cast(),
+            len as u32,
+        )
     };
     if stored != 0 {
         return None;
