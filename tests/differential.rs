@@ -847,16 +847,9 @@ impl Gen {
         // a replay meets no tracked flow and is judged a replay.
         if self.chance(1, 3)
             && let Parsed::Tcp(seg) = parse::parse(&f[..])
-            && let Some((client, server)) = parse::addresses(&f[..], &seg)
+            && let Some(flow) = parse::flow(&f[..], &seg)
         {
-            self.queue.push_back(Event::Expire(FlowKey {
-                client,
-                server,
-                client_port: seg.sport,
-                server_port: seg.dport,
-                family: seg.family,
-                _pad: 0,
-            }));
+            self.queue.push_back(Event::Expire(flow));
         }
         // Checksums are not verified by the program: the edited bytes need no fixing.
         let e = Event::Frame(

@@ -631,15 +631,15 @@ impl Model {
         counted: &mut Vec<(Bucket, Counter)>,
         out: &mut Outcome,
     ) -> bool {
-        let Some((client, server)) = parse::addresses(frame, seg) else {
+        let Some(flow) = parse::flow(frame, seg) else {
             return false;
         };
-        let source = source_key(seg.family, client, seg.dport, &self.global);
+        let source = source_key(seg.family, flow.client, seg.dport, &self.global);
         if self.conns.contains_key(&source) {
             return false;
         }
         if self.global.flags & GATE_FLAGS != 0 {
-            match self.gate(&client, &source, bucket, clock, counted, out) {
+            match self.gate(&flow.client, &source, bucket, clock, counted, out) {
                 Gate::Continue => {}
                 Gate::Refuse => {
                     out.verdict = XDP_DROP;
@@ -654,14 +654,6 @@ impl Model {
         }
         let mut options = SynOptions::default();
         syncookie::syn_options(frame, seg.l4, seg.header_len, &mut options);
-        let flow = FlowKey {
-            client,
-            server,
-            client_port: seg.sport,
-            server_port: seg.dport,
-            family: seg.family,
-            _pad: 0,
-        };
         self.count(counted, bucket, Counter::CookiesSent);
         out.verdict = XDP_TX;
         out.synack = Some(SynAck {
@@ -694,16 +686,8 @@ impl Model {
         if !self.listeners {
             return false;
         }
-        let Some((client, server)) = parse::addresses(frame, seg) else {
+        let Some(flow) = parse::flow(frame, seg) else {
             return false;
-        };
-        let flow = FlowKey {
-            client,
-            server,
-            client_port: seg.sport,
-            server_port: seg.dport,
-            family: seg.family,
-            _pad: 0,
         };
         if self.pending.contains_key(&flow) {
             return false;
@@ -746,19 +730,11 @@ impl Model {
         counted: &mut Vec<(Bucket, Counter)>,
         out: &mut Outcome,
     ) -> Option<u32> {
-        let Some((client, server)) = parse::addresses(frame, seg) else {
+        let Some(flow) = parse::flow(frame, seg) else {
             self.count(counted, bucket, Counter::Malformed);
             return None;
         };
-        let flow = FlowKey {
-            client,
-            server,
-            client_port: seg.sport,
-            server_port: seg.dport,
-            family: seg.family,
-            _pad: 0,
-        };
-        let source = source_key(seg.family, client, seg.dport, &self.global);
+        let source = source_key(seg.family, flow.client, seg.dport, &self.global);
         // The kernel looks up the source's entry (without creating it) and skips the flow maps
         // when its filter and the flags say the SYN cannot be a retransmission.
         let state = self.conns.get(&source).map(|slots| SourceState {
@@ -797,7 +773,7 @@ impl Model {
         let mut limited = true;
         let mut would_block = false;
         if self.global.flags & GATE_FLAGS != 0 {
-            match self.gate(&client, &source, bucket, clock, counted, out) {
+            match self.gate(&flow.client, &source, bucket, clock, counted, out) {
                 Gate::Continue => {}
                 Gate::Allowed => {
                     tracked_as = Counter::Allowed;

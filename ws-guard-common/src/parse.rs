@@ -2,7 +2,7 @@
 //! the kernel reads bounds-checked packet memory and the tests read byte slices, with the same
 //! code deciding.
 
-use crate::maps::{AF_INET, AF_INET6};
+use crate::maps::{AF_INET, AF_INET6, FlowKey};
 
 /// Read access to a frame.
 pub trait Packet {
@@ -312,6 +312,20 @@ pub fn addresses<P: Packet + ?Sized>(p: &P, seg: &TcpSegment) -> Option<([u8; 16
         dst = p.load::<[u8; 16]>(seg.l3 + 24)?;
     }
     Some((src, dst))
+}
+
+/// The connection `seg` is part of, as the server sees it (the source is the client).
+#[inline(always)]
+pub fn flow<P: Packet + ?Sized>(p: &P, seg: &TcpSegment) -> Option<FlowKey> {
+    let (client, server) = addresses(p, seg)?;
+    Some(FlowKey {
+        client,
+        server,
+        client_port: seg.sport,
+        server_port: seg.dport,
+        family: seg.family,
+        _pad: 0,
+    })
 }
 
 #[cfg(test)]

@@ -140,19 +140,6 @@ fn scratch_headers(
     Some((s, ip_len))
 }
 
-#[inline(always)]
-fn flow_of(frame: &HelperFrame, seg: &TcpSegment) -> Option<FlowKey> {
-    let (client, server) = parse::addresses(frame, seg)?;
-    Some(FlowKey {
-        client,
-        server,
-        client_port: seg.sport,
-        server_port: seg.dport,
-        family: seg.family,
-        _pad: 0,
-    })
-}
-
 /// Hands the frame to `wsg_cookie` (a tail call: does not return when it works). If the jump
 /// table is empty (the daemon has not filled it yet), the caller goes on as without cookies.
 #[inline(always)]
@@ -277,7 +264,7 @@ fn note_used() {
 fn syn_action(frame: &HelperFrame, seg: &TcpSegment, bucket: Bucket) -> Option<u32> {
     let ctx = frame.0;
     let global = maps::WSG_GLOBAL.get(0)?;
-    let flow = flow_of(frame, seg)?;
+    let flow = parse::flow(frame, seg)?;
     let source = source_key(seg.family, flow.client, seg.dport, global);
     // SAFETY: the lookup only tests presence.
     if unsafe { WSG_CONNS.get(&source).is_some() } {
@@ -426,7 +413,7 @@ extern "C" fn read_option(_index: u64, _ctx: *mut c_void) -> i64 {
 #[inline(always)]
 fn ack_action(frame: &HelperFrame, seg: &TcpSegment, bucket: Bucket) -> Option<u32> {
     let ctx = frame.0;
-    let flow = flow_of(frame, seg)?;
+    let flow = parse::flow(frame, seg)?;
     let sk = Sock::lookup(ctx, &flow)?;
     if !sk.listening() {
         return None;

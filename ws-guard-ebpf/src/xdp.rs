@@ -102,24 +102,16 @@ pub(crate) fn new_attempt<F: FrameIo>(
     port: &PortConfig,
     bucket: Bucket,
 ) -> Verdict {
-    let Some((client, server)) = parse::addresses(frame, seg) else {
+    let Some(flow) = parse::flow(frame, seg) else {
         count(bucket, Counter::Malformed);
         return Verdict::Pass;
-    };
-    let flow = FlowKey {
-        client,
-        server,
-        client_port: seg.sport,
-        server_port: seg.dport,
-        family: seg.family,
-        _pad: 0,
     };
     // A reference, not a copy: the program's stack is near its 512-byte limit. Index 0 of a
     // one-entry array always exists.
     let Some(global) = maps::WSG_GLOBAL.get(0) else {
         return Verdict::Pass;
     };
-    let source = source_key(seg.family, client, seg.dport, global);
+    let source = source_key(seg.family, flow.client, seg.dport, global);
     // The source's entry, looked up (not created) before the flow maps: its flow filter says
     // whether this SYN can be a retransmission of a tracked attempt at all (see
     // ws_guard_common::filter). In a flood of new tuples it cannot, and both lookups are saved.

@@ -19,7 +19,8 @@ use std::{
 use anyhow::Context as _;
 use log::{info, warn};
 use ws_guard_common::maps::{
-    COOKIE_SACK, COOKIE_TIMESTAMPS, COOKIE_WSCALE, CookieSettings, Counter, PortConfig,
+    AF_INET, AF_INET6, COOKIE_SACK, COOKIE_TIMESTAMPS, COOKIE_WSCALE, CookieSettings, Counter,
+    PortConfig,
 };
 
 use crate::{
@@ -330,7 +331,7 @@ impl Controller {
             let Some(current) = kernel.get(&number).copied() else {
                 continue;
             };
-            let sent_valid = [AF_INET_FAMILY, AF_INET6_FAMILY]
+            let sent_valid = [AF_INET, AF_INET6]
                 .iter()
                 .filter_map(|f| stats.ports.get(&(number, *f)))
                 .fold((0, 0), |(s, v), c| {
@@ -507,9 +508,6 @@ impl Controller {
         self.sysctls.recover()
     }
 }
-
-const AF_INET_FAMILY: u16 = ws_guard_common::maps::AF_INET;
-const AF_INET6_FAMILY: u16 = ws_guard_common::maps::AF_INET6;
 
 #[cfg(test)]
 mod tests {

@@ -311,7 +311,18 @@ pub async fn run(
                         None
                     }
                 };
-                if let Err(e) = guard.set_cookie_settings(crate::cookies::host_settings(&interfaces)) {
+                // The host's TCP settings, kept current for the SYN-ACKs (read only where a
+                // port may use cookies: a few /proc files).
+                let cookies_configured = shared
+                    .cfg
+                    .ports
+                    .iter()
+                    .any(|p| p.syn_cookies != crate::config::CookieMode::Off);
+                if cookies_configured
+                    && let Err(e) = shared
+                        .guard
+                        .set_cookie_settings(crate::cookies::host_settings(&interfaces))
+                {
                     warn!("updating the SYN-cookie settings: {e:#}");
                 }
                 if let Some((half_open, lost)) = half_open {
