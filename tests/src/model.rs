@@ -550,6 +550,16 @@ impl Model {
             synack: None,
         };
         let counted = &mut Vec::new();
+        let unprotected = match parse::quick(frame) {
+            parse::Quick::NotTcp => true,
+            parse::Quick::Tcp { dport } => self.protected(dport).is_none(),
+            parse::Quick::Unknown => false,
+        };
+        if unprotected {
+            self.count(counted, Bucket::Unattributed, Counter::NotProtected);
+            out.counted = std::mem::take(counted);
+            return out;
+        }
         let seg = match parse::parse(frame) {
             Parsed::Tcp(seg) => seg,
             Parsed::NotIp | Parsed::NotTcp => {

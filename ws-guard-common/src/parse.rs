@@ -117,6 +117,59 @@ pub enum Parsed {
     Malformed,
 }
 
+/// What [`quick`] can tell from fixed offsets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quick {
+    /// Not IP, or IP that is not TCP: never ws-guard's business.
+    NotTcp,
+    /// TCP to `dport` (host byte order); its headers are not checked further.
+    Tcp { dport: u16 },
+    /// Anything else (VLAN tags, IPv4 options, fragments, IPv6 extension headers, short
+    /// frames): [`parse`] decides.
+    Unknown,
+}
+
+/// The shortcut for traffic that is not ws-guard's business: for the commonest layouts
+/// (untagged Ethernet, then IPv4 without options and unfragmented, or IPv6 straight to TCP)
+/// the destination port is at a fixed offset, so a frame to an unprotected port leaves after
+/// one bounds check and one port lookup. A TCP segment to an unprotected port is then not
+/// examined further (counted as not protected even where [`parse`] would call it malformed).
+#[inline(always)]
+pub fn quick<P: Packet + ?Sized>(p: &P) -> Quick {
+    // Ethertype, a 20-byte IPv4 header and the TCP ports.
+    let Some(h) = p.load::<[u8; 26]>(12) else {
+        return Quick::Unknown;
+    };
+    match u16::from_be_bytes([h[0], h[1]]) {
+        ETH_P_IP => {
+            let total_len = u16::from_be_bytes([h[4], h[5]]);
+            let frag = u16::from_be_bytes([h[8], h[9]]) & 0x3fff;
+            if h[2] != 0x45 || frag != 0 || total_len < 20 {
+                return Quick::Unknown;
+            }
+            if h[11] != IPPROTO_TCP {
+                return Quick::NotTcp;
+            }
+            Quick::Tcp {
+                dport: u16::from_be_bytes([h[24], h[25]]),
+            }
+        }
+        ETH_P_IPV6 => {
+            if h[2] >> 4 != 6 || h[8] != IPPROTO_TCP {
+                return Quick::Unknown;
+            }
+            match p.load::<[u8; 2]>(ETH_HLEN + 40 + 2) {
+                Some(d) => Quick::Tcp {
+                    dport: u16::from_be_bytes(d),
+                },
+                None => Quick::Unknown,
+            }
+        }
+        ETH_P_8021Q | ETH_P_8021AD => Quick::Unknown,
+        _ => Quick::NotTcp,
+    }
+}
+
 #[inline(always)]
 fn be16<P: Packet + ?Sized>(p: &P, off: usize) -> Option<u16> {
     p.load::<[u8; 2]>(off).map(u16::from_be_bytes)
@@ -725,6 +778,83 @@ pub(crate) mod tests {
         );
         assert!(s.is_new_attempt());
         assert_eq!(s.sequence_len(), 1);
+    }
+
+    /// The shortcut never contradicts the full parser: where it names a port, that is the
+    /// port of a TCP segment (or of a TCP header too short to parse); where it says "not TCP",
+    /// the parser finds no TCP segment either.
+    #[test]
+    fn quick_agrees_with_parse() {
+        let mut specs = vec![
+            Spec::v4(),
+            Spec::v6(),
+            Spec {
+                proto: UDP,
+                ..Spec::v4()
+            },
+            Spec {
+                proto: ICMP,
+                ..Spec::v4()
+            },
+            Spec {
+                proto: ICMPV6,
+                ..Spec::v6()
+            },
+            Spec {
+                ip_option_words: 2,
+                ..Spec::v4()
+            },
+            Spec {
+                more_fragments: true,
+                ..Spec::v4()
+            },
+            Spec {
+                frag_offset: 3,
+                ..Spec::v4()
+            },
+            Spec {
+                tags: vec![VLAN],
+                ..Spec::v4()
+            },
+            Spec {
+                exts: six_exts(),
+                ..Spec::v6()
+            },
+            Spec {
+                tcp_option_words: 3,
+                ..Spec::v6()
+            },
+        ];
+        specs.push(Spec {
+            dport: 443,
+            ..Spec::v4()
+        });
+        let mut frames: Vec<Vec<u8>> = specs.iter().map(|s| s.build()).collect();
+        // Cut every frame at every length, and an ARP-like frame.
+        for f in frames.clone() {
+            for n in 0..f.len() {
+                frames.push(f[..n].to_vec());
+            }
+        }
+        let mut arp = Spec::v4().build();
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        frames.push(arp);
+        let mut named = 0;
+        for f in &frames {
+            match (quick(&f[..]), parse(&f[..])) {
+                (Quick::Unknown, _) => {}
+                (Quick::NotTcp, Parsed::NotIp | Parsed::NotTcp) => {}
+                (Quick::Tcp { dport }, Parsed::Tcp(seg)) => {
+                    assert_eq!(dport, seg.dport);
+                    named += 1;
+                }
+                (Quick::Tcp { .. }, Parsed::Malformed) => {}
+                (q, p) => panic!("quick {q:?} but parse {p:?} for {f:?}"),
+            }
+        }
+        assert_eq!(named, 4);
+        assert_eq!(quick(&Spec::v4().build()[..]), Quick::Tcp { dport: DPORT });
+        assert_eq!(quick(&Spec::v6().build()[..]), Quick::Tcp { dport: DPORT });
     }
 
     #[test]

@@ -271,8 +271,7 @@ fn syn_action(frame: &HelperFrame, seg: &TcpSegment, bucket: Bucket) -> Option<u
         return None;
     }
     if global.flags & GATE_FLAGS != 0 {
-        let now = unsafe { bpf_ktime_get_ns() };
-        match xdp::gate(&flow.client, &source, None, global, now, bucket) {
+        match xdp::gate(&flow.client, &source, None, global, bucket) {
             Gate::Continue => {}
             Gate::Refuse => return Some(xdp_action::XDP_DROP),
             Gate::Allowed | Gate::WouldBlock => return None,

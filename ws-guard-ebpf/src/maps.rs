@@ -154,6 +154,14 @@ pub fn create_source(key: &SourceKey) -> Option<*mut SourceState> {
     WSG_CONNS.get_ptr_mut(key)
 }
 
+/// The connection slots taken, as a plain read: a refusal decided on it takes nothing it would
+/// have to give back (the admission that follows takes its slot atomically and re-checks).
+#[inline(always)]
+pub fn slots_taken(c: *mut SourceState) -> u32 {
+    // SAFETY: `c` points to a live map value; a torn read is impossible for an aligned u32.
+    unsafe { core::ptr::read_volatile(&raw const (*c).slots) }
+}
+
 /// Takes one connection slot; returns how many were taken before.
 #[inline(always)]
 pub fn take_slot(c: *mut SourceState) -> u32 {

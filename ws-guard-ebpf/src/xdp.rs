@@ -16,7 +16,7 @@ use ws_guard_common::{
         FLAG_BANS, FlowKey, FlowValue, GATE_FLAGS, GlobalConfig, PortConfig, SourceKey,
         SourceState,
     },
-    parse::{self, Parsed, TcpSegment},
+    parse::{self, Parsed, Quick, TcpSegment},
     policy::{ListVerdict, ban_active, ban_until, list_verdict},
     rst,
 };
@@ -35,6 +35,11 @@ pub(crate) enum Verdict {
 #[inline(always)]
 pub fn enforce(ctx: &XdpContext) -> u32 {
     let frame = Frame(ctx);
+    match parse::quick(&frame) {
+        Quick::NotTcp => return not_protected(),
+        Quick::Tcp { dport } if maps::port(dport).is_none() => return not_protected(),
+        _ => {}
+    }
     let seg = match parse::parse(&frame) {
         Parsed::Tcp(seg) => seg,
         Parsed::NotIp | Parsed::NotTcp => {
@@ -67,6 +72,12 @@ pub fn enforce(ctx: &XdpContext) -> u32 {
         cookie::jump(ctx);
     }
     judge(ctx, &frame, &seg, port, bucket)
+}
+
+#[inline(always)]
+fn not_protected() -> u32 {
+    count(Bucket::UNATTRIBUTED, Counter::NotProtected);
+    xdp_action::XDP_PASS
 }
 
 /// A new attempt's action: admitted (passed), or refused with the port's action.
@@ -136,7 +147,6 @@ pub(crate) fn new_attempt<F: FrameIo>(
         }
     }
     let monitor = global.monitor != 0;
-    let now = unsafe { bpf_ktime_get_ns() };
 
     // How the attempt is tracked: `limited` false skips the limits (allowlisted, or already
     // judged by monitor mode); `would_block` says monitor mode counted it already.
@@ -144,7 +154,7 @@ pub(crate) fn new_attempt<F: FrameIo>(
     let mut limited = true;
     let mut would_block = false;
     if global.flags & GATE_FLAGS != 0 {
-        match gate(&flow.client, &source, state, global, now, bucket) {
+        match gate(&flow.client, &source, state, global, bucket) {
             Gate::Continue => {}
             Gate::Allowed => {
                 tracked_as = Counter::Allowed;
@@ -168,14 +178,13 @@ pub(crate) fn new_attempt<F: FrameIo>(
     let Some(slots) = state.or_else(|| maps::create_source(&source)) else {
         return untracked(port, global, bucket, tracked_as, would_block);
     };
-    let taken = maps::take_slot(slots);
-    if limited && port.max_connections != 0 && taken >= port.max_connections {
+    // Budget (BENCHMARKS.md, "Work per path"): a refusal reads the source's entry and adds to
+    // its refusal count, nothing more; it takes nothing it must give back. So the slots are
+    // read before one is taken, and the rate is judged before the slot is taken.
+    let max = port.max_connections;
+    if limited && max != 0 && maps::slots_taken(slots) >= max {
         if !monitor {
-            maps::give_slot(slots);
-            maps::note_refusal(slots);
-            count(bucket, Counter::ConnLimited);
-            debug!(ctx, "port {} over max_connections ({})", seg.dport, taken);
-            return Verdict::Refuse(port.conn_action);
+            return conn_limited(ctx, seg, port, slots, bucket);
         }
         // Monitor mode admits it, and, as when enforcing, it does not count toward the rate.
         count(bucket, Counter::MonitorWouldBlock);
@@ -183,6 +192,7 @@ pub(crate) fn new_attempt<F: FrameIo>(
         would_block = true;
     }
 
+    let now = unsafe { bpf_ktime_get_ns() };
     if limited && port.rate_limit != 0 {
         if let Some(state_ptr) = maps::rate_state(&source) {
             let seq = maps::claim_attempt(state_ptr);
@@ -192,7 +202,6 @@ pub(crate) fn new_attempt<F: FrameIo>(
             state.record(seq, now);
             if !ok {
                 if !monitor {
-                    maps::give_slot(slots);
                     maps::note_refusal(slots);
                     count(bucket, Counter::RateLimited);
                     debug!(ctx, "port {} over new_connections", seg.dport);
@@ -207,10 +216,41 @@ pub(crate) fn new_attempt<F: FrameIo>(
         }
     }
 
+    // The slot itself: taken atomically, so N simultaneous attempts against a limit of N - k
+    // still give exactly N - k connections. One that lost that race to another CPU since the
+    // read above is refused like any attempt over the limit (its rate attempt stays counted, as
+    // if the two had arrived the other way round).
+    let taken = maps::take_slot(slots);
+    if limited && max != 0 && taken >= max {
+        if !monitor {
+            maps::give_slot(slots);
+            return conn_limited(ctx, seg, port, slots, bucket);
+        }
+        if !would_block {
+            count(bucket, Counter::MonitorWouldBlock);
+            would_block = true;
+        }
+    }
+
     if !admit(&flow, index, source, now, slots, bucket, tracked_as) {
         return untracked(port, global, bucket, tracked_as, would_block);
     }
     Verdict::Pass
+}
+
+/// An attempt refused because its source is at `max_connections` (no slot was taken for it).
+#[inline(always)]
+fn conn_limited(
+    ctx: &XdpContext,
+    seg: &TcpSegment,
+    port: &PortConfig,
+    slots: *mut SourceState,
+    bucket: Bucket,
+) -> Verdict {
+    maps::note_refusal(slots);
+    count(bucket, Counter::ConnLimited);
+    debug!(ctx, "port {} over max_connections", seg.dport);
+    Verdict::Refuse(port.conn_action)
 }
 
 /// The first fragment of a TCP segment: to a protected port, dropped unless the operator
@@ -268,7 +308,6 @@ pub(crate) fn gate(
     source: &SourceKey,
     state: Option<*mut SourceState>,
     global: &GlobalConfig,
-    now: u64,
     bucket: Bucket,
 ) -> Gate {
     let monitor = global.monitor != 0;
@@ -297,6 +336,8 @@ pub(crate) fn gate(
         Some(b) => (b.until_ns, b.reason),
         None => return Gate::Continue,
     };
+    // The clock is read only when there is a ban to judge.
+    let now = unsafe { bpf_ktime_get_ns() };
     if !ban_active(until_ns, now) {
         maps::end_ban(source, until_ns, reason, bucket);
         return Gate::Continue;
