@@ -99,11 +99,9 @@ fn every_command_takes_effect_and_survives_a_restart() {
         [
             "WSG_ALLOW",
             "WSG_BANS",
-            "WSG_CONNS",
             "WSG_DENY",
-            "WSG_OWNED",
-            "WSG_PENDING",
-            "WSG_RATE"
+            "WSG_FLOWS",
+            "WSG_SOURCES"
         ],
         "{st}"
     );

@@ -328,11 +328,18 @@ fn a_spoofed_flood_stores_nothing_while_real_clients_connect_and_exchange_data()
     let get = |m: &[(String, u64)], name: &str| {
         m.iter().find(|(n, _)| n == name).map(|(_, v)| *v).unwrap()
     };
-    for (name, want) in [("WSG_CONNS", 5), ("WSG_RATE", 0), ("WSG_OWNED", 18)] {
+    for (name, want) in [("WSG_SOURCES", 5), ("WSG_FLOWS", 18)] {
         assert_eq!(get(&before, name), 0, "{name} before");
         assert_eq!(get(&after, name), want, "{name} after: {after:?}");
     }
-    assert_eq!(get(&after, "WSG_PENDING"), 0, "{after:?}");
+    // All 18 established.
+    let half_open: u64 = s["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["half_open"].as_u64().unwrap())
+        .sum();
+    assert_eq!(half_open, 0, "{s}");
     drop(open);
     daemon.signal(libc::SIGTERM);
     daemon.stop_when_exited(Duration::from_secs(10));
@@ -648,7 +655,7 @@ fn invalid_and_replayed_cookie_acks_are_dropped() {
         let s = status(&files);
         map_entries(&s)
             .iter()
-            .any(|(m, n)| m == "WSG_OWNED" && *n == 0)
+            .any(|(m, n)| m == "WSG_FLOWS" && *n == 0)
     }));
     peer.send("A", 7001, cookie.wrapping_add(1));
     std::thread::sleep(Duration::from_millis(300));

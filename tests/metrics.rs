@@ -22,7 +22,7 @@ use ws_guard::{
     metrics::{self, METRIC_NAMES},
 };
 use ws_guard_common::{
-    maps::{AF_INET, AF_INET6, Counter, FlowKey, FlowValue, RateState, SourceKey, SourceState},
+    maps::{AF_INET, AF_INET6, Counter, FlowKey, FlowValue, SourceKey, SourceState},
     names,
 };
 use ws_guard_tests::{
@@ -524,13 +524,11 @@ fn exposition_of_real_maps_is_exact_and_passes_promtool() {
         r#"ws_guard_half_open_connections{family="ipv4",port="9311"} 2"#,
         r#"ws_guard_half_open_connections{family="ipv6",port="9311"} 2"#,
         r#"ws_guard_established_connections{family="ipv6",port="9311"} 0"#,
-        r#"ws_guard_map_entries{map="WSG_CONNS"} 2"#,
-        r#"ws_guard_map_entries{map="WSG_RATE"} 2"#,
-        r#"ws_guard_map_entries{map="WSG_PENDING"} 4"#,
-        r#"ws_guard_map_entries{map="WSG_OWNED"} 0"#,
-        r#"ws_guard_map_capacity{map="WSG_CONNS"} 1024"#,
-        r#"ws_guard_map_capacity{map="WSG_PENDING"} 4096"#,
-        r#"ws_guard_map_fill_ratio{map="WSG_PENDING"} 0.0009765625"#,
+        r#"ws_guard_map_entries{map="WSG_SOURCES"} 2"#,
+        r#"ws_guard_map_entries{map="WSG_FLOWS"} 4"#,
+        r#"ws_guard_map_capacity{map="WSG_SOURCES"} 1024"#,
+        r#"ws_guard_map_capacity{map="WSG_FLOWS"} 4096"#,
+        r#"ws_guard_map_fill_ratio{map="WSG_FLOWS"} 0.0009765625"#,
         r#"ws_guard_source_connections{family="ipv4",port="9311",source="198.18.0.7/32"} 2"#,
         r#"ws_guard_source_connections{family="ipv6",port="9311",source="2001:2::/48"} 2"#,
         "ws_guard_monitor_mode 0",
@@ -550,19 +548,11 @@ fn exposition_of_real_maps_is_exact_and_passes_promtool() {
     };
     for (name, entry) in [
         (
-            names::MAP_CONNS,
+            names::MAP_SOURCES,
             size_of::<SourceKey>() + size_of::<SourceState>(),
         ),
         (
-            names::MAP_RATE,
-            size_of::<SourceKey>() + size_of::<RateState>(),
-        ),
-        (
-            names::MAP_PENDING,
-            size_of::<FlowKey>() + size_of::<FlowValue>(),
-        ),
-        (
-            names::MAP_OWNED,
+            names::MAP_FLOWS,
             size_of::<FlowKey>() + size_of::<FlowValue>(),
         ),
     ] {

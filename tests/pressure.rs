@@ -3,16 +3,17 @@
 //! is a SYN from a source never seen before).
 //!
 //! What is checked (docs/configuration.md, "When maps are full"):
-//! - a source holding connections keeps its count whatever the flood does (`WSG_CONNS` is a
+//! - a source holding connections keeps its count whatever the flood does (`WSG_SOURCES` is a
 //!   plain hash, never evicted from): it still cannot open one more, and once its connections
 //!   are released it connects again;
-//! - new sources when `WSG_CONNS` is full, and new attempts when `WSG_PENDING` is full, pass
+//! - new sources when `WSG_SOURCES` is full, and new attempts when `WSG_FLOWS` is full, pass
 //!   untracked (`on_map_full = "open"`) or are refused with the port's `connection_action`
 //!   (`"closed"`), each counted exactly once as `map_full`;
 //! - a flood of 1,000,000 distinct sources at the default capacity (set `WSG_FLOOD_SOURCES` for
 //!   another size), timed;
-//! - how many distinct sources it takes to evict a hammering source's rate window from the LRU
-//!   map `WSG_RATE` (a documented limit), measured.
+//! - a rate window lives in its source's entry: a flood of new sources never evicts it; only
+//!   the sweep reclaims entries that hold nothing, after their window, or (more than nine
+//!   tenths full) the oldest newest attempts first.
 
 use std::{
     collections::BTreeMap,
@@ -661,78 +662,63 @@ fn churn(g: &mut Guard, f: &mut Flood, from: u64, to: u64) {
             let src = spoofed(j);
             assert!(release(g, flow_of(src)), "release flood source {j}");
             let k = key_of(g, src);
-            g.remove_idle_source(&k).unwrap();
+            assert!(
+                g.remove_idle_source(&k, 0).unwrap(),
+                "flood source {j} reclaimed"
+            );
         }
         at = end;
     }
 }
 
-/// A fresh guard of `capacity` sources where the hammer is rate-limited, then `quiet` flood
-/// sources churned through while it makes no attempt; whether its next attempt is still
-/// refused (its window survived).
-fn window_survives_quiet(capacity: u32, quiet: u64) -> bool {
-    let mut g = load(capacity, 4 * capacity, recipe(), per_address());
-    hammer_until_limited(&mut g);
-    churn(&mut g, &mut Flood::new(), 0, quiet);
-    match run(&mut g, &syn(HAMMER, 31000)) {
-        XDP_DROP => true,
-        XDP_PASS => false,
-        v => panic!("unexpected verdict {v}"),
-    }
-}
-
 #[test]
-fn rate_window_is_evicted_only_after_a_capacity_of_newer_sources() {
-    if !privileged("rate_window_is_evicted_only_after_a_capacity_of_newer_sources") {
+fn rate_windows_are_never_evicted_by_a_flood_only_reclaimed_by_the_sweep() {
+    if !privileged("rate_windows_are_never_evicted_by_a_flood_only_reclaimed_by_the_sweep") {
         return;
     }
-    // The kernel's LRU map keeps free entries per CPU (up to 128 each) and evicts once the
-    // shared ones run out, so a little before the map is full.
-    // The CPUs this test can run the program on.
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    let margin = 1024.max(256 * cpus);
-    let default = LoadOptions::default().sources;
-    let t = Instant::now();
-    for capacity in [SMALL_SOURCES, default] {
-        let cap = capacity as u64;
-        // A source that makes no attempt keeps its window while fewer new sources than the
-        // map holds have made one...
-        assert!(
-            window_survives_quiet(capacity, cap - margin),
-            "capacity {capacity}: the window was evicted by {} new sources",
-            cap - margin
-        );
-        // ... and loses it (a fresh window: admitted again) once more than that have.
-        assert!(
-            !window_survives_quiet(capacity, cap + 1024),
-            "capacity {capacity}: the window survived {} new sources",
-            cap + 1024
-        );
-    }
-    // A source that keeps hammering refreshes its entry: with an attempt every quarter of the
-    // capacity of new sources, its window survives four times the capacity of them.
+    // Twice the capacity of new sources churn through (each released and reclaimed at once,
+    // as the sweep does under pressure): the hammer, quiet meanwhile, is still limited.
     let mut g = load(SMALL_SOURCES, 4 * SMALL_SOURCES, recipe(), per_address());
     hammer_until_limited(&mut g);
-    let mut f = Flood::new();
-    let step = SMALL_SOURCES as u64 / 4;
-    for k in 0..16 {
-        churn(&mut g, &mut f, k * step, (k + 1) * step);
-        let v = run(&mut g, &syn(HAMMER, 31000 + k as u16));
-        assert_eq!(
-            v,
-            XDP_DROP,
-            "the hammer's window was evicted after {}",
-            (k + 1) * step
-        );
-    }
-    eprintln!(
-        "rate windows: a quiet source keeps its window through {} new sources and loses it by {} \
-         (capacity {default}); a source trying every {step} keeps it (capacity {SMALL_SOURCES}) \
-         [{:?}]",
-        default as u64 - margin,
-        default as u64 + 1024,
-        t.elapsed()
+    let hammer = key_of(&g, IpAddr::V4(HAMMER));
+    churn(&mut g, &mut Flood::new(), 0, 2 * SMALL_SOURCES as u64);
+    assert_eq!(
+        run(&mut g, &syn(HAMMER, 31000)),
+        XDP_DROP,
+        "window survived"
     );
+    // Its entry holds nothing (every attempt released) but its window: the sweep's rule keeps
+    // it for the window, and only pressure or age lets it go.
+    assert!(!g.remove_idle_source(&hammer, 100_001).unwrap());
+    assert!(g.source_states().unwrap().iter().any(|(k, _)| *k == hammer));
+
+    // Fill the map past nine tenths with flood sources that hold nothing (their attempts
+    // released, their windows fresh): the sweep then reclaims the oldest newest attempts first,
+    // down to nine tenths, and the hammer's (the oldest) goes first.
+    let mut f = Flood::new();
+    let fill = SMALL_SOURCES as u64 * 19 / 20;
+    for j in 0..fill {
+        let src = spoofed(1_000_000 + j);
+        assert_eq!(run(&mut g, f.frame(src)), XDP_PASS, "flood source {j}");
+        assert!(release(&mut g, flow_of(src)));
+    }
+    let before = g.source_states().unwrap().len();
+    assert!(before as u64 > SMALL_SOURCES as u64 * 9 / 10, "{before}");
+    let mut report = ws_guard::sweep::SweepReport::default();
+    ws_guard::sweep::reclaim_sources(&mut g, &mut report).unwrap();
+    let after = g.source_states().unwrap();
+    assert!(
+        !after.iter().any(|(k, _)| *k == hammer),
+        "the oldest went first"
+    );
+    assert_eq!(
+        after.len(),
+        (SMALL_SOURCES as usize / 10) * 9,
+        "down to nine tenths"
+    );
+    assert_eq!(report.idle_removed as usize, before - after.len());
+    // Its window went with it: admitted again.
+    assert_eq!(run(&mut g, &syn(HAMMER, 31001)), XDP_PASS);
 }
 
 #[test]

@@ -89,6 +89,12 @@ pub trait Clock {
     /// Whether the ban of `key` ending at `until_ns` was still in force at the kernel's "now"
     /// of this run (`policy::ban_active`).
     fn ban_active(&mut self, key: &SourceKey, until_ns: u64) -> bool;
+
+    /// The deadline of the ban the kernel started for `key` in this run: `ban_ns` after its
+    /// "now", which the rate stamp `now` (whole milliseconds) gives to the millisecond only.
+    fn ban_deadline(&mut self, _key: &SourceKey, now: u64, ban_ns: u64) -> u64 {
+        ban_until(now, ban_ns)
+    }
 }
 
 /// What the model expects of one run of the XDP program.
@@ -167,11 +173,16 @@ impl SynAck {
 
 impl Outcome {
     /// A contradiction between the clock's answers in this run: the ban's answer and the rate
-    /// window's stamp (the same kernel "now").
+    /// window's stamp (the same kernel "now", known to the millisecond).
     pub fn clock_conflict(&self) -> Option<String> {
         let (until, active) = self.ban?;
         let (_, now) = self.rate?;
-        (ban_active(until, now) != active).then(|| {
+        let conflict = if active {
+            !ban_active(until, now)
+        } else {
+            ban_active(until, now + 999_999)
+        };
+        conflict.then(|| {
             format!(
                 "the ban ending at {until} was judged {} but the attempt's stamp is {now}",
                 if active { "in force" } else { "over" }
@@ -329,25 +340,31 @@ impl Model {
     }
 
     /// The flow filter the kernel must hold for `key`: its tracked flows (half-open and
-    /// established entries, each counted) per filter bucket.
-    pub fn expected_filter(
-        &self,
-        key: &SourceKey,
-    ) -> [u32; ws_guard_common::maps::FLOW_FILTER_SLOTS] {
-        let mut filter = [0u32; ws_guard_common::maps::FLOW_FILTER_SLOTS];
+    /// established entries, each counted) per filter bucket, four bits each.
+    pub fn expected_filter(&self, key: &SourceKey) -> u64 {
+        let mut counts = [0u32; ws_guard_common::maps::FLOW_FILTER_SLOTS];
         for (f, t) in self.pending.iter().chain(self.owned.iter()) {
             if t.source == *key {
-                filter[flow_filter_index(f)] += 1;
+                counts[flow_filter_index(f)] += 1;
             }
+        }
+        let mut filter = 0u64;
+        for (i, c) in counts.iter().enumerate() {
+            // A count of 15 saturates in the kernel and stays so; this model does not follow
+            // that (its runs never charge 15 flows of one source to one bucket).
+            assert!(
+                *c < 15,
+                "the model does not follow saturated filter buckets"
+            );
+            filter |= u64::from(*c) << (4 * i);
         }
         filter
     }
 
-    /// `WSG_CONNS` as the kernel must hold it: each entry's slots and its flow filter, derived
-    /// from the tracked flows.
+    /// `WSG_SOURCES` as the kernel must hold it: each entry's slots, refusals and rate window,
+    /// and its flow filter, derived from the tracked flows.
     pub fn source_states(&self) -> HashMap<SourceKey, SourceState> {
-        let mut out: HashMap<SourceKey, SourceState> = self
-            .conns
+        self.conns
             .iter()
             .map(|(k, v)| {
                 (
@@ -355,19 +372,13 @@ impl Model {
                     SourceState {
                         slots: *v,
                         refused: self.refusals.get(k).copied().unwrap_or(0),
-                        ..SourceState::default()
+                        filter: self.expected_filter(k),
+                        rate: self.rate.get(k).copied().unwrap_or_default(),
+                        _pad: 0,
                     },
                 )
             })
-            .collect();
-        for (f, t) in self.pending.iter().chain(self.owned.iter()) {
-            // A flow's count lives in its source's entry; every tracked flow's source has one
-            // (an entry is only removed when it holds nothing).
-            if let Some(s) = out.get_mut(&t.source) {
-                s.filter[flow_filter_index(f)] += 1;
-            }
-        }
-        out
+            .collect()
     }
 
     /// `Guard::apply_policy`: the lists become exactly `allow` / `deny` (trie keys) and the ban
@@ -751,6 +762,7 @@ impl Model {
             slots: *slots,
             refused: self.refusals.get(&source).copied().unwrap_or(0),
             filter: self.expected_filter(&source),
+            ..SourceState::default()
         });
         let index = flow_filter_index(&flow);
         if must_check_flows(self.global.flags, state.as_ref(), index) {
@@ -823,14 +835,15 @@ impl Model {
             let ok = state.admits(seq, now, port.rate_limit, port.rate_window_ns);
             state.record(seq, now);
             out.rate = Some((source, now));
-            since = Since::Exact(now);
+            // The kernel's "now" is within the millisecond of its rate stamp.
+            since = Since::Within(now, now + 999_999);
             if !ok {
                 if !monitor {
                     self.note_refusal(&source);
                     self.give_slot(&slots);
                     self.count(counted, bucket, Counter::RateLimited);
                     if self.global.ban_ns != 0 {
-                        self.start_ban(&source, now, bucket, counted);
+                        self.start_ban(&source, now, clock, bucket, counted);
                     }
                     return Some(port.rate_action);
                 }
@@ -913,6 +926,7 @@ impl Model {
         &mut self,
         source: &SourceKey,
         now: u64,
+        clock: &mut dyn Clock,
         bucket: Bucket,
         counted: &mut Vec<(Bucket, Counter)>,
     ) {
@@ -924,7 +938,7 @@ impl Model {
             return;
         }
         let value = BanValue {
-            until_ns: ban_until(now, self.global.ban_ns),
+            until_ns: clock.ban_deadline(source, now, self.global.ban_ns),
             reason: BAN_RATE,
             _pad: 0,
         };
@@ -971,11 +985,11 @@ impl Model {
         would_block: bool,
         counted: &mut Vec<(Bucket, Counter)>,
     ) -> Option<u32> {
-        if self.pending.contains_key(flow) {
+        if self.pending.contains_key(flow) || self.owned.contains_key(flow) {
             self.give_slot(&source);
             self.count(counted, bucket, Counter::SynRetransmits);
             None
-        } else if self.pending.len() >= self.capacity.flows {
+        } else if self.pending.len() + self.owned.len() >= self.capacity.flows {
             self.give_slot(&source);
             self.untracked(port, bucket, tracked_as, would_block, counted)
         } else {
@@ -1073,7 +1087,11 @@ impl Model {
             }
             return false;
         };
-        if self.owned.contains_key(flow) || self.owned.len() >= self.capacity.flows {
+        // One flow map: the insert fails for a flow tracked in either state.
+        if self.owned.contains_key(flow)
+            || self.pending.contains_key(flow)
+            || self.pending.len() + self.owned.len() >= self.capacity.flows
+        {
             return false;
         }
         self.owned.insert(
@@ -1088,14 +1106,14 @@ impl Model {
         true
     }
 
-    /// `Guard::remove_idle_source`: removes an entry that holds nothing (no slot, no tracked
-    /// flow in its filter).
+    /// `Guard::remove_idle_source` with no minimum age: removes an entry that holds nothing
+    /// (no slot, no tracked flow in its filter), its rate window with it.
     pub fn remove_idle_source(&mut self, key: &SourceKey) {
-        let idle =
-            self.conns.get(key) == Some(&0) && self.expected_filter(key).iter().all(|c| *c == 0);
+        let idle = self.conns.get(key) == Some(&0) && self.expected_filter(key) == 0;
         if idle {
             self.conns.remove(key);
             self.refusals.remove(key);
+            self.rate.remove(key);
         }
     }
 

@@ -1,12 +1,14 @@
-//! The per-source flow filter: lets most new SYNs skip the two flow-map lookups of the
+//! The per-source flow filter: lets a refused SYN skip the flow-map lookup of the
 //! retransmission check.
 //!
-//! A SYN whose 4-tuple is tracked (in `WSG_PENDING` or `WSG_OWNED`) is a retransmission and
-//! passes. In a flood every tuple is new, so both lookups miss, on cold buckets. Each source key's
-//! `WSG_CONNS` entry ([`SourceState`]) counts its tracked flows per [`flow_filter_index`]: when
-//! the count of the SYN's index is zero, no tracked flow of that source can be this one and the
-//! lookups are skipped. The count is kept at or above the true number at every instant (raised
-//! before a flow is inserted, lowered after one is removed), so a skip is never wrong. Flows are
+//! A SYN whose 4-tuple is tracked (in `WSG_FLOWS`) is a retransmission and passes. An admitted
+//! SYN learns that from its insert into `WSG_FLOWS`, which fails for a tracked tuple; a SYN about
+//! to be refused must look. In a flood from one source every tuple is new, so that lookup would
+//! miss every time. Each source key's `WSG_SOURCES` entry ([`SourceState`]) counts its tracked
+//! flows per [`flow_filter_index`] in sixteen 4-bit counts: when the count of the SYN's index is
+//! zero, no tracked flow of that source can be this one and the lookup is skipped. The count is
+//! kept at or above the true number at every instant (raised before a flow is inserted, lowered
+//! after one is removed; a count that reaches 15 stays there), so a skip is never wrong. Flows are
 //! counted under the key they were charged to; after a prefix change that key may differ from
 //! the one the SYN now maps to, so [`FLAG_CHECK_FLOWS`] turns the skip off until every tracked
 //! flow's key is current again ([`flows_settled`]).
@@ -45,9 +47,42 @@ pub fn must_check_flows(flags: u32, state: Option<&SourceState>, index: usize) -
         return true;
     }
     match state {
-        Some(s) => s.filter[index % FLOW_FILTER_SLOTS] != 0,
+        Some(s) => filter_count(s.filter, index) != 0,
         None => false,
     }
+}
+
+/// The count at bucket `i` (taken modulo [`FLOW_FILTER_SLOTS`]) of a filter word.
+#[inline(always)]
+pub fn filter_count(filter: u64, i: usize) -> u32 {
+    ((filter >> (4 * (i % FLOW_FILTER_SLOTS))) & 0xf) as u32
+}
+
+/// The filter word with one more flow at bucket `i`. A count saturates at 15 and stays there
+/// (its true value is unknown from then on; it only costs lookups).
+#[inline(always)]
+pub fn filter_added(filter: u64, i: usize) -> u64 {
+    if filter_count(filter, i) == 15 {
+        filter
+    } else {
+        filter + (1u64 << (4 * (i % FLOW_FILTER_SLOTS)))
+    }
+}
+
+/// The filter word with one flow fewer at bucket `i`: a saturated count, or a zero one, stays.
+#[inline(always)]
+pub fn filter_removed(filter: u64, i: usize) -> u64 {
+    match filter_count(filter, i) {
+        0 | 15 => filter,
+        _ => filter - (1u64 << (4 * (i % FLOW_FILTER_SLOTS))),
+    }
+}
+
+/// The filter word with bucket `i` saturated: what an add that could not be made atomically
+/// falls back to (an over-count is always safe).
+#[inline(always)]
+pub fn filter_saturated(filter: u64, i: usize) -> u64 {
+    filter | (0xfu64 << (4 * (i % FLOW_FILTER_SLOTS)))
 }
 
 /// Whether every tracked flow is charged to the source key the prefixes of `global` give it:
@@ -204,16 +239,42 @@ mod tests {
         assert!(!must_check_flows(0, Some(&s), 3));
         assert!(must_check_flows(FLAG_CHECK_FLOWS, None, 3));
         assert!(must_check_flows(FLAG_CHECK_FLOWS, Some(&s), 3));
-        s.filter[3] = 1;
+        s.filter = filter_added(s.filter, 3);
         assert!(must_check_flows(0, Some(&s), 3));
         assert!(!must_check_flows(0, Some(&s), 4));
         // Other flags do not force the lookups.
         assert!(!must_check_flows(!FLAG_CHECK_FLOWS, Some(&s), 4));
-        assert!(!s.is_idle());
-        s.filter[3] = 0;
-        assert!(s.is_idle());
+        assert!(!s.holds_nothing());
+        s.filter = filter_removed(s.filter, 3);
+        assert!(s.holds_nothing());
         s.slots = 1;
-        assert!(!s.is_idle());
+        assert!(!s.holds_nothing());
+    }
+
+    #[test]
+    fn counts_are_independent_saturate_at_fifteen_and_never_go_below_zero() {
+        let mut f = 0u64;
+        for i in 0..FLOW_FILTER_SLOTS {
+            for _ in 0..i {
+                f = filter_added(f, i);
+            }
+        }
+        for i in 0..FLOW_FILTER_SLOTS {
+            assert_eq!(filter_count(f, i), i as u32);
+        }
+        // Bucket 15 is saturated: it stays at 15 through removals.
+        f = filter_added(f, 15);
+        assert_eq!(filter_count(f, 15), 15);
+        f = filter_removed(f, 15);
+        assert_eq!(filter_count(f, 15), 15);
+        // Removing from an empty bucket leaves every bucket alone.
+        assert_eq!(filter_removed(f, 0), f);
+        // The neighbours of a bucket taken up and down are untouched.
+        let g = filter_removed(filter_added(f, 7), 7);
+        assert_eq!(g, f);
+        assert_eq!(filter_count(filter_saturated(0, 9), 9), 15);
+        assert_eq!(filter_count(filter_saturated(0, 9), 8), 0);
+        assert_eq!(filter_count(f, 16 + 3), 3);
     }
 
     #[test]

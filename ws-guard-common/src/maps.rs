@@ -30,9 +30,10 @@ pub struct SourceKey {
 /// Buckets of a source's flow filter ([`SourceState::filter`]); a power of two.
 pub const FLOW_FILTER_SLOTS: usize = 16;
 
-/// A source key's entry of `WSG_CONNS`: its live connections, and a filter that tells the XDP
+/// A source key's entry of `WSG_SOURCES`: its live connections, a filter that tells the XDP
 /// program when a SYN of it cannot be a retransmission of a tracked attempt (see
-/// [`crate::filter`]).
+/// [`crate::filter`]), and its recent new-connection attempts (see [`crate::rate`]). One entry
+/// per source, so a judgement makes one lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SourceState {
@@ -42,17 +43,26 @@ pub struct SourceState {
     /// denylist, ban), wrapping: the "drops" of `sources top`. Only ever added to atomically;
     /// kept here because a refused SYN has the entry at hand (no other lookup).
     pub refused: u32,
-    /// `filter[i]`: at least the number of this source's tracked flows (entries of
-    /// `WSG_PENDING` and of `WSG_OWNED` whose [`FlowValue::source`] is this key) with
-    /// [`crate::filter::flow_filter_index`] `i`. An over-count only costs lookups.
-    pub filter: [u32; FLOW_FILTER_SLOTS],
+    /// Sixteen 4-bit counts, bucket `i` in bits `4i..4i+4`: at least the number of this
+    /// source's tracked flows (entries of `WSG_FLOWS` whose [`FlowValue::source`] is this key)
+    /// with [`crate::filter::flow_filter_index`] `i`; a count that reached 15 stays there (see
+    /// [`crate::filter::filter_added`]). An over-count only costs lookups.
+    pub filter: u64,
+    /// The new-connection rate window.
+    pub rate: RateState,
+    pub _pad: u32,
 }
 
 impl SourceState {
-    /// Whether the entry holds nothing: no slot taken, no flow counted in the filter (its
-    /// refusal count goes with it when the sweep reclaims it).
-    pub fn is_idle(&self) -> bool {
-        self.slots == 0 && self.filter.iter().all(|c| *c == 0)
+    /// Whether the entry holds no connection: no slot taken, no flow counted in its filter.
+    /// (Its rate window may still matter: see [`RateState::newest_age_ms`].)
+    pub fn holds_nothing(&self) -> bool {
+        self.slots == 0 && self.filter == 0
+    }
+
+    /// The filter's count of bucket `i`.
+    pub fn filter_count(&self, i: usize) -> u32 {
+        crate::filter::filter_count(self.filter, i)
     }
 }
 
@@ -70,13 +80,25 @@ pub struct FlowKey {
     pub _pad: u16,
 }
 
-/// What a tracked connection is charged to, and since when it is tracked.
+/// [`FlowValue::state`]: admitted, handshake not completed (or not yet seen completed).
+pub const FLOW_PENDING: u32 = 1;
+/// [`FlowValue::state`]: the kernel established the connection.
+pub const FLOW_OWNED: u32 = 2;
+/// [`FlowValue::state`]: being released by whoever set it (the entry is about to go).
+pub const FLOW_GONE: u32 = 3;
+
+/// A tracked connection (`WSG_FLOWS`): what it is charged to, its state, and since when.
+/// Every change of state is a compare-and-swap of `state`, so exactly one contender (the
+/// tracepoint, the sweep, the control program) wins each transition and a slot is given back
+/// exactly once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
     pub source: SourceKey,
-    pub _pad: u32,
-    /// `bpf_ktime_get_ns` when the entry was made.
+    /// [`FLOW_PENDING`], [`FLOW_OWNED`] or [`FLOW_GONE`].
+    pub state: u32,
+    /// `bpf_ktime_get_ns` when the entry was made, when its last SYN came (half-open), or
+    /// when it was established.
     pub since_ns: u64,
 }
 
@@ -231,23 +253,22 @@ impl Default for GlobalConfig {
     }
 }
 
-/// Recent new-connection attempts of one source key: a ring of timestamps indexed by a
-/// sequence number that every attempt claims (see [`crate::rate`]).
+/// Recent new-connection attempts of one source key: a ring of millisecond timestamps indexed
+/// by a sequence number that every attempt claims (see [`crate::rate`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RateState {
     /// Sequence number the next attempt claims.
     pub next: u32,
-    pub _pad: u32,
-    /// `bpf_ktime_get_ns` of attempt `seq` at `seq % RATE_SLOTS`; zero when never used.
-    pub stamps: [u64; RATE_SLOTS],
+    /// Milliseconds of `bpf_ktime_get_ns` (wrapping at 2^32) of attempt `seq` at
+    /// `seq % RATE_SLOTS`; zero when never used.
+    pub stamps: [u32; RATE_SLOTS],
 }
 
 impl Default for RateState {
     fn default() -> Self {
         Self {
             next: 0,
-            _pad: 0,
             stamps: [0; RATE_SLOTS],
         }
     }
@@ -503,6 +524,10 @@ pub const OP_UNCHARGE: u32 = 7;
 pub const OP_REKEY_PENDING: u32 = 8;
 /// [`OP_REKEY_PENDING`] for an established flow.
 pub const OP_REKEY_OWNED: u32 = 9;
+/// Clear the rate stamps of `source` that are [`crate::rate::STALE_MS`] old or more, before
+/// the millisecond clock's wrap could make them look recent (an entry kept by a connection
+/// for weeks).
+pub const OP_CLEAR_STALE: u32 = 10;
 
 /// A request to the control program, passed as its "packet" through BPF_PROG_TEST_RUN, so the
 /// change happens in the kernel with the same atomic operations the other programs use.
@@ -526,10 +551,10 @@ pub const CONTROL_NOOP: u32 = 1;
 const _: () = {
     assert!(size_of::<SourceKey>() == 20);
     assert!(size_of::<FlowKey>() == 40);
-    assert!(size_of::<SourceState>() == 8 + 4 * FLOW_FILTER_SLOTS);
+    assert!(size_of::<SourceState>() == 16 + size_of::<RateState>() + 4);
     assert!(FLOW_FILTER_SLOTS.is_power_of_two());
-    // The kernel creates source entries from the all-zero rate state (see the eBPF maps).
-    assert!(size_of::<SourceState>() <= size_of::<RateState>());
+    // Sixteen 4-bit counts in the u64.
+    assert!(FLOW_FILTER_SLOTS * 4 == 64);
     assert!(size_of::<FlowValue>() == 32);
     assert!(size_of::<PortConfig>() == 40);
     assert!(size_of::<GlobalConfig>() == 40);
@@ -537,7 +562,7 @@ const _: () = {
     assert!(size_of::<Scratch>() == 204);
     assert!(size_of::<BanValue>() == 16);
     assert!(size_of::<BanEvent>() == 40);
-    assert!(size_of::<RateState>() == 8 + 8 * RATE_SLOTS);
+    assert!(size_of::<RateState>() == 4 + 4 * RATE_SLOTS);
     assert!(size_of::<ControlOp>() == 112);
     assert!(Counter::ALL.len() == Counter::COUNT as usize);
     assert!(stats_bucket(UNATTRIBUTED, AF_INET6) + Counter::COUNT == STATS_ENTRIES);

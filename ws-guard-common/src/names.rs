@@ -13,16 +13,13 @@ pub const PROG_CONTROL: &str = "wsg_control";
 pub const MAP_PORTS: &str = "WSG_PORTS";
 /// Global settings (prefix lengths, monitor mode), a one-element array.
 pub const MAP_GLOBAL: &str = "WSG_GLOBAL";
-/// Live connection count per source key.
-pub const MAP_CONNS: &str = "WSG_CONNS";
-/// Recent attempts per source key, for the new-connection rate limit.
-pub const MAP_RATE: &str = "WSG_RATE";
-/// Admitted attempts whose handshake has not completed yet.
-pub const MAP_PENDING: &str = "WSG_PENDING";
-/// Connections the kernel has established.
-pub const MAP_OWNED: &str = "WSG_OWNED";
-/// One all-zero rate state: the initial value of new entries (too large for the BPF stack).
-pub const MAP_RATE_ZERO: &str = "WSG_RATE_ZERO";
+/// Per source key: live connections, the flow filter and the new-connection rate window.
+pub const MAP_SOURCES: &str = "WSG_SOURCES";
+/// Tracked connections: admitted attempts whose handshake has not completed yet, and
+/// connections the kernel has established (`FlowValue::state`).
+pub const MAP_FLOWS: &str = "WSG_FLOWS";
+/// One all-zero source state: the initial value of new entries (too large for the BPF stack).
+pub const MAP_ZERO: &str = "WSG_ZERO";
 /// Per-CPU decision counters: a [`crate::maps::Counter`] array per protected port and address
 /// family (see [`crate::maps::stats_bucket`]).
 pub const MAP_STATS: &str = "WSG_STATS";
@@ -53,14 +50,12 @@ pub const MAP_SEG: &str = "WSG_SEG";
 /// Every program name.
 pub const PROGRAMS: [&str; 4] = [PROG_XDP, PROG_SOCK_STATE, PROG_CONTROL, PROG_COOKIE];
 /// Every map name the program defines (the aya-log map excluded).
-pub const MAPS: [&str; 16] = [
+pub const MAPS: [&str; 14] = [
     MAP_PORTS,
-    MAP_RATE_ZERO,
+    MAP_ZERO,
     MAP_GLOBAL,
-    MAP_CONNS,
-    MAP_RATE,
-    MAP_PENDING,
-    MAP_OWNED,
+    MAP_SOURCES,
+    MAP_FLOWS,
     MAP_STATS,
     MAP_ALLOW,
     MAP_DENY,
@@ -90,7 +85,7 @@ const _: () = assert!(BANS_LAYOUT_SINCE <= LAYOUT_VERSION);
 
 /// Version of the map layouts; part of the pin directory so a daemon never adopts maps whose
 /// layout it does not know.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// The first layout version whose ban map (`SourceKey` -> `BanValue`, and what they mean) is
 /// this version's: an upgrade from it or later carries the bans in force over. Raise it to

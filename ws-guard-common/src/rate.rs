@@ -8,16 +8,54 @@
 //! exceed N in any window of length W.
 //!
 //! Each attempt claims a sequence number (atomically, in the kernel); the ring keeps the last
-//! [`RATE_SLOTS`] timestamps, so the N-th previous attempt is one index away: O(1) per SYN, exact,
-//! and a changed N or W applies to the very next attempt.
+//! [`RATE_SLOTS`] timestamps, so the N-th previous attempt is one index away: O(1) per SYN, and
+//! a changed N or W applies to the very next attempt.
+//!
+//! Timestamps are kept to the millisecond (4 bytes each instead of 8): an attempt is admitted
+//! once the N-th previous one is *more* than W old in whole milliseconds, which is never before
+//! the exact rule admits it and at most 2 ms after. (iptables' `recent` counts in jiffies, 4 ms
+//! at the usual HZ=250.) Stamps wrap after 2^32 ms (49.7 days); ages are taken modulo 2^32 and
+//! read as signed, so a stamp a moment ahead of `now` (another CPU) is inside the window, and
+//! the daemon's sweep clears stamps older than [`STALE_MS`] before they could look recent again.
 
 use crate::maps::{RATE_SLOTS, RateState};
 
 const _: () = assert!(RATE_SLOTS.is_power_of_two());
 
+/// The longest window, in milliseconds (the configuration allows 7 days).
+pub const MAX_WINDOW_MS: u32 = 1 << 30;
+/// Age from which the sweep clears a stamp (longer than any window, half the range where ages
+/// read correctly).
+pub const STALE_MS: u32 = 1 << 30;
+
 #[inline(always)]
 fn slot(seq: u32) -> usize {
     (seq as usize) & (RATE_SLOTS - 1)
+}
+
+/// A `bpf_ktime_get_ns` reading as the ring stores it: milliseconds, wrapping, never zero
+/// (zero means "never used").
+#[inline(always)]
+pub fn stamp_ms(now_ns: u64) -> u32 {
+    let ms = (now_ns / 1_000_000) as u32;
+    if ms == 0 { 1 } else { ms }
+}
+
+/// A window in whole milliseconds, rounded up, at most [`MAX_WINDOW_MS`].
+#[inline(always)]
+pub fn window_ms(window_ns: u64) -> u32 {
+    let ms = window_ns.div_ceil(1_000_000);
+    if ms > MAX_WINDOW_MS as u64 {
+        MAX_WINDOW_MS
+    } else {
+        ms as u32
+    }
+}
+
+/// The age of `stamp` at `now` (both [`stamp_ms`]), negative when it is ahead of `now`.
+#[inline(always)]
+pub fn age_ms(now: u32, stamp: u32) -> i32 {
+    now.wrapping_sub(stamp) as i32
 }
 
 impl RateState {
@@ -34,15 +72,14 @@ impl RateState {
             limit
         };
         let nth_previous = self.stamps[slot(seq.wrapping_sub(limit))];
-        // Zero: fewer than `limit` attempts ever. A stamp ahead of `now` (written by another CPU
-        // a moment later) is inside the window.
-        nth_previous == 0 || now_ns.saturating_sub(nth_previous) >= window_ns
+        // Zero: fewer than `limit` attempts ever.
+        nth_previous == 0 || age_ms(stamp_ms(now_ns), nth_previous) > window_ms(window_ns) as i32
     }
 
     /// Records attempt number `seq` at `now_ns`.
     #[inline(always)]
     pub fn record(&mut self, seq: u32, now_ns: u64) {
-        self.stamps[slot(seq)] = now_ns;
+        self.stamps[slot(seq)] = stamp_ms(now_ns);
     }
 
     /// Claims the next sequence number, decides and records. The kernel does the same with an
@@ -54,6 +91,26 @@ impl RateState {
         self.record(seq, now_ns);
         ok
     }
+
+    /// Age in milliseconds of the newest attempt at `now_ns`, `None` if there was none (or
+    /// every stamp was cleared). A stamp ahead of `now` counts as age 0.
+    pub fn newest_age_ms(&self, now_ns: u64) -> Option<u32> {
+        let now = stamp_ms(now_ns);
+        self.stamps
+            .iter()
+            .filter(|s| **s != 0)
+            .map(|s| age_ms(now, *s).max(0) as u32)
+            .min()
+    }
+
+    /// Whether some stamp is at least [`STALE_MS`] old at `now_ns` (and younger than twice
+    /// that, where ages still read correctly): the sweep clears it.
+    pub fn has_stale(&self, now_ns: u64) -> bool {
+        let now = stamp_ms(now_ns);
+        self.stamps
+            .iter()
+            .any(|s| *s != 0 && now.wrapping_sub(*s) >= STALE_MS && age_ms(now, *s) >= 0)
+    }
 }
 
 #[cfg(test)]
@@ -62,6 +119,7 @@ mod tests {
     use std::vec::Vec;
 
     const S: u64 = 1_000_000_000;
+    const MS: u64 = 1_000_000;
 
     fn run(state: &mut RateState, times: &[u64], limit: u32, window: u64) -> Vec<bool> {
         times
@@ -88,19 +146,62 @@ mod tests {
     }
 
     #[test]
-    fn recovers_exactly_one_window_after_the_nth_previous_attempt() {
+    fn recovers_one_window_after_the_nth_previous_attempt_to_the_millisecond() {
         let mut s = RateState::default();
         assert_eq!(run(&mut s, &[S, 2 * S], 2, 10 * S), [true, true]);
-        // 11 s - 1 ns: the attempt at 1 s is still inside the window.
-        assert!(!s.attempt(11 * S - 1, 2, 10 * S));
-        // 12 s - 1 ns: the 2nd previous attempt is the one at 2 s, 1 ns short of a window.
-        assert!(!s.attempt(12 * S - 1, 2, 10 * S));
-        // Refused attempts count: at 21 s - 2 ns the 2nd previous attempt is the refused one at
-        // 11 s - 1 ns (1 ns short of a window), and at 22 s - 2 ns it is the one at 12 s - 1 ns.
-        assert!(!s.attempt(21 * S - 2, 2, 10 * S));
-        assert!(!s.attempt(22 * S - 2, 2, 10 * S));
-        // Quiet: once the last two attempts are a window old, admitted.
-        assert!(s.attempt(32 * S - 2, 2, 10 * S));
+        // 11 s: the attempt at 1 s is exactly a window old, but whole milliseconds cannot tell
+        // it from one a little younger, so it is still inside (never early).
+        assert!(!s.attempt(11 * S, 2, 10 * S));
+        // 12 s + 1 ms: the 2nd previous attempt (2 s) is more than a window old: admitted.
+        assert!(s.attempt(12 * S + MS, 2, 10 * S));
+        // Refused attempts count: at 12 s + 2 ms the 2nd previous is the refused one at 11 s.
+        assert!(!s.attempt(12 * S + 2 * MS, 2, 10 * S));
+        // At 21 s + 1 ms it is the one at 12 s + 1 ms, a window less 1 ms ago.
+        assert!(!s.attempt(21 * S + MS, 2, 10 * S));
+        // At 22 s + 3 ms it is the one at 12 s + 2 ms, a window and 1 ms ago.
+        assert!(s.attempt(22 * S + 3 * MS, 2, 10 * S));
+    }
+
+    #[test]
+    fn never_early_and_at_most_two_milliseconds_late() {
+        // Two attempts in every pairing of sub-millisecond offsets: the second is admitted
+        // (limit 1) only when it is at least a window after the first, and always once it is
+        // 2 ms past that.
+        let w = 100 * MS;
+        for a in [0, 1, MS / 2, MS - 1] {
+            for d in (w - 3 * MS..w + 3 * MS).step_by((MS / 4) as usize) {
+                let mut s = RateState::default();
+                assert!(s.attempt(S + a, 1, w));
+                let ok = s.attempt(S + a + d, 1, w);
+                if d < w {
+                    assert!(!ok, "early: {a} {d}");
+                }
+                if d >= w + 2 * MS {
+                    assert!(ok, "late: {a} {d}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stamps_wrap_and_stale_ones_are_found() {
+        let mut s = RateState::default();
+        // Just before the millisecond clock wraps, and just after.
+        let wrap = (1u64 << 32) * MS;
+        assert!(s.attempt(wrap - MS, 1, 10 * MS));
+        assert!(!s.attempt(wrap + 5 * MS, 1, 10 * MS));
+        assert!(s.attempt(wrap + 20 * MS, 1, 10 * MS));
+        assert_eq!(s.newest_age_ms(wrap + 25 * MS), Some(5));
+        // Stale from STALE_MS on.
+        let t = 5 * S;
+        let mut s = RateState::default();
+        s.attempt(t, 1, S);
+        assert!(!s.has_stale(t + (STALE_MS as u64 - 1) * MS));
+        assert!(s.has_stale(t + STALE_MS as u64 * MS));
+        assert_eq!(RateState::default().newest_age_ms(t), None);
+        assert_eq!(stamp_ms(0), 1);
+        assert_eq!(window_ms(1), 1);
+        assert_eq!(window_ms(u64::MAX), MAX_WINDOW_MS);
     }
 
     #[test]
@@ -149,7 +250,7 @@ mod tests {
         assert!(!s.attempt(S + 2, 2, 10 * S));
         assert!(s.attempt(S + 3, 10, 10 * S));
         // Shorter window: the old attempts are outside it now.
-        assert!(s.attempt(S + 100, 2, 50));
+        assert!(s.attempt(S + 100 * MS, 2, 50 * MS));
     }
 
     #[test]
@@ -159,10 +260,6 @@ mod tests {
         s.record(0, 5 * S);
         s.next = 1;
         assert!(!s.admits(1, 4 * S, 1, S));
-        // Near the end of the clock's range nothing overflows.
-        let mut s = RateState::default();
-        assert!(s.attempt(u64::MAX - 1, 1, u64::MAX));
-        assert!(!s.attempt(u64::MAX, 1, u64::MAX));
         // Sequence numbers wrap without losing the window.
         let mut s = RateState {
             next: u32::MAX - 1,
@@ -174,7 +271,7 @@ mod tests {
         );
         // Limits above the ring are clamped to it, not wrapped.
         let mut s = RateState::default();
-        let times: Vec<u64> = (1..=40).map(|i| i as u64).collect();
+        let times: Vec<u64> = (1..=40).map(|i| S + i as u64).collect();
         let got = run(&mut s, &times, 1000, 10 * S);
         assert_eq!(got.iter().filter(|&&a| a).count(), RATE_SLOTS);
     }

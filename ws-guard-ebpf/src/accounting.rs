@@ -1,53 +1,65 @@
-//! Connection accounting shared by the tracepoint and the control program. Every transition of
-//! a flow between "half-open" (WSG_PENDING), "established" (WSG_OWNED) and "gone" is decided by
-//! a map delete, which succeeds for exactly one contender, so a slot is given back exactly once.
+//! Connection accounting shared by the tracepoint and the control program. A tracked flow
+//! (`WSG_FLOWS`) is half-open, established or being released (`FlowValue::state`); every
+//! transition is a compare-and-swap of its state, which succeeds for exactly one contender, so a
+//! slot is given back exactly once. Whoever moves a flow to `FLOW_GONE` deletes it and gives its
+//! slot back.
 
-use aya_ebpf::maps::HashMap;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use ws_guard_common::{
     filter::flow_filter_index,
     key::flow_source,
-    maps::{Counter, FlowKey, FlowValue, SourceKey},
+    maps::{Counter, FLOW_GONE, FLOW_OWNED, FLOW_PENDING, FlowKey, FlowValue, SourceKey},
 };
 
-use crate::maps::{self, Bucket, EEXIST, WSG_CONNS, WSG_OWNED, WSG_PENDING, count};
+use crate::maps::{self, Bucket, WSG_FLOWS, WSG_SOURCES, cas, count};
 
-/// The kernel established `flow`: move it from half-open to established. The tracepoint fires
-/// in every network namespace, so a container's socket is seen too; one whose tuple DNAT
-/// rewrote matches no attempt here and is paired by the sweep (see [`translate`]). A
-/// connection the XDP program never saw (another interface, loopback) is not charged here.
+/// Moves `flow`'s state from `from` to `to`; the source it is charged to when this call made
+/// the move, `None` if the flow is not tracked or not in state `from` (someone else moved it).
+#[inline(always)]
+fn transition(flow: &FlowKey, from: u32, to: u32) -> Option<(*mut FlowValue, SourceKey)> {
+    let v = WSG_FLOWS.get_ptr_mut(flow)?;
+    // SAFETY: a live map value; `state` is an aligned u32 only ever changed by CAS.
+    unsafe {
+        if !cas(&raw mut (*v).state, from, to) {
+            return None;
+        }
+        // Read after the move: a rekey changes the source only of a flow it moved itself.
+        Some((v, (*v).source))
+    }
+}
+
+/// Releases `flow` if it is in state `from`: the slot and the filter count go back to its
+/// source, and the entry goes. The source, or `None` if someone else moved it first.
+#[inline(always)]
+fn release_if(flow: &FlowKey, from: u32) -> Option<SourceKey> {
+    let (_, source) = transition(flow, from, FLOW_GONE)?;
+    let _ = WSG_FLOWS.remove(flow);
+    maps::release(&source, flow_filter_index(flow));
+    Some(source)
+}
+
+/// The kernel established `flow`: half-open becomes established. The tracepoint fires in every
+/// network namespace, so a container's socket is seen too; one whose tuple DNAT rewrote
+/// matches no attempt here and is paired by the sweep (see [`translate`]). A connection the
+/// XDP program never saw (another interface, loopback) is not charged here.
 #[inline(always)]
 pub fn established(flow: &FlowKey) {
-    // SAFETY: copied out before the delete.
-    if let Some(v) = unsafe { WSG_PENDING.get(flow) } {
-        let mut v = *v;
-        if WSG_PENDING.remove(flow).is_ok() {
-            v.since_ns = unsafe { bpf_ktime_get_ns() };
-            match WSG_OWNED.insert(flow, &v, BPF_NOEXIST as u64) {
-                Ok(()) => count(Bucket::of_flow(flow), Counter::Established),
-                // The sweep adopted it a moment ago and took a slot (and a filter count) of its
-                // own: give back the half-open one's so the connection is counted once.
-                Err(EEXIST) => maps::release(&v.source, flow_filter_index(flow)),
-                // Map full: the connection can no longer be tracked; free its slot.
-                Err(_) => {
-                    maps::release(&v.source, flow_filter_index(flow));
-                    count(Bucket::of_flow(flow), Counter::UntrackedFull);
-                }
-            }
-            return;
-        }
+    if let Some((v, _)) = transition(flow, FLOW_PENDING, FLOW_OWNED) {
+        // SAFETY: a live map value this call just moved; only it writes `since_ns` now.
+        unsafe { (*v).since_ns = bpf_ktime_get_ns() };
+        count(Bucket::of_flow(flow), Counter::Established);
     }
 }
 
 /// Counts an established connection the programs have not seen. The source's entry comes
-/// first: the flow is counted in its filter before it is in `WSG_OWNED`.
+/// first: the flow is counted in its filter before it is in `WSG_FLOWS`.
 #[inline(always)]
 pub fn adopt(flow: &FlowKey) -> bool {
     let source = flow_source(flow, &maps::global());
-    let Some(c) = maps::conns_counter(&source) else {
+    let Some(c) = maps::source_entry(&source) else {
         // No room for the source: untracked, unless it is tracked already.
         // SAFETY: the lookup only tests presence.
-        if unsafe { WSG_OWNED.get(flow).is_none() } {
+        if unsafe { WSG_FLOWS.get(flow).is_none() } {
             count(Bucket::of_flow(flow), Counter::UntrackedFull);
         }
         return false;
@@ -56,10 +68,10 @@ pub fn adopt(flow: &FlowKey) -> bool {
     maps::filter_add(c, index);
     let value = FlowValue {
         source,
-        _pad: 0,
+        state: FLOW_OWNED,
         since_ns: unsafe { bpf_ktime_get_ns() },
     };
-    if WSG_OWNED.insert(flow, &value, BPF_NOEXIST as u64).is_err() {
+    if WSG_FLOWS.insert(flow, &value, BPF_NOEXIST as u64).is_err() {
         maps::filter_sub(c, index);
         return false;
     }
@@ -71,9 +83,9 @@ pub fn adopt(flow: &FlowKey) -> bool {
 /// The kernel closed `flow`: give its slot back, whichever state it was in.
 #[inline(always)]
 pub fn closed(flow: &FlowKey) {
-    let source = match release_from(&WSG_OWNED, flow) {
+    let source = match release_if(flow, FLOW_OWNED) {
         Some(s) => s,
-        None => match release_from(&WSG_PENDING, flow) {
+        None => match release_if(flow, FLOW_PENDING) {
             Some(s) => s,
             None => return,
         },
@@ -81,53 +93,43 @@ pub fn closed(flow: &FlowKey) {
     count(Bucket::of_source(&source), Counter::Closed);
 }
 
-/// Removes `flow` from `map` and gives its slot back; the source it was charged to, or `None`
-/// if it was not there (or another CPU removed it first). Counted by the caller, in the
-/// bucket of the source's port: a translated connection's own port may be unprotected.
+/// Releases `flow` if it is still in state `from` (the sweep found no socket for it); the
+/// source it was charged to. Counted by the caller, in the bucket of the source's port: a
+/// translated connection's own port may be unprotected.
 #[inline(always)]
-pub fn release_from(map: &HashMap<FlowKey, FlowValue>, flow: &FlowKey) -> Option<SourceKey> {
-    let v = unsafe { map.get(flow) }?;
-    let source = v.source;
-    if map.remove(flow).is_err() {
-        return None;
-    }
-    maps::release(&source, flow_filter_index(flow));
-    Some(source)
+pub fn expire(flow: &FlowKey, from: u32) -> Option<SourceKey> {
+    release_if(flow, from)
 }
 
 /// The half-open attempt `wire` became the established connection `socket` under another
 /// tuple (DNAT rewrote the server's address or port before the socket): it is tracked under
 /// the socket's tuple from now on, still charged to its source, so the tracepoint gives the
-/// slot back when that socket closes. The delete of `wire` decides, as in [`established`].
+/// slot back when that socket closes. The move of `wire` to gone decides, as in [`established`].
 #[inline(always)]
 pub fn translate(wire: &FlowKey, socket: &FlowKey) -> bool {
-    // SAFETY: copied out before the delete.
-    let Some(v) = (unsafe { WSG_PENDING.get(wire) }) else {
+    let Some((_, source)) = transition(wire, FLOW_PENDING, FLOW_GONE) else {
         return false;
     };
-    let source = v.source;
-    if WSG_PENDING.remove(wire).is_err() {
-        return false;
-    }
+    let _ = WSG_FLOWS.remove(wire);
     let bucket = Bucket::of_source(&source);
-    // A source holding a slot keeps its entry (only idle entries are removed).
-    let Some(c) = WSG_CONNS.get_ptr_mut(&source) else {
+    // A source holding a slot keeps its entry (only entries holding nothing are removed).
+    let Some(c) = WSG_SOURCES.get_ptr_mut(&source) else {
         return true;
     };
     let index = flow_filter_index(socket);
     maps::filter_add(c, index);
     let value = FlowValue {
         source,
-        _pad: 0,
+        state: FLOW_OWNED,
         since_ns: unsafe { bpf_ktime_get_ns() },
     };
-    match WSG_OWNED.insert(socket, &value, BPF_NOEXIST as u64) {
+    match WSG_FLOWS.insert(socket, &value, BPF_NOEXIST as u64) {
         Ok(()) => {
             maps::filter_sub(c, flow_filter_index(wire));
             count(bucket, Counter::Established);
         }
         // Tracked already (adopted): the connection keeps that slot, not a second one.
-        Err(EEXIST) => {
+        Err(maps::EEXIST) => {
             maps::filter_sub(c, index);
             maps::release(&source, flow_filter_index(wire));
         }
@@ -144,7 +146,7 @@ pub fn translate(wire: &FlowKey, socket: &FlowKey) -> bool {
 /// [`ws_guard_common::maps::OP_CHARGE`]. False when the source map is full.
 #[inline(always)]
 pub fn charge(flow: &FlowKey, source: &SourceKey) -> bool {
-    let Some(c) = maps::conns_counter(source) else {
+    let Some(c) = maps::source_entry(source) else {
         return false;
     };
     maps::take_slot(c);
@@ -152,32 +154,29 @@ pub fn charge(flow: &FlowKey, source: &SourceKey) -> bool {
     true
 }
 
-/// Moves `flow` of `map`, already charged to `new` ([`charge`]), to it: the entry is removed
-/// (the delete decides, as everywhere) and put back naming `new`, then its old key gives its
-/// slot back. If the flow is gone meanwhile (its close released the old key), or is tracked
-/// again by someone else (who charged it), the charge to `new` is given back instead.
+/// Moves `flow`, in state `state` and already charged to `new` ([`charge`]), to it: the flow
+/// is taken out of its state (the CAS decides, as everywhere), made to name `new`, and put back;
+/// then its old key gives its slot back. If the flow is gone meanwhile (its close released the
+/// old key), in another state, or names `new` already, the charge to `new` is given back
+/// instead.
 #[inline(always)]
-pub fn rekey(map: &HashMap<FlowKey, FlowValue>, flow: &FlowKey, new: &SourceKey) -> bool {
+pub fn rekey(flow: &FlowKey, state: u32, new: &SourceKey) -> bool {
     let index = flow_filter_index(flow);
-    // SAFETY: copied out before the delete.
-    let old = match unsafe { map.get(flow) } {
-        Some(v) if v.source != *new => *v,
-        _ => {
-            maps::release(new, index);
-            return true;
-        }
+    let Some((v, old)) = transition(flow, state, FLOW_GONE) else {
+        maps::release(new, index);
+        return true;
     };
-    if map.remove(flow).is_err() {
+    if old == *new {
+        // SAFETY: a live map value this call moved; putting the state back ends the move.
+        unsafe { core::ptr::write_volatile(&raw mut (*v).state, state) };
         maps::release(new, index);
         return true;
     }
-    let value = FlowValue {
-        source: *new,
-        ..old
-    };
-    if map.insert(flow, &value, BPF_NOEXIST as u64).is_err() {
-        maps::release(new, index);
+    // SAFETY: as above; nobody else writes a flow in FLOW_GONE.
+    unsafe {
+        (*v).source = *new;
+        core::ptr::write_volatile(&raw mut (*v).state, state);
     }
-    maps::release(&old.source, index);
+    maps::release(&old, index);
     true
 }

@@ -1,21 +1,22 @@
 //! Requests from userspace, run through BPF_PROG_TEST_RUN: the "packet" is a `ControlOp`.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::HashMap, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
 use ws_guard_common::{
     filter::flow_filter_index,
     maps::{
-        CONTROL_DONE, CONTROL_NOOP, ControlOp, Counter, FlowKey, FlowValue, OP_ADOPT, OP_CHARGE,
-        OP_EXPIRE_BAN, OP_EXPIRE_PENDING, OP_REKEY_OWNED, OP_REKEY_PENDING, OP_RELEASE_OWNED,
-        OP_TRANSLATE, OP_UNCHARGE, SourceKey,
+        CONTROL_DONE, CONTROL_NOOP, ControlOp, Counter, FLOW_OWNED, FLOW_PENDING, FlowKey,
+        OP_ADOPT, OP_CHARGE, OP_CLEAR_STALE, OP_EXPIRE_BAN, OP_EXPIRE_PENDING, OP_REKEY_OWNED,
+        OP_REKEY_PENDING, OP_RELEASE_OWNED, OP_TRANSLATE, OP_UNCHARGE, RATE_SLOTS, SourceKey,
     },
     parse::Packet,
     policy::ban_active,
+    rate::{STALE_MS, age_ms, stamp_ms},
 };
 
 use crate::{
     accounting,
     frame::Frame,
-    maps::{self, Bucket, WSG_BANS, WSG_OWNED, WSG_PENDING, count},
+    maps::{self, Bucket, WSG_BANS, count},
 };
 
 #[inline(always)]
@@ -24,8 +25,8 @@ pub fn run(ctx: &XdpContext) -> u32 {
         return CONTROL_NOOP;
     };
     let done = match op.op {
-        OP_EXPIRE_PENDING => expire(&WSG_PENDING, &op.flow),
-        OP_RELEASE_OWNED => expire(&WSG_OWNED, &op.flow),
+        OP_EXPIRE_PENDING => expire(&op.flow, FLOW_PENDING),
+        OP_RELEASE_OWNED => expire(&op.flow, FLOW_OWNED),
         OP_ADOPT => accounting::adopt(&op.flow),
         OP_EXPIRE_BAN => expire_ban(&op.source),
         OP_TRANSLATE => accounting::translate(&op.flow, &op.socket),
@@ -34,23 +35,50 @@ pub fn run(ctx: &XdpContext) -> u32 {
             maps::release(&op.source, flow_filter_index(&op.flow));
             true
         }
-        OP_REKEY_PENDING => accounting::rekey(&WSG_PENDING, &op.flow, &op.source),
-        OP_REKEY_OWNED => accounting::rekey(&WSG_OWNED, &op.flow, &op.source),
+        OP_REKEY_PENDING => accounting::rekey(&op.flow, FLOW_PENDING, &op.source),
+        OP_REKEY_OWNED => accounting::rekey(&op.flow, FLOW_OWNED, &op.source),
+        OP_CLEAR_STALE => clear_stale(&op.source),
         _ => false,
     };
     if done { CONTROL_DONE } else { CONTROL_NOOP }
 }
 
-/// Releases a tracked flow the kernel has no socket for.
+/// Releases a tracked flow in state `state` the kernel has no socket for.
 #[inline(always)]
-fn expire(map: &HashMap<FlowKey, FlowValue>, flow: &FlowKey) -> bool {
-    match accounting::release_from(map, flow) {
+fn expire(flow: &FlowKey, state: u32) -> bool {
+    match accounting::expire(flow, state) {
         Some(source) => {
             count(Bucket::of_source(&source), Counter::Expired);
             true
         }
         None => false,
     }
+}
+
+/// Clears the stale rate stamps of `source` (see [`OP_CLEAR_STALE`]); each by a
+/// compare-and-swap, so a stamp the XDP program writes meanwhile stays.
+#[inline(always)]
+fn clear_stale(source: &SourceKey) -> bool {
+    let Some(s) = maps::WSG_SOURCES.get_ptr_mut(source) else {
+        return false;
+    };
+    let now = stamp_ms(unsafe { bpf_ktime_get_ns() });
+    let mut cleared = false;
+    for i in 0..RATE_SLOTS {
+        // SAFETY: a live map value; the index is below the ring's length.
+        unsafe {
+            let p = &raw mut (*s).rate.stamps[i];
+            let stamp = core::ptr::read_volatile(p);
+            if stamp != 0
+                && now.wrapping_sub(stamp) >= STALE_MS
+                && age_ms(now, stamp) >= 0
+                && maps::cas(p, stamp, 0)
+            {
+                cleared = true;
+            }
+        }
+    }
+    cleared
 }
 
 /// Ends the ban of `source` if it is over by the kernel's clock: a ban renewed since userspace

@@ -13,7 +13,9 @@ use aya_ebpf::{
 };
 use ws_guard_common::{
     key::source_key,
-    maps::{AF_INET, Counter, FlowKey, GATE_FLAGS, GlobalConfig, PortConfig, Scratch},
+    maps::{
+        AF_INET, Counter, FLOW_PENDING, FlowKey, GATE_FLAGS, GlobalConfig, PortConfig, Scratch,
+    },
     parse::{self, MAX_HEADER_OFFSET, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, TcpSegment},
     reply, rst,
     syncookie::{self, MAX_OPTION_BYTES, OptionCursor, SynOptions},
@@ -22,7 +24,7 @@ use ws_guard_common::{
 use crate::{
     frame::{Frame, FrameIo, HelperFrame},
     maps::{
-        self, Bucket, WSG_CONNS, WSG_COOKIES, WSG_JUMP, WSG_PENDING, WSG_SCRATCH, WSG_SEG, count,
+        self, Bucket, WSG_COOKIES, WSG_FLOWS, WSG_JUMP, WSG_SCRATCH, WSG_SEG, WSG_SOURCES, count,
     },
     xdp::{self, Gate},
 };
@@ -267,7 +269,7 @@ fn syn_action(frame: &HelperFrame, seg: &TcpSegment, bucket: Bucket) -> Option<u
     let flow = parse::flow(frame, seg)?;
     let source = source_key(seg.family, flow.client, seg.dport, global);
     // SAFETY: the lookup only tests presence.
-    if unsafe { WSG_CONNS.get(&source).is_some() } {
+    if unsafe { WSG_SOURCES.get(&source).is_some() } {
         return None;
     }
     if global.flags & GATE_FLAGS != 0 {
@@ -419,7 +421,11 @@ fn ack_action(frame: &HelperFrame, seg: &TcpSegment, bucket: Bucket) -> Option<u
     }
     // Judged at its SYN (a source with state; the kernel answered with its own cookie).
     // SAFETY: the lookup only tests presence.
-    if unsafe { WSG_PENDING.get(&flow).is_some() } {
+    if unsafe {
+        WSG_FLOWS
+            .get(&flow)
+            .is_some_and(|v| v.state == FLOW_PENDING)
+    } {
         return None;
     }
     let (s, ip_len) = scratch_headers(ctx, seg, 20)?;

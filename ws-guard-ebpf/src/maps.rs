@@ -4,7 +4,7 @@
 // SeqCst on purpose: LLVM lowers a *relaxed* fetch-and-add on BPF to an XADD that does not
 // return the old value (and then uses garbage); SeqCst gives BPF_FETCH, which needs ISA v3.
 // On BPF every atomic is a full barrier anyway.
-use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xadd, atomic_xsub};
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
@@ -14,10 +14,10 @@ use aya_ebpf::{
     },
 };
 use ws_guard_common::{
+    filter::{filter_added, filter_removed, filter_saturated},
     maps::{
-        BanEvent, BanValue, Counter, EVENT_BAN_ENDED, FLOW_FILTER_SLOTS, FlowKey, FlowValue,
-        GlobalConfig, PortConfig, RateState, STATS_ENTRIES, Scratch, SourceKey, SourceState,
-        UNATTRIBUTED, stats_bucket,
+        BanEvent, BanValue, Counter, EVENT_BAN_ENDED, FlowKey, FlowValue, GlobalConfig, PortConfig,
+        STATS_ENTRIES, Scratch, SourceKey, SourceState, UNATTRIBUTED, stats_bucket,
     },
     policy::{CIDR_DATA_LEN, TAG_BITS, address_bits},
 };
@@ -27,19 +27,16 @@ use ws_guard_common::{
 pub static WSG_PORTS: Array<PortConfig> = Array::with_max_entries(65536, 0);
 #[map]
 pub static WSG_GLOBAL: Array<GlobalConfig> = Array::with_max_entries(1, 0);
-// A plain hash, never LRU: a flood must not evict the count of a source with live connections.
+// A plain hash, never LRU: a flood must not evict the count of a source with live connections
+// (the daemon's sweep reclaims entries that hold nothing).
 #[map]
-pub static WSG_CONNS: HashMap<SourceKey, SourceState> = HashMap::with_max_entries(65536, 0);
+pub static WSG_SOURCES: HashMap<SourceKey, SourceState> = HashMap::with_max_entries(65536, 0);
 #[map]
-pub static WSG_RATE: LruHashMap<SourceKey, RateState> = LruHashMap::with_max_entries(65536, 0);
+pub static WSG_FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(262144, 0);
+/// All zeros, never written: the initial source state, too large to build on the 512-byte
+/// stack (see [`create_source`]).
 #[map]
-pub static WSG_PENDING: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(262144, 0);
-#[map]
-pub static WSG_OWNED: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(262144, 0);
-/// All zeros, never written: the initial rate state, too large to build on the 512-byte stack,
-/// and (its first bytes) the initial source state (see [`conns_counter`]).
-#[map]
-pub static WSG_RATE_ZERO: Array<RateState> = Array::with_max_entries(1, 0);
+pub static WSG_ZERO: Array<SourceState> = Array::with_max_entries(1, 0);
 #[map]
 pub static WSG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 // The lists: written by userspace only; values unused (presence is the answer).
@@ -130,11 +127,11 @@ pub fn port(port: u16) -> Option<&'static PortConfig> {
     WSG_PORTS.get(port as u32).filter(|p| p.enabled != 0)
 }
 
-/// The state (connection slots, flow filter) of `key`, created at zero if absent; `None` when
-/// the map is full.
+/// The state (connection slots, flow filter, rate window) of `key`, created at zero if absent;
+/// `None` when the map is full.
 #[inline(always)]
-pub fn conns_counter(key: &SourceKey) -> Option<*mut SourceState> {
-    if let Some(p) = WSG_CONNS.get_ptr_mut(key) {
+pub fn source_entry(key: &SourceKey) -> Option<*mut SourceState> {
+    if let Some(p) = WSG_SOURCES.get_ptr_mut(key) {
         return Some(p);
     }
     create_source(key)
@@ -143,15 +140,10 @@ pub fn conns_counter(key: &SourceKey) -> Option<*mut SourceState> {
 /// Creates the zero state of `key` (absent a moment ago); `None` when the map is full.
 #[inline(always)]
 pub fn create_source(key: &SourceKey) -> Option<*mut SourceState> {
-    // The all-zero rate state is larger than a source state and all zeros: its first bytes are
-    // the zero value, without 72 bytes on the stack.
-    let zero: *const RateState = WSG_RATE_ZERO.get(0)?;
-    // SAFETY: a live map value of at least `size_of::<SourceState>()` bytes (asserted in
-    // ws-guard-common), all zeros (a valid SourceState), never written.
-    let zero = unsafe { &*zero.cast::<SourceState>() };
+    let zero = WSG_ZERO.get(0)?;
     // Another CPU may insert first: NOEXIST then makes ours a no-op and the lookup finds theirs.
-    let _ = WSG_CONNS.insert(key, zero, BPF_NOEXIST as u64);
-    WSG_CONNS.get_ptr_mut(key)
+    let _ = WSG_SOURCES.insert(key, zero, BPF_NOEXIST as u64);
+    WSG_SOURCES.get_ptr_mut(key)
 }
 
 /// The connection slots taken, as a plain read: a refusal decided on it takes nothing it would
@@ -176,22 +168,51 @@ pub fn give_slot(c: *mut SourceState) {
     unsafe { saturating_dec(&raw mut (*c).slots) }
 }
 
-/// Counts a flow at `index` of the filter: before the flow is inserted into a flow map.
+/// Attempts at a compare-and-swap of the filter word before an add falls back to saturating
+/// its bucket (a remove to leaving it): only under heavy contention on one source.
+const FILTER_TRIES: u32 = 4;
+
+/// Counts a flow at `index` of the filter: before the flow is inserted into `WSG_FLOWS`.
 #[inline(always)]
 pub fn filter_add(c: *mut SourceState, index: usize) {
-    // SAFETY: `c` points to a live map value; the index is masked into the array.
-    unsafe {
-        let p = &raw mut (*c).filter[index & (FLOW_FILTER_SLOTS - 1)];
-        atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(p, 1);
+    // SAFETY: `c` points to a live map value; the filter is an aligned u64.
+    let p = unsafe { &raw mut (*c).filter };
+    for _ in 0..FILTER_TRIES {
+        let old = unsafe { core::ptr::read_volatile(p) };
+        let new = filter_added(old, index);
+        if new == old || unsafe { cas(p, old, new) } {
+            return;
+        }
     }
+    // Never under-count: the bucket saturates (and stays so).
+    unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(p, filter_saturated(0, index)) };
 }
 
-/// Uncounts a flow at `index` of the filter, never below zero: after the flow was removed from
-/// a flow map (or its insert failed).
+/// Uncounts a flow at `index` of the filter (a saturated or zero count stays): after the flow
+/// was removed from `WSG_FLOWS` (or its insert failed).
 #[inline(always)]
 pub fn filter_sub(c: *mut SourceState, index: usize) {
-    // SAFETY: `c` points to a live map value; the index is masked into the array.
-    unsafe { saturating_dec(&raw mut (*c).filter[index & (FLOW_FILTER_SLOTS - 1)]) }
+    // SAFETY: `c` points to a live map value; the filter is an aligned u64.
+    let p = unsafe { &raw mut (*c).filter };
+    for _ in 0..FILTER_TRIES {
+        let old = unsafe { core::ptr::read_volatile(p) };
+        let new = filter_removed(old, index);
+        if new == old || unsafe { cas(p, old, new) } {
+            return;
+        }
+    }
+    // Left over-counted: safe, it only costs lookups.
+}
+
+/// Compare-and-swap of a shared word; true if `new` was stored.
+///
+/// # Safety
+/// `p` points into a live map value.
+#[inline(always)]
+pub unsafe fn cas<T: Copy>(p: *mut T, old: T, new: T) -> bool {
+    unsafe {
+        atomic_cxchg::<T, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new).1
+    }
 }
 
 /// Subtracts one from a shared counter, undoing it if it was zero.
@@ -211,28 +232,17 @@ unsafe fn saturating_dec(p: *mut u32) {
 /// it from the filter, if `key` has an entry.
 #[inline(always)]
 pub fn release(key: &SourceKey, index: usize) {
-    if let Some(p) = WSG_CONNS.get_ptr_mut(key) {
+    if let Some(p) = WSG_SOURCES.get_ptr_mut(key) {
         give_slot(p);
         filter_sub(p, index);
     }
 }
 
-/// The rate state of `key`, created if absent (LRU: creation only fails under extreme churn).
+/// Claims the next attempt number of a source's rate window.
 #[inline(always)]
-pub fn rate_state(key: &SourceKey) -> Option<*mut RateState> {
-    if let Some(p) = WSG_RATE.get_ptr_mut(key) {
-        return Some(p);
-    }
-    let zero = WSG_RATE_ZERO.get(0)?;
-    let _ = WSG_RATE.insert(key, zero, BPF_NOEXIST as u64);
-    WSG_RATE.get_ptr_mut(key)
-}
-
-/// Claims the next attempt number of a rate state.
-#[inline(always)]
-pub fn claim_attempt(state: *mut RateState) -> u32 {
+pub fn claim_attempt(state: *mut SourceState) -> u32 {
     // SAFETY: `next` is a u32 inside a live map value.
-    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*state).next, 1) }
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*state).rate.next, 1) }
 }
 
 /// The lookup key of one address: the family tag, then all of the address (as

@@ -13,8 +13,8 @@ use ws_guard_common::{
     key::source_key,
     maps::{
         ACTION_DROP, ACTION_REJECT, AF_INET, BAN_RATE, BanValue, Counter, EVENT_BAN_STARTED,
-        FLAG_BANS, FlowKey, FlowValue, GATE_FLAGS, GlobalConfig, PortConfig, SourceKey,
-        SourceState,
+        FLAG_BANS, FLOW_PENDING, FlowKey, FlowValue, GATE_FLAGS, GlobalConfig, PortConfig,
+        SourceKey, SourceState,
     },
     parse::{self, Parsed, Quick, TcpSegment},
     policy::{ListVerdict, ban_active, ban_until, list_verdict},
@@ -24,7 +24,7 @@ use ws_guard_common::{
 use crate::{
     cookie,
     frame::{Frame, FrameIo},
-    maps::{self, Bucket, WSG_BANS, WSG_CONNS, WSG_OWNED, WSG_PENDING, count},
+    maps::{self, Bucket, WSG_BANS, WSG_FLOWS, WSG_SOURCES, count},
 };
 
 pub(crate) enum Verdict {
@@ -105,6 +105,11 @@ pub(crate) fn refuse<F: FrameIo>(frame: &F, seg: &TcpSegment, bucket: Bucket, ac
     }
 }
 
+/// Budget of a judgement (BENCHMARKS.md, "Work per path", checks it): a refusal makes one hash
+/// lookup (the source's entry; a second, of the flow, only where the source's filter says the
+/// SYN may repeat a tracked attempt) and adds to its refusal count, taking nothing it must give
+/// back; an admission of a known source makes one lookup and one insert (the flow), whose
+/// failure on a tracked tuple is the retransmission check.
 #[inline(always)]
 pub(crate) fn new_attempt<F: FrameIo>(
     ctx: &XdpContext,
@@ -123,28 +128,163 @@ pub(crate) fn new_attempt<F: FrameIo>(
         return Verdict::Pass;
     };
     let source = source_key(seg.family, flow.client, seg.dport, global);
-    // The source's entry, looked up (not created) before the flow maps: its flow filter says
-    // whether this SYN can be a retransmission of a tracked attempt at all (see
-    // ws_guard_common::filter). In a flood of new tuples it cannot, and both lookups are saved.
-    let state = WSG_CONNS.get_ptr_mut(&source);
+    let state = WSG_SOURCES.get_ptr_mut(&source);
     let index = flow_filter_index(&flow);
+    let mut clock = Clock(0);
+    if let Some(s) = state {
+        let max = port.max_connections;
+        let room = max == 0 || maps::slots_taken(s) < max;
+        if room && global.flags & GATE_FLAGS == 0 && global.monitor == 0 {
+            let now = clock.now();
+            if rate_admits(s, port, now) {
+                return admit_known(ctx, seg, &flow, index, source, s, port, global, now, bucket);
+            }
+        }
+    }
+    judge_fully(
+        ctx, seg, &flow, index, source, state, port, global, &mut clock, bucket,
+    )
+}
+
+/// `bpf_ktime_get_ns`, read once and only if needed: a refusal at the concurrency limit never
+/// reads the clock.
+struct Clock(u64);
+
+impl Clock {
+    #[inline(always)]
+    fn now(&mut self) -> u64 {
+        if self.0 == 0 {
+            self.0 = unsafe { bpf_ktime_get_ns() };
+        }
+        self.0
+    }
+}
+
+/// Whether a known source's next attempt is within its rate, read without claiming it.
+#[inline(always)]
+fn rate_admits(s: *mut SourceState, port: &PortConfig, now: u64) -> bool {
+    if port.rate_limit == 0 {
+        return true;
+    }
+    // SAFETY: a live map value; a racing claim only makes the decision below re-checked.
+    let rate = unsafe { &(*s).rate };
+    let next = unsafe { core::ptr::read_volatile(&raw const (*s).rate.next) };
+    rate.admits(next, now, port.rate_limit, port.rate_window_ns)
+}
+
+/// The admission of a known source that [`will_admit`]: the flow is inserted first (a tracked
+/// tuple makes the insert fail: a retransmission), then the slot and the rate attempt are
+/// taken. Another CPU may have taken the last slot or rate attempt since the reading; then the
+/// attempt is refused after all, and only then is anything given back.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn admit_known(
+    ctx: &XdpContext,
+    seg: &TcpSegment,
+    flow: &FlowKey,
+    index: usize,
+    source: SourceKey,
+    s: *mut SourceState,
+    port: &PortConfig,
+    global: &GlobalConfig,
+    now: u64,
+    bucket: Bucket,
+) -> Verdict {
+    maps::filter_add(s, index);
+    let value = FlowValue {
+        source,
+        state: FLOW_PENDING,
+        since_ns: now,
+    };
+    let inserted = match WSG_FLOWS.insert(flow, &value, BPF_NOEXIST as u64) {
+        Ok(()) => true,
+        Err(maps::EEXIST) => {
+            maps::filter_sub(s, index);
+            retransmitted(flow, now, bucket);
+            return Verdict::Pass;
+        }
+        Err(_) => {
+            maps::filter_sub(s, index);
+            false
+        }
+    };
+    // The rate attempt counts whether or not the flow could be tracked, as in `judge_fully`.
+    if port.rate_limit != 0 {
+        let seq = maps::claim_attempt(s);
+        // SAFETY: a live map value; concurrent writers only race on distinct slots.
+        let rate = unsafe { &mut (*s).rate };
+        let ok = rate.admits(seq, now, port.rate_limit, port.rate_window_ns);
+        rate.record(seq, now);
+        if !ok {
+            if inserted {
+                untrack(flow, s, index);
+            }
+            return rate_limited(ctx, seg, &source, s, port, global, now, bucket);
+        }
+    }
+    if !inserted {
+        return untracked(port, global, bucket, Counter::Admitted, false);
+    }
+    let max = port.max_connections;
+    if maps::take_slot(s) >= max && max != 0 {
+        maps::give_slot(s);
+        untrack(flow, s, index);
+        return conn_limited(ctx, seg, port, s, bucket);
+    }
+    count(bucket, Counter::Admitted);
+    Verdict::Pass
+}
+
+/// Takes back a flow inserted for an attempt refused after all (a race with another CPU).
+#[inline(always)]
+fn untrack(flow: &FlowKey, s: *mut SourceState, index: usize) {
+    let _ = WSG_FLOWS.remove(flow);
+    maps::filter_sub(s, index);
+}
+
+/// A SYN of a tracked flow: passed, and a half-open one's clock restarted. The kernel may have
+/// dropped the first SYN (full backlog): the sweep releases a half-open attempt that has no
+/// socket a second after its *last* SYN, not its first.
+#[inline(always)]
+fn retransmitted(flow: &FlowKey, now: u64, bucket: Bucket) {
+    if let Some(v) = WSG_FLOWS.get_ptr_mut(flow) {
+        // SAFETY: a live map value; a racing writer can only store another "now" (or move the
+        // state, which this leaves alone).
+        unsafe {
+            if (*v).state == FLOW_PENDING {
+                (*v).since_ns = now;
+            }
+        }
+    }
+    count(bucket, Counter::SynRetransmits);
+}
+
+/// Every other attempt, in the rules' order: a retransmission of a tracked attempt passes
+/// (looked up only where the source's filter says it can be one); then the lists and bans, the
+/// concurrency limit, the rate; then the attempt is tracked as half-open.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn judge_fully(
+    ctx: &XdpContext,
+    seg: &TcpSegment,
+    flow: &FlowKey,
+    index: usize,
+    source: SourceKey,
+    state: Option<*mut SourceState>,
+    port: &PortConfig,
+    global: &GlobalConfig,
+    clock: &mut Clock,
+    bucket: Bucket,
+) -> Verdict {
     // SAFETY: a live map value; the filter is read as a snapshot (a count is raised before its
     // flow is inserted, so a racing admit is never missed).
     let state_ref = state.map(|p| unsafe { &*p });
-    if must_check_flows(global.flags, state_ref, index) {
-        if let Some(pending) = WSG_PENDING.get_ptr_mut(&flow) {
-            // The kernel may have dropped the first SYN (full backlog): the sweep releases a
-            // half-open attempt that has no socket a second after its *last* SYN, not its first.
-            // SAFETY: a live map value; a racing writer can only store another "now".
-            unsafe { (*pending).since_ns = bpf_ktime_get_ns() };
-            count(bucket, Counter::SynRetransmits);
-            return Verdict::Pass;
-        }
+    if must_check_flows(global.flags, state_ref, index)
         // SAFETY: the lookup only tests presence.
-        if unsafe { WSG_OWNED.get(&flow).is_some() } {
-            count(bucket, Counter::SynRetransmits);
-            return Verdict::Pass;
-        }
+        && unsafe { WSG_FLOWS.get(flow).is_some() }
+    {
+        retransmitted(flow, clock.now(), bucket);
+        return Verdict::Pass;
     }
     let monitor = global.monitor != 0;
 
@@ -173,14 +313,13 @@ pub(crate) fn new_attempt<F: FrameIo>(
     }
 
     // No room for a new source's counter: it cannot be limited, so the operator's choice
-    // decides. Sources that have a counter never get here (WSG_CONNS is never evicted from).
-    // The entry found above is reused (the lookup `conns_counter` would repeat).
+    // decides. Sources that have a counter never get here (WSG_SOURCES is never evicted from).
+    // The entry found above is reused (the lookup `source_entry` would repeat).
     let Some(slots) = state.or_else(|| maps::create_source(&source)) else {
         return untracked(port, global, bucket, tracked_as, would_block);
     };
-    // Budget (BENCHMARKS.md, "Work per path"): a refusal reads the source's entry and adds to
-    // its refusal count, nothing more; it takes nothing it must give back. So the slots are
-    // read before one is taken, and the rate is judged before the slot is taken.
+    // The slots are read before one is taken, and the rate judged before the slot is taken, so
+    // a refusal takes nothing it must give back.
     let max = port.max_connections;
     if limited && max != 0 && maps::slots_taken(slots) >= max {
         if !monitor {
@@ -192,27 +331,19 @@ pub(crate) fn new_attempt<F: FrameIo>(
         would_block = true;
     }
 
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock.now();
     if limited && port.rate_limit != 0 {
-        if let Some(state_ptr) = maps::rate_state(&source) {
-            let seq = maps::claim_attempt(state_ptr);
-            // SAFETY: a live map value; concurrent writers only race on distinct slots.
-            let state = unsafe { &mut *state_ptr };
-            let ok = state.admits(seq, now, port.rate_limit, port.rate_window_ns);
-            state.record(seq, now);
-            if !ok {
-                if !monitor {
-                    maps::note_refusal(slots);
-                    count(bucket, Counter::RateLimited);
-                    debug!(ctx, "port {} over new_connections", seg.dport);
-                    if global.ban_ns != 0 {
-                        start_ban(&source, now, global.ban_ns, bucket);
-                    }
-                    return Verdict::Refuse(port.rate_action);
-                }
-                count(bucket, Counter::MonitorWouldBlock);
-                would_block = true;
+        let seq = maps::claim_attempt(slots);
+        // SAFETY: a live map value; concurrent writers only race on distinct slots.
+        let rate = unsafe { &mut (*slots).rate };
+        let ok = rate.admits(seq, now, port.rate_limit, port.rate_window_ns);
+        rate.record(seq, now);
+        if !ok {
+            if !monitor {
+                return rate_limited(ctx, seg, &source, slots, port, global, now, bucket);
             }
+            count(bucket, Counter::MonitorWouldBlock);
+            would_block = true;
         }
     }
 
@@ -232,10 +363,33 @@ pub(crate) fn new_attempt<F: FrameIo>(
         }
     }
 
-    if !admit(&flow, index, source, now, slots, bucket, tracked_as) {
+    if !admit(flow, index, source, now, slots, bucket, tracked_as) {
         return untracked(port, global, bucket, tracked_as, would_block);
     }
     Verdict::Pass
+}
+
+/// An attempt refused by the new-connection rate (its attempt recorded; no slot taken), which
+/// starts a ban when bans are on.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rate_limited(
+    ctx: &XdpContext,
+    seg: &TcpSegment,
+    source: &SourceKey,
+    s: *mut SourceState,
+    port: &PortConfig,
+    global: &GlobalConfig,
+    now: u64,
+    bucket: Bucket,
+) -> Verdict {
+    maps::note_refusal(s);
+    count(bucket, Counter::RateLimited);
+    debug!(ctx, "port {} over new_connections", seg.dport);
+    if global.ban_ns != 0 {
+        start_ban(source, now, global.ban_ns, bucket);
+    }
+    Verdict::Refuse(port.rate_action)
 }
 
 /// An attempt refused because its source is at `max_connections` (no slot was taken for it).
@@ -374,7 +528,7 @@ fn start_ban(source: &SourceKey, now: u64, ban_ns: u64, bucket: Bucket) {
 /// Records an admitted attempt as half-open (counted as `counter`); its slot is already taken.
 /// It is counted in the source's flow filter (bucket `index`) before it is inserted, so a
 /// retransmission on another CPU never skips the lookup that finds it. False when
-/// `WSG_PENDING` is full: the slot and the filter count are given back and nothing counted
+/// `WSG_FLOWS` is full: the slot and the filter count are given back and nothing counted
 /// (see [`map_full`]).
 #[inline(always)]
 fn admit(
@@ -388,11 +542,11 @@ fn admit(
 ) -> bool {
     let value = FlowValue {
         source,
-        _pad: 0,
+        state: FLOW_PENDING,
         since_ns: now,
     };
     maps::filter_add(slots, index);
-    match WSG_PENDING.insert(flow, &value, BPF_NOEXIST as u64) {
+    match WSG_FLOWS.insert(flow, &value, BPF_NOEXIST as u64) {
         Ok(()) => count(bucket, counter),
         // The same SYN, retransmitted, won on another CPU (and counted the flow itself).
         Err(maps::EEXIST) => {
@@ -400,7 +554,7 @@ fn admit(
             maps::give_slot(slots);
             count(bucket, Counter::SynRetransmits);
         }
-        // WSG_PENDING is full: the attempt cannot be tracked, so it must not hold a slot.
+        // WSG_FLOWS is full: the attempt cannot be tracked, so it must not hold a slot.
         Err(_) => {
             maps::filter_sub(slots, index);
             maps::give_slot(slots);

@@ -659,8 +659,8 @@ fn start(cfg: &Config, pins: &PinDir, interfaces: &[String]) -> anyhow::Result<G
             guard.owned()?.len()
         );
         for (name, want) in [
-            (ws_guard_common::names::MAP_CONNS, cfg.capacity.sources),
-            (ws_guard_common::names::MAP_PENDING, cfg.capacity.flows),
+            (ws_guard_common::names::MAP_SOURCES, cfg.capacity.sources),
+            (ws_guard_common::names::MAP_FLOWS, cfg.capacity.flows),
             (ws_guard_common::names::MAP_BANS, cfg.capacity.bans),
             (ws_guard_common::names::MAP_ALLOW, cfg.capacity.cidrs),
         ] {

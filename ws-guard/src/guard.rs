@@ -20,14 +20,16 @@ use log::{info, warn};
 use ws_guard_common::{
     filter::{current_source, flows_settled, prefixes_changed},
     maps::{
-        AF_INET, AF_INET6, CONTROL_DONE, ControlOp, Counter, FLAG_CHECK_FLOWS, FlowKey, FlowValue,
-        GlobalConfig, MAX_PORTS, OP_CHARGE, OP_REKEY_OWNED, OP_REKEY_PENDING, OP_UNCHARGE,
-        PortConfig, RateState, SourceKey, SourceState, UNATTRIBUTED, stats_bucket,
+        AF_INET, AF_INET6, CONTROL_DONE, ControlOp, Counter, FLAG_CHECK_FLOWS, FLOW_OWNED,
+        FLOW_PENDING, FlowKey, FlowValue, GlobalConfig, MAX_PORTS, OP_CHARGE, OP_REKEY_OWNED,
+        OP_REKEY_PENDING, OP_UNCHARGE, PortConfig, RateState, SourceKey, SourceState, UNATTRIBUTED,
+        stats_bucket,
     },
     names, tracepoint as tp,
 };
 
 use crate::{
+    bans::monotonic_ns,
     config::{self, Config},
     pin::PinDir,
     view::MapView,
@@ -219,10 +221,8 @@ impl Guard {
             }
         }
         let mut ebpf = loader
-            .map_max_entries(names::MAP_CONNS, opts.sources)
-            .map_max_entries(names::MAP_RATE, opts.sources)
-            .map_max_entries(names::MAP_PENDING, opts.flows)
-            .map_max_entries(names::MAP_OWNED, opts.flows)
+            .map_max_entries(names::MAP_SOURCES, opts.sources)
+            .map_max_entries(names::MAP_FLOWS, opts.flows)
             .map_max_entries(names::MAP_BANS, opts.bans)
             .map_max_entries(names::MAP_ALLOW, opts.cidrs)
             .map_max_entries(names::MAP_DENY, opts.cidrs)
@@ -565,7 +565,7 @@ impl Guard {
             .map(|m| m.2)
             .filter(|k| !existing.contains(k))
             .collect();
-        let capacity = self.capacity(names::MAP_CONNS)? as usize;
+        let capacity = self.capacity(names::MAP_SOURCES)? as usize;
         let mut charged = 0;
         if existing.len() + new_keys.len() <= capacity {
             for (_, flow, source) in &moves {
@@ -1095,15 +1095,14 @@ impl Guard {
         self.view.source_states()
     }
 
-    /// The keys of a flow map ([`names::MAP_PENDING`] or [`names::MAP_OWNED`]), values unread.
-    pub fn flow_keys(&self, name: &str) -> anyhow::Result<HashSet<FlowKey>> {
-        self.view.flow_keys(name)
-    }
-
-    /// Number of source keys with a rate window ([`names::MAP_RATE`], an LRU map: full is
-    /// normal there, the least recent are evicted).
-    pub fn rate_entries(&self) -> anyhow::Result<usize> {
-        self.view.rate_entries()
+    /// The keys of the tracked flows in `state` ([`FLOW_PENDING`] or [`FLOW_OWNED`]).
+    pub fn flow_keys(&self, state: u32) -> anyhow::Result<HashSet<FlowKey>> {
+        Ok(self
+            .view
+            .flows(Some(state))?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
     }
 
     /// The cookies of the connections admitted at their cookie's ACK ([`names::MAP_COOKIES`]:
@@ -1125,12 +1124,12 @@ impl Guard {
         }
     }
 
-    /// The rate window of `key` ([`names::MAP_RATE`]), if it has one. Read-only (the
-    /// differential test compares the kernel's ring with its model's).
+    /// The rate window of `key` (in its [`names::MAP_SOURCES`] entry), if it has an entry.
+    /// Read-only (the differential test compares the kernel's ring with its model's).
     pub fn rate_state(&self, key: &SourceKey) -> anyhow::Result<Option<RateState>> {
-        let m: HashMap<&MapData, SourceKey, RateState> = self.map(names::MAP_RATE)?;
+        let m: HashMap<&MapData, SourceKey, SourceState> = self.map(names::MAP_SOURCES)?;
         match m.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
+            Ok(v) => Ok(Some(v.rate)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("reading a rate window"),
         }
@@ -1155,7 +1154,7 @@ impl Guard {
 
     /// Live connections per source key (half-open included); zero entries left out.
     pub fn connections(&self) -> anyhow::Result<BTreeMap<SourceKey, u32>> {
-        let m: HashMap<&MapData, SourceKey, SourceState> = self.map(names::MAP_CONNS)?;
+        let m: HashMap<&MapData, SourceKey, SourceState> = self.map(names::MAP_SOURCES)?;
         let mut out = BTreeMap::new();
         for kv in m.iter() {
             let (k, v) = kv?;
@@ -1166,43 +1165,35 @@ impl Guard {
         Ok(out)
     }
 
-    /// Source keys whose entry holds nothing: no connection, no flow in its filter (kept by
-    /// the kernel, reclaimed by the sweep).
-    pub fn idle_sources(&self) -> anyhow::Result<Vec<SourceKey>> {
-        let m: HashMap<&MapData, SourceKey, SourceState> = self.map(names::MAP_CONNS)?;
-        let mut out = Vec::new();
-        for kv in m.iter() {
-            let (k, v) = kv?;
-            if v.is_idle() {
-                out.push(k);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Removes an idle entry (no connection, no flow counted in its filter). The kernel
-    /// recreates it on the source's next attempt.
-    pub fn remove_idle_source(&mut self, key: &SourceKey) -> anyhow::Result<()> {
+    /// Removes `key`'s entry if it still holds nothing and its newest rate attempt is at
+    /// least `min_age_ms` old (or it has none) when read. The kernel recreates it on the
+    /// source's next attempt.
+    /// True if it removed it.
+    pub fn remove_idle_source(&mut self, key: &SourceKey, min_age_ms: u32) -> anyhow::Result<bool> {
+        let now = monotonic_ns();
         let mut m: HashMap<&mut MapData, SourceKey, SourceState> =
-            self.map_mut(names::MAP_CONNS)?;
-        if m.get(key, 0).is_ok_and(|v| v.is_idle()) {
-            let _ = m.remove(key);
+            self.map_mut(names::MAP_SOURCES)?;
+        if m.get(key, 0).is_ok_and(|v| {
+            v.holds_nothing() && v.rate.newest_age_ms(now).is_none_or(|a| a >= min_age_ms)
+        }) {
+            return Ok(m.remove(key).is_ok());
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Half-open attempts the programs track.
     pub fn pending(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
-        self.flows(names::MAP_PENDING)
+        self.view.flows(Some(FLOW_PENDING))
     }
 
     /// Established connections the programs track.
     pub fn owned(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
-        self.flows(names::MAP_OWNED)
+        self.view.flows(Some(FLOW_OWNED))
     }
 
-    fn flows(&self, name: &str) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
-        self.view.flows(name)
+    /// Every tracked flow, in any state.
+    pub fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
+        self.view.flows(None)
     }
 
     /// Runs one accounting request in the kernel; true if it changed anything.

@@ -30,7 +30,9 @@ use prometheus::{
 };
 use tokio::net::TcpListener;
 use ws_guard_common::{
-    maps::{AF_INET6, Counter, FlowKey, FlowValue, GlobalConfig, SourceKey},
+    maps::{
+        AF_INET6, Counter, FLOW_OWNED, FLOW_PENDING, FlowKey, FlowValue, GlobalConfig, SourceKey,
+    },
     names,
 };
 
@@ -259,13 +261,17 @@ pub fn walk(fixed: Fixed, top_sources: usize) -> anyhow::Result<Snapshot> {
     let sources = view
         .source_counters()
         .context("reading the source counters")?;
-    let pending = view
-        .flows(names::MAP_PENDING)
-        .context("reading the half-open connections")?;
-    let owned = view
-        .flows(names::MAP_OWNED)
-        .context("reading the established connections")?;
-    let rate_entries = view.rate_entries().context("reading the rate windows")?;
+    let flows = view.flows(None)?;
+    let pending: Vec<_> = flows
+        .iter()
+        .filter(|(_, v)| v.state == FLOW_PENDING)
+        .copied()
+        .collect();
+    let owned: Vec<_> = flows
+        .iter()
+        .filter(|(_, v)| v.state == FLOW_OWNED)
+        .copied()
+        .collect();
     let bans = view.ban_entries().context("reading the bans")?;
     let now = crate::bans::monotonic_ns();
     let ban_entries = bans.len();
@@ -299,10 +305,8 @@ pub fn walk(fixed: Fixed, top_sources: usize) -> anyhow::Result<Snapshot> {
 
     let mut maps = Vec::new();
     for (map, entries) in [
-        (names::MAP_CONNS, sources.len()),
-        (names::MAP_RATE, rate_entries),
-        (names::MAP_PENDING, pending.len()),
-        (names::MAP_OWNED, owned.len()),
+        (names::MAP_SOURCES, sources.len()),
+        (names::MAP_FLOWS, flows.len()),
         (names::MAP_BANS, ban_entries),
         (names::MAP_ALLOW, list_entries[0].1 as usize),
         (names::MAP_DENY, list_entries[1].1 as usize),
@@ -563,8 +567,8 @@ fn registry(s: &Snapshot) -> prometheus::Result<Registry> {
 
     let entries = gauge(
         "ws_guard_map_entries",
-        "Entries in each hash map (WSG_CONNS: source counters, WSG_RATE: rate windows, an \
-         LRU map, WSG_PENDING: half-open, WSG_OWNED: established).",
+        "Entries in each hash map (WSG_SOURCES: source states, WSG_FLOWS: tracked \
+         connections, half-open and established).",
         &["map"],
     )?;
     let capacity = gauge(
@@ -574,8 +578,8 @@ fn registry(s: &Snapshot) -> prometheus::Result<Registry> {
     )?;
     let fill = float_gauge(
         "ws_guard_map_fill_ratio",
-        "Entries over capacity of each hash map (0 to 1). Full WSG_CONNS or WSG_PENDING: \
-         attempts pass untracked; full WSG_RATE evicts the least recent windows.",
+        "Entries over capacity of each hash map (0 to 1). Full WSG_SOURCES or WSG_FLOWS: \
+         attempts of new sources pass untracked (or are refused, fail_closed).",
         &["map"],
     )?;
     let memory = gauge(
@@ -898,16 +902,16 @@ mod tests {
             gauges,
             maps: vec![
                 MapFill {
-                    map: names::MAP_CONNS,
+                    map: names::MAP_SOURCES,
                     entries: 16384,
                     capacity: 65536,
-                    bytes: 7_340_032,
+                    bytes: 15_728_640,
                 },
                 MapFill {
-                    map: names::MAP_PENDING,
+                    map: names::MAP_FLOWS,
                     entries: 0,
                     capacity: 262144,
-                    bytes: 29_360_128,
+                    bytes: 35_651_584,
                 },
             ],
             top_sources: vec![("198.18.0.9/32".into(), 9000, AF_INET, 3)],
@@ -966,12 +970,12 @@ mod tests {
             r#"ws_guard_half_open_connections{family="ipv4",port="9000"} 1"#,
             r#"ws_guard_established_connections{family="ipv4",port="9000"} 2"#,
             r#"ws_guard_active_connections{family="ipv6",port="9000"} 0"#,
-            r#"ws_guard_map_entries{map="WSG_CONNS"} 16384"#,
-            r#"ws_guard_map_capacity{map="WSG_CONNS"} 65536"#,
-            r#"ws_guard_map_fill_ratio{map="WSG_CONNS"} 0.25"#,
-            r#"ws_guard_map_fill_ratio{map="WSG_PENDING"} 0"#,
-            r#"ws_guard_map_memory_bytes{map="WSG_CONNS"} 7340032"#,
-            r#"ws_guard_map_memory_bytes{map="WSG_PENDING"} 29360128"#,
+            r#"ws_guard_map_entries{map="WSG_SOURCES"} 16384"#,
+            r#"ws_guard_map_capacity{map="WSG_SOURCES"} 65536"#,
+            r#"ws_guard_map_fill_ratio{map="WSG_SOURCES"} 0.25"#,
+            r#"ws_guard_map_fill_ratio{map="WSG_FLOWS"} 0"#,
+            r#"ws_guard_map_memory_bytes{map="WSG_SOURCES"} 15728640"#,
+            r#"ws_guard_map_memory_bytes{map="WSG_FLOWS"} 35651584"#,
             "ws_guard_bans_active 2",
             r#"ws_guard_list_entries{list="allow"} 1"#,
             r#"ws_guard_list_entries{list="deny"} 3"#,

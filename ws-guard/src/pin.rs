@@ -122,7 +122,7 @@ impl PinDir {
 
     /// Whether maps of this version are pinned (a previous daemon left its state).
     pub fn has_state(&self) -> bool {
-        self.map(ws_guard_common::names::MAP_CONNS).exists()
+        self.map(ws_guard_common::names::MAP_SOURCES).exists()
     }
 
     /// Directories of other layout versions under the root.
@@ -337,8 +337,8 @@ mod tests {
     fn layout_is_versioned() {
         let p = PinDir::new("/sys/fs/bpf/x");
         assert_eq!(
-            p.map("WSG_CONNS"),
-            PathBuf::from(format!("/sys/fs/bpf/x/v{LAYOUT_VERSION}/maps/WSG_CONNS"))
+            p.map("WSG_SOURCES"),
+            PathBuf::from(format!("/sys/fs/bpf/x/v{LAYOUT_VERSION}/maps/WSG_SOURCES"))
         );
         assert_eq!(
             p.xdp_link("eth0", "generic"),

@@ -67,7 +67,7 @@ pub fn read(root: &Path) -> anyhow::Result<PinnedStatus> {
     let g = global.get(&0, 0).context("reading the global settings")?;
     let ports_map = open(&pins, names::MAP_PORTS)?;
     let port_array: Array<_, PortConfig> = Array::try_from(&ports_map)?;
-    let conns_map = open(&pins, names::MAP_CONNS)?;
+    let conns_map = open(&pins, names::MAP_SOURCES)?;
     let conns: HashMap<_, SourceKey, SourceState> = HashMap::try_from(&conns_map)?;
     let mut held: std::collections::BTreeMap<u16, (u64, u64)> = Default::default();
     for entry in conns.iter().take(16 << 20) {

@@ -17,11 +17,12 @@ use procfs::{
     net::{TcpNetEntries, TcpState},
 };
 use ws_guard_common::maps::{
-    AF_INET, AF_INET6, ControlOp, FLAG_CHECK_FLOWS, FlowKey, OP_ADOPT, OP_EXPIRE_PENDING,
-    OP_RELEASE_OWNED, OP_TRANSLATE,
+    AF_INET, AF_INET6, ControlOp, FLAG_CHECK_FLOWS, FlowKey, OP_ADOPT, OP_CLEAR_STALE,
+    OP_EXPIRE_PENDING, OP_RELEASE_OWNED, OP_TRANSLATE, SourceKey,
 };
-use ws_guard_common::names;
+use ws_guard_common::{names, rate};
 
+pub use crate::bans::monotonic_ns;
 use crate::{guard::Guard, netns};
 
 /// A half-open attempt younger than this is left alone: its SYN may still be on its way up the
@@ -37,7 +38,7 @@ pub struct SweepReport {
     pub released: u32,
     /// Connections counted that the programs had not seen.
     pub adopted: u32,
-    /// Zero counters removed.
+    /// Source entries removed that held nothing (no connection, no attempt in the window).
     pub idle_removed: u32,
     /// Half-open attempts found established behind DNAT and tracked under their socket's tuple.
     pub translated: u32,
@@ -161,17 +162,6 @@ fn addr_bytes(a: SocketAddr) -> (u16, [u8; 16]) {
         }
         std::net::IpAddr::V6(v6) => (AF_INET6, v6.octets()),
     }
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Keeps what one periodic sweep learned for the next.
@@ -398,18 +388,60 @@ fn sweep(
         }
     }
     report.flow_check_cleared = settle_flow_check(guard, state.map(|s| &mut s.suspects))?;
-    // A zero counter costs a map entry, nothing else; removing one can race with a SYN of that
-    // source (the XDP program increments an entry being deleted), so only reclaim them when
-    // the map is more than half full.
-    let capacity = guard.capacity(names::MAP_CONNS)? as usize;
-    let idle = guard.idle_sources()?;
-    if idle.len() + guard.connections()?.len() > capacity / 2 {
-        for key in idle {
-            guard.remove_idle_source(&key)?;
-            report.idle_removed += 1;
+    reclaim_sources(guard, &mut report)?;
+    Ok(report)
+}
+
+/// Reclaims the source entries that hold nothing (no connection, no flow in the filter) and
+/// whose rate window has no attempt left in it; clears rate stamps about to wrap in the entries
+/// that stay. An entry that holds nothing costs a map entry, nothing else; removing one can race
+/// with a SYN of that source (the XDP program increments an entry being deleted), so they are
+/// only reclaimed when the map is more than half full. Above nine tenths, an entry's rate
+/// window does not keep it (the least recent attempts are forgotten first, as an LRU map
+/// would): a flood of new sources must not lock new sources out for a whole window.
+pub fn reclaim_sources(guard: &mut Guard, report: &mut SweepReport) -> anyhow::Result<()> {
+    let capacity = guard.capacity(names::MAP_SOURCES)? as usize;
+    let states = guard.source_states()?;
+    let now = monotonic_ns();
+    for (key, s) in &states {
+        if s.rate.has_stale(now) {
+            guard.control(ControlOp {
+                op: OP_CLEAR_STALE,
+                source: *key,
+                ..ControlOp::default()
+            })?;
         }
     }
-    Ok(report)
+    if states.len() <= capacity / 2 {
+        return Ok(());
+    }
+    let windows: HashMap<u16, u32> = guard
+        .ports()?
+        .into_iter()
+        .filter(|(_, p)| p.rate_limit != 0)
+        .map(|(n, p)| (n, rate::window_ms(p.rate_window_ns)))
+        .collect();
+    let mut idle: Vec<(u32, SourceKey)> = states
+        .iter()
+        .filter(|(_, s)| s.holds_nothing())
+        .map(|(k, s)| (s.rate.newest_age_ms(now).unwrap_or(u32::MAX), *k))
+        .collect();
+    // Oldest newest attempt first.
+    idle.sort_unstable_by_key(|a| std::cmp::Reverse(a.0));
+    let mut len = states.len();
+    for (age, key) in idle {
+        let window = windows.get(&key.port).copied().unwrap_or(0);
+        let pressed = len > capacity / 10 * 9;
+        if age <= window && !pressed {
+            continue;
+        }
+        let min_age = if pressed { 0 } else { window + 1 };
+        if guard.remove_idle_source(&key, min_age)? {
+            report.idle_removed += 1;
+            len -= 1;
+        }
+    }
+    Ok(())
 }
 
 /// Clears `FLAG_CHECK_FLOWS` (set when a prefix changed) once every tracked flow is charged to

@@ -15,7 +15,7 @@ use aya::{
 };
 use ipnet::IpNet;
 use ws_guard_common::{
-    maps::{BanValue, FlowKey, FlowValue, RateState, SourceKey, SourceState},
+    maps::{BanValue, FlowKey, FlowValue, SourceKey, SourceState},
     names,
     policy::CIDR_DATA_LEN,
 };
@@ -23,11 +23,9 @@ use ws_guard_common::{
 use crate::lists::{List, trie_net};
 
 /// The maps a [`MapView`] holds.
-const VIEWED: [&str; 7] = [
-    names::MAP_CONNS,
-    names::MAP_RATE,
-    names::MAP_PENDING,
-    names::MAP_OWNED,
+const VIEWED: [&str; 5] = [
+    names::MAP_SOURCES,
+    names::MAP_FLOWS,
     names::MAP_BANS,
     names::MAP_ALLOW,
     names::MAP_DENY,
@@ -106,8 +104,8 @@ impl MapView {
 
     /// Every entry of the source map (slots and flow filter), idle ones included.
     pub fn source_states(&self) -> anyhow::Result<Vec<(SourceKey, SourceState)>> {
-        let m: HashMap<&MapData, SourceKey, SourceState> = self.map(names::MAP_CONNS)?;
-        let cap = self.capacity(names::MAP_CONNS)? as usize;
+        let m: HashMap<&MapData, SourceKey, SourceState> = self.map(names::MAP_SOURCES)?;
+        let cap = self.capacity(names::MAP_SOURCES)? as usize;
         // A key deleted during the walk restarts it: bounded, and deduplicated.
         let mut seen = HashSet::new();
         let mut out = Vec::new();
@@ -120,32 +118,21 @@ impl MapView {
         Ok(out)
     }
 
-    /// The keys of flow map `name` (`WSG_PENDING` or `WSG_OWNED`).
-    pub fn flow_keys(&self, name: &str) -> anyhow::Result<HashSet<FlowKey>> {
-        let m: HashMap<&MapData, FlowKey, FlowValue> = self.map(name)?;
-        let cap = self.capacity(name)? as usize;
-        let mut out = HashSet::new();
-        for k in m.keys().take(cap.saturating_mul(2)) {
-            out.insert(k?);
+    /// The tracked flows in `state` (`FLOW_PENDING`, `FLOW_OWNED`), or all of them. A flow
+    /// being released (`FLOW_GONE`) is in none of the states.
+    pub fn flows(&self, state: Option<u32>) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
+        let m: HashMap<&MapData, FlowKey, FlowValue> = self.map(names::MAP_FLOWS)?;
+        let cap = self.capacity(names::MAP_FLOWS)? as usize;
+        // A key deleted during the walk restarts it: bounded, and deduplicated.
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for kv in m.iter().take(cap.saturating_mul(2)) {
+            let (k, v) = kv.context("reading the tracked flows")?;
+            if state.is_none_or(|s| v.state == s) && seen.insert(k) {
+                out.push((k, v));
+            }
         }
         Ok(out)
-    }
-
-    /// The entries of flow map `name`.
-    pub fn flows(&self, name: &str) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
-        let m: HashMap<&MapData, FlowKey, FlowValue> = self.map(name)?;
-        m.iter().map(|kv| kv.map_err(Into::into)).collect()
-    }
-
-    /// How many rate windows the LRU map holds.
-    pub fn rate_entries(&self) -> anyhow::Result<usize> {
-        let m: HashMap<&MapData, SourceKey, RateState> = self.map(names::MAP_RATE)?;
-        let cap = self.capacity(names::MAP_RATE)? as usize;
-        let mut seen = HashSet::new();
-        for k in m.keys().take(cap.saturating_mul(2)) {
-            seen.insert(k?);
-        }
-        Ok(seen.len())
     }
 
     /// Every entry of the ban map, expired ones included.

@@ -365,9 +365,12 @@ pub struct MapMemory {
     pub total_bytes: u64,
     /// (map name, bytes, max_entries)
     pub maps: Vec<(String, u64, u32)>,
-    /// The per-source maps (connection counts and rate windows) divided by their capacity.
+    /// The per-source map (connection counts, flow filters, rate windows) divided by its
+    /// capacity.
     pub bytes_per_source: f64,
     pub source_capacity: u32,
+    /// The flow map (half-open and established connections) divided by its capacity.
+    pub bytes_per_flow: f64,
 }
 
 /// CPU time of the receiving CPU over the measured flood (/proc/stat), per packet processed.
@@ -649,6 +652,7 @@ impl Report {
                 "map_memory": m.map_memory.as_ref().map(|mm| json!({
                     "total_bytes": mm.total_bytes,
                     "bytes_per_source": mm.bytes_per_source,
+                    "bytes_per_flow": mm.bytes_per_flow,
                     "source_capacity": mm.source_capacity,
                     "maps": mm.maps.iter().map(|(n, b, e)| json!({
                         "name": n, "bytes": b, "max_entries": e,
@@ -1075,10 +1079,8 @@ pub type MapEntries = Vec<(&'static str, u64)>;
 /// Entries of ws-guard's maps that grow with sources and flows.
 fn map_entries(g: &Guard) -> anyhow::Result<MapEntries> {
     Ok(vec![
-        ("WSG_CONNS", g.source_states()?.len() as u64),
-        ("WSG_RATE", g.rate_entries()? as u64),
-        ("WSG_PENDING", g.pending()?.len() as u64),
-        ("WSG_OWNED", g.owned()?.len() as u64),
+        ("WSG_SOURCES", g.source_states()?.len() as u64),
+        ("WSG_FLOWS", g.flows()?.len() as u64),
         ("WSG_BANS", g.bans()?.len() as u64),
         ("WSG_COOKIES", g.used_cookies()?.len() as u64),
     ])
@@ -1606,6 +1608,7 @@ fn map_memory(g: &mut Guard) -> anyhow::Result<MapMemory> {
     let mut total = 0;
     let mut per_source = 0;
     let mut cap = 0;
+    let mut per_flow = 0.0;
     for id in ids {
         let m = aya::maps::MapInfo::from_id(id).map_err(|e| anyhow!("map {id}: {e}"))?;
         let name = m.name_as_str().unwrap_or("?").to_owned();
@@ -1613,9 +1616,12 @@ fn map_memory(g: &mut Guard) -> anyhow::Result<MapMemory> {
         let bytes = bpf::memlock(fd.as_fd())?;
         let entries = m.max_entries();
         total += bytes;
-        if name == names::MAP_CONNS || name == names::MAP_RATE {
+        if name == names::MAP_SOURCES {
             per_source += bytes;
             cap = entries;
+        }
+        if name == names::MAP_FLOWS {
+            per_flow = bytes as f64 / entries.max(1) as f64;
         }
         maps.push((name, bytes, entries));
     }
@@ -1625,6 +1631,7 @@ fn map_memory(g: &mut Guard) -> anyhow::Result<MapMemory> {
         maps,
         bytes_per_source: per_source as f64 / cap.max(1) as f64,
         source_capacity: cap,
+        bytes_per_flow: per_flow,
     })
 }
 
