@@ -72,8 +72,11 @@ impl RateState {
             limit
         };
         let nth_previous = self.stamps[slot(seq.wrapping_sub(limit))];
-        // Zero: fewer than `limit` attempts ever.
-        nth_previous == 0 || age_ms(stamp_ms(now_ns), nth_previous) > window_ms(window_ns) as i32
+        // Zero: fewer than `limit` attempts ever. An empty window holds no attempt (exact;
+        // the configuration never sets one, the benchmark does).
+        nth_previous == 0
+            || window_ns == 0
+            || age_ms(stamp_ms(now_ns), nth_previous) > window_ms(window_ns) as i32
     }
 
     /// Records attempt number `seq` at `now_ns`.
@@ -274,6 +277,12 @@ mod tests {
         let times: Vec<u64> = (1..=40).map(|i| S + i as u64).collect();
         let got = run(&mut s, &times, 1000, 10 * S);
         assert_eq!(got.iter().filter(|&&a| a).count(), RATE_SLOTS);
+    }
+
+    #[test]
+    fn an_empty_window_holds_nothing() {
+        let mut s = RateState::default();
+        assert!(run(&mut s, &[S, S, S, S], 1, 0).iter().all(|&a| a));
     }
 
     #[test]

@@ -210,7 +210,9 @@ fn guard(flows: u32) -> anyhow::Result<Guard> {
     })?;
     // Admitted every time: the connection limit far away, the rate checked (32 per 1 ns) but
     // never reached.
-    g.set_port(PORT_OPEN, port(u32::MAX / 2, ACTION_DROP, 32, 1))?;
+    // A window of zero: the rate's whole work (the ring read, the claim, the stamp) is done
+    // and it admits (the configuration cannot set it).
+    g.set_port(PORT_OPEN, port(u32::MAX / 2, ACTION_DROP, 32, 0))?;
     g.set_port(PORT_NORATE, port(u32::MAX / 2, ACTION_DROP, 0, 0))?;
     g.set_port(
         PORT_RATE,
