@@ -267,6 +267,59 @@ fn enforcement_survives_kill_and_restart_adopts_the_counts() {
     assert!(xdp_on(&tb));
     assert!(matches!(connect(a), Outcome::Refused));
 
+    // A restart whose configuration needs a longer rate window (a count of 20, where there was
+    // none: 1 stamp per source) cannot adopt the source and flow maps: they are made afresh,
+    // the established connections counted again from the kernel's sockets, and the limits hold
+    // throughout.
+    std::fs::write(
+        cfg.path(),
+        format!(
+            "interfaces = [\"{}\"]\nsweep_interval = \"200ms\"\n[capacity]\nsources = 1024\n\
+             flows = 4096\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[[port]]\n\
+             port = {port}\nmax_connections = 2\nconnection_action = \"reject\"\n\
+             new_connections = \"20/100s\"\n",
+            tb.srv_if
+        ),
+    )
+    .unwrap();
+    let mut third = Daemon::start_in(&tb.srv, &args);
+    assert!(
+        third.contains("this configuration needs 20: the source and flow maps are made afresh"),
+        "{:?}",
+        third.lines()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || active_connections(
+            &tb.srv,
+            metrics_port,
+            port
+        ) == Some(4)),
+        "the connections were not counted again"
+    );
+    assert!(matches!(connect(a), Outcome::Refused));
+    assert!(matches!(connect(b), Outcome::Refused));
+    // A count above the ring is refused live, saying what to do.
+    let out = Command::new(binary())
+        .args([
+            "--socket",
+            &sock,
+            "limits",
+            "set",
+            "--port",
+            &port_s,
+            "--new-connections",
+            "25/10s",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("capacity.rate_attempts"),
+        "{out:?}"
+    );
+    let status = third.stop(libc::SIGTERM);
+    assert!(status.success(), "{status}: {:?}", third.lines());
+
     // `teardown` removes it all.
     let out = Command::new(binary())
         .args(["teardown", "--pin-dir", &root_s])

@@ -32,7 +32,7 @@ use ws_guard_common::{
     maps::{
         ACTION_DROP, ACTION_REJECT, AF_INET, AF_INET6, BAN_MANUAL, BAN_RATE, BanEvent, BanValue,
         Counter, EVENT_BAN_ENDED, EVENT_BAN_STARTED, FLAG_BANS, FLAG_CHECK_FLOWS, FlowKey,
-        GATE_FLAGS, GlobalConfig, PortConfig, RATE_SLOTS, RateState, SourceKey, SourceState,
+        GATE_FLAGS, GlobalConfig, PortConfig, RateState, SourceKey, SourceState,
     },
     parse::{self, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, TcpSegment},
     policy::{self, CIDR_DATA_LEN, CidrKey, ListVerdict, ban_active, ban_until, list_verdict},
@@ -55,11 +55,12 @@ pub enum Bucket {
     Port(u16, u16),
 }
 
-/// When a tracked flow was stamped: exactly (the kernel's stamp, read back from its rate window)
-/// or within the host's monotonic interval around the run that stamped it.
+/// When a tracked flow was stamped: in the millisecond of the kernel's rate stamp (read back
+/// from its rate window; the stamp's first nanosecond), or within the host's monotonic interval
+/// around the run that stamped it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Since {
-    Exact(u64),
+    Millisecond(u64),
     Within(u64, u64),
 }
 
@@ -67,7 +68,7 @@ impl Since {
     /// Whether a kernel stamp agrees.
     pub fn admits(&self, ns: u64) -> bool {
         match *self {
-            Since::Exact(t) => t == ns,
+            Since::Millisecond(t) => t <= ns && ns - t < 1_000_000,
             Since::Within(lo, hi) => lo <= ns && ns <= hi,
         }
     }
@@ -198,6 +199,8 @@ pub struct Capacity {
     pub flows: usize,
     /// `WSG_BANS`.
     pub bans: usize,
+    /// Rate stamps per source (`LoadOptions::rate_ring`).
+    pub ring: u32,
 }
 
 /// The model's state.
@@ -832,11 +835,17 @@ impl Model {
             state.next = seq.wrapping_add(1);
             let now = clock.rate_stamp(&source, seq);
             let state = self.rate.get_mut(&source).expect("just made");
-            let ok = state.admits(seq, now, port.rate_limit, port.rate_window_ns);
-            state.record(seq, now);
+            let ok = state.admits(
+                seq,
+                now,
+                port.rate_limit,
+                port.rate_window_ns,
+                self.capacity.ring,
+            );
+            state.record(seq, now, self.capacity.ring);
             out.rate = Some((source, now));
             // The kernel's "now" is within the millisecond of its rate stamp.
-            since = Since::Within(now, now + 999_999);
+            since = Since::Millisecond(now);
             if !ok {
                 if !monitor {
                     self.note_refusal(&source);
@@ -1204,11 +1213,6 @@ pub fn initial_global() -> GlobalConfig {
     GlobalConfig::default()
 }
 
-/// The slot of attempt `seq` in a rate window.
-pub fn rate_slot(seq: u32) -> usize {
-    seq as usize % RATE_SLOTS
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1236,6 +1240,7 @@ mod tests {
             sources: 1024,
             flows: 1024,
             bans: 1024,
+            ring: 32,
         });
         m.set_port(
             9000,
@@ -1285,7 +1290,10 @@ mod tests {
         let key = m.pending.values().next().unwrap().source;
         assert_eq!(m.conns[&key], 1);
         assert_eq!(m.rate[&key].next, 2);
-        assert_eq!(m.pending.values().next().unwrap().since, Since::Exact(5));
+        assert_eq!(
+            m.pending.values().next().unwrap().since,
+            Since::Millisecond(5)
+        );
     }
 
     fn v4(last: u8, prefix: u32) -> CidrKey {

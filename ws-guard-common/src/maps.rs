@@ -33,7 +33,8 @@ pub const FLOW_FILTER_SLOTS: usize = 16;
 /// A source key's entry of `WSG_SOURCES`: its live connections, a filter that tells the XDP
 /// program when a SYN of it cannot be a retransmission of a tracked attempt (see
 /// [`crate::filter`]), and its recent new-connection attempts (see [`crate::rate`]). One entry
-/// per source, so a judgement makes one lookup.
+/// per source, so a judgement makes one lookup. The map holds only the first
+/// [`source_value_size`]`(ring)` bytes of it: the stamps of the configured ring.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SourceState {
@@ -53,7 +54,47 @@ pub struct SourceState {
     pub _pad: u32,
 }
 
+/// Bytes of a [`SourceState`] before its rate stamps.
+pub const SOURCE_HEADER_LEN: usize = 20;
+
+/// The value size of `WSG_SOURCES` for a rate ring of `ring` stamps: the map is created with
+/// it (at most `size_of::<SourceState>()`), so a source pays for the stamps the configuration
+/// needs, not for [`RATE_SLOTS`] of them.
+pub const fn source_value_size(ring: u32) -> usize {
+    SOURCE_HEADER_LEN + 4 * ring as usize
+}
+
+/// The rate ring a `WSG_SOURCES` value of `value_size` bytes holds; `None` for a size no ring
+/// gives.
+pub const fn ring_of_value_size(value_size: usize) -> Option<u32> {
+    if value_size < source_value_size(1) || value_size > source_value_size(RATE_SLOTS as u32) {
+        return None;
+    }
+    if !(value_size - SOURCE_HEADER_LEN).is_multiple_of(4) {
+        return None;
+    }
+    Some(((value_size - SOURCE_HEADER_LEN) / 4) as u32)
+}
+
 impl SourceState {
+    /// A value of `WSG_SOURCES` as read from the map (of any ring's size); `None` for a size no
+    /// ring gives. The stamps past the ring are zero.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        let ring = ring_of_value_size(b.len())? as usize;
+        let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let mut s = SourceState {
+            slots: u32_at(0),
+            refused: u32_at(4),
+            filter: u64::from_ne_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+            ..SourceState::default()
+        };
+        s.rate.next = u32_at(16);
+        for i in 0..ring {
+            s.rate.stamps[i] = u32_at(SOURCE_HEADER_LEN + 4 * i);
+        }
+        Some(s)
+    }
+
     /// Whether the entry holds no connection: no slot taken, no flow counted in its filter.
     /// (Its rate window may still matter: see [`RateState::newest_age_ms`].)
     pub fn holds_nothing(&self) -> bool {
@@ -552,6 +593,8 @@ const _: () = {
     assert!(size_of::<SourceKey>() == 20);
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<SourceState>() == 16 + size_of::<RateState>() + 4);
+    assert!(core::mem::offset_of!(SourceState, rate) + 4 == SOURCE_HEADER_LEN);
+    assert!(source_value_size(RATE_SLOTS as u32) + 4 == size_of::<SourceState>());
     assert!(FLOW_FILTER_SLOTS.is_power_of_two());
     // Sixteen 4-bit counts in the u64.
     assert!(FLOW_FILTER_SLOTS * 4 == 64);
@@ -589,6 +632,40 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_values_of_every_ring_read_back() {
+        let mut s = SourceState {
+            slots: 3,
+            refused: 7,
+            filter: 0x1234_5678_9abc_def0,
+            ..SourceState::default()
+        };
+        s.rate.next = 11;
+        for ring in 1..=RATE_SLOTS as u32 {
+            for i in 0..RATE_SLOTS {
+                s.rate.stamps[i] = if i < ring as usize { 100 + i as u32 } else { 0 };
+            }
+            // The bytes of the struct, cut where the map's value ends.
+            // SAFETY: plain `#[repr(C)]` data without padding.
+            let all = unsafe {
+                core::slice::from_raw_parts(
+                    (&s as *const SourceState).cast::<u8>(),
+                    size_of::<SourceState>(),
+                )
+            };
+            let size = source_value_size(ring);
+            assert_eq!(ring_of_value_size(size), Some(ring));
+            assert_eq!(
+                SourceState::from_bytes(&all[..size]),
+                Some(s),
+                "ring {ring}"
+            );
+        }
+        assert_eq!(ring_of_value_size(SOURCE_HEADER_LEN), None);
+        assert_eq!(ring_of_value_size(source_value_size(1) + 2), None);
+        assert_eq!(SourceState::from_bytes(&[0; 3]), None);
+    }
 
     #[test]
     fn counters_are_indexed_in_order() {

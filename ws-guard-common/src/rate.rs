@@ -8,8 +8,9 @@
 //! exceed N in any window of length W.
 //!
 //! Each attempt claims a sequence number (atomically, in the kernel); the ring keeps the last
-//! [`RATE_SLOTS`] timestamps, so the N-th previous attempt is one index away: O(1) per SYN, and
-//! a changed N or W applies to the very next attempt.
+//! `ring` timestamps (the largest count the configuration uses, at most [`RATE_SLOTS`]: memory
+//! follows the configuration), so the N-th previous attempt is one index away: O(1) per SYN,
+//! and a changed N (up to the ring) or W applies to the very next attempt.
 //!
 //! Timestamps are kept to the millisecond (4 bytes each instead of 8): an attempt is admitted
 //! once the N-th previous one is *more* than W old in whole milliseconds, which is never before
@@ -18,9 +19,9 @@
 //! read as signed, so a stamp a moment ahead of `now` (another CPU) is inside the window, and
 //! the daemon's sweep clears stamps older than [`STALE_MS`] before they could look recent again.
 
-use crate::maps::{RATE_SLOTS, RateState};
-
-const _: () = assert!(RATE_SLOTS.is_power_of_two());
+#[cfg(doc)]
+use crate::maps::RATE_SLOTS;
+use crate::maps::RateState;
 
 /// The longest window, in milliseconds (the configuration allows 7 days).
 pub const MAX_WINDOW_MS: u32 = 1 << 30;
@@ -28,9 +29,39 @@ pub const MAX_WINDOW_MS: u32 = 1 << 30;
 /// read correctly).
 pub const STALE_MS: u32 = 1 << 30;
 
+/// Where attempt `seq` is kept in a ring of `ring` stamps (`ring` in 1..=[`RATE_SLOTS`]).
 #[inline(always)]
-fn slot(seq: u32) -> usize {
-    (seq as usize) & (RATE_SLOTS - 1)
+pub fn slot(seq: u32, ring: u32) -> usize {
+    (seq % nonzero(ring)) as usize
+}
+
+/// `ring`, or 1 for a zero one: never a division by zero (which in the eBPF program would be a
+/// panic path the verifier refuses).
+#[inline(always)]
+fn nonzero(ring: u32) -> u32 {
+    if ring == 0 { 1 } else { ring }
+}
+
+/// Where the attempt `limit` before attempt `seq` is kept (`limit` clamped to the ring). Right
+/// after the sequence number wraps (every 2^32 attempts of one source) it can point at another
+/// of the last `ring` attempts, unless `ring` divides 2^32: a source that made four billion
+/// attempts has every stamp of its ring in the window anyway.
+#[inline(always)]
+pub fn nth_previous_slot(seq: u32, limit: u32, ring: u32) -> usize {
+    let ring = nonzero(ring);
+    let limit = if limit > ring { ring } else { limit };
+    ((seq % ring + ring - limit) % ring) as usize
+}
+
+/// Whether the `limit`-th previous attempt, stamped `nth_previous` (zero: none), leaves room
+/// for an attempt at `now_ns` in a window of `window_ns`.
+#[inline(always)]
+pub fn outside_window(nth_previous: u32, now_ns: u64, window_ns: u64) -> bool {
+    // Zero: fewer than `limit` attempts ever. An empty window holds no attempt (exact; the
+    // configuration never sets one, the benchmark does).
+    nth_previous == 0
+        || window_ns == 0
+        || age_ms(stamp_ms(now_ns), nth_previous) > window_ms(window_ns) as i32
 }
 
 /// A `bpf_ktime_get_ns` reading as the ring stores it: milliseconds, wrapping, never zero
@@ -59,39 +90,31 @@ pub fn age_ms(now: u32, stamp: u32) -> i32 {
 }
 
 impl RateState {
-    /// Whether attempt number `seq` at `now_ns` is within `limit` per `window_ns`. `limit` is
-    /// clamped to [`RATE_SLOTS`]; a limit of zero admits everything.
+    /// Whether attempt number `seq` at `now_ns` is within `limit` per `window_ns`, in a ring of
+    /// `ring` stamps. `limit` is clamped to the ring; a limit of zero admits everything.
     #[inline(always)]
-    pub fn admits(&self, seq: u32, now_ns: u64, limit: u32, window_ns: u64) -> bool {
-        if limit == 0 {
-            return true;
-        }
-        let limit = if limit as usize > RATE_SLOTS {
-            RATE_SLOTS as u32
-        } else {
-            limit
-        };
-        let nth_previous = self.stamps[slot(seq.wrapping_sub(limit))];
-        // Zero: fewer than `limit` attempts ever. An empty window holds no attempt (exact;
-        // the configuration never sets one, the benchmark does).
-        nth_previous == 0
-            || window_ns == 0
-            || age_ms(stamp_ms(now_ns), nth_previous) > window_ms(window_ns) as i32
+    pub fn admits(&self, seq: u32, now_ns: u64, limit: u32, window_ns: u64, ring: u32) -> bool {
+        limit == 0
+            || outside_window(
+                self.stamps[nth_previous_slot(seq, limit, ring)],
+                now_ns,
+                window_ns,
+            )
     }
 
     /// Records attempt number `seq` at `now_ns`.
     #[inline(always)]
-    pub fn record(&mut self, seq: u32, now_ns: u64) {
-        self.stamps[slot(seq)] = stamp_ms(now_ns);
+    pub fn record(&mut self, seq: u32, now_ns: u64, ring: u32) {
+        self.stamps[slot(seq, ring)] = stamp_ms(now_ns);
     }
 
     /// Claims the next sequence number, decides and records. The kernel does the same with an
     /// atomic claim; this is the single-threaded form for tests and models.
-    pub fn attempt(&mut self, now_ns: u64, limit: u32, window_ns: u64) -> bool {
+    pub fn attempt(&mut self, now_ns: u64, limit: u32, window_ns: u64, ring: u32) -> bool {
         let seq = self.next;
         self.next = seq.wrapping_add(1);
-        let ok = self.admits(seq, now_ns, limit, window_ns);
-        self.record(seq, now_ns);
+        let ok = self.admits(seq, now_ns, limit, window_ns, ring);
+        self.record(seq, now_ns, ring);
         ok
     }
 
@@ -119,15 +142,18 @@ impl RateState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::maps::RATE_SLOTS;
     use std::vec::Vec;
 
     const S: u64 = 1_000_000_000;
     const MS: u64 = 1_000_000;
+    /// The ring of the configuration's largest count.
+    const R: u32 = RATE_SLOTS as u32;
 
     fn run(state: &mut RateState, times: &[u64], limit: u32, window: u64) -> Vec<bool> {
         times
             .iter()
-            .map(|&t| state.attempt(t, limit, window))
+            .map(|&t| state.attempt(t, limit, window, R))
             .collect()
     }
 
@@ -154,15 +180,15 @@ mod tests {
         assert_eq!(run(&mut s, &[S, 2 * S], 2, 10 * S), [true, true]);
         // 11 s: the attempt at 1 s is exactly a window old, but whole milliseconds cannot tell
         // it from one a little younger, so it is still inside (never early).
-        assert!(!s.attempt(11 * S, 2, 10 * S));
+        assert!(!s.attempt(11 * S, 2, 10 * S, R));
         // 12 s + 1 ms: the 2nd previous attempt (2 s) is more than a window old: admitted.
-        assert!(s.attempt(12 * S + MS, 2, 10 * S));
+        assert!(s.attempt(12 * S + MS, 2, 10 * S, R));
         // Refused attempts count: at 12 s + 2 ms the 2nd previous is the refused one at 11 s.
-        assert!(!s.attempt(12 * S + 2 * MS, 2, 10 * S));
+        assert!(!s.attempt(12 * S + 2 * MS, 2, 10 * S, R));
         // At 21 s + 1 ms it is the one at 12 s + 1 ms, a window less 1 ms ago.
-        assert!(!s.attempt(21 * S + MS, 2, 10 * S));
+        assert!(!s.attempt(21 * S + MS, 2, 10 * S, R));
         // At 22 s + 3 ms it is the one at 12 s + 2 ms, a window and 1 ms ago.
-        assert!(s.attempt(22 * S + 3 * MS, 2, 10 * S));
+        assert!(s.attempt(22 * S + 3 * MS, 2, 10 * S, R));
     }
 
     #[test]
@@ -174,8 +200,8 @@ mod tests {
         for a in [0, 1, MS / 2, MS - 1] {
             for d in (w - 3 * MS..w + 3 * MS).step_by((MS / 4) as usize) {
                 let mut s = RateState::default();
-                assert!(s.attempt(S + a, 1, w));
-                let ok = s.attempt(S + a + d, 1, w);
+                assert!(s.attempt(S + a, 1, w, R));
+                let ok = s.attempt(S + a + d, 1, w, R);
                 if d < w {
                     assert!(!ok, "early: {a} {d}");
                 }
@@ -191,14 +217,14 @@ mod tests {
         let mut s = RateState::default();
         // Just before the millisecond clock wraps, and just after.
         let wrap = (1u64 << 32) * MS;
-        assert!(s.attempt(wrap - MS, 1, 10 * MS));
-        assert!(!s.attempt(wrap + 5 * MS, 1, 10 * MS));
-        assert!(s.attempt(wrap + 20 * MS, 1, 10 * MS));
+        assert!(s.attempt(wrap - MS, 1, 10 * MS, R));
+        assert!(!s.attempt(wrap + 5 * MS, 1, 10 * MS, R));
+        assert!(s.attempt(wrap + 20 * MS, 1, 10 * MS, R));
         assert_eq!(s.newest_age_ms(wrap + 25 * MS), Some(5));
         // Stale from STALE_MS on.
         let t = 5 * S;
         let mut s = RateState::default();
-        s.attempt(t, 1, S);
+        s.attempt(t, 1, S, R);
         assert!(!s.has_stale(t + (STALE_MS as u64 - 1) * MS));
         assert!(s.has_stale(t + STALE_MS as u64 * MS));
         assert_eq!(RateState::default().newest_age_ms(t), None);
@@ -213,14 +239,14 @@ mod tests {
         let mut t = S;
         let mut admitted = 0;
         for _ in 0..1000 {
-            if s.attempt(t, 5, 10 * S) {
+            if s.attempt(t, 5, 10 * S, R) {
                 admitted += 1;
             }
             t += S / 2; // 2 per second, limit is 0.5 per second
         }
         assert_eq!(admitted, 5);
         // After a quiet window it is admitted again.
-        assert!(s.attempt(t + 10 * S, 5, 10 * S));
+        assert!(s.attempt(t + 10 * S, 5, 10 * S, R));
     }
 
     #[test]
@@ -236,7 +262,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             t += x % (3 * S);
-            if s.attempt(t, limit, window) {
+            if s.attempt(t, limit, window, R) {
                 admitted.push(t);
             }
         }
@@ -250,19 +276,19 @@ mod tests {
     fn limit_change_applies_to_next_attempt() {
         let mut s = RateState::default();
         assert_eq!(run(&mut s, &[S, S + 1], 5, 10 * S), [true, true]);
-        assert!(!s.attempt(S + 2, 2, 10 * S));
-        assert!(s.attempt(S + 3, 10, 10 * S));
+        assert!(!s.attempt(S + 2, 2, 10 * S, R));
+        assert!(s.attempt(S + 3, 10, 10 * S, R));
         // Shorter window: the old attempts are outside it now.
-        assert!(s.attempt(S + 100 * MS, 2, 50 * MS));
+        assert!(s.attempt(S + 100 * MS, 2, 50 * MS, R));
     }
 
     #[test]
     fn clock_edges() {
         let mut s = RateState::default();
         // A stamp ahead of "now" (another CPU) counts as inside the window.
-        s.record(0, 5 * S);
+        s.record(0, 5 * S, R);
         s.next = 1;
-        assert!(!s.admits(1, 4 * S, 1, S));
+        assert!(!s.admits(1, 4 * S, 1, S, R));
         // Sequence numbers wrap without losing the window.
         let mut s = RateState {
             next: u32::MAX - 1,
@@ -277,6 +303,53 @@ mod tests {
         let times: Vec<u64> = (1..=40).map(|i| S + i as u64).collect();
         let got = run(&mut s, &times, 1000, 10 * S);
         assert_eq!(got.iter().filter(|&&a| a).count(), RATE_SLOTS);
+    }
+
+    #[test]
+    fn rings_of_any_length_keep_exactly_the_last_attempts() {
+        // The recipe's 9 per window with a ring of 9: the same decisions as with the largest
+        // ring, over a long irregular run, for every ring from the count up.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut times = Vec::new();
+        let mut t = S;
+        for _ in 0..3000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            t += x % (30 * S);
+            times.push(t);
+        }
+        let reference: Vec<bool> = {
+            let mut s = RateState::default();
+            times.iter().map(|&t| s.attempt(t, 9, 100 * S, R)).collect()
+        };
+        for ring in 9..=R {
+            let mut s = RateState::default();
+            let got: Vec<bool> = times
+                .iter()
+                .map(|&t| s.attempt(t, 9, 100 * S, ring))
+                .collect();
+            assert_eq!(got, reference, "ring {ring}");
+            // Nothing is written past the ring.
+            assert!(
+                s.stamps[ring as usize..].iter().all(|x| *x == 0),
+                "ring {ring}"
+            );
+        }
+        // Limits above the ring are clamped to it.
+        let mut s = RateState::default();
+        let got = run_ring(&mut s, &[S, S + 1, S + 2, S + 3], 5, 10 * S, 3);
+        assert_eq!(got, [true, true, true, false]);
+        assert_eq!(nth_previous_slot(7, 2, 9), 5);
+        assert_eq!(nth_previous_slot(1, 3, 9), 7);
+        assert_eq!(nth_previous_slot(1, 30, 9), 1);
+    }
+
+    fn run_ring(s: &mut RateState, times: &[u64], limit: u32, window: u64, ring: u32) -> Vec<bool> {
+        times
+            .iter()
+            .map(|&t| s.attempt(t, limit, window, ring))
+            .collect()
     }
 
     #[test]

@@ -6,11 +6,10 @@ use ws_guard_common::{
     maps::{
         CONTROL_DONE, CONTROL_NOOP, ControlOp, Counter, FLOW_OWNED, FLOW_PENDING, FlowKey,
         OP_ADOPT, OP_CHARGE, OP_CLEAR_STALE, OP_EXPIRE_BAN, OP_EXPIRE_PENDING, OP_REKEY_OWNED,
-        OP_REKEY_PENDING, OP_RELEASE_OWNED, OP_TRANSLATE, OP_UNCHARGE, RATE_SLOTS, SourceKey,
+        OP_REKEY_PENDING, OP_RELEASE_OWNED, OP_TRANSLATE, OP_UNCHARGE, SourceKey,
     },
     parse::Packet,
     policy::ban_active,
-    rate::{STALE_MS, age_ms, stamp_ms},
 };
 
 use crate::{
@@ -55,30 +54,13 @@ fn expire(flow: &FlowKey, state: u32) -> bool {
     }
 }
 
-/// Clears the stale rate stamps of `source` (see [`OP_CLEAR_STALE`]); each by a
-/// compare-and-swap, so a stamp the XDP program writes meanwhile stays.
+/// Clears the stale rate stamps of `source` (see [`OP_CLEAR_STALE`]).
 #[inline(always)]
 fn clear_stale(source: &SourceKey) -> bool {
-    let Some(s) = maps::WSG_SOURCES.get_ptr_mut(source) else {
-        return false;
-    };
-    let now = stamp_ms(unsafe { bpf_ktime_get_ns() });
-    let mut cleared = false;
-    for i in 0..RATE_SLOTS {
-        // SAFETY: a live map value; the index is below the ring's length.
-        unsafe {
-            let p = &raw mut (*s).rate.stamps[i];
-            let stamp = core::ptr::read_volatile(p);
-            if stamp != 0
-                && now.wrapping_sub(stamp) >= STALE_MS
-                && age_ms(now, stamp) >= 0
-                && maps::cas(p, stamp, 0)
-            {
-                cleared = true;
-            }
-        }
+    match maps::WSG_SOURCES.get_ptr_mut(source) {
+        Some(s) => maps::clear_stale(s, unsafe { bpf_ktime_get_ns() }),
+        None => false,
     }
-    cleared
 }
 
 /// Ends the ban of `source` if it is over by the kernel's clock: a ban renewed since userspace

@@ -17,9 +17,10 @@ use ws_guard_common::{
     filter::{filter_added, filter_removed, filter_saturated},
     maps::{
         BanEvent, BanValue, Counter, EVENT_BAN_ENDED, FlowKey, FlowValue, GlobalConfig, PortConfig,
-        STATS_ENTRIES, Scratch, SourceKey, SourceState, UNATTRIBUTED, stats_bucket,
+        RATE_SLOTS, STATS_ENTRIES, Scratch, SourceKey, SourceState, UNATTRIBUTED, stats_bucket,
     },
     policy::{CIDR_DATA_LEN, TAG_BITS, address_bits},
+    rate,
 };
 
 // Capacities of the hash maps are defaults; userspace sets them from the config at load time.
@@ -46,9 +47,11 @@ pub static WSG_ALLOW: LpmTrie<[u8; CIDR_DATA_LEN], u32> =
 #[map]
 pub static WSG_DENY: LpmTrie<[u8; CIDR_DATA_LEN], u32> =
     LpmTrie::with_max_entries(16384, BPF_F_NO_PREALLOC);
-// A plain hash, never LRU: a flood must not evict a ban.
+// A plain hash, never LRU: a flood must not evict a ban. Not preallocated: bans are few, so
+// their memory follows them (a ban that finds no memory is counted as `bans_full`).
 #[map]
-pub static WSG_BANS: HashMap<SourceKey, BanValue> = HashMap::with_max_entries(65536, 0);
+pub static WSG_BANS: HashMap<SourceKey, BanValue> =
+    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 /// Ban events for the daemon's log; 256 KiB holds over 6000 events.
 #[map]
 pub static WSG_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
@@ -236,6 +239,87 @@ pub fn release(key: &SourceKey, index: usize) {
         give_slot(p);
         filter_sub(p, index);
     }
+}
+
+/// The rate ring's length: set at load (`override_global`) to the ring `WSG_SOURCES` was
+/// created for, whose values end after that many stamps. Read-only data, so a constant to the
+/// verifier, which bounds every stamp access by it.
+#[unsafe(no_mangle)]
+static RATE_RING: u32 = RATE_SLOTS as u32;
+
+#[inline(always)]
+fn rate_ring() -> u32 {
+    // SAFETY: a read of a static; volatile, so each read is its own (see `stamp`).
+    unsafe { core::ptr::read_volatile(&RATE_RING) }
+}
+
+/// Stamp `i` of a source's rate ring. The check against a second read of the ring's length
+/// never fails for an index of `rate::slot` (LLVM cannot drop it, and the verifier needs it: the
+/// map's values end with the ring).
+#[inline(always)]
+fn stamp(s: *mut SourceState, i: usize) -> Option<*mut u32> {
+    if i >= rate_ring() as usize {
+        return None;
+    }
+    // A no-op (the ring is at most RATE_SLOTS, a power of two) that bounds all 64 bits of the
+    // index for the verifier, which does not follow a remainder and compares 32-bit halves.
+    let i = i & (RATE_SLOTS - 1);
+    // SAFETY: `s` points to a live map value holding `rate_ring()` stamps.
+    Some(unsafe { (&raw mut (*s).rate.stamps).cast::<u32>().add(i) })
+}
+
+/// Whether attempt number `seq` at `now` is within `limit` per `window_ns` (nothing written).
+#[inline(always)]
+pub fn rate_admits(s: *mut SourceState, seq: u32, now: u64, limit: u32, window_ns: u64) -> bool {
+    if limit == 0 {
+        return true;
+    }
+    match stamp(s, rate::nth_previous_slot(seq, limit, rate_ring())) {
+        // SAFETY: a stamp of a live map value.
+        Some(p) => rate::outside_window(unsafe { core::ptr::read_volatile(p) }, now, window_ns),
+        None => true,
+    }
+}
+
+/// Records attempt number `seq` at `now` in the source's ring.
+#[inline(always)]
+pub fn rate_record(s: *mut SourceState, seq: u32, now: u64) {
+    if let Some(p) = stamp(s, rate::slot(seq, rate_ring())) {
+        // SAFETY: a stamp of a live map value; concurrent writers race on distinct slots.
+        unsafe { core::ptr::write_volatile(p, rate::stamp_ms(now)) };
+    }
+}
+
+/// The next attempt number of a source's rate window, read without claiming it.
+#[inline(always)]
+pub fn next_attempt(s: *mut SourceState) -> u32 {
+    // SAFETY: `next` is a u32 inside a live map value.
+    unsafe { core::ptr::read_volatile(&raw const (*s).rate.next) }
+}
+
+/// Clears the stamps of `s` that are [`rate::STALE_MS`] old or more at `now`, each by a
+/// compare-and-swap (a stamp written meanwhile stays); true if it cleared one.
+#[inline(always)]
+pub fn clear_stale(s: *mut SourceState, now: u64) -> bool {
+    let now = rate::stamp_ms(now);
+    let mut cleared = false;
+    for i in 0..RATE_SLOTS {
+        let Some(p) = stamp(s, i) else {
+            break;
+        };
+        // SAFETY: a stamp of a live map value.
+        unsafe {
+            let t = core::ptr::read_volatile(p);
+            if t != 0
+                && now.wrapping_sub(t) >= rate::STALE_MS
+                && rate::age_ms(now, t) >= 0
+                && cas(p, t, 0)
+            {
+                cleared = true;
+            }
+        }
+    }
+    cleared
 }
 
 /// Claims the next attempt number of a source's rate window.

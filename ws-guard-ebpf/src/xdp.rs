@@ -166,10 +166,14 @@ fn rate_admits(s: *mut SourceState, port: &PortConfig, now: u64) -> bool {
     if port.rate_limit == 0 {
         return true;
     }
-    // SAFETY: a live map value; a racing claim only makes the decision below re-checked.
-    let rate = unsafe { &(*s).rate };
-    let next = unsafe { core::ptr::read_volatile(&raw const (*s).rate.next) };
-    rate.admits(next, now, port.rate_limit, port.rate_window_ns)
+    // A racing claim only makes the decision re-checked after the insert.
+    maps::rate_admits(
+        s,
+        maps::next_attempt(s),
+        now,
+        port.rate_limit,
+        port.rate_window_ns,
+    )
 }
 
 /// The admission of a known source that [`will_admit`]: the flow is inserted first (a tracked
@@ -211,10 +215,8 @@ fn admit_known(
     // The rate attempt counts whether or not the flow could be tracked, as in `judge_fully`.
     if port.rate_limit != 0 {
         let seq = maps::claim_attempt(s);
-        // SAFETY: a live map value; concurrent writers only race on distinct slots.
-        let rate = unsafe { &mut (*s).rate };
-        let ok = rate.admits(seq, now, port.rate_limit, port.rate_window_ns);
-        rate.record(seq, now);
+        let ok = maps::rate_admits(s, seq, now, port.rate_limit, port.rate_window_ns);
+        maps::rate_record(s, seq, now);
         if !ok {
             if inserted {
                 untrack(flow, s, index);
@@ -334,10 +336,8 @@ fn judge_fully(
     let now = clock.now();
     if limited && port.rate_limit != 0 {
         let seq = maps::claim_attempt(slots);
-        // SAFETY: a live map value; concurrent writers only race on distinct slots.
-        let rate = unsafe { &mut (*slots).rate };
-        let ok = rate.admits(seq, now, port.rate_limit, port.rate_window_ns);
-        rate.record(seq, now);
+        let ok = maps::rate_admits(slots, seq, now, port.rate_limit, port.rate_window_ns);
+        maps::rate_record(slots, seq, now);
         if !ok {
             if !monitor {
                 return rate_limited(ctx, seg, &source, slots, port, global, now, bucket);

@@ -325,6 +325,10 @@ pub struct Capacity {
     pub bans: u32,
     /// CIDRs per list (allow, deny).
     pub cidrs: u32,
+    /// Attempts each source's rate window remembers: the largest `new_connections` count that
+    /// can be set without a restart, and what a source entry's size follows (4 bytes each).
+    /// Unset: the largest count of the configuration's ports when ws-guard starts.
+    pub rate_attempts: Option<u32>,
 }
 
 impl Default for Capacity {
@@ -334,6 +338,7 @@ impl Default for Capacity {
             flows: 262_144,
             bans: 65_536,
             cidrs: 16_384,
+            rate_attempts: None,
         }
     }
 }
@@ -502,6 +507,7 @@ pub fn to_toml(cfg: &Config) -> String {
         flows,
         bans,
         cidrs,
+        rate_attempts,
     } = capacity;
     let mut c = Table::new();
     for (k, v) in [
@@ -511,6 +517,10 @@ pub fn to_toml(cfg: &Config) -> String {
         ("cidrs", cidrs),
     ] {
         c.insert(k.into(), int(*v));
+    }
+    // Unset: derived from the ports' counts when ws-guard starts (`Config::rate_ring`).
+    if let Some(n) = rate_attempts {
+        c.insert("rate_attempts".into(), int(*n));
     }
     t.insert("capacity".into(), Value::Table(c));
     let MetricsSettings {
@@ -861,6 +871,28 @@ impl Config {
                 ));
             }
         }
+        if let Some(n) = self.capacity.rate_attempts {
+            if !(1..=RATE_SLOTS as u32).contains(&n) {
+                return Err(invalid(
+                    "capacity.rate_attempts".into(),
+                    format!("{n} is not between 1 and {RATE_SLOTS}"),
+                ));
+            }
+            if let Some(p) = self
+                .ports
+                .iter()
+                .find(|p| p.new_connections.is_some_and(|r| r.count > n))
+            {
+                return Err(invalid(
+                    "capacity.rate_attempts".into(),
+                    format!(
+                        "{n} is less than port {}'s new_connections count ({})",
+                        p.port,
+                        p.new_connections.map_or(0, |r| r.count)
+                    ),
+                ));
+            }
+        }
         self.metrics
             .listen_addr()
             .map_err(|m| invalid("metrics.listen".into(), m))?;
@@ -1147,6 +1179,18 @@ impl Config {
         out
     }
 
+    /// Rate stamps kept per source: `capacity.rate_attempts`, or the largest
+    /// `new_connections` count of the ports (at least 1).
+    pub fn rate_ring(&self) -> u32 {
+        self.capacity.rate_attempts.unwrap_or_else(|| {
+            self.ports
+                .iter()
+                .filter_map(|p| p.new_connections.map(|r| r.count))
+                .max()
+                .unwrap_or(1)
+        })
+    }
+
     /// aya-log's number for `kernel_log`.
     pub fn kernel_log_level(&self) -> u8 {
         KERNEL_LOG_LEVELS
@@ -1341,6 +1385,27 @@ mod tests {
     }
 
     #[test]
+    fn the_rate_ring_follows_the_largest_count_unless_set() {
+        let two = "[[port]]\nport = 1\nnew_connections = \"9/100s\"\n\
+                   [[port]]\nport = 2\nnew_connections = \"20/1s\"\n";
+        assert_eq!(parse(two).unwrap().rate_ring(), 20);
+        assert_eq!(parse("[[port]]\nport = 1\n").unwrap().rate_ring(), 1);
+        let set = format!("[capacity]\nrate_attempts = 32\n{two}");
+        assert_eq!(parse(&set).unwrap().rate_ring(), 32);
+        // Below a port's count, or out of range: refused, naming the key.
+        for bad in [
+            "rate_attempts = 10",
+            "rate_attempts = 0",
+            "rate_attempts = 33",
+        ] {
+            let e = parse(&format!("[capacity]\n{bad}\n{two}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("capacity.rate_attempts"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn to_toml_reads_back_to_the_same_config() {
         let mut c = parse(DEFAULT_CONFIG).unwrap();
         assert_eq!(parse(&to_toml(&c)).unwrap(), c, "{}", to_toml(&c));
@@ -1352,7 +1417,7 @@ mod tests {
              wait_for_interfaces = \"0s\"\nkernel_log = \"debug\"\n\
              allow = [\"198.18.0.0/24\", \"2001:2::/48\"]\ndeny = [\"198.19.0.0/16\"]\n\
              ban_duration = \"1h 30m\"\nstate_file = \"/tmp/x y.toml\"\n\
-             [capacity]\nsources = 1024\nflows = 4096\nbans = 64\ncidrs = 128\n\
+             [capacity]\nsources = 1024\nflows = 4096\nbans = 64\ncidrs = 128\nrate_attempts = 20\n\
              [metrics]\nlisten = \"off\"\ntop_sources = 5\n[control]\nsocket = \"/tmp/c.sock\"\n\
              [[port]]\nport = 9000\nmax_connections = 3\nconnection_action = \"drop\"\n\
              new_connections = \"9/100s\"\nrate_action = \"reject\"\n[[port]]\nport = 9001\n",

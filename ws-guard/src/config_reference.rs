@@ -129,6 +129,12 @@ pub const KEYS: &[Key] = &[
         meaning: "CIDRs per list (allow, deny).",
     },
     Key {
+        key: "capacity.rate_attempts",
+        default: "the largest new_connections count",
+        meaning: "Attempts each source's rate window remembers (1 to 32, 4 bytes each): the \
+                  largest count that can be set without a restart.",
+    },
+    Key {
         key: "metrics.listen",
         default: "\"127.0.0.1:9105\"",
         meaning: "The Prometheus endpoint's address; \"off\" serves nothing.",
@@ -269,6 +275,7 @@ mod tests {
         // A port with every optional key set, so each is written.
         cfg.ports[0].max_connections = Some(3);
         cfg.ports[0].new_connections = Some("9/100s".parse().unwrap());
+        cfg.capacity.rate_attempts = Some(9);
         let written: toml::Value = toml::from_str(&to_toml(&cfg)).unwrap();
         let mut have = std::collections::BTreeSet::new();
         keys(&written, "", &mut have);

@@ -46,9 +46,9 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// What [`Guard::load`] needs before the maps exist.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Capacity of the per-source maps.
+    /// Capacity of the source map (`WSG_SOURCES`).
     pub sources: u32,
-    /// Capacity of the per-connection maps.
+    /// Capacity of the flow map (`WSG_FLOWS`: half-open and established connections).
     pub flows: u32,
     /// Capacity of the ban map (`WSG_BANS`).
     pub bans: u32,
@@ -56,6 +56,9 @@ pub struct LoadOptions {
     pub cidrs: u32,
     /// aya-log level compiled into the programs' checks (0 = off ... 5 = trace).
     pub kernel_log_level: u8,
+    /// Rate stamps kept per source (1 to `RATE_SLOTS`): the largest `new_connections` count
+    /// the programs can enforce, and what a source entry's size follows.
+    pub rate_ring: u32,
 }
 
 impl Default for LoadOptions {
@@ -67,6 +70,7 @@ impl Default for LoadOptions {
             bans: c.bans,
             cidrs: c.cidrs,
             kernel_log_level: 2,
+            rate_ring: ws_guard_common::maps::RATE_SLOTS as u32,
         }
     }
 }
@@ -80,6 +84,7 @@ impl LoadOptions {
             bans: cfg.capacity.bans,
             cidrs: cfg.capacity.cidrs,
             kernel_log_level: cfg.kernel_log_level(),
+            rate_ring: cfg.rate_ring(),
         }
     }
 }
@@ -141,6 +146,8 @@ pub struct Guard {
     pins: Option<PinDir>,
     /// Whether the maps were adopted from pins a previous daemon left.
     adopted: bool,
+    /// Rate stamps per source the source map holds (`LoadOptions::rate_ring`).
+    rate_ring: u32,
     /// The pinned tracepoint link.
     tracepoint_link: Option<PinnedLink>,
     /// Handles on the traffic-sized maps, shared with readers on other threads.
@@ -216,10 +223,15 @@ impl Guard {
         if let Some(p) = &pins {
             p.prepare()?;
             adopted = p.has_state();
+            if adopted {
+                resize_rate_ring(p, opts.rate_ring)?;
+            }
             for name in names::MAPS {
                 loader.map_pin_path(name, p.map(name));
             }
         }
+        let object = crate::ebpf_object::with_rate_ring(OBJECT, opts.rate_ring)?;
+        let ring = opts.rate_ring;
         let mut ebpf = loader
             .map_max_entries(names::MAP_SOURCES, opts.sources)
             .map_max_entries(names::MAP_FLOWS, opts.flows)
@@ -228,7 +240,8 @@ impl Guard {
             .map_max_entries(names::MAP_DENY, opts.cidrs)
             // Levels above this are removed by the verifier as dead code.
             .override_global("AYA_LOG_LEVEL", &level, false)
-            .load(OBJECT)
+            .override_global("RATE_RING", &ring, true)
+            .load(object.bytes())
             .context("loading the ws-guard eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -285,6 +298,7 @@ impl Guard {
             cookie_status: BTreeMap::new(),
             cookie_settings: Default::default(),
             lists_in_kernel: None,
+            rate_ring: opts.rate_ring,
         };
         if guard.pins.is_some() {
             guard.pin_programs()?;
@@ -363,6 +377,11 @@ impl Guard {
         Ok(())
     }
 
+    /// Rate stamps kept per source: the largest `new_connections` count this load enforces.
+    pub fn rate_ring(&self) -> u32 {
+        self.rate_ring
+    }
+
     /// Whether the maps were adopted from a previous daemon's pins.
     pub fn adopted(&self) -> bool {
         self.adopted
@@ -434,6 +453,23 @@ impl Guard {
     /// exactly `cfg.allow` / `cfg.deny` first, whole or nothing ([`Guard::apply_policy`]): when
     /// that fails, nothing is changed.
     pub fn apply(&mut self, cfg: &Config) -> anyhow::Result<()> {
+        // Before anything is written: a count the ring cannot hold would be enforced as the
+        // ring's (the kernel clamps), stricter than asked.
+        for p in &cfg.ports {
+            let count = p.to_kernel().rate_limit;
+            if count > self.rate_ring {
+                bail!(
+                    "port {}: a new_connections count of {count} needs a rate window of \
+                     {count} attempts, and this run keeps {} per source \
+                     (capacity.rate_attempts, by default the largest count in the \
+                     configuration when ws-guard started): put the count in the configuration \
+                     file, or set capacity.rate_attempts to {count} or more, and restart \
+                     ws-guard",
+                    p.port,
+                    self.rate_ring,
+                );
+            }
+        }
         self.apply_policy(&crate::lists::Policy::from_config(cfg))?;
         self.set_global(cfg.global())?;
         let wanted: BTreeMap<u16, PortConfig> = cfg
@@ -1127,12 +1163,7 @@ impl Guard {
     /// The rate window of `key` (in its [`names::MAP_SOURCES`] entry), if it has an entry.
     /// Read-only (the differential test compares the kernel's ring with its model's).
     pub fn rate_state(&self, key: &SourceKey) -> anyhow::Result<Option<RateState>> {
-        let m: HashMap<&MapData, SourceKey, SourceState> = self.map(names::MAP_SOURCES)?;
-        match m.get(key, 0) {
-            Ok(v) => Ok(Some(v.rate)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("reading a rate window"),
-        }
+        Ok(crate::view::source_entry(self.map_data(names::MAP_SOURCES)?, key)?.map(|s| s.rate))
     }
 
     /// The capacity (max_entries) of map `name` as loaded.
@@ -1154,31 +1185,29 @@ impl Guard {
 
     /// Live connections per source key (half-open included); zero entries left out.
     pub fn connections(&self) -> anyhow::Result<BTreeMap<SourceKey, u32>> {
-        let m: HashMap<&MapData, SourceKey, SourceState> = self.map(names::MAP_SOURCES)?;
-        let mut out = BTreeMap::new();
-        for kv in m.iter() {
-            let (k, v) = kv?;
-            if v.slots != 0 {
-                out.insert(k, v.slots);
-            }
-        }
-        Ok(out)
+        Ok(self
+            .source_states()?
+            .into_iter()
+            .filter(|(_, s)| s.slots != 0)
+            .map(|(k, s)| (k, s.slots))
+            .collect())
     }
 
     /// Removes `key`'s entry if it still holds nothing and its newest rate attempt is at
     /// least `min_age_ms` old (or it has none) when read. The kernel recreates it on the
-    /// source's next attempt.
-    /// True if it removed it.
+    /// source's next attempt. True if it removed it.
     pub fn remove_idle_source(&mut self, key: &SourceKey, min_age_ms: u32) -> anyhow::Result<bool> {
         let now = monotonic_ns();
-        let mut m: HashMap<&mut MapData, SourceKey, SourceState> =
-            self.map_mut(names::MAP_SOURCES)?;
-        if m.get(key, 0).is_ok_and(|v| {
+        let data = self.map_data(names::MAP_SOURCES)?;
+        let idle = crate::view::source_entry(data, key)?.is_some_and(|v| {
             v.holds_nothing() && v.rate.newest_age_ms(now).is_none_or(|a| a >= min_age_ms)
-        }) {
-            return Ok(m.remove(key).is_ok());
+        });
+        if !idle {
+            return Ok(false);
         }
-        Ok(false)
+        crate::rawmap::RawHashMap::new(data)?
+            .remove(crate::rawmap::pod_bytes(key))
+            .context("removing an idle source entry")
     }
 
     /// Half-open attempts the programs track.
@@ -1269,6 +1298,15 @@ impl Guard {
         &mut self.ebpf
     }
 
+    /// The map `name`'s data (a hash map).
+    fn map_data(&self, name: &str) -> anyhow::Result<&MapData> {
+        match self.ebpf.map(name) {
+            Some(aya::maps::Map::HashMap(d)) => Ok(d),
+            Some(_) => bail!("map {name} has an unexpected type"),
+            None => bail!("map {name} missing from the object"),
+        }
+    }
+
     pub(crate) fn map<'a, T>(&'a self, name: &str) -> anyhow::Result<T>
     where
         T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
@@ -1353,6 +1391,35 @@ fn read_bucket(
 }
 
 /// Kernels before 5.11 charge map memory to RLIMIT_MEMLOCK; harmless where they do not.
+/// Pinned source and flow maps made for another rate ring (the configuration's largest
+/// `new_connections` count changed, or `capacity.rate_attempts`) cannot be adopted: their pins
+/// are removed, so this load creates them afresh. The programs a previous daemon left keep
+/// enforcing with the old maps until this one's replace them; this one learns the established
+/// connections from the kernel (the start-up sweep), and the rate windows start empty.
+fn resize_rate_ring(pins: &PinDir, ring: u32) -> anyhow::Result<()> {
+    let path = pins.map(names::MAP_SOURCES);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let size = data.info()?.value_size() as usize;
+    let pinned = ws_guard_common::maps::ring_of_value_size(size);
+    if pinned == Some(ring) {
+        return Ok(());
+    }
+    warn!(
+        "the pinned source map keeps {} rate stamps per source, this configuration needs {ring}: \
+         the source and flow maps are made afresh (established connections are counted again \
+         from the kernel's sockets; rate windows start empty)",
+        pinned.map_or_else(
+            || format!("an unknown number of ({size}-byte values)"),
+            |r| r.to_string()
+        )
+    );
+    for name in [names::MAP_SOURCES, names::MAP_FLOWS] {
+        let p = pins.map(name);
+        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(())
+}
+
 fn raise_memlock_limit() {
     let rlim = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,

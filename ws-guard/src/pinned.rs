@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use aya::maps::{Array, HashMap, Map, MapData};
 use serde::Serialize;
 use ws_guard_common::{
-    maps::{BanValue, GlobalConfig, PortConfig, SourceKey, SourceState},
+    maps::{BanValue, GlobalConfig, PortConfig, SourceKey},
     names,
 };
 
@@ -67,11 +67,11 @@ pub fn read(root: &Path) -> anyhow::Result<PinnedStatus> {
     let g = global.get(&0, 0).context("reading the global settings")?;
     let ports_map = open(&pins, names::MAP_PORTS)?;
     let port_array: Array<_, PortConfig> = Array::try_from(&ports_map)?;
-    let conns_map = open(&pins, names::MAP_SOURCES)?;
-    let conns: HashMap<_, SourceKey, SourceState> = HashMap::try_from(&conns_map)?;
+    let sources_path = pins.map(names::MAP_SOURCES);
+    let sources = MapData::from_pin(&sources_path)
+        .with_context(|| format!("opening {}", sources_path.display()))?;
     let mut held: std::collections::BTreeMap<u16, (u64, u64)> = Default::default();
-    for entry in conns.iter().take(16 << 20) {
-        let (k, s) = entry.context("reading the connection counts")?;
+    for (k, s) in crate::view::source_entries(&sources).context("reading the connection counts")? {
         if s.slots > 0 {
             let e = held.entry(k.port).or_default();
             e.0 += u64::from(s.slots);

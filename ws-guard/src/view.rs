@@ -20,7 +20,10 @@ use ws_guard_common::{
     policy::CIDR_DATA_LEN,
 };
 
-use crate::lists::{List, trie_net};
+use crate::{
+    lists::{List, trie_net},
+    rawmap::{RawHashMap, pod_bytes, read_pod},
+};
 
 /// The maps a [`MapView`] holds.
 const VIEWED: [&str; 5] = [
@@ -102,20 +105,13 @@ impl MapView {
             .collect())
     }
 
-    /// Every entry of the source map (slots and flow filter), idle ones included.
+    /// Every entry of the source map (slots, flow filter, rate window), idle ones included.
     pub fn source_states(&self) -> anyhow::Result<Vec<(SourceKey, SourceState)>> {
-        let m: HashMap<&MapData, SourceKey, SourceState> = self.map(names::MAP_SOURCES)?;
-        let cap = self.capacity(names::MAP_SOURCES)? as usize;
-        // A key deleted during the walk restarts it: bounded, and deduplicated.
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        for kv in m.iter().take(cap.saturating_mul(2)) {
-            let (k, v) = kv?;
-            if seen.insert(k) {
-                out.push((k, v));
-            }
-        }
-        Ok(out)
+        let data: &MapData = match self.maps.get(names::MAP_SOURCES) {
+            Some(Map::HashMap(d)) => d,
+            _ => bail!("map {} is not in the view", names::MAP_SOURCES),
+        };
+        source_entries(data)
     }
 
     /// The tracked flows in `state` (`FLOW_PENDING`, `FLOW_OWNED`), or all of them. A flow
@@ -163,6 +159,39 @@ impl MapView {
             }
         }
         Ok(out.into_iter().collect())
+    }
+}
+
+/// Every entry of a source map (`WSG_SOURCES`, of any rate ring), read as bytes: its values
+/// are sized by the ring, which aya's typed maps do not allow. A key deleted during the walk
+/// restarts it: bounded, and deduplicated.
+pub fn source_entries(data: &MapData) -> anyhow::Result<Vec<(SourceKey, SourceState)>> {
+    let map = RawHashMap::new(data)?;
+    let cap = data.info()?.max_entries() as usize;
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (k, v) in map
+        .entries(cap.saturating_mul(2))
+        .context("reading the source map")?
+    {
+        let key: SourceKey = read_pod(&k);
+        let state = SourceState::from_bytes(&v)
+            .with_context(|| format!("a source map value of {} bytes", v.len()))?;
+        if seen.insert(key) {
+            out.push((key, state));
+        }
+    }
+    Ok(out)
+}
+
+/// The entry of `key` in a source map (`WSG_SOURCES`), if it has one.
+pub fn source_entry(data: &MapData, key: &SourceKey) -> anyhow::Result<Option<SourceState>> {
+    let map = RawHashMap::new(data)?;
+    match map.get(pod_bytes(key)).context("reading the source map")? {
+        Some(v) => Ok(Some(SourceState::from_bytes(&v).with_context(|| {
+            format!("a source map value of {} bytes", v.len())
+        })?)),
+        None => Ok(None),
     }
 }
 
