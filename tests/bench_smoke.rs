@@ -133,6 +133,31 @@ fn layer1_smoke_measures_every_scenario() {
         .find(|m| m.id == "syn_unprotected_v4")
         .unwrap();
     assert!(unprotected.target.is_some());
+    // The work per path: every budgeted path counted, each within its budget (a regression of
+    // the data path's work fails here, whatever the machine's speed), and the counts are real
+    // (the refusal looks the source up, the admission inserts).
+    let work: Vec<&str> = r.work.iter().map(|w| w.id).collect();
+    for want in [
+        "syn_unprotected_v4",
+        "syn_retransmit_v4",
+        "syn_admitted_v4",
+        "syn_admitted_v6",
+        "syn_conn_limited_v4_new_tuple",
+        "syn_rate_limited_v4_new_tuple",
+    ] {
+        assert!(work.contains(&want), "no work counted for {want}: {work:?}");
+    }
+    for w in &r.work {
+        assert!(w.within_budget(), "over its budget: {w:?}");
+        assert!(
+            w.lookups >= w.budget.lookups - 0.01,
+            "too few lookups counted: {w:?}"
+        );
+        assert!(
+            w.inserts >= w.budget.inserts - 0.01,
+            "too few inserts counted: {w:?}"
+        );
+    }
 
     let labels: Vec<String> = r.measurements.iter().map(|m| m.label.to_owned()).collect();
     check_outputs(&results(Some(r), None), &labels);

@@ -2172,8 +2172,8 @@ impl Drop for NetnsGuard {
     }
 }
 
-/// Tiny flow maps (8 half-open, 8 established) and ban map (4): attempts meet a full
-/// `WSG_PENDING`, adoptions a full `WSG_OWNED`, and failing open or closed decides; automatic
+/// A tiny flow map (8 connections, half-open and established) and ban map (4): attempts and
+/// adoptions meet a full `WSG_FLOWS`, and failing open or closed decides; automatic
 /// bans meet a full `WSG_BANS` (`bans_full`), manual ones fail.
 #[test]
 fn kernel_matches_model_with_full_maps() {

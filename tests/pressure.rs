@@ -372,7 +372,7 @@ fn full_counter_map_keeps_live_counts_and_fails_as_configured() {
     if !privileged("full_counter_map_keeps_live_counts_and_fails_as_configured") {
         return;
     }
-    // WSG_CONNS (4096) fills long before WSG_PENDING (16384).
+    // WSG_SOURCES (4096) fills long before WSG_FLOWS (16384).
     let mut g = load(
         SMALL_SOURCES,
         4 * SMALL_SOURCES,
@@ -516,7 +516,7 @@ fn full_flow_map_fails_as_configured_and_frees_with_releases() {
     if !privileged("full_flow_map_fails_as_configured_and_frees_with_releases") {
         return;
     }
-    // WSG_PENDING (1024) fills before WSG_CONNS (4096).
+    // WSG_FLOWS (1024) fills before WSG_SOURCES (4096).
     const FLOWS: u32 = 1024;
     let mut g = load(
         SMALL_SOURCES,

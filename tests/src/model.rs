@@ -74,7 +74,7 @@ impl Since {
     }
 }
 
-/// A tracked flow as the model expects it in `WSG_PENDING` or `WSG_OWNED`.
+/// A tracked flow as the model expects it in `WSG_FLOWS` (half-open or established).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tracked {
     pub source: SourceKey,
@@ -212,12 +212,12 @@ pub struct Model {
     pub ports: BTreeMap<u16, PortConfig>,
     pub pending: HashMap<FlowKey, Tracked>,
     pub owned: HashMap<FlowKey, Tracked>,
-    /// `WSG_CONNS`: the slots of each entry, zero ones included. The flow filters are derived
+    /// `WSG_SOURCES`: the slots of each entry, zero ones included. The flow filters are derived
     /// from the tracked flows ([`Model::source_states`]).
     pub conns: HashMap<SourceKey, u32>,
-    /// `SourceState::refused` of the `WSG_CONNS` entries that have refusals.
+    /// `SourceState::refused` of the `WSG_SOURCES` entries that have refusals.
     pub refusals: HashMap<SourceKey, u32>,
-    /// `WSG_RATE`.
+    /// The rate windows of `WSG_SOURCES` entries.
     pub rate: HashMap<SourceKey, RateState>,
     /// Every counter since load (what `Guard::counters` sums).
     pub totals: [u64; COUNT],
@@ -872,7 +872,7 @@ impl Model {
         )
     }
 
-    /// `maps::note_refusal`: one more refusal in the source's `WSG_CONNS` entry, if it has one
+    /// `maps::note_refusal`: one more refusal in the source's `WSG_SOURCES` entry, if it has one
     /// (the gate's refusals come before an entry is created, and create none).
     fn note_refusal(&mut self, source: &SourceKey) {
         if self.conns.contains_key(source) {
@@ -1057,7 +1057,7 @@ impl Model {
         }
     }
 
-    /// The control program's `OP_EXPIRE_PENDING` (`release` of `WSG_PENDING`): whether it
+    /// The control program's `OP_EXPIRE_PENDING` (a half-open flow of `WSG_FLOWS` released): whether it
     /// changed anything.
     pub fn expire_pending(&mut self, flow: &FlowKey) -> bool {
         self.release_from(false, flow)
@@ -1086,7 +1086,7 @@ impl Model {
     /// The control program's `OP_ADOPT` (`accounting::adopt`): counts an established
     /// connection the XDP program did not see. `during` bounds its timestamp.
     /// The source's entry comes first (created even when the flow then turns out to be
-    /// tracked already, or `WSG_OWNED` full).
+    /// tracked already, or `WSG_FLOWS` full).
     pub fn adopt(&mut self, flow: &FlowKey, during: (u64, u64)) -> bool {
         let source = flow_source(flow, &self.global);
         let b = self.bucket_of_flow(flow);

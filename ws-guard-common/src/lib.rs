@@ -3,6 +3,7 @@
 //! is `no_std` so the eBPF program compiles exactly the code the host tests exercise.
 #![no_std]
 
+pub mod budget;
 pub mod checksum;
 pub mod filter;
 pub mod key;

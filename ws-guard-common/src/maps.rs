@@ -208,11 +208,11 @@ pub struct GlobalConfig {
     /// Prefix length of IPv6 source keys (0..=128).
     pub ipv6_prefix: u32,
     /// What a new attempt gets when it cannot be tracked because a map is full (no room for a
-    /// new source's counter in `WSG_CONNS`, or for the attempt in `WSG_PENDING`): zero passes
+    /// new source's entry in `WSG_SOURCES`, or for the attempt in `WSG_FLOWS`): zero passes
     /// it untracked ("fail open"), non-zero refuses it with the port's `conn_action` ("fail
     /// closed"). Counted as [`Counter::MapFull`] either way; monitor mode refuses nothing and
     /// counts [`Counter::MonitorWouldBlock`] instead. Sources that already have a counter are
-    /// judged as usual: `WSG_CONNS` is never evicted from.
+    /// judged as usual: `WSG_SOURCES` is never evicted from.
     pub fail_closed: u32,
     /// [`FLAG_ALLOW`], [`FLAG_DENY`], [`FLAG_BANS`], [`FLAG_CHECK_FLOWS`]: which lookups a new
     /// attempt needs, so the hot path skips the maps that are empty. Maintained by userspace

@@ -47,6 +47,17 @@ pub const MAP_JUMP: &str = "WSG_JUMP";
 /// [`PROG_COOKIE`]'s per-CPU copy of the segment it handles.
 pub const MAP_SEG: &str = "WSG_SEG";
 
+/// The benchmark's object only (`ws-guard-ebpf-counted`): counts of hash-map operations.
+pub const MAP_OPS: &str = "WSG_OPS";
+/// [`MAP_OPS`] slot: lookups of `WSG_SOURCES` and `WSG_FLOWS`.
+pub const OP_LOOKUPS: u32 = 0;
+/// [`MAP_OPS`] slot: inserts (failed ones included).
+pub const OP_INSERTS: u32 = 1;
+/// [`MAP_OPS`] slot: deletes.
+pub const OP_DELETES: u32 = 2;
+/// Slots of [`MAP_OPS`].
+pub const OPS_COUNTED: u32 = 3;
+
 /// Every program name.
 pub const PROGRAMS: [&str; 4] = [PROG_XDP, PROG_SOCK_STATE, PROG_CONTROL, PROG_COOKIE];
 /// Every map name the program defines (the aya-log map excluded).

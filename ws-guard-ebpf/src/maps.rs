@@ -31,9 +31,47 @@ pub static WSG_GLOBAL: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 // A plain hash, never LRU: a flood must not evict the count of a source with live connections
 // (the daemon's sweep reclaims entries that hold nothing).
 #[map]
-pub static WSG_SOURCES: HashMap<SourceKey, SourceState> = HashMap::with_max_entries(65536, 0);
+pub static WSG_SOURCES: Counted<SourceKey, SourceState> = Counted::with_max_entries(65536, 0);
 #[map]
-pub static WSG_FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(262144, 0);
+pub static WSG_FLOWS: Counted<FlowKey, FlowValue> = Counted::with_max_entries(262144, 0);
+
+/// A hash map whose operations the benchmark's object counts (`crate::ops`, see counted.rs);
+/// in the shipped object the count is nothing and this is the map itself. Same layout (the
+/// map definition the loader reads).
+#[repr(transparent)]
+pub struct Counted<K, V>(HashMap<K, V>);
+
+impl<K, V> Counted<K, V> {
+    pub const fn with_max_entries(max_entries: u32, flags: u32) -> Self {
+        Self(HashMap::with_max_entries(max_entries, flags))
+    }
+
+    /// # Safety
+    /// As `HashMap::get`: the value may change or go while referenced.
+    #[inline(always)]
+    pub unsafe fn get(&self, key: &K) -> Option<&V> {
+        crate::ops::lookup();
+        unsafe { self.0.get(key) }
+    }
+
+    #[inline(always)]
+    pub fn get_ptr_mut(&self, key: &K) -> Option<*mut V> {
+        crate::ops::lookup();
+        self.0.get_ptr_mut(key)
+    }
+
+    #[inline(always)]
+    pub fn insert(&self, key: &K, value: &V, flags: u64) -> Result<(), i32> {
+        crate::ops::insert();
+        self.0.insert(key, value, flags)
+    }
+
+    #[inline(always)]
+    pub fn remove(&self, key: &K) -> Result<(), i32> {
+        crate::ops::delete();
+        self.0.remove(key)
+    }
+}
 /// All zeros, never written: the initial source state, too large to build on the 512-byte
 /// stack (see [`create_source`]).
 #[map]

@@ -312,6 +312,11 @@ impl PortLimits {
     }
 }
 
+/// The fewest attempts a rate window remembers when `capacity.rate_attempts` is unset: counts
+/// up to it can be set live whatever the file says (the recipe's 9 fits), for 4 bytes each per
+/// source (a source entry of 152 bytes).
+pub const MIN_RATE_ATTEMPTS: u32 = 10;
+
 /// Sizes of the hash maps, fixed at load time.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -327,7 +332,8 @@ pub struct Capacity {
     pub cidrs: u32,
     /// Attempts each source's rate window remembers: the largest `new_connections` count that
     /// can be set without a restart, and what a source entry's size follows (4 bytes each).
-    /// Unset: the largest count of the configuration's ports when ws-guard starts.
+    /// Unset: the largest count of the configuration's ports when ws-guard starts, at least
+    /// [`MIN_RATE_ATTEMPTS`].
     pub rate_attempts: Option<u32>,
 }
 
@@ -1180,14 +1186,13 @@ impl Config {
     }
 
     /// Rate stamps kept per source: `capacity.rate_attempts`, or the largest
-    /// `new_connections` count of the ports (at least 1).
+    /// `new_connections` count of the ports, at least [`MIN_RATE_ATTEMPTS`].
     pub fn rate_ring(&self) -> u32 {
         self.capacity.rate_attempts.unwrap_or_else(|| {
             self.ports
                 .iter()
                 .filter_map(|p| p.new_connections.map(|r| r.count))
-                .max()
-                .unwrap_or(1)
+                .fold(MIN_RATE_ATTEMPTS, u32::max)
         })
     }
 
@@ -1389,7 +1394,12 @@ mod tests {
         let two = "[[port]]\nport = 1\nnew_connections = \"9/100s\"\n\
                    [[port]]\nport = 2\nnew_connections = \"20/1s\"\n";
         assert_eq!(parse(two).unwrap().rate_ring(), 20);
-        assert_eq!(parse("[[port]]\nport = 1\n").unwrap().rate_ring(), 1);
+        assert_eq!(
+            parse("[[port]]\nport = 1\n").unwrap().rate_ring(),
+            MIN_RATE_ATTEMPTS
+        );
+        let recipe = "[[port]]\nport = 1\nnew_connections = \"9/100s\"\n";
+        assert_eq!(parse(recipe).unwrap().rate_ring(), MIN_RATE_ATTEMPTS);
         let set = format!("[capacity]\nrate_attempts = 32\n{two}");
         assert_eq!(parse(&set).unwrap().rate_ring(), 32);
         // Below a port's count, or out of range: refused, naming the key.

@@ -130,7 +130,7 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         key: "capacity.rate_attempts",
-        default: "the largest new_connections count",
+        default: "the largest new_connections count, at least 10",
         meaning: "Attempts each source's rate window remembers (1 to 32, 4 bytes each): the \
                   largest count that can be set without a restart.",
     },

@@ -43,6 +43,12 @@ pub use crate::{
 /// The kernel object, built by build.rs from the ws-guard-ebpf crate.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ws-guard-ebpf"));
 
+/// The same programs with the hash-map operations of `WSG_SOURCES` and `WSG_FLOWS` counted
+/// (`WSG_OPS`), for the benchmark's check of the work per path.
+#[cfg(feature = "op-counters")]
+pub static COUNTED_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ws-guard-ebpf-counted"));
+
 /// What [`Guard::load`] needs before the maps exist.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -59,6 +65,9 @@ pub struct LoadOptions {
     /// Rate stamps kept per source (1 to `RATE_SLOTS`): the largest `new_connections` count
     /// the programs can enforce, and what a source entry's size follows.
     pub rate_ring: u32,
+    /// Load [`COUNTED_OBJECT`] instead of the shipped programs (the benchmark).
+    #[cfg(feature = "op-counters")]
+    pub count_ops: bool,
 }
 
 impl Default for LoadOptions {
@@ -71,6 +80,8 @@ impl Default for LoadOptions {
             cidrs: c.cidrs,
             kernel_log_level: 2,
             rate_ring: ws_guard_common::maps::RATE_SLOTS as u32,
+            #[cfg(feature = "op-counters")]
+            count_ops: false,
         }
     }
 }
@@ -85,6 +96,8 @@ impl LoadOptions {
             cidrs: cfg.capacity.cidrs,
             kernel_log_level: cfg.kernel_log_level(),
             rate_ring: cfg.rate_ring(),
+            #[cfg(feature = "op-counters")]
+            count_ops: false,
         }
     }
 }
@@ -230,7 +243,15 @@ impl Guard {
                 loader.map_pin_path(name, p.map(name));
             }
         }
-        let object = crate::ebpf_object::with_rate_ring(OBJECT, opts.rate_ring)?;
+        #[cfg(feature = "op-counters")]
+        let source = if opts.count_ops {
+            COUNTED_OBJECT
+        } else {
+            OBJECT
+        };
+        #[cfg(not(feature = "op-counters"))]
+        let source = OBJECT;
+        let object = crate::ebpf_object::with_rate_ring(source, opts.rate_ring)?;
         let ring = opts.rate_ring;
         let mut ebpf = loader
             .map_max_entries(names::MAP_SOURCES, opts.sources)
@@ -375,6 +396,18 @@ impl Guard {
         }
         self.used_buckets.extend(used);
         Ok(())
+    }
+
+    /// The hash-map operations counted so far (lookups, inserts, deletes), all CPUs; only for a
+    /// guard loaded with `count_ops`.
+    #[cfg(feature = "op-counters")]
+    pub fn op_counts(&self) -> anyhow::Result<[u64; 3]> {
+        let m: aya::maps::PerCpuArray<&MapData, u64> = self.map(names::MAP_OPS)?;
+        let mut out = [0u64; 3];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = m.get(&(i as u32), 0)?.iter().sum();
+        }
+        Ok(out)
     }
 
     /// Rate stamps kept per source: the largest `new_connections` count this load enforces.

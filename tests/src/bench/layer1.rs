@@ -41,6 +41,10 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::programs::ProgramFd;
 use ws_guard::guard::{Counters, Guard, LoadOptions};
 use ws_guard_common::maps::{ACTION_DROP, ACTION_REJECT, Counter, GlobalConfig, PortConfig};
+use ws_guard_common::{
+    budget::{self, Budget},
+    names,
+};
 
 use super::bpf::{self, Family, ProgArray, RawProgram, TestRun, XDP_DROP, XDP_PASS, XDP_TX};
 use crate::frames::{FrameBuilder, LINUX_SYN_OPTIONS, TCP_ACK, Tcp};
@@ -132,11 +136,87 @@ impl Measurement {
     }
 }
 
+/// The hash-map operations one path made per packet, against its budget
+/// (`ws_guard_common::budget`).
+#[derive(Clone, Debug)]
+pub struct Work {
+    pub id: &'static str,
+    pub label: &'static str,
+    pub budget: Budget,
+    pub runs: u64,
+    pub lookups: f64,
+    pub inserts: f64,
+    pub deletes: f64,
+    /// The share of the source's flow filter buckets that are non-zero: the lookups of the
+    /// flow a refusal may add ([`Budget::filter_lookups`]).
+    pub filter_share: f64,
+}
+
+impl Work {
+    /// Whether the path kept to its budget. The lookups a refusal may add are a share of random
+    /// tuples: allowed up to four standard deviations of that share over the runs.
+    pub fn within_budget(&self) -> bool {
+        let extra = if self.budget.filter_lookups {
+            let p = self.filter_share;
+            p + 4.0 * (p * (1.0 - p) / self.runs.max(1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        self.lookups <= self.budget.lookups + extra + 0.01
+            && self.inserts <= self.budget.inserts + 0.01
+            && self.deletes <= self.budget.deletes + 0.01
+    }
+}
+
 /// Everything layer 1 measured.
 #[derive(Clone, Debug)]
 pub struct Report {
     pub options: Options,
     pub measurements: Vec<Measurement>,
+    pub work: Vec<Work>,
+    /// The maps `ws_guard_map_memory_bytes` reports, loaded as the shipped configuration loads
+    /// them: (map, bytes).
+    pub default_memory: Vec<(&'static str, u64)>,
+    /// Bytes per source of the source map with a rate window of 32 attempts (the largest count).
+    pub bytes_per_source_ring32: f64,
+}
+
+impl Report {
+    /// The sum of [`Report::default_memory`].
+    pub fn default_memory_bytes(&self) -> u64 {
+        self.default_memory.iter().map(|(_, b)| b).sum()
+    }
+}
+
+/// The source map's memory over its capacity with a rate window of `ring` attempts.
+fn bytes_per_source(ring: u32) -> anyhow::Result<f64> {
+    let sources = 65_536;
+    let g = Guard::load(&LoadOptions {
+        sources,
+        rate_ring: ring,
+        ..LoadOptions::default()
+    })
+    .context("loading ws-guard")?;
+    Ok(g.view().memory_bytes(names::MAP_SOURCES)? as f64 / sources as f64)
+}
+
+/// The memory of the maps the metrics report, for the shipped configuration's capacities and
+/// rate window (`packaging/config.toml`, `LoadOptions::from_config`).
+fn default_memory() -> anyhow::Result<Vec<(&'static str, u64)>> {
+    let cfg = ws_guard::config::Config::parse(ws_guard::config::DEFAULT_CONFIG, "default")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let g = Guard::load(&LoadOptions::from_config(&cfg)).context("loading ws-guard")?;
+    let view = g.view();
+    [
+        names::MAP_SOURCES,
+        names::MAP_FLOWS,
+        names::MAP_BANS,
+        names::MAP_ALLOW,
+        names::MAP_DENY,
+    ]
+    .into_iter()
+    .map(|m| Ok((m, view.memory_bytes(m)?)))
+    .collect()
 }
 
 const DST4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -161,12 +241,12 @@ const PORT_CONN_REJECT: u16 = 9005;
 const PORT_UNPROTECTED: u16 = 8080;
 
 const HOT_PATH: Target = Target {
-    max_overhead_ns: 15.0,
-    what: "hot path: <= 15 ns over the empty program",
+    max_overhead_ns: 350.0,
+    what: "admitted SYN from a tracked source: <= 350 ns over the empty program",
 };
 const UNPROTECTED: Target = Target {
-    max_overhead_ns: 3.0,
-    what: "unprotected traffic: <= 3 ns over the empty program",
+    max_overhead_ns: 5.0,
+    what: "unprotected traffic: <= 5 ns over the empty program",
 };
 
 fn syn4(src: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
@@ -197,8 +277,14 @@ fn port(max_connections: u32, conn_action: u32, rate_limit: u32, window_ns: u64)
 /// A ws-guard loaded and configured for the scenarios, with one admitted attempt wherever a
 /// scenario needs one.
 fn guard(flows: u32) -> anyhow::Result<Guard> {
+    guard_with(flows, false)
+}
+
+/// [`guard`], with the programs that count their hash-map operations if `count_ops`.
+fn guard_with(flows: u32, count_ops: bool) -> anyhow::Result<Guard> {
     let mut g = Guard::load(&LoadOptions {
         flows,
+        count_ops,
         ..LoadOptions::default()
     })
     .context("loading ws-guard")?;
@@ -616,10 +702,117 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
             }
         })
         .collect();
+    log("layer 1: work per path (hash-map operations, counted by fentry probes)");
+    let work = work_per_path(
+        &cases,
+        opts,
+        &floor_prog,
+        &prelude_v4,
+        &tails_v4,
+        &prelude_v6,
+        &tails_v6,
+    )?;
     Ok(Report {
         options: opts.clone(),
         measurements: ms,
+        work,
+        default_memory: default_memory()?,
+        bytes_per_source_ring32: bytes_per_source(32)?,
     })
+}
+
+/// The budget of the paths that have one.
+fn budget_of(id: &str) -> Option<Budget> {
+    Some(match id {
+        "syn_unprotected_v4" | "non_ip" => budget::UNPROTECTED,
+        "syn_conn_limited_v4_new_tuple" | "syn_rate_limited_v4_new_tuple" => budget::REFUSAL,
+        "syn_admitted_v4" | "syn_admitted_v6" | "syn_admitted_v4_no_rate" => budget::ADMISSION,
+        "syn_retransmit_v4" | "syn_retransmit_v6" => budget::RETRANSMISSION,
+        _ => return None,
+    })
+}
+
+/// Counts the hash-map operations of each budgeted path with the programs built to count them
+/// (`COUNTED_OBJECT`: the same source, plus a per-CPU counter per operation), in runs of their
+/// own.
+#[allow(clippy::too_many_arguments)]
+fn work_per_path(
+    cases: &[Case],
+    opts: &Options,
+    floor_prog: &RawProgram,
+    prelude_v4: &RawProgram,
+    tails_v4: &ProgArray,
+    prelude_v6: &RawProgram,
+    tails_v6: &ProgArray,
+) -> anyhow::Result<Vec<Work>> {
+    let runs = opts.repeat.min(20_000);
+    let mut out_buf = vec![0u8; 512];
+    let mut work = Vec::new();
+    for c in cases {
+        let Some(budget) = budget_of(c.id) else {
+            continue;
+        };
+        let frame = (c.frame)(0);
+        // Each path on a guard of its own, set up as for timing, with the programs that count.
+        let mut g = guard_with(262_144, true)?;
+        let fd = prog_fd(&mut g)?;
+        let (before, after) = match c.method {
+            Method::Repeat => {
+                let before = g.op_counts()?;
+                measure(&g, c, fd.as_fd(), &frame, runs, &mut out_buf)?;
+                (before, g.op_counts()?)
+            }
+            Method::Tail => {
+                let (prelude, tails) = if frame[12..14] == [0x86, 0xdd] {
+                    (prelude_v6, tails_v6)
+                } else {
+                    (prelude_v4, tails_v4)
+                };
+                tails.set(fd.as_fd())?;
+                let before = g.op_counts()?;
+                let r = measure(&g, c, prelude.fd(), &frame, runs, &mut out_buf);
+                let after = g.op_counts()?;
+                tails.set(floor_prog.fd())?;
+                r?;
+                (before, after)
+            }
+            Method::Single => continue,
+        };
+        let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / runs as f64;
+        let filter_share = filter_share(&g, &frame)?;
+        work.push(Work {
+            id: c.id,
+            label: c.label,
+            budget,
+            runs: runs as u64,
+            lookups: per(0),
+            inserts: per(1),
+            deletes: per(2),
+            filter_share,
+        });
+    }
+    Ok(work)
+}
+
+/// The share of non-zero buckets in the flow filter of the frame's source (0 without an entry).
+fn filter_share(g: &Guard, frame: &[u8]) -> anyhow::Result<f64> {
+    let ws_guard_common::parse::Parsed::Tcp(seg) = ws_guard_common::parse::parse(frame) else {
+        return Ok(0.0);
+    };
+    let Some(flow) = ws_guard_common::parse::flow(frame, &seg) else {
+        return Ok(0.0);
+    };
+    let key = ws_guard_common::key::flow_source(&flow, &g.global()?);
+    let nonzero = g
+        .source_states()?
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .map_or(0, |(_, s)| {
+            (0..ws_guard_common::maps::FLOW_FILTER_SLOTS)
+                .filter(|i| s.filter_count(*i) != 0)
+                .count()
+        });
+    Ok(nonzero as f64 / ws_guard_common::maps::FLOW_FILTER_SLOTS as f64)
 }
 
 /// One BPF_PROG_TEST_RUN of `repeat` runs, checked; the kernel's ns per run.

@@ -83,6 +83,44 @@ pub fn layer1_table(r: &layer1::Report) -> String {
     s
 }
 
+/// The work-per-path table: hash-map operations per packet against the budget.
+pub fn work_table(r: &layer1::Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| path | scenario | runs | lookups | inserts | deletes | budget (lookups / inserts / \
+         deletes) | within |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---|---|");
+    for w in &r.work {
+        let b = &w.budget;
+        let lookups = if b.filter_lookups {
+            format!(
+                "{} + {} (the source's filter buckets in use)",
+                b.lookups,
+                f(w.filter_share, 2)
+            )
+        } else {
+            format!("{}", b.lookups)
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |",
+            b.path,
+            w.label,
+            w.runs,
+            f(w.lookups, 2),
+            f(w.inserts, 2),
+            f(w.deletes, 2),
+            lookups,
+            b.inserts,
+            b.deletes,
+            if w.within_budget() { "yes" } else { "NO" }
+        );
+    }
+    s
+}
+
 /// The layer-2 table.
 pub fn layer2_table(r: &layer2::Report) -> String {
     let mut s = String::new();
@@ -193,6 +231,42 @@ pub fn markdown(r: &Results) -> String {
         );
         s.push_str(&layer1_table(l1));
         s.push('\n');
+        if !l1.default_memory.is_empty() {
+            let bytes = l1.default_memory_bytes();
+            let mib = bytes as f64 / (1 << 20) as f64;
+            let _ = writeln!(
+                s,
+                "Map memory at the shipped configuration's capacities (as \
+                 ws_guard_map_memory_bytes reports it): {} MiB ({}); target < 48 MiB: {}\n",
+                f(mib, 1),
+                l1.default_memory
+                    .iter()
+                    .map(|(m, b)| format!("{m} {} MiB", f(*b as f64 / (1 << 20) as f64, 1)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if mib < 48.0 { "met" } else { "MISSED" }
+            );
+            let _ = writeln!(
+                s,
+                "Source map memory with a rate window of 32 attempts (the largest count): {} \
+                 bytes per source; target <= 256: {}\n",
+                f(l1.bytes_per_source_ring32, 0),
+                if l1.bytes_per_source_ring32 <= 256.0 {
+                    "met"
+                } else {
+                    "MISSED"
+                }
+            );
+        }
+        if !l1.work.is_empty() {
+            let _ = writeln!(
+                s,
+                "### Work per path (hash-map operations per packet, counted by fentry probes on \
+                 the kernel's hash-map functions; budget: ws_guard_common::budget)\n"
+            );
+            s.push_str(&work_table(l1));
+            s.push('\n');
+        }
     }
     if let Some(l2) = &r.layer2 {
         let _ = writeln!(
@@ -255,6 +329,25 @@ pub fn json(r: &Results) -> Value {
                 "met": m.met(),
                 "verdict": m.verdict,
                 "counter": m.counter,
+            })).collect::<Vec<_>>(),
+            "default_memory": l1.default_memory.iter().map(|(m, b)| json!({"map": m, "bytes": b})).collect::<Vec<_>>(),
+            "default_memory_bytes": l1.default_memory_bytes(),
+            "bytes_per_source_ring32": l1.bytes_per_source_ring32,
+            "work": l1.work.iter().map(|w| json!({
+                "id": w.id,
+                "path": w.budget.path,
+                "runs": w.runs,
+                "lookups": w.lookups,
+                "inserts": w.inserts,
+                "deletes": w.deletes,
+                "filter_share": w.filter_share,
+                "budget": {
+                    "lookups": w.budget.lookups,
+                    "inserts": w.budget.inserts,
+                    "deletes": w.budget.deletes,
+                    "filter_lookups": w.budget.filter_lookups,
+                },
+                "within_budget": w.within_budget(),
             })).collect::<Vec<_>>(),
         })
     });
