@@ -1591,11 +1591,19 @@ impl Run {
                     "{what}: the kernel tracks {k:?} ({v:?}), the model does not"
                 ));
             };
+            // Flows are stamped in whole milliseconds (`rate::stamp_ms`).
+            let ms = |ns: u64| ws_guard_common::rate::stamp_ms(ns);
             let since_ok = match t.since {
-                Since::Millisecond(_) => t.since.admits(v.since_ns),
-                Since::Within(lo, hi) => self.within(v.since_ns, (lo, hi)),
+                Since::Millisecond(t) => v.since_ms == ms(t),
+                Since::Within(lo, hi) => {
+                    let (lo, hi) = (
+                        ms(lo.saturating_sub(CLOCK_SLACK_NS)),
+                        ms(hi + CLOCK_SLACK_NS),
+                    );
+                    lo <= v.since_ms && v.since_ms <= hi
+                }
             };
-            if t.source != v.source || !since_ok {
+            if t.source != v.source(k) || !since_ok {
                 self.fail(&format!("{what}: {k:?}: kernel {v:?}, model {t:?}"));
             }
         }

@@ -300,9 +300,9 @@ fn ipv4_syn_under_the_limits_is_admitted_and_tracked() {
     expect(&mut g, &syn4(client4(1), 40000, 1000).build(), XDP_PASS);
     assert_deltas(&g, &c0, &[(Counter::Admitted, 1)]);
     assert_eq!(pending_flows(&g), vec![flow4(client4(1), 40000)]);
-    let (_, v) = g.pending().unwrap()[0];
-    assert_eq!(v.source, key4(client4(1)));
-    assert!(v.since_ns > 0);
+    let (f, v) = g.pending().unwrap()[0];
+    assert_eq!(v.source(&f), key4(client4(1)));
+    assert!(v.since_ms > 0);
     assert_eq!(connections(&g), vec![(key4(client4(1)), 1)]);
     assert!(g.owned().unwrap().is_empty());
 }
@@ -320,7 +320,8 @@ fn ipv6_syn_under_the_limits_is_admitted_and_tracked() {
     expect(&mut g, &syn6(client6(), 40000, 1000).build(), XDP_PASS);
     assert_deltas(&g, &c0, &[(Counter::Admitted, 1)]);
     assert_eq!(pending_flows(&g), vec![flow6(client6(), 40000)]);
-    assert_eq!(g.pending().unwrap()[0].1.source, key6("2001:2::"));
+    let (f, v) = g.pending().unwrap()[0];
+    assert_eq!(v.source(&f), key6("2001:2::"));
     assert_eq!(connections(&g), vec![(key6("2001:2::"), 1)]);
 }
 
@@ -775,10 +776,8 @@ fn ipv4_prefix_24_puts_two_sources_under_one_limit() {
         vec![(key4(Ipv4Addr::new(198, 18, 0, 0)), 1)]
     );
     // The pending entry remembers the key it is charged to.
-    assert_eq!(
-        g.pending().unwrap()[0].1.source,
-        key4(Ipv4Addr::new(198, 18, 0, 0))
-    );
+    let (f, v) = g.pending().unwrap()[0];
+    assert_eq!(v.source(&f), key4(Ipv4Addr::new(198, 18, 0, 0)));
 }
 
 #[test]

@@ -32,7 +32,7 @@ use ws_guard_common::{
     maps::{
         ACTION_DROP, ACTION_REJECT, AF_INET, AF_INET6, BAN_MANUAL, BAN_RATE, BanEvent, BanValue,
         Counter, EVENT_BAN_ENDED, EVENT_BAN_STARTED, FLAG_BANS, FLAG_CHECK_FLOWS, FlowKey,
-        GATE_FLAGS, GlobalConfig, PortConfig, RateState, SourceKey, SourceState,
+        GATE_FLAGS, GlobalConfig, PortConfig, RATE_SLOTS, RateState, SourceKey, SourceState,
     },
     parse::{self, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, TcpSegment},
     policy::{self, CIDR_DATA_LEN, CidrKey, ListVerdict, ban_active, ban_until, list_verdict},
@@ -376,7 +376,8 @@ impl Model {
                         slots: *v,
                         refused: self.refusals.get(k).copied().unwrap_or(0),
                         filter: self.expected_filter(k),
-                        rate: self.rate.get(k).copied().unwrap_or_default(),
+                        next: self.rate.get(k).map_or(0, |r| r.next),
+                        stamps: self.rate.get(k).map_or([0; RATE_SLOTS], |r| r.stamps),
                         _pad: 0,
                     },
                 )

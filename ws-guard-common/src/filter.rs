@@ -93,13 +93,13 @@ pub fn flows_settled<'a>(
     mut flows: impl Iterator<Item = (&'a FlowKey, &'a FlowValue)>,
     global: &GlobalConfig,
 ) -> bool {
-    flows.all(|(flow, value)| current_source(flow, value, global) == value.source)
+    flows.all(|(flow, value)| current_source(flow, value, global) == value.source(flow))
 }
 
 /// The source key the prefixes of `global` give a tracked flow, on the port it is charged to.
 #[inline(always)]
 pub fn current_source(flow: &FlowKey, value: &FlowValue, global: &GlobalConfig) -> SourceKey {
-    source_key(flow.family, flow.client, value.source.port, global)
+    source_key(flow.family, flow.client, value.port(), global)
 }
 
 /// Whether changing the global settings from `old` to `new` moves source keys (a prefix
@@ -114,7 +114,7 @@ mod tests {
     use super::*;
     use crate::{
         key::flow_source,
-        maps::{AF_INET, AF_INET6},
+        maps::{AF_INET, AF_INET6, FLOW_OWNED, FLOW_PENDING},
     };
 
     fn flow4(client: [u8; 4], client_port: u16, server_port: u16) -> FlowKey {
@@ -294,32 +294,23 @@ mod tests {
             }
         ));
         let f = flow4([198, 18, 0, 7], 40000, 9000);
-        let v32 = FlowValue {
-            source: flow_source(&f, &g32),
-            ..FlowValue::default()
-        };
-        let v24 = FlowValue {
-            source: flow_source(&f, &g24),
-            ..FlowValue::default()
-        };
-        assert_ne!(v32.source, v24.source);
+        let v32 = FlowValue::new(FLOW_PENDING, 32, 9000, 0);
+        let v24 = FlowValue::new(FLOW_PENDING, 24, 9000, 0);
+        assert_eq!(v32.source(&f), flow_source(&f, &g32));
+        assert_eq!(v24.source(&f), flow_source(&f, &g24));
+        assert_ne!(v32.source(&f), v24.source(&f));
         assert!(flows_settled([(&f, &v32)].into_iter(), &g32));
         assert!(!flows_settled([(&f, &v32)].into_iter(), &g24));
         assert!(flows_settled([(&f, &v24)].into_iter(), &g24));
         assert!(flows_settled(core::iter::empty(), &g24));
-        let other = FlowValue {
-            source: SourceKey::default(),
-            ..v32
-        };
+        let other = FlowValue::new(FLOW_OWNED, 16, 9000, 0);
         assert!(!flows_settled([(&f, &v32), (&f, &other)].into_iter(), &g32));
         // A connection behind DNAT with port translation: tracked under its socket's port
         // (9000), charged to the protected port on the wire (8080).
         let socket = flow4([198, 18, 0, 7], 40000, 9000);
         let wire = flow4([198, 18, 0, 7], 40000, 8080);
-        let translated = FlowValue {
-            source: flow_source(&wire, &g32),
-            ..FlowValue::default()
-        };
+        let translated = FlowValue::new(FLOW_OWNED, 32, 8080, 0);
+        assert_eq!(translated.source(&socket), flow_source(&wire, &g32));
         assert!(flows_settled([(&socket, &translated)].into_iter(), &g32));
         assert!(!flows_settled([(&socket, &translated)].into_iter(), &g24));
     }

@@ -23,16 +23,21 @@ pub fn mask(addr: [u8; 16], family: u16, prefix: u32) -> [u8; 16] {
     out
 }
 
-/// The source key a connection from `client` to `port` is charged to.
+/// The prefix length source keys of `family` are masked to.
 #[inline(always)]
-pub fn source_key(family: u16, client: [u8; 16], port: u16, cfg: &GlobalConfig) -> SourceKey {
-    let prefix = if family == AF_INET {
+pub fn prefix_of(family: u16, cfg: &GlobalConfig) -> u32 {
+    if family == AF_INET {
         cfg.ipv4_prefix
     } else {
         cfg.ipv6_prefix
-    };
+    }
+}
+
+/// The source key a connection from `client` to `port` is charged to.
+#[inline(always)]
+pub fn source_key(family: u16, client: [u8; 16], port: u16, cfg: &GlobalConfig) -> SourceKey {
     SourceKey {
-        addr: mask(client, family, prefix),
+        addr: mask(client, family, prefix_of(family, cfg)),
         port,
         family,
     }

@@ -40,17 +40,21 @@ pub const FLOW_FILTER_SLOTS: usize = 16;
 pub struct SourceState {
     /// Concurrent connections (half-open included) charged to the source.
     pub slots: u32,
+    /// The sequence number the source's next rate attempt claims (see [`crate::rate`]). Next
+    /// to `slots` in one aligned word, so an admission takes a slot and an attempt with one
+    /// atomic add.
+    pub next: u32,
+    /// Sixteen 4-bit counts, bucket `i` in bits `4i..4i+4`: at least the number of this
+    /// source's tracked flows (entries of `WSG_FLOWS` charged to this key) with
+    /// [`crate::filter::flow_filter_index`] `i`; a count that reached 15 stays there (see
+    /// [`crate::filter::filter_added`]). An over-count only costs lookups.
+    pub filter: u64,
     /// Attempts of this source refused while it had an entry (`max_connections`, rate,
     /// denylist, ban), wrapping: the "drops" of `sources top`. Only ever added to atomically;
     /// kept here because a refused SYN has the entry at hand (no other lookup).
     pub refused: u32,
-    /// Sixteen 4-bit counts, bucket `i` in bits `4i..4i+4`: at least the number of this
-    /// source's tracked flows (entries of `WSG_FLOWS` whose [`FlowValue::source`] is this key)
-    /// with [`crate::filter::flow_filter_index`] `i`; a count that reached 15 stays there (see
-    /// [`crate::filter::filter_added`]). An over-count only costs lookups.
-    pub filter: u64,
-    /// The new-connection rate window.
-    pub rate: RateState,
+    /// The rate window's stamps: attempt `seq` at `seq % ring` (see [`crate::rate`]).
+    pub stamps: [u32; RATE_SLOTS],
     pub _pad: u32,
 }
 
@@ -84,15 +88,23 @@ impl SourceState {
         let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let mut s = SourceState {
             slots: u32_at(0),
-            refused: u32_at(4),
+            next: u32_at(4),
             filter: u64::from_ne_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+            refused: u32_at(16),
             ..SourceState::default()
         };
-        s.rate.next = u32_at(16);
         for i in 0..ring {
-            s.rate.stamps[i] = u32_at(SOURCE_HEADER_LEN + 4 * i);
+            s.stamps[i] = u32_at(SOURCE_HEADER_LEN + 4 * i);
         }
         Some(s)
+    }
+
+    /// Its rate window.
+    pub fn rate(&self) -> RateState {
+        RateState {
+            next: self.next,
+            stamps: self.stamps,
+        }
     }
 
     /// Whether the entry holds no connection: no slot taken, no flow counted in its filter.
@@ -128,19 +140,89 @@ pub const FLOW_OWNED: u32 = 2;
 /// [`FlowValue::state`]: being released by whoever set it (the entry is about to go).
 pub const FLOW_GONE: u32 = 3;
 
-/// A tracked connection (`WSG_FLOWS`): what it is charged to, its state, and since when.
-/// Every change of state is a compare-and-swap of `state`, so exactly one contender (the
-/// tracepoint, the sweep, the control program) wins each transition and a slot is given back
-/// exactly once.
+/// A tracked connection (`WSG_FLOWS`): its state, the source key it is charged to, and since
+/// when. The source key is the flow's client address masked to `prefix`, on port `port` (the
+/// protected port on the wire, which DNAT may have changed in the socket's tuple), so it needs
+/// no 20 bytes of its own: 8 bytes a value. Every change of state (and of the key a prefix change
+/// moves it to) is a compare-and-swap of `tag`, so exactly one contender (the tracepoint, the
+/// sweep, the control program) wins each transition and a slot is given back exactly once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
-    pub source: SourceKey,
+    /// `state | prefix << 8 | port << 16` ([`FLOW_PENDING`], [`FLOW_OWNED`], [`FLOW_GONE`]).
+    pub tag: u32,
+    /// Milliseconds of `bpf_ktime_get_ns` (wrapping, as [`crate::rate::stamp_ms`]) when the entry
+    /// was made, when its last SYN came (half-open), or when it was established.
+    pub since_ms: u32,
+}
+
+/// A [`FlowValue::tag`].
+#[inline(always)]
+pub const fn flow_tag(state: u32, prefix: u32, port: u16) -> u32 {
+    (state & 0xff) | (prefix & 0xff) << 8 | (port as u32) << 16
+}
+
+/// `tag` in state `state`, the rest kept.
+#[inline(always)]
+pub const fn with_state(tag: u32, state: u32) -> u32 {
+    (tag & !0xff) | (state & 0xff)
+}
+
+/// The state of a [`FlowValue::tag`].
+#[inline(always)]
+pub const fn tag_state(tag: u32) -> u32 {
+    tag & 0xff
+}
+
+impl FlowValue {
+    /// A value in `state`, charged to `source` (a key of `flow`'s client masked to `prefix`).
+    #[inline(always)]
+    pub const fn new(state: u32, prefix: u32, port: u16, since_ms: u32) -> Self {
+        Self {
+            tag: flow_tag(state, prefix, port),
+            since_ms,
+        }
+    }
+
     /// [`FLOW_PENDING`], [`FLOW_OWNED`] or [`FLOW_GONE`].
-    pub state: u32,
-    /// `bpf_ktime_get_ns` when the entry was made, when its last SYN came (half-open), or
-    /// when it was established.
-    pub since_ns: u64,
+    #[inline(always)]
+    pub const fn state(&self) -> u32 {
+        tag_state(self.tag)
+    }
+
+    /// The prefix length of the source key it is charged to.
+    #[inline(always)]
+    pub const fn prefix(&self) -> u32 {
+        (self.tag >> 8) & 0xff
+    }
+
+    /// The port of the source key it is charged to.
+    #[inline(always)]
+    pub const fn port(&self) -> u16 {
+        (self.tag >> 16) as u16
+    }
+
+    /// The source key it is charged to, as a flow `flow` of it.
+    #[inline(always)]
+    pub fn source(&self, flow: &FlowKey) -> SourceKey {
+        source_of(flow, self.tag)
+    }
+
+    /// Milliseconds since `since_ms` at `now_ns`, negative for a stamp ahead of `now_ns` (a
+    /// moment later, on another CPU) or more than 24.8 days old (the clock wraps).
+    pub fn age_ms(&self, now_ns: u64) -> i32 {
+        crate::rate::age_ms(crate::rate::stamp_ms(now_ns), self.since_ms)
+    }
+}
+
+/// The source key a flow of `tag` is charged to.
+#[inline(always)]
+pub fn source_of(flow: &FlowKey, tag: u32) -> SourceKey {
+    SourceKey {
+        addr: crate::key::mask(flow.client, flow.family, (tag >> 8) & 0xff),
+        port: (tag >> 16) as u16,
+        family: flow.family,
+    }
 }
 
 /// Limits of one protected port. A zero limit means "no limit of this kind".
@@ -559,9 +641,9 @@ pub const OP_TRANSLATE: u32 = 5;
 pub const OP_CHARGE: u32 = 6;
 /// Undo an [`OP_CHARGE`].
 pub const OP_UNCHARGE: u32 = 7;
-/// Move half-open `flow`, charged to `source` by [`OP_CHARGE`], to it: its value names
-/// `source`, its old key gives the slot back (or, if the flow is gone meanwhile, the charge is
-/// given back).
+/// Move half-open `flow`, charged to `source` by [`OP_CHARGE`], to it (`source` is the flow's
+/// client masked to [`ControlOp::prefix`]): its value names `source`, its old key gives the
+/// slot back (or, if the flow is gone meanwhile, the charge is given back).
 pub const OP_REKEY_PENDING: u32 = 8;
 /// [`OP_REKEY_PENDING`] for an established flow.
 pub const OP_REKEY_OWNED: u32 = 9;
@@ -576,7 +658,8 @@ pub const OP_CLEAR_STALE: u32 = 10;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ControlOp {
     pub op: u32,
-    pub _pad: u32,
+    /// [`OP_REKEY_PENDING`], [`OP_REKEY_OWNED`]: the prefix length `source` was masked to.
+    pub prefix: u32,
     pub flow: FlowKey,
     pub source: SourceKey,
     pub _pad2: u32,
@@ -593,12 +676,13 @@ const _: () = {
     assert!(size_of::<SourceKey>() == 20);
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<SourceState>() == 16 + size_of::<RateState>() + 4);
-    assert!(core::mem::offset_of!(SourceState, rate) + 4 == SOURCE_HEADER_LEN);
+    assert!(core::mem::offset_of!(SourceState, stamps) == SOURCE_HEADER_LEN);
+    assert!(core::mem::offset_of!(SourceState, next) == 4);
     assert!(source_value_size(RATE_SLOTS as u32) + 4 == size_of::<SourceState>());
     assert!(FLOW_FILTER_SLOTS.is_power_of_two());
     // Sixteen 4-bit counts in the u64.
     assert!(FLOW_FILTER_SLOTS * 4 == 64);
-    assert!(size_of::<FlowValue>() == 32);
+    assert!(size_of::<FlowValue>() == 8);
     assert!(size_of::<PortConfig>() == 40);
     assert!(size_of::<GlobalConfig>() == 40);
     assert!(size_of::<CookieSettings>() == 8);
@@ -634,6 +718,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn flow_tags_keep_state_prefix_and_port_apart() {
+        let v = FlowValue::new(FLOW_PENDING, 128, 65535, 7);
+        assert_eq!(
+            (v.state(), v.prefix(), v.port(), v.since_ms),
+            (FLOW_PENDING, 128, 65535, 7)
+        );
+        let moved = with_state(v.tag, FLOW_OWNED);
+        assert_eq!(tag_state(moved), FLOW_OWNED);
+        assert_eq!(moved & !0xff, v.tag & !0xff);
+        let mut client = [0u8; 16];
+        client[..4].copy_from_slice(&[198, 18, 7, 9]);
+        let flow = FlowKey {
+            client,
+            server_port: 9000,
+            family: AF_INET,
+            ..FlowKey::default()
+        };
+        let s = FlowValue::new(FLOW_OWNED, 24, 8080, 0).source(&flow);
+        assert_eq!(&s.addr[..4], &[198, 18, 7, 0]);
+        assert_eq!((s.port, s.family), (8080, AF_INET));
+    }
+
+    #[test]
     fn source_values_of_every_ring_read_back() {
         let mut s = SourceState {
             slots: 3,
@@ -641,10 +748,10 @@ mod tests {
             filter: 0x1234_5678_9abc_def0,
             ..SourceState::default()
         };
-        s.rate.next = 11;
+        s.next = 11;
         for ring in 1..=RATE_SLOTS as u32 {
             for i in 0..RATE_SLOTS {
-                s.rate.stamps[i] = if i < ring as usize { 100 + i as u32 } else { 0 };
+                s.stamps[i] = if i < ring as usize { 100 + i as u32 } else { 0 };
             }
             // The bytes of the struct, cut where the map's value ends.
             // SAFETY: plain `#[repr(C)]` data without padding.

@@ -7,24 +7,29 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use ws_guard_common::{
     filter::flow_filter_index,
-    key::flow_source,
-    maps::{Counter, FLOW_GONE, FLOW_OWNED, FLOW_PENDING, FlowKey, FlowValue, SourceKey},
+    key::{flow_source, prefix_of},
+    maps::{
+        Counter, FLOW_GONE, FLOW_OWNED, FLOW_PENDING, FlowKey, FlowValue, SourceKey, flow_tag,
+        source_of, tag_state, with_state,
+    },
+    rate::stamp_ms,
 };
 
 use crate::maps::{self, Bucket, WSG_FLOWS, WSG_SOURCES, cas, count};
 
-/// Moves `flow`'s state from `from` to `to`; the source it is charged to when this call made
-/// the move, `None` if the flow is not tracked or not in state `from` (someone else moved it).
+/// Moves `flow`'s state from `from` to `to`; the source it is charged to (and the value) when
+/// this call made the move, `None` if the flow is not tracked or not in state `from` (someone
+/// else moved it).
 #[inline(always)]
 fn transition(flow: &FlowKey, from: u32, to: u32) -> Option<(*mut FlowValue, SourceKey)> {
     let v = WSG_FLOWS.get_ptr_mut(flow)?;
-    // SAFETY: a live map value; `state` is an aligned u32 only ever changed by CAS.
+    // SAFETY: a live map value; `tag` is an aligned u32 only ever changed by CAS.
     unsafe {
-        if !cas(&raw mut (*v).state, from, to) {
+        let tag = core::ptr::read_volatile(&raw const (*v).tag);
+        if tag_state(tag) != from || !cas(&raw mut (*v).tag, tag, with_state(tag, to)) {
             return None;
         }
-        // Read after the move: a rekey changes the source only of a flow it moved itself.
-        Some((v, (*v).source))
+        Some((v, source_of(flow, tag)))
     }
 }
 
@@ -45,8 +50,8 @@ fn release_if(flow: &FlowKey, from: u32) -> Option<SourceKey> {
 #[inline(always)]
 pub fn established(flow: &FlowKey) {
     if let Some((v, _)) = transition(flow, FLOW_PENDING, FLOW_OWNED) {
-        // SAFETY: a live map value this call just moved; only it writes `since_ns` now.
-        unsafe { (*v).since_ns = bpf_ktime_get_ns() };
+        // SAFETY: a live map value this call just moved; only it writes `since_ms` now.
+        unsafe { (*v).since_ms = stamp_ms(bpf_ktime_get_ns()) };
         count(Bucket::of_flow(flow), Counter::Established);
     }
 }
@@ -55,7 +60,8 @@ pub fn established(flow: &FlowKey) {
 /// first: the flow is counted in its filter before it is in `WSG_FLOWS`.
 #[inline(always)]
 pub fn adopt(flow: &FlowKey) -> bool {
-    let source = flow_source(flow, &maps::global());
+    let global = maps::global();
+    let source = flow_source(flow, &global);
     let Some(c) = maps::source_entry(&source) else {
         // No room for the source: untracked, unless it is tracked already.
         // SAFETY: the lookup only tests presence.
@@ -66,11 +72,12 @@ pub fn adopt(flow: &FlowKey) -> bool {
     };
     let index = flow_filter_index(flow);
     maps::filter_add(c, index);
-    let value = FlowValue {
-        source,
-        state: FLOW_OWNED,
-        since_ns: unsafe { bpf_ktime_get_ns() },
-    };
+    let value = FlowValue::new(
+        FLOW_OWNED,
+        prefix_of(flow.family, &global),
+        flow.server_port,
+        stamp_ms(unsafe { bpf_ktime_get_ns() }),
+    );
     if WSG_FLOWS.insert(flow, &value, BPF_NOEXIST as u64).is_err() {
         maps::filter_sub(c, index);
         return false;
@@ -107,9 +114,12 @@ pub fn expire(flow: &FlowKey, from: u32) -> Option<SourceKey> {
 /// slot back when that socket closes. The move of `wire` to gone decides, as in [`established`].
 #[inline(always)]
 pub fn translate(wire: &FlowKey, socket: &FlowKey) -> bool {
-    let Some((_, source)) = transition(wire, FLOW_PENDING, FLOW_GONE) else {
+    let Some((v, source)) = transition(wire, FLOW_PENDING, FLOW_GONE) else {
         return false;
     };
+    // The socket's tuple has the wire's client: the same prefix and port name the same key.
+    // SAFETY: a live map value this call just moved; read before the delete.
+    let tag = unsafe { core::ptr::read_volatile(&raw const (*v).tag) };
     let _ = WSG_FLOWS.remove(wire);
     let bucket = Bucket::of_source(&source);
     // A source holding a slot keeps its entry (only entries holding nothing are removed).
@@ -119,9 +129,8 @@ pub fn translate(wire: &FlowKey, socket: &FlowKey) -> bool {
     let index = flow_filter_index(socket);
     maps::filter_add(c, index);
     let value = FlowValue {
-        source,
-        state: FLOW_OWNED,
-        since_ns: unsafe { bpf_ktime_get_ns() },
+        tag: with_state(tag, FLOW_OWNED),
+        since_ms: stamp_ms(unsafe { bpf_ktime_get_ns() }),
     };
     match WSG_FLOWS.insert(socket, &value, BPF_NOEXIST as u64) {
         Ok(()) => {
@@ -154,28 +163,29 @@ pub fn charge(flow: &FlowKey, source: &SourceKey) -> bool {
     true
 }
 
-/// Moves `flow`, in state `state` and already charged to `new` ([`charge`]), to it: the flow
-/// is taken out of its state (the CAS decides, as everywhere), made to name `new`, and put back;
-/// then its old key gives its slot back. If the flow is gone meanwhile (its close released the
-/// old key), in another state, or names `new` already, the charge to `new` is given back
-/// instead.
+/// Moves `flow`, in state `state` and already charged to `new` ([`charge`]; `new` is the
+/// flow's client masked to `prefix`), to it: one compare-and-swap of the flow's tag, which
+/// decides as everywhere; then its old key gives its slot back. If the flow is gone meanwhile
+/// (its close released the old key), in another state, or names `new` already, the charge to
+/// `new` is given back instead.
 #[inline(always)]
-pub fn rekey(flow: &FlowKey, state: u32, new: &SourceKey) -> bool {
+pub fn rekey(flow: &FlowKey, state: u32, new: &SourceKey, prefix: u32) -> bool {
     let index = flow_filter_index(flow);
-    let Some((v, old)) = transition(flow, state, FLOW_GONE) else {
+    let Some(v) = WSG_FLOWS.get_ptr_mut(flow) else {
         maps::release(new, index);
         return true;
     };
-    if old == *new {
-        // SAFETY: a live map value this call moved; putting the state back ends the move.
-        unsafe { core::ptr::write_volatile(&raw mut (*v).state, state) };
+    // SAFETY: a live map value; `tag` is only ever changed by CAS.
+    let tag = unsafe { core::ptr::read_volatile(&raw const (*v).tag) };
+    let old = source_of(flow, tag);
+    let moved = flow_tag(state, prefix, new.port);
+    if tag_state(tag) != state
+        || old == *new
+        // SAFETY: as above.
+        || !unsafe { cas(&raw mut (*v).tag, tag, moved) }
+    {
         maps::release(new, index);
         return true;
-    }
-    // SAFETY: as above; nobody else writes a flow in FLOW_GONE.
-    unsafe {
-        (*v).source = *new;
-        core::ptr::write_volatile(&raw mut (*v).state, state);
     }
     maps::release(&old, index);
     true

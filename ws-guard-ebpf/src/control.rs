@@ -34,8 +34,8 @@ pub fn run(ctx: &XdpContext) -> u32 {
             maps::release(&op.source, flow_filter_index(&op.flow));
             true
         }
-        OP_REKEY_PENDING => accounting::rekey(&op.flow, FLOW_PENDING, &op.source),
-        OP_REKEY_OWNED => accounting::rekey(&op.flow, FLOW_OWNED, &op.source),
+        OP_REKEY_PENDING => accounting::rekey(&op.flow, FLOW_PENDING, &op.source, op.prefix),
+        OP_REKEY_OWNED => accounting::rekey(&op.flow, FLOW_OWNED, &op.source, op.prefix),
         OP_CLEAR_STALE => clear_stale(&op.source),
         _ => false,
     };

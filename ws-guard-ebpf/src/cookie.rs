@@ -424,7 +424,7 @@ fn ack_action(frame: &HelperFrame, seg: &TcpSegment, bucket: Bucket) -> Option<u
     if unsafe {
         WSG_FLOWS
             .get(&flow)
-            .is_some_and(|v| v.state == FLOW_PENDING)
+            .is_some_and(|v| v.state() == FLOW_PENDING)
     } {
         return None;
     }

@@ -202,6 +202,19 @@ pub fn take_slot(c: *mut SourceState) -> u32 {
     unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*c).slots, 1) }
 }
 
+/// Takes one slot and claims the next rate attempt with one atomic add (`slots` and `next`
+/// share an aligned u64, `slots` in its low half); the slots taken before and the attempt's
+/// number.
+#[inline(always)]
+pub fn take_slot_and_claim(c: *mut SourceState) -> (u32, u32) {
+    // SAFETY: `c` points to a live map value, 8-byte aligned, `slots` then `next` at its start
+    // (asserted in ws-guard-common); `slots` never nears 2^32, so nothing carries into `next`.
+    let old = unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(c.cast::<u64>(), 1 | 1 << 32)
+    };
+    (old as u32, (old >> 32) as u32)
+}
+
 /// Gives one slot back, never below zero.
 #[inline(always)]
 pub fn give_slot(c: *mut SourceState) {
@@ -303,7 +316,7 @@ fn stamp(s: *mut SourceState, i: usize) -> Option<*mut u32> {
     // index for the verifier, which does not follow a remainder and compares 32-bit halves.
     let i = i & (RATE_SLOTS - 1);
     // SAFETY: `s` points to a live map value holding `rate_ring()` stamps.
-    Some(unsafe { (&raw mut (*s).rate.stamps).cast::<u32>().add(i) })
+    Some(unsafe { (&raw mut (*s).stamps).cast::<u32>().add(i) })
 }
 
 /// Whether attempt number `seq` at `now` is within `limit` per `window_ns` (nothing written).
@@ -332,7 +345,7 @@ pub fn rate_record(s: *mut SourceState, seq: u32, now: u64) {
 #[inline(always)]
 pub fn next_attempt(s: *mut SourceState) -> u32 {
     // SAFETY: `next` is a u32 inside a live map value.
-    unsafe { core::ptr::read_volatile(&raw const (*s).rate.next) }
+    unsafe { core::ptr::read_volatile(&raw const (*s).next) }
 }
 
 /// Clears the stamps of `s` that are [`rate::STALE_MS`] old or more at `now`, each by a
@@ -364,7 +377,7 @@ pub fn clear_stale(s: *mut SourceState, now: u64) -> bool {
 #[inline(always)]
 pub fn claim_attempt(state: *mut SourceState) -> u32 {
     // SAFETY: `next` is a u32 inside a live map value.
-    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*state).rate.next, 1) }
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*state).next, 1) }
 }
 
 /// The lookup key of one address: the family tag, then all of the address (as

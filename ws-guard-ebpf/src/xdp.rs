@@ -10,7 +10,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use ws_guard_common::{
     filter::{flow_filter_index, must_check_flows},
-    key::source_key,
+    key::{prefix_of, source_key},
     maps::{
         ACTION_DROP, ACTION_REJECT, AF_INET, BAN_RATE, BanValue, Counter, EVENT_BAN_STARTED,
         FLAG_BANS, FLOW_PENDING, FlowKey, FlowValue, GATE_FLAGS, GlobalConfig, PortConfig,
@@ -18,7 +18,7 @@ use ws_guard_common::{
     },
     parse::{self, Parsed, Quick, TcpSegment},
     policy::{ListVerdict, ban_active, ban_until, list_verdict},
-    rst,
+    rate, rst,
 };
 
 use crate::{
@@ -195,11 +195,12 @@ fn admit_known(
     bucket: Bucket,
 ) -> Verdict {
     maps::filter_add(s, index);
-    let value = FlowValue {
-        source,
-        state: FLOW_PENDING,
-        since_ns: now,
-    };
+    let value = FlowValue::new(
+        FLOW_PENDING,
+        prefix_of(flow.family, global),
+        source.port,
+        rate::stamp_ms(now),
+    );
     let inserted = match WSG_FLOWS.insert(flow, &value, BPF_NOEXIST as u64) {
         Ok(()) => true,
         Err(maps::EEXIST) => {
@@ -212,23 +213,29 @@ fn admit_known(
             false
         }
     };
-    // The rate attempt counts whether or not the flow could be tracked, as in `judge_fully`.
-    if port.rate_limit != 0 {
-        let seq = maps::claim_attempt(s);
+    // The slot and the rate attempt in one atomic add (the attempt counts whether or not the
+    // flow could be tracked, as in `judge_fully`); given back only if refused after all.
+    let taken = if port.rate_limit != 0 {
+        let (taken, seq) = maps::take_slot_and_claim(s);
         let ok = maps::rate_admits(s, seq, now, port.rate_limit, port.rate_window_ns);
         maps::rate_record(s, seq, now);
         if !ok {
+            maps::give_slot(s);
             if inserted {
                 untrack(flow, s, index);
             }
             return rate_limited(ctx, seg, &source, s, port, global, now, bucket);
         }
-    }
+        taken
+    } else {
+        maps::take_slot(s)
+    };
     if !inserted {
+        maps::give_slot(s);
         return untracked(port, global, bucket, Counter::Admitted, false);
     }
     let max = port.max_connections;
-    if maps::take_slot(s) >= max && max != 0 {
+    if taken >= max && max != 0 {
         maps::give_slot(s);
         untrack(flow, s, index);
         return conn_limited(ctx, seg, port, s, bucket);
@@ -253,8 +260,8 @@ fn retransmitted(flow: &FlowKey, now: u64, bucket: Bucket) {
         // SAFETY: a live map value; a racing writer can only store another "now" (or move the
         // state, which this leaves alone).
         unsafe {
-            if (*v).state == FLOW_PENDING {
-                (*v).since_ns = now;
+            if (*v).state() == FLOW_PENDING {
+                (*v).since_ms = rate::stamp_ms(now);
             }
         }
     }
@@ -363,7 +370,8 @@ fn judge_fully(
         }
     }
 
-    if !admit(flow, index, source, now, slots, bucket, tracked_as) {
+    let prefix = prefix_of(flow.family, global);
+    if !admit(flow, index, source, prefix, now, slots, bucket, tracked_as) {
         return untracked(port, global, bucket, tracked_as, would_block);
     }
     Verdict::Pass
@@ -531,20 +539,18 @@ fn start_ban(source: &SourceKey, now: u64, ban_ns: u64, bucket: Bucket) {
 /// `WSG_FLOWS` is full: the slot and the filter count are given back and nothing counted
 /// (see [`map_full`]).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn admit(
     flow: &FlowKey,
     index: usize,
     source: SourceKey,
+    prefix: u32,
     now: u64,
     slots: *mut SourceState,
     bucket: Bucket,
     counter: Counter,
 ) -> bool {
-    let value = FlowValue {
-        source,
-        state: FLOW_PENDING,
-        since_ns: now,
-    };
+    let value = FlowValue::new(FLOW_PENDING, prefix, source.port, rate::stamp_ms(now));
     maps::filter_add(slots, index);
     match WSG_FLOWS.insert(flow, &value, BPF_NOEXIST as u64) {
         Ok(()) => count(bucket, counter),

@@ -594,6 +594,7 @@ impl Guard {
             let code = if written.is_ok() { code } else { OP_UNCHARGE };
             self.control(ControlOp {
                 op: code,
+                prefix: ws_guard_common::key::prefix_of(flow.family, &g),
                 flow,
                 source,
                 ..ControlOp::default()
@@ -616,7 +617,7 @@ impl Guard {
         ] {
             for (flow, v) in flows {
                 let new = current_source(&flow, &v, g);
-                if new != v.source {
+                if new != v.source(&flow) {
                     moves.push((code, flow, new));
                 }
             }
@@ -1196,7 +1197,7 @@ impl Guard {
     /// The rate window of `key` (in its [`names::MAP_SOURCES`] entry), if it has an entry.
     /// Read-only (the differential test compares the kernel's ring with its model's).
     pub fn rate_state(&self, key: &SourceKey) -> anyhow::Result<Option<RateState>> {
-        Ok(crate::view::source_entry(self.map_data(names::MAP_SOURCES)?, key)?.map(|s| s.rate))
+        Ok(crate::view::source_entry(self.map_data(names::MAP_SOURCES)?, key)?.map(|s| s.rate()))
     }
 
     /// The capacity (max_entries) of map `name` as loaded.
@@ -1233,7 +1234,7 @@ impl Guard {
         let now = monotonic_ns();
         let data = self.map_data(names::MAP_SOURCES)?;
         let idle = crate::view::source_entry(data, key)?.is_some_and(|v| {
-            v.holds_nothing() && v.rate.newest_age_ms(now).is_none_or(|a| a >= min_age_ms)
+            v.holds_nothing() && v.rate().newest_age_ms(now).is_none_or(|a| a >= min_age_ms)
         });
         if !idle {
             return Ok(false);

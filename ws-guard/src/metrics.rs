@@ -264,12 +264,12 @@ pub fn walk(fixed: Fixed, top_sources: usize) -> anyhow::Result<Snapshot> {
     let flows = view.flows(None)?;
     let pending: Vec<_> = flows
         .iter()
-        .filter(|(_, v)| v.state == FLOW_PENDING)
+        .filter(|(_, v)| v.state() == FLOW_PENDING)
         .copied()
         .collect();
     let owned: Vec<_> = flows
         .iter()
-        .filter(|(_, v)| v.state == FLOW_OWNED)
+        .filter(|(_, v)| v.state() == FLOW_OWNED)
         .copied()
         .collect();
     let bans = view.ban_entries().context("reading the bans")?;
@@ -351,7 +351,7 @@ fn count_flows(
     field: impl Fn(&mut PortGauges) -> &mut u64,
 ) {
     for (f, v) in flows {
-        *field(gauges.entry((v.source.port, f.family)).or_default()) += 1;
+        *field(gauges.entry((v.port(), f.family)).or_default()) += 1;
     }
 }
 

@@ -260,8 +260,9 @@ fn sweep(
     let endpoints: HashSet<Endpoint> = known.iter().map(endpoint).collect();
     let table = socket_table(&ports, &endpoints)?;
     let now = monotonic_ns();
-    let grace = GRACE.as_nanos() as u64;
-    let timeout = u64::try_from(handshake_timeout.as_nanos()).unwrap_or(u64::MAX);
+    // Ages in milliseconds, as the flows are stamped.
+    let grace = GRACE.as_millis() as u32;
+    let timeout = u32::try_from(handshake_timeout.as_millis()).unwrap_or(u32::MAX);
     let mut report = SweepReport::default();
     for (flow, _) in &pending {
         *report.half_open.entry(flow.server_port).or_default() += 1;
@@ -316,7 +317,8 @@ fn sweep(
                 continue;
             }
         }
-        let age = now.saturating_sub(v.since_ns);
+        // Stamped a moment after `now` (its last SYN): as young as can be.
+        let age = v.age_ms(now).max(0) as u32;
         let gone = age >= grace && missing.contains(flow) && confirmed_missing(flow);
         if (gone || age >= timeout) && guard.control(op(OP_EXPIRE_PENDING, *flow))? {
             report.expired += 1;
@@ -329,7 +331,9 @@ fn sweep(
         }
     }
     for (flow, v) in &owned {
-        let age = now.saturating_sub(v.since_ns);
+        // Negative: established a moment after `now`, or more than 24.8 days ago (the
+        // millisecond clock wrapped); the socket table read twice decides either way.
+        let age = u32::try_from(v.age_ms(now)).unwrap_or(u32::MAX);
         if age >= grace
             && missing.contains(flow)
             && confirmed_missing(flow)
@@ -404,7 +408,7 @@ pub fn reclaim_sources(guard: &mut Guard, report: &mut SweepReport) -> anyhow::R
     let states = guard.source_states()?;
     let now = monotonic_ns();
     for (key, s) in &states {
-        if s.rate.has_stale(now) {
+        if s.rate().has_stale(now) {
             guard.control(ControlOp {
                 op: OP_CLEAR_STALE,
                 source: *key,
@@ -424,7 +428,7 @@ pub fn reclaim_sources(guard: &mut Guard, report: &mut SweepReport) -> anyhow::R
     let mut idle: Vec<(u32, SourceKey)> = states
         .iter()
         .filter(|(_, s)| s.holds_nothing())
-        .map(|(k, s)| (s.rate.newest_age_ms(now).unwrap_or(u32::MAX), *k))
+        .map(|(k, s)| (s.rate().newest_age_ms(now).unwrap_or(u32::MAX), *k))
         .collect();
     // Oldest newest attempt first.
     idle.sort_unstable_by_key(|a| std::cmp::Reverse(a.0));

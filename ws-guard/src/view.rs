@@ -124,7 +124,7 @@ impl MapView {
         let mut out = Vec::new();
         for kv in m.iter().take(cap.saturating_mul(2)) {
             let (k, v) = kv.context("reading the tracked flows")?;
-            if state.is_none_or(|s| v.state == s) && seen.insert(k) {
+            if state.is_none_or(|s| v.state() == s) && seen.insert(k) {
                 out.push((k, v));
             }
         }

@@ -702,7 +702,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
             }
         })
         .collect();
-    log("layer 1: work per path (hash-map operations, counted by fentry probes)");
+    log("layer 1: work per path (hash-map operations, counted by the counting build)");
     let work = work_per_path(
         &cases,
         opts,
