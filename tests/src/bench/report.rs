@@ -261,8 +261,8 @@ pub fn markdown(r: &Results) -> String {
         if !l1.work.is_empty() {
             let _ = writeln!(
                 s,
-                "### Work per path (hash-map operations per packet, counted by fentry probes on \
-                 the kernel's hash-map functions; budget: ws_guard_common::budget)\n"
+                "### Work per path (hash-map operations per packet, counted by the programs built \
+                 to count them, WSG_OPS; budget: ws_guard_common::budget)\n"
             );
             s.push_str(&work_table(l1));
             s.push('\n');
