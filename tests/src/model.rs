@@ -836,14 +836,15 @@ impl Model {
             state.next = seq.wrapping_add(1);
             let now = clock.rate_stamp(&source, seq);
             let state = self.rate.get_mut(&source).expect("just made");
+            let now_ms = ws_guard_common::rate::stamp_ms(now);
             let ok = state.admits(
                 seq,
-                now,
+                now_ms,
                 port.rate_limit,
-                port.rate_window_ns,
+                ws_guard_common::rate::window_ms(port.rate_window_ns),
                 self.capacity.ring,
             );
-            state.record(seq, now, self.capacity.ring);
+            state.record(seq, now_ms, self.capacity.ring);
             out.rate = Some((source, now));
             // The kernel's "now" is within the millisecond of its rate stamp.
             since = Since::Millisecond(now);

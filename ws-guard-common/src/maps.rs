@@ -247,7 +247,10 @@ pub struct PortConfig {
     /// state is answered with a SYN cookie and judged at its ACK (see [`crate::syncookie`]).
     /// Set by userspace (`syn_cookies = "on"`, or `"auto"` under a flood).
     pub syn_cookies: u32,
-    pub _pad: u32,
+    /// `rate_window_ns` in whole milliseconds, rounded up ([`crate::rate::window_ms`]): what
+    /// the kernel judges with (a division the program would make on every attempt otherwise).
+    /// Derived by userspace whenever it writes the port.
+    pub rate_window_ms: u32,
 }
 
 /// The most ports whose counters the stats map keeps apart (and so the most protected ports).

@@ -54,14 +54,12 @@ pub fn nth_previous_slot(seq: u32, limit: u32, ring: u32) -> usize {
 }
 
 /// Whether the `limit`-th previous attempt, stamped `nth_previous` (zero: none), leaves room
-/// for an attempt at `now_ns` in a window of `window_ns`.
+/// for an attempt at `now_ms` ([`stamp_ms`]) in a window of `window_ms` ([`window_ms`]).
 #[inline(always)]
-pub fn outside_window(nth_previous: u32, now_ns: u64, window_ns: u64) -> bool {
+pub fn outside_window(nth_previous: u32, now_ms: u32, window_ms: u32) -> bool {
     // Zero: fewer than `limit` attempts ever. An empty window holds no attempt (exact; the
     // configuration never sets one, the benchmark does).
-    nth_previous == 0
-        || window_ns == 0
-        || age_ms(stamp_ms(now_ns), nth_previous) > window_ms(window_ns) as i32
+    nth_previous == 0 || window_ms == 0 || age_ms(now_ms, nth_previous) > window_ms as i32
 }
 
 /// A `bpf_ktime_get_ns` reading as the ring stores it: milliseconds, wrapping, never zero
@@ -90,31 +88,34 @@ pub fn age_ms(now: u32, stamp: u32) -> i32 {
 }
 
 impl RateState {
-    /// Whether attempt number `seq` at `now_ns` is within `limit` per `window_ns`, in a ring of
-    /// `ring` stamps. `limit` is clamped to the ring; a limit of zero admits everything.
+    /// Whether attempt number `seq` at `now_ms` ([`stamp_ms`]) is within `limit` per
+    /// `window_ms` ([`window_ms`]), in a ring of `ring` stamps. `limit` is clamped to the ring; a
+    /// limit of zero admits everything.
     #[inline(always)]
-    pub fn admits(&self, seq: u32, now_ns: u64, limit: u32, window_ns: u64, ring: u32) -> bool {
+    pub fn admits(&self, seq: u32, now_ms: u32, limit: u32, window_ms: u32, ring: u32) -> bool {
         limit == 0
             || outside_window(
                 self.stamps[nth_previous_slot(seq, limit, ring)],
-                now_ns,
-                window_ns,
+                now_ms,
+                window_ms,
             )
     }
 
-    /// Records attempt number `seq` at `now_ns`.
+    /// Records attempt number `seq` at `now_ms` ([`stamp_ms`]).
     #[inline(always)]
-    pub fn record(&mut self, seq: u32, now_ns: u64, ring: u32) {
-        self.stamps[slot(seq, ring)] = stamp_ms(now_ns);
+    pub fn record(&mut self, seq: u32, now_ms: u32, ring: u32) {
+        self.stamps[slot(seq, ring)] = now_ms;
     }
 
-    /// Claims the next sequence number, decides and records. The kernel does the same with an
-    /// atomic claim; this is the single-threaded form for tests and models.
+    /// Claims the next sequence number, decides and records, from a `bpf_ktime_get_ns`
+    /// reading and a window in nanoseconds. The kernel does the same with an atomic claim; this
+    /// is the single-threaded form for tests and models.
     pub fn attempt(&mut self, now_ns: u64, limit: u32, window_ns: u64, ring: u32) -> bool {
         let seq = self.next;
         self.next = seq.wrapping_add(1);
-        let ok = self.admits(seq, now_ns, limit, window_ns, ring);
-        self.record(seq, now_ns, ring);
+        let now = stamp_ms(now_ns);
+        let ok = self.admits(seq, now, limit, window_ms(window_ns), ring);
+        self.record(seq, now, ring);
         ok
     }
 
@@ -286,9 +287,9 @@ mod tests {
     fn clock_edges() {
         let mut s = RateState::default();
         // A stamp ahead of "now" (another CPU) counts as inside the window.
-        s.record(0, 5 * S, R);
+        s.record(0, stamp_ms(5 * S), R);
         s.next = 1;
-        assert!(!s.admits(1, 4 * S, 1, S, R));
+        assert!(!s.admits(1, stamp_ms(4 * S), 1, window_ms(S), R));
         // Sequence numbers wrap without losing the window.
         let mut s = RateState {
             next: u32::MAX - 1,

@@ -319,25 +319,26 @@ fn stamp(s: *mut SourceState, i: usize) -> Option<*mut u32> {
     Some(unsafe { (&raw mut (*s).stamps).cast::<u32>().add(i) })
 }
 
-/// Whether attempt number `seq` at `now` is within `limit` per `window_ns` (nothing written).
+/// Whether attempt number `seq` at `now_ms` is within `limit` per `window_ms` (nothing
+/// written).
 #[inline(always)]
-pub fn rate_admits(s: *mut SourceState, seq: u32, now: u64, limit: u32, window_ns: u64) -> bool {
+pub fn rate_admits(s: *mut SourceState, seq: u32, now_ms: u32, limit: u32, window_ms: u32) -> bool {
     if limit == 0 {
         return true;
     }
     match stamp(s, rate::nth_previous_slot(seq, limit, rate_ring())) {
         // SAFETY: a stamp of a live map value.
-        Some(p) => rate::outside_window(unsafe { core::ptr::read_volatile(p) }, now, window_ns),
+        Some(p) => rate::outside_window(unsafe { core::ptr::read_volatile(p) }, now_ms, window_ms),
         None => true,
     }
 }
 
-/// Records attempt number `seq` at `now` in the source's ring.
+/// Records attempt number `seq` at `now_ms` in the source's ring.
 #[inline(always)]
-pub fn rate_record(s: *mut SourceState, seq: u32, now: u64) {
+pub fn rate_record(s: *mut SourceState, seq: u32, now_ms: u32) {
     if let Some(p) = stamp(s, rate::slot(seq, rate_ring())) {
         // SAFETY: a stamp of a live map value; concurrent writers race on distinct slots.
-        unsafe { core::ptr::write_volatile(p, rate::stamp_ms(now)) };
+        unsafe { core::ptr::write_volatile(p, now_ms) };
     }
 }
 

@@ -130,13 +130,13 @@ pub(crate) fn new_attempt<F: FrameIo>(
     let source = source_key(seg.family, flow.client, seg.dport, global);
     let state = WSG_SOURCES.get_ptr_mut(&source);
     let index = flow_filter_index(&flow);
-    let mut clock = Clock(0);
+    let mut clock = Clock(None);
     if let Some(s) = state {
         let max = port.max_connections;
         let room = max == 0 || maps::slots_taken(s) < max;
         if room && global.flags & GATE_FLAGS == 0 && global.monitor == 0 {
             let now = clock.now();
-            if rate_admits(s, port, now) {
+            if rate_admits(s, port, now.ms) {
                 return admit_known(ctx, seg, &flow, index, source, s, port, global, now, bucket);
             }
         }
@@ -146,23 +146,37 @@ pub(crate) fn new_attempt<F: FrameIo>(
     )
 }
 
-/// `bpf_ktime_get_ns`, read once and only if needed: a refusal at the concurrency limit never
-/// reads the clock.
-struct Clock(u64);
+/// `bpf_ktime_get_ns`, read once and only if needed (a refusal at the concurrency limit never
+/// reads the clock), with its millisecond stamp: the one division by 10^6 of a judgement (the
+/// program has no faster way to divide).
+struct Clock(Option<Now>);
+
+#[derive(Clone, Copy)]
+struct Now {
+    ns: u64,
+    /// [`rate::stamp_ms`] of `ns`.
+    ms: u32,
+}
 
 impl Clock {
     #[inline(always)]
-    fn now(&mut self) -> u64 {
-        if self.0 == 0 {
-            self.0 = unsafe { bpf_ktime_get_ns() };
+    fn now(&mut self) -> Now {
+        if let Some(n) = self.0 {
+            return n;
         }
-        self.0
+        let ns = unsafe { bpf_ktime_get_ns() };
+        let n = Now {
+            ns,
+            ms: rate::stamp_ms(ns),
+        };
+        self.0 = Some(n);
+        n
     }
 }
 
 /// Whether a known source's next attempt is within its rate, read without claiming it.
 #[inline(always)]
-fn rate_admits(s: *mut SourceState, port: &PortConfig, now: u64) -> bool {
+fn rate_admits(s: *mut SourceState, port: &PortConfig, now_ms: u32) -> bool {
     if port.rate_limit == 0 {
         return true;
     }
@@ -170,9 +184,9 @@ fn rate_admits(s: *mut SourceState, port: &PortConfig, now: u64) -> bool {
     maps::rate_admits(
         s,
         maps::next_attempt(s),
-        now,
+        now_ms,
         port.rate_limit,
-        port.rate_window_ns,
+        port.rate_window_ms,
     )
 }
 
@@ -191,7 +205,7 @@ fn admit_known(
     s: *mut SourceState,
     port: &PortConfig,
     global: &GlobalConfig,
-    now: u64,
+    now: Now,
     bucket: Bucket,
 ) -> Verdict {
     maps::filter_add(s, index);
@@ -199,13 +213,13 @@ fn admit_known(
         FLOW_PENDING,
         prefix_of(flow.family, global),
         source.port,
-        rate::stamp_ms(now),
+        now.ms,
     );
     let inserted = match WSG_FLOWS.insert(flow, &value, BPF_NOEXIST as u64) {
         Ok(()) => true,
         Err(maps::EEXIST) => {
             maps::filter_sub(s, index);
-            retransmitted(flow, now, bucket);
+            retransmitted(flow, now.ms, bucket);
             return Verdict::Pass;
         }
         Err(_) => {
@@ -217,14 +231,14 @@ fn admit_known(
     // flow could be tracked, as in `judge_fully`); given back only if refused after all.
     let taken = if port.rate_limit != 0 {
         let (taken, seq) = maps::take_slot_and_claim(s);
-        let ok = maps::rate_admits(s, seq, now, port.rate_limit, port.rate_window_ns);
-        maps::rate_record(s, seq, now);
+        let ok = maps::rate_admits(s, seq, now.ms, port.rate_limit, port.rate_window_ms);
+        maps::rate_record(s, seq, now.ms);
         if !ok {
             maps::give_slot(s);
             if inserted {
                 untrack(flow, s, index);
             }
-            return rate_limited(ctx, seg, &source, s, port, global, now, bucket);
+            return rate_limited(ctx, seg, &source, s, port, global, now.ns, bucket);
         }
         taken
     } else {
@@ -255,13 +269,13 @@ fn untrack(flow: &FlowKey, s: *mut SourceState, index: usize) {
 /// dropped the first SYN (full backlog): the sweep releases a half-open attempt that has no
 /// socket a second after its *last* SYN, not its first.
 #[inline(always)]
-fn retransmitted(flow: &FlowKey, now: u64, bucket: Bucket) {
+fn retransmitted(flow: &FlowKey, now_ms: u32, bucket: Bucket) {
     if let Some(v) = WSG_FLOWS.get_ptr_mut(flow) {
         // SAFETY: a live map value; a racing writer can only store another "now" (or move the
         // state, which this leaves alone).
         unsafe {
             if (*v).state() == FLOW_PENDING {
-                (*v).since_ms = rate::stamp_ms(now);
+                (*v).since_ms = now_ms;
             }
         }
     }
@@ -292,7 +306,7 @@ fn judge_fully(
         // SAFETY: the lookup only tests presence.
         && unsafe { WSG_FLOWS.get(flow).is_some() }
     {
-        retransmitted(flow, clock.now(), bucket);
+        retransmitted(flow, clock.now().ms, bucket);
         return Verdict::Pass;
     }
     let monitor = global.monitor != 0;
@@ -343,11 +357,11 @@ fn judge_fully(
     let now = clock.now();
     if limited && port.rate_limit != 0 {
         let seq = maps::claim_attempt(slots);
-        let ok = maps::rate_admits(slots, seq, now, port.rate_limit, port.rate_window_ns);
-        maps::rate_record(slots, seq, now);
+        let ok = maps::rate_admits(slots, seq, now.ms, port.rate_limit, port.rate_window_ms);
+        maps::rate_record(slots, seq, now.ms);
         if !ok {
             if !monitor {
-                return rate_limited(ctx, seg, &source, slots, port, global, now, bucket);
+                return rate_limited(ctx, seg, &source, slots, port, global, now.ns, bucket);
             }
             count(bucket, Counter::MonitorWouldBlock);
             would_block = true;
@@ -371,7 +385,7 @@ fn judge_fully(
     }
 
     let prefix = prefix_of(flow.family, global);
-    if !admit(flow, index, source, prefix, now, slots, bucket, tracked_as) {
+    if !admit(flow, index, source, prefix, now.ms, slots, bucket, tracked_as) {
         return untracked(port, global, bucket, tracked_as, would_block);
     }
     Verdict::Pass
@@ -545,12 +559,12 @@ fn admit(
     index: usize,
     source: SourceKey,
     prefix: u32,
-    now: u64,
+    now_ms: u32,
     slots: *mut SourceState,
     bucket: Bucket,
     counter: Counter,
 ) -> bool {
-    let value = FlowValue::new(FLOW_PENDING, prefix, source.port, rate::stamp_ms(now));
+    let value = FlowValue::new(FLOW_PENDING, prefix, source.port, now_ms);
     maps::filter_add(slots, index);
     match WSG_FLOWS.insert(flow, &value, BPF_NOEXIST as u64) {
         Ok(()) => count(bucket, counter),

@@ -293,6 +293,9 @@ fn default_rate_action() -> Action {
 impl PortLimits {
     /// The kernel's form of these limits.
     pub fn to_kernel(&self) -> PortConfig {
+        let rate_window_ns = self
+            .new_connections
+            .map_or(0, |r| r.window.as_nanos() as u64);
         PortConfig {
             enabled: 1,
             max_connections: self.max_connections.unwrap_or(0),
@@ -301,13 +304,11 @@ impl PortLimits {
             rate_limit: self.new_connections.map_or(0, |r| r.count),
             // Assigned by Guard::set_port.
             index: 0,
-            rate_window_ns: self
-                .new_connections
-                .map_or(0, |r| r.window.as_nanos() as u64),
+            rate_window_ns,
             // Switched by the daemon (crate::cookies), which sets the sysctls cookie mode needs
             // first; Guard::apply keeps what it set.
             syn_cookies: 0,
-            _pad: 0,
+            rate_window_ms: ws_guard_common::rate::window_ms(rate_window_ns),
         }
     }
 }

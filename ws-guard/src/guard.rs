@@ -716,6 +716,8 @@ impl Guard {
     /// protecting it. `limits.index` is ignored: a protected port keeps the stats bucket it has,
     /// or gets a free one (at most [`MAX_PORTS`] ports are protected at once).
     pub fn set_port(&mut self, port: u16, mut limits: PortConfig) -> anyhow::Result<()> {
+        // What the kernel judges the window with, always from the window itself.
+        limits.rate_window_ms = ws_guard_common::rate::window_ms(limits.rate_window_ns);
         limits.index = if limits.enabled != 0 {
             self.bucket_for(port)?
         } else {
