@@ -289,6 +289,11 @@ fn enforcement_survives_kill_and_restart_adopts_the_counts() {
         third.lines()
     );
     assert!(
+        third.contains("rate windows keep the last 20 attempts of each source"),
+        "{:?}",
+        third.lines()
+    );
+    assert!(
         wait_until(Duration::from_secs(5), || active_connections(
             &tb.srv,
             metrics_port,

@@ -214,6 +214,11 @@ pub async fn run(
     for line in describe(&cfg) {
         info!("{line}");
     }
+    info!(
+        "rate windows keep the last {} attempts of each source: new_connections counts up to \
+         that can be set live (capacity.rate_attempts)",
+        guard.rate_ring()
+    );
     for a in guard.attachments() {
         info!("enforcing on {} ({} XDP)", a.interface, a.mode);
     }
