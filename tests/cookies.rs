@@ -195,12 +195,7 @@ fn spoofed_flood(
     sent: Arc<AtomicU64>,
 ) -> JoinHandle<()> {
     spawn_in_ns(ns, move || {
-        let s = Socket::new(
-            Domain::IPV4,
-            Type::RAW,
-            Some(Protocol::from(libc::IPPROTO_RAW)),
-        )
-        .expect("raw socket");
+        let s = ws_guard_tests::traffic::raw_ipv4_socket();
         let to = SockAddr::from(SocketAddr::V4(SocketAddrV4::new(*dst.ip(), 0)));
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let start = Instant::now();
@@ -505,12 +500,7 @@ const SPORT: u16 = 43_210;
 impl RawPeer {
     fn new(ns: &str, interface: &str, src: Ipv4Addr, dst: SocketAddrV4) -> Self {
         in_ns(ns, || {
-            let send = Socket::new(
-                Domain::IPV4,
-                Type::RAW,
-                Some(Protocol::from(libc::IPPROTO_RAW)),
-            )
-            .unwrap();
+            let send = ws_guard_tests::traffic::raw_ipv4_socket();
             let sniff = Socket::new(
                 Domain::PACKET,
                 Type::RAW,

@@ -124,12 +124,7 @@ struct RawSyn(Socket);
 
 impl RawSyn {
     fn new() -> Self {
-        let s = Socket::new(
-            Domain::IPV4,
-            Type::RAW,
-            Some(Protocol::from(libc::IPPROTO_RAW)),
-        )
-        .expect("raw socket");
+        let s = ws_guard_tests::traffic::raw_ipv4_socket();
         Self(s)
     }
 

@@ -718,12 +718,7 @@ fn fragmented_syn_answered(ns: &str, src: Ipv4Addr, sport: u16, dst: SocketAddrV
         listen
             .set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
-        let send = Socket::new(
-            Domain::IPV4,
-            Type::RAW,
-            Some(Protocol::from(libc::IPPROTO_RAW)),
-        )
-        .expect("raw socket");
+        let send = ws_guard_tests::traffic::raw_ipv4_socket();
         let to = SockAddr::from(SocketAddr::V4(SocketAddrV4::new(*dst.ip(), 0)));
         for p in &pieces {
             send.send_to(p, &to).expect("sending a fragment");

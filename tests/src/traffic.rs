@@ -332,6 +332,17 @@ pub fn burst(ns: &str, src: IpAddr, dst: SocketAddr, n: usize, limit: Duration) 
     })
 }
 
+/// A raw IPv4 socket of the calling thread's namespace whose packets carry their own IP header
+/// (IPPROTO_RAW: IP_HDRINCL), so their source may be any address.
+pub fn raw_ipv4_socket() -> Socket {
+    Socket::new(
+        Domain::IPV4,
+        Type::RAW,
+        Some(Protocol::from(libc::IPPROTO_RAW)),
+    )
+    .expect("a raw IPv4 socket")
+}
+
 /// Sends one bare TCP SYN from `src:sport` to `dst` through a raw socket in namespace `ns`.
 /// Nothing in `ns` owns that port, so if the SYN-ACK reaches `ns`, its kernel answers RST; if
 /// `src` is not an address of `ns`, the SYN-ACK goes nowhere and the server keeps retrying.
@@ -343,13 +354,7 @@ pub fn send_syn(ns: &str, src: Ipv4Addr, sport: u16, dst: SocketAddrV4) {
         .write(&mut pkt, &[])
         .unwrap();
     in_ns(ns, || {
-        // IPPROTO_RAW: the header is ours (IP_HDRINCL), so the source may be any address.
-        let s = Socket::new(
-            Domain::IPV4,
-            Type::RAW,
-            Some(Protocol::from(libc::IPPROTO_RAW)),
-        )
-        .expect("raw socket");
+        let s = raw_ipv4_socket();
         let to = SockAddr::from(SocketAddr::V4(SocketAddrV4::new(*dst.ip(), 0)));
         let n = s.send_to(&pkt, &to).expect("sending a raw SYN");
         assert_eq!(n, pkt.len());

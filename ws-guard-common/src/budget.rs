@@ -1,7 +1,7 @@
 //! The work budget of the XDP program's paths, in kernel hash-map operations per packet
 //! (`ws-guard-ebpf/src/xdp.rs` is written to it; `cargo xtask bench` counts the operations
-//! each path makes with fentry probes on the kernel's hash-map functions and checks them
-//! against it, BENCHMARKS.md "Work per path").
+//! each path makes with a build of the same programs that counts them, `ws-guard-ebpf/src/
+//! counted.rs`, and checks them against it: BENCHMARKS.md "Work per path").
 //!
 //! Besides these counts: a refusal takes no slot or rate attempt that it then gives back (the
 //! slot count is read before one is taken, the rate judged before the slot), and adds to one

@@ -174,6 +174,18 @@ pub const fn tag_state(tag: u32) -> u32 {
     tag & 0xff
 }
 
+/// The source key's prefix length in a [`FlowValue::tag`].
+#[inline(always)]
+pub const fn tag_prefix(tag: u32) -> u32 {
+    (tag >> 8) & 0xff
+}
+
+/// The source key's port in a [`FlowValue::tag`].
+#[inline(always)]
+pub const fn tag_port(tag: u32) -> u16 {
+    (tag >> 16) as u16
+}
+
 impl FlowValue {
     /// A value in `state`, charged to `source` (a key of `flow`'s client masked to `prefix`).
     #[inline(always)]
@@ -193,13 +205,13 @@ impl FlowValue {
     /// The prefix length of the source key it is charged to.
     #[inline(always)]
     pub const fn prefix(&self) -> u32 {
-        (self.tag >> 8) & 0xff
+        tag_prefix(self.tag)
     }
 
     /// The port of the source key it is charged to.
     #[inline(always)]
     pub const fn port(&self) -> u16 {
-        (self.tag >> 16) as u16
+        tag_port(self.tag)
     }
 
     /// The source key it is charged to, as a flow `flow` of it.
@@ -219,8 +231,8 @@ impl FlowValue {
 #[inline(always)]
 pub fn source_of(flow: &FlowKey, tag: u32) -> SourceKey {
     SourceKey {
-        addr: crate::key::mask(flow.client, flow.family, (tag >> 8) & 0xff),
-        port: (tag >> 16) as u16,
+        addr: crate::key::mask(flow.client, flow.family, tag_prefix(tag)),
+        port: tag_port(tag),
         family: flow.family,
     }
 }

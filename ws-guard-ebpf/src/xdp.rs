@@ -35,17 +35,17 @@ pub(crate) enum Verdict {
 #[inline(always)]
 pub fn enforce(ctx: &XdpContext) -> u32 {
     let frame = Frame(ctx);
-    match parse::quick(&frame) {
+    let quick_port = match parse::quick(&frame) {
         Quick::NotTcp => return not_protected(),
-        Quick::Tcp { dport } if maps::port(dport).is_none() => return not_protected(),
-        _ => {}
-    }
+        Quick::Tcp { dport } => match maps::port(dport) {
+            Some(p) => Some(p),
+            None => return not_protected(),
+        },
+        Quick::Unknown => None,
+    };
     let seg = match parse::parse(&frame) {
         Parsed::Tcp(seg) => seg,
-        Parsed::NotIp | Parsed::NotTcp => {
-            count(Bucket::UNATTRIBUTED, Counter::NotProtected);
-            return xdp_action::XDP_PASS;
-        }
+        Parsed::NotIp | Parsed::NotTcp => return not_protected(),
         Parsed::Fragment => {
             count(Bucket::UNATTRIBUTED, Counter::Fragments);
             return xdp_action::XDP_PASS;
@@ -56,9 +56,10 @@ pub fn enforce(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
-    let Some(port) = maps::port(seg.dport) else {
-        count(Bucket::UNATTRIBUTED, Counter::NotProtected);
-        return xdp_action::XDP_PASS;
+    // The port the shortcut read is the segment's (`parse::quick` reads it where the parser
+    // finds it), so it is not looked up twice.
+    let Some(port) = quick_port.or_else(|| maps::port(seg.dport)) else {
+        return not_protected();
     };
     let bucket = Bucket::of(port, seg.family);
     if !seg.is_new_attempt() {
@@ -190,9 +191,9 @@ fn rate_admits(s: *mut SourceState, port: &PortConfig, now_ms: u32) -> bool {
     )
 }
 
-/// The admission of a known source that [`will_admit`]: the flow is inserted first (a tracked
-/// tuple makes the insert fail: a retransmission), then the slot and the rate attempt are
-/// taken. Another CPU may have taken the last slot or rate attempt since the reading; then the
+/// The admission of a known source with room under `max_connections` whose next attempt
+/// [`rate_admits`]: the flow is inserted first (a tracked tuple makes the insert fail: a
+/// retransmission), then the slot and the rate attempt are taken. Another CPU may have taken the last slot or rate attempt since the reading; then the
 /// attempt is refused after all, and only then is anything given back.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]

@@ -1167,16 +1167,6 @@ impl Guard {
         self.view.source_states()
     }
 
-    /// The keys of the tracked flows in `state` ([`FLOW_PENDING`] or [`FLOW_OWNED`]).
-    pub fn flow_keys(&self, state: u32) -> anyhow::Result<HashSet<FlowKey>> {
-        Ok(self
-            .view
-            .flows(Some(state))?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect())
-    }
-
     /// The cookies of the connections admitted at their cookie's ACK ([`names::MAP_COOKIES`]:
     /// flow -> cookie), which a replayed ACK is checked against.
     pub fn used_cookies(&self) -> anyhow::Result<Vec<(FlowKey, u32)>> {

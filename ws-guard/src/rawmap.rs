@@ -62,11 +62,6 @@ impl<'a> RawHashMap<'a> {
         })
     }
 
-    /// The size of its values, in bytes.
-    pub fn value_size(&self) -> usize {
-        self.value_size
-    }
-
     fn attr(&self, key: &[u8]) -> ElemAttr {
         assert_eq!(key.len(), self.key_size, "key of the map's size");
         ElemAttr {

@@ -551,16 +551,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
     }
     let cases = cases();
     let floor_prog = RawProgram::load_xdp("wsgb_pass", &bpf::pass_program())?;
-    let tails_v4 = ProgArray::new()?;
-    let tails_v6 = ProgArray::new()?;
-    let prelude_v4 = RawProgram::load_xdp(
-        "wsgb_prelude4",
-        &bpf::tail_prelude_program(Family::V4, &tails_v4),
-    )?;
-    let prelude_v6 = RawProgram::load_xdp(
-        "wsgb_prelude6",
-        &bpf::tail_prelude_program(Family::V6, &tails_v6),
-    )?;
+    let preludes = Preludes::load()?;
     // Flow maps of the tail method's fresh guards hold every admitted attempt of a run at
     // under half their capacity.
     let tail_flows = (opts.repeat.saturating_mul(2))
@@ -590,11 +581,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
                     measure(&g, c, fd, &frame, opts.repeat, &mut out)?
                 }
                 Method::Tail => {
-                    let (prelude, tails) = if frame[12..14] == [0x86, 0xdd] {
-                        (&prelude_v6, &tails_v6)
-                    } else {
-                        (&prelude_v4, &tails_v4)
-                    };
+                    let (prelude, tails) = preludes.of(&frame);
                     match c.counter {
                         None => {
                             tails.set(floor_prog.fd())?;
@@ -703,15 +690,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
         })
         .collect();
     log("layer 1: work per path (hash-map operations, counted by the counting build)");
-    let work = work_per_path(
-        &cases,
-        opts,
-        &floor_prog,
-        &prelude_v4,
-        &tails_v4,
-        &prelude_v6,
-        &tails_v6,
-    )?;
+    let work = work_per_path(&cases, opts, &floor_prog, &preludes)?;
     Ok(Report {
         options: opts.clone(),
         measurements: ms,
@@ -719,6 +698,36 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
         default_memory: default_memory()?,
         bytes_per_source_ring32: bytes_per_source(32)?,
     })
+}
+
+/// The tail method's preludes, one per address family, each with its tail-call table.
+struct Preludes {
+    v4: (RawProgram, ProgArray),
+    v6: (RawProgram, ProgArray),
+}
+
+impl Preludes {
+    fn load() -> anyhow::Result<Self> {
+        let load = |name: &str, family| -> anyhow::Result<(RawProgram, ProgArray)> {
+            let tails = ProgArray::new()?;
+            let prog = RawProgram::load_xdp(name, &bpf::tail_prelude_program(family, &tails))?;
+            Ok((prog, tails))
+        };
+        Ok(Self {
+            v4: load("wsgb_prelude4", Family::V4)?,
+            v6: load("wsgb_prelude6", Family::V6)?,
+        })
+    }
+
+    /// The prelude for `frame`'s address family, and its table.
+    fn of(&self, frame: &[u8]) -> (&RawProgram, &ProgArray) {
+        let (prog, tails) = if frame[12..14] == [0x86, 0xdd] {
+            &self.v6
+        } else {
+            &self.v4
+        };
+        (prog, tails)
+    }
 }
 
 /// The budget of the paths that have one.
@@ -735,15 +744,11 @@ fn budget_of(id: &str) -> Option<Budget> {
 /// Counts the hash-map operations of each budgeted path with the programs built to count them
 /// (`COUNTED_OBJECT`: the same source, plus a per-CPU counter per operation), in runs of their
 /// own.
-#[allow(clippy::too_many_arguments)]
 fn work_per_path(
     cases: &[Case],
     opts: &Options,
     floor_prog: &RawProgram,
-    prelude_v4: &RawProgram,
-    tails_v4: &ProgArray,
-    prelude_v6: &RawProgram,
-    tails_v6: &ProgArray,
+    preludes: &Preludes,
 ) -> anyhow::Result<Vec<Work>> {
     let runs = opts.repeat.min(20_000);
     let mut out_buf = vec![0u8; 512];
@@ -763,11 +768,7 @@ fn work_per_path(
                 (before, g.op_counts()?)
             }
             Method::Tail => {
-                let (prelude, tails) = if frame[12..14] == [0x86, 0xdd] {
-                    (prelude_v6, tails_v6)
-                } else {
-                    (prelude_v4, tails_v4)
-                };
+                let (prelude, tails) = preludes.of(&frame);
                 tails.set(fd.as_fd())?;
                 let before = g.op_counts()?;
                 let r = measure(&g, c, prelude.fd(), &frame, runs, &mut out_buf);
