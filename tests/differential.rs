@@ -1358,6 +1358,9 @@ struct RunStats {
     skipped_lookups: u64,
     /// Clearings of `FLAG_CHECK_FLOWS` by `settle_flow_check`.
     flow_checks_settled: u64,
+    /// Checkpoints at which a CPU's refusal memo held refusals it had made (its source's
+    /// count, compared there, includes them).
+    memo_checkpoints: u64,
     /// The decision counters at the end.
     totals: [u64; Counter::COUNT as usize],
     /// SYN-ACKs with a cookie compared.
@@ -1619,6 +1622,11 @@ impl Run {
     fn check_maps(&mut self) {
         self.stats.checkpoints += 1;
         self.check_counters();
+        let memos = self
+            .guard
+            .refusal_memos()
+            .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
+        self.stats.memo_checkpoints += u64::from(memos.iter().any(|m| m.pending != 0));
         let pending = self
             .guard
             .pending()
@@ -2049,7 +2057,8 @@ fn run_with(
         "{name}: {} frames, zero disagreements, {:.1} s ({:.1} µs/frame); verdicts {:?}, \
          {} rate windows and {} accounting requests compared, {} list/ban changes, {} ban events \
          compared, {} checkpoints, largest clock skew {} ns, {} bans found at their deadline, \
-         {} SYNs skipped the flow lookups, {} flow checks settled",
+         {} SYNs skipped the flow lookups, {} flow checks settled, {} checkpoints with refusals \
+         held in a refusal memo",
         r.frames,
         took.as_secs_f64(),
         took.as_secs_f64() * 1e6 / r.frames.max(1) as f64,
@@ -2063,6 +2072,7 @@ fn run_with(
         r.stats.ambiguous_bans,
         r.stats.skipped_lookups,
         r.stats.flow_checks_settled,
+        r.stats.memo_checkpoints,
     );
     let counters: Vec<String> = Counter::ALL
         .iter()
@@ -2109,6 +2119,8 @@ fn kernel_matches_model() {
     // FLAG_CHECK_FLOWS was set by prefix changes and cleared.
     assert!(s.skipped_lookups > 0 && s.flow_checks_settled > 0, "{s:?}");
     assert!(s.totals[Counter::SynRetransmits as usize] > 0, "{s:?}");
+    // ... and the refusal memos: refusals made from them, counted in their sources.
+    assert!(s.memo_checkpoints > 0, "{s:?}");
 }
 
 /// SYN-cookie mode: ports switch in and out of it, in a network namespace of its own with

@@ -11,11 +11,14 @@ use std::{
 };
 
 use etherparse::{LinkExtHeader, NetHeaders, PacketHeaders, TransportHeader};
-use ws_guard::guard::{Counters, Guard, LoadOptions};
+use ws_guard::{
+    guard::{Counters, Guard, LoadOptions},
+    lists::Policy,
+};
 use ws_guard_common::{
     maps::{
-        ACTION_DROP, ACTION_REJECT, AF_INET, AF_INET6, Counter, FlowKey, GlobalConfig, PortConfig,
-        SourceKey,
+        ACTION_DROP, ACTION_REJECT, AF_INET, AF_INET6, ControlOp, Counter, FlowKey, GlobalConfig,
+        OP_EXPIRE_PENDING, PortConfig, SourceKey,
     },
     parse::{self, Parsed},
 };
@@ -428,6 +431,128 @@ fn retransmit_of_an_admitted_syn_passes_even_at_the_limit() {
 
 // ---------------------------------------------------------------------------------------------
 // The concurrency limit: drop, reject.
+
+/// The refusals this CPU's memo holds for `key`.
+fn memo_pending(g: &Guard, key: &SourceKey) -> u32 {
+    g.refusal_memos()
+        .expect("refusal memos")
+        .iter()
+        .filter(|m| m.source == *key)
+        .map(|m| m.pending)
+        .sum()
+}
+
+/// The refusal count of `key` as userspace reads it (memos included).
+fn refused(g: &Guard, key: &SourceKey) -> u32 {
+    g.source_states()
+        .expect("source states")
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map_or(0, |(_, s)| s.refused)
+}
+
+/// A source at its limit is refused from the CPU's refusal memo (no lookup of its entry), and
+/// everything that can end that refusal ends it: a retransmission still passes, a released slot,
+/// a raised limit, the allowlist; a ban counts as a ban. Refusals are counted exactly, and none
+/// lands in a later entry of the key after its idle entry is removed.
+#[test]
+fn a_remembered_refusal_ends_with_whatever_could_end_it() {
+    if !ws_guard_tests::privileged("a_remembered_refusal_ends_with_whatever_could_end_it") {
+        return;
+    }
+    // The memo is the CPU's own: every frame runs on CPU 0.
+    ws_guard::cpu::on_cpu(0, || {
+        let mut g = guard(
+            limits(2, ACTION_DROP, 0, ACTION_DROP, 0),
+            GlobalConfig::default(),
+        );
+        let key = key4(client4(1));
+        let syn = |sport| syn4(client4(1), sport, 7).build();
+        let c0 = g.counters().unwrap();
+        expect(&mut g, &syn(40000), XDP_PASS);
+        expect(&mut g, &syn(40001), XDP_PASS);
+        for sport in 40002..40007 {
+            expect(&mut g, &syn(sport), XDP_DROP);
+        }
+        // The first refusal made the memo, the other four came from it.
+        assert_eq!(memo_pending(&g, &key), 4);
+        assert_eq!(refused(&g, &key), 5);
+        // A retransmission of an admitted attempt passes (the memo's copy of the filter).
+        expect(&mut g, &syn(40000), XDP_PASS);
+        assert_deltas(
+            &g,
+            &c0,
+            &[
+                (Counter::Admitted, 2),
+                (Counter::ConnLimited, 5),
+                (Counter::SynRetransmits, 1),
+            ],
+        );
+
+        // A slot given back.
+        let expire = |g: &mut Guard, sport| {
+            assert!(
+                g.control(ControlOp {
+                    op: OP_EXPIRE_PENDING,
+                    flow: flow4(client4(1), sport),
+                    ..ControlOp::default()
+                })
+                .unwrap()
+            );
+        };
+        expire(&mut g, 40000);
+        expect(&mut g, &syn(40010), XDP_PASS);
+        expect(&mut g, &syn(40011), XDP_DROP);
+        expect(&mut g, &syn(40012), XDP_DROP);
+        // A raised limit.
+        g.set_port(PORT, limits(3, ACTION_DROP, 0, ACTION_DROP, 0))
+            .unwrap();
+        expect(&mut g, &syn(40013), XDP_PASS);
+        expect(&mut g, &syn(40014), XDP_DROP);
+        expect(&mut g, &syn(40015), XDP_DROP);
+        // The allowlist.
+        let c1 = g.counters().unwrap();
+        let allow = Policy {
+            allow: vec!["198.18.0.1/32".parse().unwrap()],
+            ..Policy::default()
+        };
+        g.apply_policy(&allow).unwrap();
+        expect(&mut g, &syn(40016), XDP_PASS);
+        g.apply_policy(&Policy::default()).unwrap();
+        expect(&mut g, &syn(40017), XDP_DROP);
+        expect(&mut g, &syn(40018), XDP_DROP);
+        // A ban.
+        g.ban(key, Duration::from_secs(60)).unwrap();
+        expect(&mut g, &syn(40019), XDP_DROP);
+        assert_deltas(
+            &g,
+            &c1,
+            &[
+                (Counter::Allowed, 1),
+                (Counter::ConnLimited, 2),
+                (Counter::Banned, 1),
+            ],
+        );
+        // Every refusal of the source, counted once: 5 + 2 + 2 + 2 + 1.
+        assert_eq!(refused(&g, &key), 12);
+        g.unban(&key).unwrap();
+
+        // The source's connections end; its entry, idle, goes, and its refusals with it (the
+        // memo's are moved into it first, on the memo's CPU).
+        expect(&mut g, &syn(40020), XDP_DROP);
+        expect(&mut g, &syn(40022), XDP_DROP);
+        assert_eq!(memo_pending(&g, &key), 1);
+        for sport in [40001, 40010, 40013, 40016] {
+            expire(&mut g, sport);
+        }
+        assert!(g.remove_idle_source(&key, 0).unwrap());
+        assert_eq!(memo_pending(&g, &key), 0);
+        expect(&mut g, &syn(40021), XDP_PASS);
+        assert_eq!(refused(&g, &key), 0);
+        assert_eq!(connections(&g), vec![(key, 1)]);
+    })
+    .expect("running on CPU 0");
+}
 
 /// SYNs from one source with five distinct source ports against max_connections = 3.
 fn five_syns(g: &mut Guard, frames: &[Vec<u8>], refused: u32) -> Vec<Vec<u8>> {

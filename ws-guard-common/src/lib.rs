@@ -8,6 +8,7 @@ pub mod checksum;
 pub mod filter;
 pub mod key;
 pub mod maps;
+pub mod memo;
 pub mod names;
 pub mod parse;
 pub mod policy;

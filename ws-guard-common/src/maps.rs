@@ -17,14 +17,28 @@ pub const ACTION_REJECT: u32 = 1;
 pub const RATE_SLOTS: usize = 32;
 
 /// Who a limit applies to: a source address masked to the configured prefix, per protected port.
-/// IPv4 addresses use the first four bytes of `addr`; the rest is zero.
-#[repr(C)]
+/// IPv4 addresses use the first four bytes of `addr`; the rest is zero. Aligned to 4 bytes (no
+/// padding: 20 bytes either way), so [`SourceKey::same`] compares it as five words.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceKey {
     pub addr: [u8; 16],
     /// Protected (server) port, host byte order.
     pub port: u16,
     pub family: u16,
+}
+
+impl SourceKey {
+    /// `self == other`, as five aligned 32-bit compares: the derived comparison of the bytes
+    /// crashes the BPF backend of this LLVM inside the XDP program's largest function.
+    #[inline(always)]
+    pub fn same(&self, other: &SourceKey) -> bool {
+        let a = (self as *const SourceKey).cast::<[u32; 5]>();
+        let b = (other as *const SourceKey).cast::<[u32; 5]>();
+        // SAFETY: both are 20 bytes of plain integers, 4-byte aligned (asserted below).
+        let (a, b) = unsafe { (&*a, &*b) };
+        (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) == 0
+    }
 }
 
 /// Buckets of a source's flow filter ([`SourceState::filter`]); a power of two.
@@ -637,6 +651,26 @@ pub struct Scratch {
     pub _pad: u32,
 }
 
+/// A CPU's refusal memo (`WSG_MEMO`, see [`crate::memo`]): the last source key it refused at
+/// `max_connections`, valid while the epoch (`WSG_EPOCH`) stands.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefusalMemo {
+    pub source: SourceKey,
+    /// `WSG_EPOCH` when the source's slot count was read.
+    pub epoch: u32,
+    /// The port's `max_connections` then (never 0 in a memo made).
+    pub max: u32,
+    /// Plain per-CPU writes only: a seqlock for userspace, odd while `pending` is being moved
+    /// into the source's entry.
+    pub flushes: u32,
+    /// The source's flow filter, read after its slot count.
+    pub filter: u64,
+    /// Refusals made from the memo, not yet in the source's [`SourceState::refused`].
+    pub pending: u32,
+    pub _pad: u32,
+}
+
 /// Release a half-open attempt the kernel no longer has a socket for.
 pub const OP_EXPIRE_PENDING: u32 = 1;
 /// Release an established connection the kernel no longer has a socket for.
@@ -666,6 +700,12 @@ pub const OP_REKEY_OWNED: u32 = 9;
 /// the millisecond clock's wrap could make them look recent (an entry kept by a connection
 /// for weeks).
 pub const OP_CLEAR_STALE: u32 = 10;
+/// Move the refusal memos' epoch on: userspace changed the lists, bans, limits or global
+/// settings, so no CPU may refuse from what it remembers (see [`crate::memo`]).
+pub const OP_FORGET: u32 = 11;
+/// Move the refusals counted in this CPU's refusal memo into the entry of the source it names
+/// (userspace runs it on the memo's CPU before it removes that entry: see [`crate::memo`]).
+pub const OP_SETTLE_MEMO: u32 = 12;
 
 /// A request to the control program, passed as its "packet" through BPF_PROG_TEST_RUN, so the
 /// change happens in the kernel with the same atomic operations the other programs use.
@@ -689,6 +729,7 @@ pub const CONTROL_NOOP: u32 = 1;
 
 const _: () = {
     assert!(size_of::<SourceKey>() == 20);
+    assert!(core::mem::align_of::<SourceKey>() == 4);
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<SourceState>() == 16 + size_of::<RateState>() + 4);
     assert!(core::mem::offset_of!(SourceState, stamps) == SOURCE_HEADER_LEN);
@@ -706,6 +747,8 @@ const _: () = {
     assert!(size_of::<BanEvent>() == 40);
     assert!(size_of::<RateState>() == 4 + 4 * RATE_SLOTS);
     assert!(size_of::<ControlOp>() == 112);
+    assert!(size_of::<RefusalMemo>() == 48);
+    assert!(core::mem::offset_of!(RefusalMemo, filter) == 32);
     assert!(Counter::ALL.len() == Counter::COUNT as usize);
     assert!(stats_bucket(UNATTRIBUTED, AF_INET6) + Counter::COUNT == STATS_ENTRIES);
 };
@@ -726,6 +769,7 @@ mod pod {
     unsafe impl aya::Pod for ControlOp {}
     unsafe impl aya::Pod for BanValue {}
     unsafe impl aya::Pod for BanEvent {}
+    unsafe impl aya::Pod for RefusalMemo {}
 }
 
 #[cfg(test)]

@@ -47,6 +47,11 @@ pub const MAP_JUMP: &str = "WSG_JUMP";
 /// [`PROG_COOKIE`]'s per-CPU copy of the segment it handles.
 pub const MAP_SEG: &str = "WSG_SEG";
 
+/// Per-CPU refusal memos ([`crate::maps::RefusalMemo`], see [`crate::memo`]).
+pub const MAP_MEMO: &str = "WSG_MEMO";
+/// The memos' epoch: a one-element array, moved on by whatever may end a refusal.
+pub const MAP_EPOCH: &str = "WSG_EPOCH";
+
 /// The benchmark's object only (`ws-guard-ebpf-counted`): counts of hash-map operations.
 pub const MAP_OPS: &str = "WSG_OPS";
 /// [`MAP_OPS`] slot: lookups of `WSG_SOURCES` and `WSG_FLOWS`.
@@ -61,7 +66,7 @@ pub const OPS_COUNTED: u32 = 3;
 /// Every program name.
 pub const PROGRAMS: [&str; 4] = [PROG_XDP, PROG_SOCK_STATE, PROG_CONTROL, PROG_COOKIE];
 /// Every map name the program defines (the aya-log map excluded).
-pub const MAPS: [&str; 14] = [
+pub const MAPS: [&str; 16] = [
     MAP_PORTS,
     MAP_ZERO,
     MAP_GLOBAL,
@@ -76,6 +81,8 @@ pub const MAPS: [&str; 14] = [
     MAP_COOKIES,
     MAP_JUMP,
     MAP_SEG,
+    MAP_MEMO,
+    MAP_EPOCH,
 ];
 
 /// The kernel's limit on object names (BPF_OBJ_NAME_LEN - 1).

@@ -158,8 +158,9 @@ pub fn charge(flow: &FlowKey, source: &SourceKey) -> bool {
     let Some(c) = maps::source_entry(source) else {
         return false;
     };
-    maps::take_slot(c);
+    // The filter first, as everywhere a slot is taken (see `ws_guard_common::memo`).
     maps::filter_add(c, flow_filter_index(flow));
+    maps::take_slot(c);
     true
 }
 

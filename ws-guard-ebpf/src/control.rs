@@ -5,7 +5,7 @@ use ws_guard_common::{
     filter::flow_filter_index,
     maps::{
         CONTROL_DONE, CONTROL_NOOP, ControlOp, Counter, FLOW_OWNED, FLOW_PENDING, FlowKey,
-        OP_ADOPT, OP_CHARGE, OP_CLEAR_STALE, OP_EXPIRE_BAN, OP_EXPIRE_PENDING, OP_REKEY_OWNED,
+        OP_ADOPT, OP_CHARGE, OP_CLEAR_STALE, OP_EXPIRE_BAN, OP_EXPIRE_PENDING, OP_FORGET, OP_SETTLE_MEMO, OP_REKEY_OWNED,
         OP_REKEY_PENDING, OP_RELEASE_OWNED, OP_TRANSLATE, OP_UNCHARGE, SourceKey,
     },
     parse::Packet,
@@ -37,6 +37,14 @@ pub fn run(ctx: &XdpContext) -> u32 {
         OP_REKEY_PENDING => accounting::rekey(&op.flow, FLOW_PENDING, &op.source, op.prefix),
         OP_REKEY_OWNED => accounting::rekey(&op.flow, FLOW_OWNED, &op.source, op.prefix),
         OP_CLEAR_STALE => clear_stale(&op.source),
+        OP_FORGET => {
+            maps::forget_refusals();
+            true
+        }
+        OP_SETTLE_MEMO => match maps::memo() {
+            Some(m) => maps::settle_memo(m),
+            None => false,
+        },
         _ => false,
     };
     if done { CONTROL_DONE } else { CONTROL_NOOP }

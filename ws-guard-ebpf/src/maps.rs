@@ -17,7 +17,8 @@ use ws_guard_common::{
     filter::{filter_added, filter_removed, filter_saturated},
     maps::{
         BanEvent, BanValue, Counter, EVENT_BAN_ENDED, FlowKey, FlowValue, GlobalConfig, PortConfig,
-        RATE_SLOTS, STATS_ENTRIES, Scratch, SourceKey, SourceState, UNATTRIBUTED, stats_bucket,
+        RATE_SLOTS, RefusalMemo, STATS_ENTRIES, Scratch, SourceKey, SourceState, UNATTRIBUTED,
+        stats_bucket,
     },
     policy::{CIDR_DATA_LEN, TAG_BITS, address_bits},
     rate,
@@ -107,6 +108,13 @@ pub static WSG_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 
 /// handshake), and a cookie is valid for about two minutes: LRU eviction only drops old ones.
 #[map]
 pub static WSG_COOKIES: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Each CPU's refusal memo (see `ws_guard_common::memo`).
+#[map]
+pub static WSG_MEMO: PerCpuArray<RefusalMemo> = PerCpuArray::with_max_entries(1, 0);
+/// The memos' epoch, moved on by [`forget_refusals`].
+#[map]
+pub static WSG_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
 
 /// `-EEXIST`, as map updates with BPF_NOEXIST return it.
 pub const EEXIST: i32 = -17;
@@ -215,11 +223,33 @@ pub fn take_slot_and_claim(c: *mut SourceState) -> (u32, u32) {
     (old as u32, (old >> 32) as u32)
 }
 
-/// Gives one slot back, never below zero.
+/// Gives one slot back, never below zero; then no CPU refuses from its memo (the source may
+/// have room now).
 #[inline(always)]
 pub fn give_slot(c: *mut SourceState) {
     // SAFETY: `c` points to a live map value.
     unsafe { saturating_dec(&raw mut (*c).slots) }
+    forget_refusals();
+}
+
+/// The refusal memos' epoch (read before a source's slot count when a memo is made).
+#[inline(always)]
+pub fn epoch() -> u32 {
+    match WSG_EPOCH.get_ptr(0) {
+        // SAFETY: an aligned u32 of a live map value.
+        Some(p) => unsafe { core::ptr::read_volatile(p) },
+        None => 0,
+    }
+}
+
+/// Moves the memos' epoch on: after whatever may turn a refusal at `max_connections` into
+/// another verdict (see `ws_guard_common::memo`).
+#[inline(always)]
+pub fn forget_refusals() {
+    if let Some(p) = WSG_EPOCH.get_ptr_mut(0) {
+        // SAFETY: an aligned u32 of a live map value.
+        unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(p, 1) };
+    }
 }
 
 /// Attempts at a compare-and-swap of the filter word before an add falls back to saturating
@@ -440,8 +470,61 @@ pub fn end_ban(source: &SourceKey, until_ns: u64, reason: u32, bucket: Bucket) -
 /// Adds one to the refusal count of a source's entry.
 #[inline(always)]
 pub fn note_refusal(state: *mut SourceState) {
+    add_refusals(state, 1);
+}
+
+/// Adds `n` to the refusal count of a source's entry.
+#[inline(always)]
+pub fn add_refusals(state: *mut SourceState, n: u32) {
     // SAFETY: `refused` is a u32 inside a live map value.
     unsafe {
-        atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*state).refused, 1);
+        atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*state).refused, n);
+    }
+}
+
+/// This CPU's refusal memo.
+#[inline(always)]
+pub fn memo() -> Option<*mut RefusalMemo> {
+    WSG_MEMO.get_ptr_mut(0)
+}
+
+/// Moves the refusals counted in this CPU's memo `m` into the entry of the source it names
+/// (gone: they go with it); true if there were any. `flushes` is odd meanwhile, so userspace,
+/// which adds the pending counts to the entries it reads, reads again.
+#[inline(always)]
+pub fn settle_memo(m: *mut RefusalMemo) -> bool {
+    // SAFETY: this CPU's memo, written by this program run only.
+    unsafe {
+        let pending = core::ptr::read_volatile(&raw const (*m).pending);
+        if pending == 0 {
+            return false;
+        }
+        let flushes = &raw mut (*m).flushes;
+        let f = core::ptr::read_volatile(flushes);
+        core::ptr::write_volatile(flushes, f.wrapping_add(1));
+        // The memo's key is in map memory: no copy on the stack.
+        if let Some(e) = WSG_SOURCES.get_ptr_mut(&(*m).source) {
+            add_refusals(e, pending);
+        }
+        core::ptr::write_volatile(&raw mut (*m).pending, 0);
+        core::ptr::write_volatile(flushes, f.wrapping_add(2));
+    }
+    true
+}
+
+/// The flow filter of a source's entry, read with a full barrier after the slot count it is
+/// paired with (a flow is counted in the filter before its slot is taken).
+#[inline(always)]
+pub fn filter_after(c: *mut SourceState) -> u64 {
+    // SAFETY: `c` points to a live map value; the filter is an aligned u64. A swap of zero for
+    // zero changes nothing and returns the value; the atomic orders the read after the earlier
+    // ones. (A fetching OR crashes this LLVM's BPF backend.)
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            &raw mut (*c).filter,
+            0,
+            0,
+        )
+        .0
     }
 }

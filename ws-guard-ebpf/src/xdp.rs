@@ -16,6 +16,7 @@ use ws_guard_common::{
         FLAG_BANS, FLOW_PENDING, FlowKey, FlowValue, GATE_FLAGS, GlobalConfig, PortConfig,
         SourceKey, SourceState,
     },
+    memo::{Recall, recall},
     parse::{self, Parsed, Quick, TcpSegment},
     policy::{ListVerdict, ban_active, ban_until, list_verdict},
     rate, rst,
@@ -109,8 +110,10 @@ pub(crate) fn refuse<F: FrameIo>(frame: &F, seg: &TcpSegment, bucket: Bucket, ac
 /// Budget of a judgement (BENCHMARKS.md, "Work per path", checks it): a refusal makes one hash
 /// lookup (the source's entry; a second, of the flow, only where the source's filter says the
 /// SYN may repeat a tracked attempt) and adds to its refusal count, taking nothing it must give
-/// back; an admission of a known source makes one lookup and one insert (the flow), whose
-/// failure on a tracked tuple is the retransmission check.
+/// back; a refusal of the source this CPU last refused at `max_connections` makes none (its
+/// memo, see `ws_guard_common::memo`; the flow's lookup as before); an admission of a known
+/// source makes one lookup and one insert (the flow), whose failure on a tracked tuple is the
+/// retransmission check.
 #[inline(always)]
 pub(crate) fn new_attempt<F: FrameIo>(
     ctx: &XdpContext,
@@ -129,9 +132,15 @@ pub(crate) fn new_attempt<F: FrameIo>(
         return Verdict::Pass;
     };
     let source = source_key(seg.family, flow.client, seg.dport, global);
-    let state = WSG_SOURCES.get_ptr_mut(&source);
     let index = flow_filter_index(&flow);
-    let mut clock = Clock(None);
+    let mut clock = Clock::unread();
+    if global.monitor == 0 && port.max_connections != 0 {
+        if let Some(v) = recalled(ctx, seg, &flow, index, &source, port, global, &mut clock, bucket)
+        {
+            return v;
+        }
+    }
+    let state = WSG_SOURCES.get_ptr_mut(&source);
     if let Some(s) = state {
         let max = port.max_connections;
         let room = max == 0 || maps::slots_taken(s) < max;
@@ -147,10 +156,59 @@ pub(crate) fn new_attempt<F: FrameIo>(
     )
 }
 
+/// The verdict this CPU's refusal memo gives (see `ws_guard_common::memo`), if it knows the
+/// source: refused at `max_connections` as last time, unless the SYN repeats a tracked attempt
+/// (looked up where the memo's filter says it may). The refusal is counted in the memo.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn recalled(
+    ctx: &XdpContext,
+    seg: &TcpSegment,
+    flow: &FlowKey,
+    index: usize,
+    source: &SourceKey,
+    port: &PortConfig,
+    global: &GlobalConfig,
+    clock: &mut Clock,
+    bucket: Bucket,
+) -> Option<Verdict> {
+    let m = maps::memo()?;
+    // SAFETY: this CPU's memo; only this program run writes it now.
+    let r = recall(
+        unsafe { &*m },
+        source,
+        port.max_connections,
+        maps::epoch(),
+        global,
+        index,
+    );
+    match r {
+        Recall::Unknown => return None,
+        Recall::Refuse => {}
+        Recall::RefuseUnlessTracked => {
+            // SAFETY: the lookup only tests presence.
+            if unsafe { WSG_FLOWS.get(flow).is_some() } {
+                retransmitted(flow, clock.now().ms, bucket);
+                return Some(Verdict::Pass);
+            }
+        }
+    }
+    // SAFETY: as above; userspace reads `pending` (see `RefusalMemo::flushes`).
+    unsafe {
+        let p = &raw mut (*m).pending;
+        core::ptr::write_volatile(p, core::ptr::read_volatile(p).wrapping_add(1));
+    }
+    count(bucket, Counter::ConnLimited);
+    debug!(ctx, "port {} over max_connections", seg.dport);
+    Some(Verdict::Refuse(port.conn_action))
+}
+
 /// `bpf_ktime_get_ns`, read once and only if needed (a refusal at the concurrency limit never
 /// reads the clock), with its millisecond stamp: the one division by 10^6 of a judgement (the
-/// program has no faster way to divide).
-struct Clock(Option<Now>);
+/// program has no faster way to divide). Unread while `ns` is 0 (the clock counts from boot), a
+/// plain struct rather than an `Option`: LLVM spilled the `None`'s undefined payload, which the
+/// verifier refuses to read.
+struct Clock(Now);
 
 #[derive(Clone, Copy)]
 struct Now {
@@ -161,17 +219,21 @@ struct Now {
 
 impl Clock {
     #[inline(always)]
+    fn unread() -> Self {
+        Clock(Now { ns: 0, ms: 0 })
+    }
+
+    #[inline(always)]
     fn now(&mut self) -> Now {
-        if let Some(n) = self.0 {
-            return n;
+        if self.0.ns != 0 {
+            return self.0;
         }
         let ns = unsafe { bpf_ktime_get_ns() };
-        let n = Now {
+        self.0 = Now {
             ns,
             ms: rate::stamp_ms(ns),
         };
-        self.0 = Some(n);
-        n
+        self.0
     }
 }
 
@@ -253,7 +315,7 @@ fn admit_known(
     if taken >= max && max != 0 {
         maps::give_slot(s);
         untrack(flow, s, index);
-        return conn_limited(ctx, seg, port, s, bucket);
+        return conn_limited(ctx, seg, port, &source, s, bucket);
     }
     count(bucket, Counter::Admitted);
     Verdict::Pass
@@ -347,7 +409,7 @@ fn judge_fully(
     let max = port.max_connections;
     if limited && max != 0 && maps::slots_taken(slots) >= max {
         if !monitor {
-            return conn_limited(ctx, seg, port, slots, bucket);
+            return conn_limited(ctx, seg, port, &source, slots, bucket);
         }
         // Monitor mode admits it, and, as when enforcing, it does not count toward the rate.
         count(bucket, Counter::MonitorWouldBlock);
@@ -372,12 +434,16 @@ fn judge_fully(
     // The slot itself: taken atomically, so N simultaneous attempts against a limit of N - k
     // still give exactly N - k connections. One that lost that race to another CPU since the
     // read above is refused like any attempt over the limit (its rate attempt stays counted, as
-    // if the two had arrived the other way round).
+    // if the two had arrived the other way round). The flow is counted in the source's filter
+    // first: a slot is never held for a flow the filter misses (a refusal memo copies the
+    // filter after the slot count).
+    maps::filter_add(slots, index);
     let taken = maps::take_slot(slots);
     if limited && max != 0 && taken >= max {
         if !monitor {
             maps::give_slot(slots);
-            return conn_limited(ctx, seg, port, slots, bucket);
+            maps::filter_sub(slots, index);
+            return conn_limited(ctx, seg, port, &source, slots, bucket);
         }
         if !would_block {
             count(bucket, Counter::MonitorWouldBlock);
@@ -415,19 +481,60 @@ fn rate_limited(
     Verdict::Refuse(port.rate_action)
 }
 
-/// An attempt refused because its source is at `max_connections` (no slot was taken for it).
+/// An attempt refused because its source is at `max_connections` (no slot was taken for it),
+/// which this CPU then remembers.
 #[inline(always)]
 fn conn_limited(
     ctx: &XdpContext,
     seg: &TcpSegment,
     port: &PortConfig,
+    source: &SourceKey,
     slots: *mut SourceState,
     bucket: Bucket,
 ) -> Verdict {
-    maps::note_refusal(slots);
+    remember_refusal(source, port.max_connections, slots);
     count(bucket, Counter::ConnLimited);
     debug!(ctx, "port {} over max_connections", seg.dport);
     Verdict::Refuse(port.conn_action)
+}
+
+/// Counts a refusal of `source` at `max` in its entry (`s`) and makes it this CPU's memo if it
+/// is still at its limit; the refusals the memo counted for another source go to that one's
+/// entry first. The epoch is read before the slot count, the filter after it (see
+/// `ws_guard_common::memo`).
+#[inline(always)]
+fn remember_refusal(source: &SourceKey, max: u32, s: *mut SourceState) {
+    let Some(m) = maps::memo() else {
+        maps::note_refusal(s);
+        return;
+    };
+    let epoch = maps::epoch();
+    // SAFETY: this CPU's memo, written by this program run only.
+    unsafe {
+        if (*m).source.same(source) {
+            // Its pending count goes in with this refusal (`flushes` odd meanwhile, as in
+            // `settle_memo`).
+            let flushes = &raw mut (*m).flushes;
+            let f = core::ptr::read_volatile(flushes);
+            core::ptr::write_volatile(flushes, f.wrapping_add(1));
+            let pending = core::ptr::read_volatile(&raw const (*m).pending);
+            maps::add_refusals(s, 1 + pending);
+            core::ptr::write_volatile(&raw mut (*m).pending, 0);
+            core::ptr::write_volatile(flushes, f.wrapping_add(2));
+        } else {
+            maps::settle_memo(m);
+            // An atomic add: a full barrier between the epoch's read and the slot count's.
+            maps::note_refusal(s);
+        }
+        if maps::slots_taken(s) < max {
+            (*m).max = 0;
+            return;
+        }
+        (*m).filter = maps::filter_after(s);
+        (*m).source = *source;
+        (*m).epoch = epoch;
+        (*m).max = max;
+    }
 }
 
 /// The first fragment of a TCP segment: to a protected port, dropped unless the operator
@@ -540,6 +647,7 @@ fn start_ban(source: &SourceKey, now: u64, ban_ns: u64, bucket: Bucket) {
     };
     match WSG_BANS.insert(source, &value, BPF_NOEXIST as u64) {
         Ok(()) => {
+            maps::forget_refusals();
             count(bucket, Counter::BansStarted);
             maps::emit(bucket, EVENT_BAN_STARTED, BAN_RATE, source, value.until_ns);
         }
@@ -548,11 +656,10 @@ fn start_ban(source: &SourceKey, now: u64, ban_ns: u64, bucket: Bucket) {
     }
 }
 
-/// Records an admitted attempt as half-open (counted as `counter`); its slot is already taken.
-/// It is counted in the source's flow filter (bucket `index`) before it is inserted, so a
-/// retransmission on another CPU never skips the lookup that finds it. False when
-/// `WSG_FLOWS` is full: the slot and the filter count are given back and nothing counted
-/// (see [`map_full`]).
+/// Records an admitted attempt as half-open (counted as `counter`); its slot is already taken
+/// and it is counted in the source's flow filter (bucket `index`), so a retransmission on
+/// another CPU never skips the lookup that finds it. False when `WSG_FLOWS` is full: the slot
+/// and the filter count are given back and nothing counted (see [`map_full`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn admit(
@@ -566,7 +673,6 @@ fn admit(
     counter: Counter,
 ) -> bool {
     let value = FlowValue::new(FLOW_PENDING, prefix, source.port, now_ms);
-    maps::filter_add(slots, index);
     match WSG_FLOWS.insert(flow, &value, BPF_NOEXIST as u64) {
         Ok(()) => count(bucket, counter),
         // The same SYN, retransmitted, won on another CPU (and counted the flow itself).

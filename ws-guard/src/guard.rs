@@ -21,9 +21,9 @@ use ws_guard_common::{
     filter::{current_source, flows_settled, prefixes_changed},
     maps::{
         AF_INET, AF_INET6, CONTROL_DONE, ControlOp, Counter, FLAG_CHECK_FLOWS, FLOW_OWNED,
-        FLOW_PENDING, FlowKey, FlowValue, GlobalConfig, MAX_PORTS, OP_CHARGE, OP_REKEY_OWNED,
-        OP_REKEY_PENDING, OP_UNCHARGE, PortConfig, RateState, SourceKey, SourceState, UNATTRIBUTED,
-        stats_bucket,
+        FLOW_PENDING, FlowKey, FlowValue, GlobalConfig, MAX_PORTS, OP_CHARGE, OP_FORGET,
+        OP_REKEY_OWNED, OP_REKEY_PENDING, OP_SETTLE_MEMO, OP_UNCHARGE, PortConfig, RateState,
+        SourceKey, SourceState, UNATTRIBUTED, stats_bucket,
     },
     names, tracepoint as tp,
 };
@@ -239,6 +239,7 @@ impl Guard {
             if adopted {
                 resize_rate_ring(p, opts.rate_ring)?;
             }
+            forget_memos_of_new_sources(p)?;
             for name in names::MAPS {
                 loader.map_pin_path(name, p.map(name));
             }
@@ -703,6 +704,18 @@ impl Guard {
     pub(crate) fn write_global(&mut self, g: GlobalConfig) -> anyhow::Result<()> {
         let mut m: Array<&mut MapData, GlobalConfig> = self.map_mut(names::MAP_GLOBAL)?;
         m.set(0, g, 0).context("writing global settings")?;
+        self.forget_refusals()
+    }
+
+    /// Tells the XDP program's refusal memos that the settings, limits, lists or bans changed,
+    /// so no CPU refuses from what it remembers (see `ws_guard_common::memo`); after every such
+    /// write.
+    pub(crate) fn forget_refusals(&mut self) -> anyhow::Result<()> {
+        self.control(ControlOp {
+            op: OP_FORGET,
+            ..Default::default()
+        })
+        .context("telling the XDP program the limits changed")?;
         Ok(())
     }
 
@@ -730,7 +743,7 @@ impl Guard {
             // The kernel no longer counts into it (up to frames in flight): free for reuse.
             self.port_index.remove(&port);
         }
-        Ok(())
+        self.forget_refusals()
     }
 
     /// The stats bucket of `port`: the one it has, or the lowest free one, emptied.
@@ -1223,6 +1236,9 @@ impl Guard {
     /// least `min_age_ms` old (or it has none) when read. The kernel recreates it on the
     /// source's next attempt. True if it removed it.
     pub fn remove_idle_source(&mut self, key: &SourceKey, min_age_ms: u32) -> anyhow::Result<bool> {
+        if !self.settle_memos_of(key)? {
+            return Ok(false);
+        }
         let now = monotonic_ns();
         let data = self.map_data(names::MAP_SOURCES)?;
         let idle = crate::view::source_entry(data, key)?.is_some_and(|v| {
@@ -1234,6 +1250,41 @@ impl Guard {
         crate::rawmap::RawHashMap::new(data)?
             .remove(crate::rawmap::pod_bytes(key))
             .context("removing an idle source entry")
+    }
+
+    /// Moves the refusals the CPUs' memos counted for `key` into its entry, each on the memo's
+    /// own CPU (see `ws_guard_common::memo`), so that none is left to land in a later entry of
+    /// the key; false if a CPU could not be reached (the entry then stays for now).
+    fn settle_memos_of(&mut self, key: &SourceKey) -> anyhow::Result<bool> {
+        let cpus: Vec<usize> = self
+            .view
+            .memos()?
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.pending != 0 && m.source == *key)
+            .map(|(cpu, _)| cpu)
+            .collect();
+        for cpu in cpus {
+            let op = ControlOp {
+                op: OP_SETTLE_MEMO,
+                ..Default::default()
+            };
+            match crate::cpu::on_cpu(cpu, || self.control(op)) {
+                Ok(r) => {
+                    r?;
+                }
+                Err(e) => {
+                    log::debug!("cannot run on CPU {cpu} to settle its refusal memo: {e}");
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Each possible CPU's refusal memo (see `ws_guard_common::memo`), by CPU number.
+    pub fn refusal_memos(&self) -> anyhow::Result<Vec<ws_guard_common::maps::RefusalMemo>> {
+        self.view.memos()
     }
 
     /// Half-open attempts the programs track.
@@ -1444,6 +1495,16 @@ fn resize_rate_ring(pins: &PinDir, ring: u32) -> anyhow::Result<()> {
         std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
     }
     Ok(())
+}
+
+/// Removes the pinned refusal memos when the source map is to be made afresh: a memo names a
+/// source at its limit in the map it was made against (see `ws_guard_common::memo`).
+fn forget_memos_of_new_sources(pins: &PinDir) -> anyhow::Result<()> {
+    let memo = pins.map(names::MAP_MEMO);
+    if pins.map(names::MAP_SOURCES).exists() || !memo.exists() {
+        return Ok(());
+    }
+    std::fs::remove_file(&memo).with_context(|| format!("removing {}", memo.display()))
 }
 
 fn raise_memlock_limit() {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod config_reference;
 pub mod control;
 pub mod cookies;
+pub mod cpu;
 pub mod daemon;
 pub mod ebpf_object;
 pub mod events;

@@ -11,11 +11,11 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{HashMap, LpmTrie, Map, MapData},
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
 };
 use ipnet::IpNet;
 use ws_guard_common::{
-    maps::{BanValue, FlowKey, FlowValue, SourceKey, SourceState},
+    maps::{BanValue, FlowKey, FlowValue, RefusalMemo, SourceKey, SourceState},
     names,
     policy::CIDR_DATA_LEN,
 };
@@ -26,8 +26,9 @@ use crate::{
 };
 
 /// The maps a [`MapView`] holds.
-const VIEWED: [&str; 5] = [
+const VIEWED: [&str; 6] = [
     names::MAP_SOURCES,
+    names::MAP_MEMO,
     names::MAP_FLOWS,
     names::MAP_BANS,
     names::MAP_ALLOW,
@@ -59,6 +60,7 @@ impl MapView {
                 Map::HashMap(d) => Map::HashMap(dup(d)?),
                 Map::LruHashMap(d) => Map::LruHashMap(dup(d)?),
                 Map::LpmTrie(d) => Map::LpmTrie(dup(d)?),
+                Map::PerCpuArray(d) => Map::PerCpuArray(dup(d)?),
                 _ => bail!("map {name} has an unexpected type"),
             };
             maps.insert(name, copy);
@@ -105,13 +107,40 @@ impl MapView {
             .collect())
     }
 
-    /// Every entry of the source map (slots, flow filter, rate window), idle ones included.
+    /// Each possible CPU's refusal memo, by CPU number.
+    pub fn memos(&self) -> anyhow::Result<Vec<RefusalMemo>> {
+        let memos: PerCpuArray<&MapData, RefusalMemo> = self.map(names::MAP_MEMO)?;
+        Ok(memos
+            .get(&0, 0)
+            .context("reading the refusal memos")?
+            .iter()
+            .copied()
+            .collect())
+    }
+
+    /// Every entry of the source map (slots, flow filter, rate window), idle ones included;
+    /// the refusal counts include those the CPUs' refusal memos hold for them.
     pub fn source_states(&self) -> anyhow::Result<Vec<(SourceKey, SourceState)>> {
         let data: &MapData = match self.maps.get(names::MAP_SOURCES) {
             Some(Map::HashMap(d)) => d,
             _ => bail!("map {} is not in the view", names::MAP_SOURCES),
         };
-        source_entries(data)
+        let memos: PerCpuArray<&MapData, RefusalMemo> = self.map(names::MAP_MEMO)?;
+        let read = || -> anyhow::Result<PerCpuValues<RefusalMemo>> {
+            memos.get(&0, 0).context("reading the refusal memos")
+        };
+        // A memo moving its count into an entry between the two reads of the memos: read again.
+        let mut tries = 0;
+        loop {
+            let before = read()?;
+            let mut states = source_entries(data)?;
+            let after = read()?;
+            tries += 1;
+            if memos_settled(&before, &after) || tries == MEMO_READS {
+                add_pending(&mut states, &after);
+                return Ok(states);
+            }
+        }
     }
 
     /// The tracked flows in `state` (`FLOW_PENDING`, `FLOW_OWNED`), or all of them. A flow
@@ -159,6 +188,29 @@ impl MapView {
             }
         }
         Ok(out.into_iter().collect())
+    }
+}
+
+/// How often [`MapView::source_states`] reads the maps before it takes what it read (a count
+/// moved in between is then counted twice or not at all, once): a move takes nanoseconds.
+const MEMO_READS: u32 = 8;
+
+/// Whether no memo moved its pending count into an entry between two reads (`before`, then
+/// `after`): the same number of moves, none in progress (see `RefusalMemo::flushes`).
+fn memos_settled(before: &[RefusalMemo], after: &[RefusalMemo]) -> bool {
+    before.len() == after.len()
+        && before
+            .iter()
+            .zip(after)
+            .all(|(b, a)| b.flushes == a.flushes && a.flushes % 2 == 0)
+}
+
+/// Adds the refusals the memos hold to the entries of the sources they name.
+fn add_pending(states: &mut [(SourceKey, SourceState)], memos: &[RefusalMemo]) {
+    for m in memos.iter().filter(|m| m.pending != 0) {
+        if let Some((_, s)) = states.iter_mut().find(|(k, _)| *k == m.source) {
+            s.refused = s.refused.wrapping_add(m.pending);
+        }
     }
 }
 
@@ -218,5 +270,46 @@ mod tests {
     fn a_view_can_move_to_another_thread() {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<MapView>();
+    }
+
+    fn key(last: u8) -> SourceKey {
+        SourceKey {
+            addr: [198, 18, 0, last, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port: 9000,
+            family: ws_guard_common::maps::AF_INET,
+        }
+    }
+
+    #[test]
+    fn pending_refusals_are_added_to_the_source_each_memo_names() {
+        let state = |refused| SourceState {
+            refused,
+            ..Default::default()
+        };
+        let mut states = vec![(key(1), state(5)), (key(2), state(0))];
+        let memo = |k, pending| RefusalMemo {
+            source: k,
+            pending,
+            max: 3,
+            ..Default::default()
+        };
+        // Two CPUs refusing the same source, one a source the map no longer has.
+        add_pending(
+            &mut states,
+            &[memo(key(1), 10), memo(key(1), 1), memo(key(9), 4)],
+        );
+        assert_eq!(states[0].1.refused, 16);
+        assert_eq!(states[1].1.refused, 0);
+    }
+
+    #[test]
+    fn a_move_between_the_reads_or_in_progress_is_not_settled() {
+        let m = |flushes| RefusalMemo {
+            flushes,
+            ..Default::default()
+        };
+        assert!(memos_settled(&[m(2), m(0)], &[m(2), m(0)]));
+        assert!(!memos_settled(&[m(2), m(0)], &[m(4), m(0)]));
+        assert!(!memos_settled(&[m(3)], &[m(3)]));
     }
 }
