@@ -3,24 +3,37 @@
 use crate::maps::{AF_INET, AF_INET6, FlowKey, GlobalConfig, SourceKey};
 
 /// Keeps the first `prefix` bits of `addr` (IPv4 in the first four bytes) and zeroes the rest.
-/// A prefix longer than the family's address is clamped to it.
+/// A prefix longer than the family's address is clamped to it. Word by word, in the words'
+/// own byte order (only the mask is swapped): the byte-wise loop was ~200 BPF instructions on
+/// the XDP program's every judgement.
 #[inline(always)]
 pub fn mask(addr: [u8; 16], family: u16, prefix: u32) -> [u8; 16] {
     let bits = if family == AF_INET { 32 } else { 128 };
     let prefix = if prefix > bits { bits } else { prefix };
-    let mut out = [0u8; 16];
-    let full = (prefix / 8) as usize;
-    let rest = prefix % 8;
+    let mut out = [0u32; 4];
     let mut i = 0;
-    while i < 16 {
-        if i < full {
-            out[i] = addr[i];
-        } else if i == full && rest != 0 {
-            out[i] = addr[i] & (0xffu8 << (8 - rest));
+    while i < 4 {
+        let start = 32 * i as u32;
+        let keep = if prefix <= start {
+            0
+        } else if prefix - start >= 32 {
+            32
+        } else {
+            prefix - start
+        };
+        if keep != 0 {
+            let word = u32::from_ne_bytes([
+                addr[4 * i],
+                addr[4 * i + 1],
+                addr[4 * i + 2],
+                addr[4 * i + 3],
+            ]);
+            out[i] = word & (u32::MAX << (32 - keep)).to_be();
         }
         i += 1;
     }
-    out
+    // SAFETY: [u32; 4] and [u8; 16] have the same size; every bit pattern is valid.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(out) }
 }
 
 /// The prefix length source keys of `family` are masked to.
@@ -80,6 +93,48 @@ mod tests {
         let mut o = [0; 16];
         o[..4].copy_from_slice(&a);
         o
+    }
+
+    /// The definition, byte by byte (what `mask` computed before it worked in words).
+    fn mask_bytewise(addr: [u8; 16], family: u16, prefix: u32) -> [u8; 16] {
+        let bits = if family == AF_INET { 32 } else { 128 };
+        let prefix = if prefix > bits { bits } else { prefix };
+        let mut out = [0u8; 16];
+        let full = (prefix / 8) as usize;
+        let rest = prefix % 8;
+        let mut i = 0;
+        while i < 16 {
+            if i < full {
+                out[i] = addr[i];
+            } else if i == full && rest != 0 {
+                out[i] = addr[i] & (0xffu8 << (8 - rest));
+            }
+            i += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn masking_in_words_is_masking_byte_by_byte() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..2000 {
+            let mut addr = [0u8; 16];
+            for b in addr.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            for family in [AF_INET, AF_INET6] {
+                for prefix in 0..=130 {
+                    assert_eq!(
+                        mask(addr, family, prefix),
+                        mask_bytewise(addr, family, prefix),
+                        "{addr:?} family {family} /{prefix}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
