@@ -33,7 +33,9 @@ pub const UNPROTECTED: Budget = Budget {
 };
 
 /// A SYN refused at `max_connections` or by the rate: the source's entry, and the flow only
-/// where the source's filter says the SYN may repeat a tracked attempt.
+/// where the source's filter says the SYN may repeat a tracked attempt. A refusal of the source
+/// the CPU last refused at `max_connections` makes no lookup of the entry (its refusal memo,
+/// [`crate::memo`]): within this budget, which is the worst case.
 pub const REFUSAL: Budget = Budget {
     path: "refusal (concurrency or rate)",
     lookups: 1.0,
