@@ -795,6 +795,7 @@ impl Gen {
             {
                 self.cookie_ack()
             }
+            1445..1525 if !self.recent_specs.is_empty() => self.burst(),
             _ => {
                 let (f, what) = self.frame();
                 Event::Frame(f, what)
@@ -804,6 +805,31 @@ impl Gen {
             self.frames += 1;
         }
         Some(e)
+    }
+
+    /// A burst of new attempts from one recent source (new client ports, plain SYNs), as a
+    /// flood from one address sends them: a source at its limit is then refused from the CPU's
+    /// refusal memo. The first is returned, the others queued.
+    fn burst(&mut self) -> Event {
+        let i = self.below(self.recent_specs.len());
+        let base = self.recent_specs[i].clone();
+        let n = self.rng.range(4, 16) as u64;
+        for k in 0..n {
+            let mut spec = base.clone();
+            if let L4::Tcp { sport, flags, .. } = &mut spec.l4 {
+                *sport = self.rng.next_u64() as u16;
+                *flags = ws_guard_common::parse::TCP_SYN;
+            }
+            if k == 0 {
+                // Its retransmissions come later, among the other frames.
+                self.remember(&spec);
+            }
+            let (f, _) = spec.build(&mut self.rng);
+            self.queue
+                .push_back(Event::Frame(f, Desc::of(&spec, format!("burst {k}/{n}"))));
+        }
+        self.frames += n - 1;
+        self.queue.pop_front().expect("a burst of at least four")
     }
 
     /// The ACK of a SYN-ACK the kernel sent with a cookie: as it came (most often), again (a
@@ -1358,9 +1384,12 @@ struct RunStats {
     skipped_lookups: u64,
     /// Clearings of `FLAG_CHECK_FLOWS` by `settle_flow_check`.
     flow_checks_settled: u64,
-    /// Checkpoints at which a CPU's refusal memo held refusals it had made (its source's
-    /// count, compared there, includes them).
-    memo_checkpoints: u64,
+    /// Counter checks that found a CPU's refusal memo at work since the last one: holding
+    /// refusals it had made, or having moved some into an entry (the sources' counts, compared
+    /// at the checkpoints, include them).
+    memo_checks: u64,
+    /// Each CPU's `RefusalMemo::flushes` at the last counter check.
+    memo_flushes: Vec<u32>,
     /// The decision counters at the end.
     totals: [u64; Counter::COUNT as usize],
     /// SYN-ACKs with a cookie compared.
@@ -1534,6 +1563,15 @@ impl Run {
     }
 
     fn check_counters(&mut self) {
+        let memos = self
+            .guard
+            .refusal_memos()
+            .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
+        let flushes: Vec<u32> = memos.iter().map(|m| m.flushes).collect();
+        let at_work = memos.iter().any(|m| m.pending != 0)
+            || (flushes != self.stats.memo_flushes && !self.stats.memo_flushes.is_empty());
+        self.stats.memo_checks += u64::from(at_work);
+        self.stats.memo_flushes = flushes;
         let span = (self.last_checked_frame, self.frames);
         self.frames_since_check = 0;
         self.last_checked_frame = self.frames;
@@ -1622,11 +1660,6 @@ impl Run {
     fn check_maps(&mut self) {
         self.stats.checkpoints += 1;
         self.check_counters();
-        let memos = self
-            .guard
-            .refusal_memos()
-            .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
-        self.stats.memo_checkpoints += u64::from(memos.iter().any(|m| m.pending != 0));
         let pending = self
             .guard
             .pending()
@@ -2057,8 +2090,8 @@ fn run_with(
         "{name}: {} frames, zero disagreements, {:.1} s ({:.1} µs/frame); verdicts {:?}, \
          {} rate windows and {} accounting requests compared, {} list/ban changes, {} ban events \
          compared, {} checkpoints, largest clock skew {} ns, {} bans found at their deadline, \
-         {} SYNs skipped the flow lookups, {} flow checks settled, {} checkpoints with refusals \
-         held in a refusal memo",
+         {} SYNs skipped the flow lookups, {} flow checks settled, {} counter checks found a \
+         refusal memo at work",
         r.frames,
         took.as_secs_f64(),
         took.as_secs_f64() * 1e6 / r.frames.max(1) as f64,
@@ -2072,7 +2105,7 @@ fn run_with(
         r.stats.ambiguous_bans,
         r.stats.skipped_lookups,
         r.stats.flow_checks_settled,
-        r.stats.memo_checkpoints,
+        r.stats.memo_checks,
     );
     let counters: Vec<String> = Counter::ALL
         .iter()
@@ -2120,7 +2153,7 @@ fn kernel_matches_model() {
     assert!(s.skipped_lookups > 0 && s.flow_checks_settled > 0, "{s:?}");
     assert!(s.totals[Counter::SynRetransmits as usize] > 0, "{s:?}");
     // ... and the refusal memos: refusals made from them, counted in their sources.
-    assert!(s.memo_checkpoints > 0, "{s:?}");
+    assert!(s.memo_checks > 0, "{s:?}");
 }
 
 /// SYN-cookie mode: ports switch in and out of it, in a network namespace of its own with
@@ -2179,6 +2212,8 @@ fn kernel_matches_model_in_cookie_mode() {
     ] {
         assert!(s.totals[c as usize] > 0, "no {}: {s:?}", c.name());
     }
+    // The refusal memos serve the cookie half's judgements too.
+    assert!(s.memo_checks > 0, "{s:?}");
 }
 
 /// Removes a network namespace by name on drop.

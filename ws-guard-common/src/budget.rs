@@ -33,12 +33,22 @@ pub const UNPROTECTED: Budget = Budget {
 };
 
 /// A SYN refused at `max_connections` or by the rate: the source's entry, and the flow only
-/// where the source's filter says the SYN may repeat a tracked attempt. A refusal of the source
-/// the CPU last refused at `max_connections` makes no lookup of the entry (its refusal memo,
-/// [`crate::memo`]): within this budget, which is the worst case.
+/// where the source's filter says the SYN may repeat a tracked attempt (a refusal of the source
+/// the CPU refused last at `max_connections` makes less: [`REMEMBERED_REFUSAL`]).
 pub const REFUSAL: Budget = Budget {
     path: "refusal (concurrency or rate)",
     lookups: 1.0,
+    inserts: 0.0,
+    deletes: 0.0,
+    filter_lookups: true,
+};
+
+/// A SYN refused at `max_connections` of the source the CPU refused there last (a flood from
+/// one source): no lookup of the entry (the CPU's refusal memo, [`crate::memo`]), the flow only
+/// where the memo's copy of the filter says the SYN may repeat a tracked attempt.
+pub const REMEMBERED_REFUSAL: Budget = Budget {
+    path: "refusal of the source refused last (memo)",
+    lookups: 0.0,
     inserts: 0.0,
     deletes: 0.0,
     filter_lookups: true,

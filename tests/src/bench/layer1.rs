@@ -734,7 +734,9 @@ impl Preludes {
 fn budget_of(id: &str) -> Option<Budget> {
     Some(match id {
         "syn_unprotected_v4" | "non_ip" => budget::UNPROTECTED,
-        "syn_conn_limited_v4_new_tuple" | "syn_rate_limited_v4_new_tuple" => budget::REFUSAL,
+        // The same source every run: refused from the CPU's refusal memo after the first.
+        "syn_conn_limited_v4_new_tuple" => budget::REMEMBERED_REFUSAL,
+        "syn_rate_limited_v4_new_tuple" => budget::REFUSAL,
         "syn_admitted_v4" | "syn_admitted_v6" | "syn_admitted_v4_no_rate" => budget::ADMISSION,
         "syn_retransmit_v4" | "syn_retransmit_v6" => budget::RETRANSMISSION,
         _ => return None,
