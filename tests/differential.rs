@@ -795,7 +795,7 @@ impl Gen {
             {
                 self.cookie_ack()
             }
-            1445..1525 if !self.recent_specs.is_empty() => self.burst(),
+            1445..1485 if !self.recent_specs.is_empty() => self.burst(),
             _ => {
                 let (f, what) = self.frame();
                 Event::Frame(f, what)
@@ -807,17 +807,20 @@ impl Gen {
         Some(e)
     }
 
-    /// A burst of new attempts from one recent source (new client ports, plain SYNs), as a
-    /// flood from one address sends them: a source at its limit is then refused from the CPU's
-    /// refusal memo. The first is returned, the others queued.
+    /// A burst of new attempts from one recent source (the next client ports, plain SYNs), as
+    /// a flood from one address sends them: a source at its limit is then refused from the
+    /// CPU's refusal memo. Consecutive ports go round the flow filter's buckets evenly, and a
+    /// burst of the same frame again repeats its tuples, so where nothing limits the source
+    /// (monitor mode, no limit) its flows do not pile up in one bucket (the model does not
+    /// follow a saturated one). The first is returned, the others queued.
     fn burst(&mut self) -> Event {
         let i = self.below(self.recent_specs.len());
         let base = self.recent_specs[i].clone();
-        let n = self.rng.range(4, 16) as u64;
+        let n = self.rng.range(4, 12) as u64;
         for k in 0..n {
             let mut spec = base.clone();
             if let L4::Tcp { sport, flags, .. } = &mut spec.l4 {
-                *sport = self.rng.next_u64() as u16;
+                *sport = sport.wrapping_add(k as u16);
                 *flags = ws_guard_common::parse::TCP_SYN;
             }
             if k == 0 {

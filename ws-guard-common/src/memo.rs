@@ -4,15 +4,16 @@
 //!
 //! Why it stays exact: a memo is valid only while the epoch (`WSG_EPOCH`) is the one read before
 //! the source's slot count was. Everything that could turn a refusal at the concurrency limit
-//! into another verdict moves the epoch on: every slot given back (a close, an expiry, a
-//! rekey, an admission undone), every ban the kernel starts, and every change userspace makes
-//! to the lists, bans, limits or global settings (`OP_FORGET`). Slots only grow while the
-//! epoch stands, so the source is still at its limit. The lists judge addresses, not keys: while
-//! either list has entries, a memo serves only keys that are whole addresses (a prefix shorter
-//! than the address holds addresses the lists may tell apart). A memo also holds the limit it was made
-//! under and a copy of the source's flow filter: every flow a slot is held for is counted in the
-//! filter before its slot is taken, so a SYN that may repeat a tracked attempt is still looked
-//! up in the flow map first, as without the memo.
+//! into another verdict moves the epoch on: every slot given back (a close, an expiry, a rekey,
+//! an admission undone), every ban the kernel starts, every flow counted without an admission
+//! (adopted, charged to a new key, translated behind DNAT), and every change userspace makes to
+//! the lists, bans, limits or global settings (`OP_FORGET`). While the epoch stands, slots only
+//! grow and only admissions add flows, which need room: the source is still at its limit, and
+//! the memo's copy of its flow filter (read after the slot count; a flow is counted in the
+//! filter before its slot is taken) still counts every tracked attempt of it, so a SYN that may
+//! repeat one is looked up in the flow map first, as without the memo. The lists judge
+//! addresses, not keys: while either list has entries, a memo serves only keys that are whole
+//! addresses (a prefix shorter than the address holds addresses the lists may tell apart).
 //!
 //! The memo's refusals are counted in it (`pending`, plain per-CPU adds) and moved into the
 //! source's `refused` when the CPU memoizes another source; userspace adds the pending counts

@@ -83,6 +83,8 @@ pub fn adopt(flow: &FlowKey) -> bool {
         return false;
     }
     maps::take_slot(c);
+    // A flow the source's refusal memos do not know (they copied its filter before).
+    maps::forget_refusals();
     count(Bucket::of_flow(flow), Counter::Adopted);
     true
 }
@@ -135,6 +137,8 @@ pub fn translate(wire: &FlowKey, socket: &FlowKey) -> bool {
     match WSG_FLOWS.insert(socket, &value, BPF_NOEXIST as u64) {
         Ok(()) => {
             maps::filter_sub(c, flow_filter_index(wire));
+            // A tuple the source's refusal memos do not know.
+            maps::forget_refusals();
             count(bucket, Counter::Established);
         }
         // Tracked already (adopted): the connection keeps that slot, not a second one.
@@ -158,9 +162,11 @@ pub fn charge(flow: &FlowKey, source: &SourceKey) -> bool {
     let Some(c) = maps::source_entry(source) else {
         return false;
     };
-    // The filter first, as everywhere a slot is taken (see `ws_guard_common::memo`).
+    // The filter first, as everywhere a slot is taken (see `ws_guard_common::memo`); then no
+    // refusal memo may miss the flow.
     maps::filter_add(c, flow_filter_index(flow));
     maps::take_slot(c);
+    maps::forget_refusals();
     true
 }
 
