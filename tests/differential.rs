@@ -532,6 +532,10 @@ struct Gen {
     /// Cookie ACKs sent so far: kept under the capacity of `WSG_COOKIES` (an LRU whose
     /// evictions the model does not follow).
     cookie_acks_sent: u64,
+    /// The limits last set on each port, and whether the allowlist has entries: bursts go only
+    /// where a small `max_connections` holds the source's flows (see [`Gen::burst`]).
+    limits: HashMap<u16, PortConfig>,
+    allowlist: bool,
 }
 
 /// At most this many cookie ACKs per run: `WSG_COOKIES` holds 16,384 entries.
@@ -556,6 +560,8 @@ impl Gen {
             cookies: false,
             cookie_acks: VecDeque::new(),
             cookie_acks_sent: 0,
+            limits: HashMap::new(),
+            allowlist: false,
             banned: VecDeque::new(),
         }
     }
@@ -603,6 +609,7 @@ impl Gen {
         }
         let ban_ns = self.pick(&BAN_NS);
         self.global.ban_ns = ban_ns;
+        self.allowlist = !allow.is_empty();
         Event::Policy {
             allow,
             deny,
@@ -723,8 +730,8 @@ impl Gen {
                 self.queue.push_back(Event::SetGlobal(self.global));
             }
             for port in PORTS {
-                let c = self.port_config();
-                self.queue.push_back(Event::SetPort(port, c));
+                let e = self.set_port(port);
+                self.queue.push_back(e);
             }
             if self.chance(1, 2) {
                 let p = self.policy();
@@ -736,7 +743,7 @@ impl Gen {
         let e = match r {
             0..30 => {
                 let port = self.pick(&PORTS);
-                Event::SetPort(port, self.port_config())
+                self.set_port(port)
             }
             30..40 => {
                 self.global = if self.chance(1, 2) {
@@ -795,7 +802,13 @@ impl Gen {
             {
                 self.cookie_ack()
             }
-            1445..1485 if !self.recent_specs.is_empty() => self.burst(),
+            1445..1485 => match self.burst_base() {
+                Some(base) => self.burst(base),
+                None => {
+                    let (f, what) = self.frame();
+                    Event::Frame(f, what)
+                }
+            },
             _ => {
                 let (f, what) = self.frame();
                 Event::Frame(f, what)
@@ -807,15 +820,36 @@ impl Gen {
         Some(e)
     }
 
+    /// New limits for `port`, remembered.
+    fn set_port(&mut self, port: u16) -> Event {
+        let c = self.port_config();
+        self.limits.insert(port, c);
+        Event::SetPort(port, c)
+    }
+
+    /// A recent TCP frame to a port whose `max_connections` (1-8) holds its source's flows
+    /// (not in monitor mode, no allowlist): bursts elsewhere would pile the flows of one
+    /// source up in a filter bucket until it saturates, which the model does not follow.
+    fn burst_base(&mut self) -> Option<Spec> {
+        if self.recent_specs.is_empty() || self.global.monitor != 0 || self.allowlist {
+            return None;
+        }
+        let i = self.below(self.recent_specs.len());
+        let spec = self.recent_specs[i].clone();
+        let L4::Tcp { dport, .. } = spec.l4 else {
+            return None;
+        };
+        let p = self.limits.get(&dport)?;
+        (p.enabled != 0 && (1..=8).contains(&p.max_connections)).then_some(spec)
+    }
+
     /// A burst of new attempts from one recent source (the next client ports, plain SYNs), as
     /// a flood from one address sends them: a source at its limit is then refused from the
     /// CPU's refusal memo. Consecutive ports go round the flow filter's buckets evenly, and a
     /// burst of the same frame again repeats its tuples, so where nothing limits the source
     /// (monitor mode, no limit) its flows do not pile up in one bucket (the model does not
     /// follow a saturated one). The first is returned, the others queued.
-    fn burst(&mut self) -> Event {
-        let i = self.below(self.recent_specs.len());
-        let base = self.recent_specs[i].clone();
+    fn burst(&mut self, base: Spec) -> Event {
         let n = self.rng.range(4, 12) as u64;
         for k in 0..n {
             let mut spec = base.clone();
