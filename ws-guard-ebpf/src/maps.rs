@@ -489,27 +489,37 @@ pub fn memo() -> Option<*mut RefusalMemo> {
 }
 
 /// Moves the refusals counted in this CPU's memo `m` into the entry of the source it names
-/// (gone: they go with it); true if there were any. `flushes` is odd meanwhile, so userspace,
-/// which adds the pending counts to the entries it reads, reads again.
+/// (gone: they go with it); true if there were any.
 #[inline(always)]
 pub fn settle_memo(m: *mut RefusalMemo) -> bool {
     // SAFETY: this CPU's memo, written by this program run only.
     unsafe {
-        let pending = core::ptr::read_volatile(&raw const (*m).pending);
-        if pending == 0 {
+        if core::ptr::read_volatile(&raw const (*m).pending) == 0 {
             return false;
         }
+        // The memo's key is in map memory: no copy on the stack.
+        move_pending(m, WSG_SOURCES.get_ptr_mut(&(*m).source), 0);
+    }
+    true
+}
+
+/// Moves the refusals counted in this CPU's memo `m`, and `extra` more, into `entry` (`None`:
+/// the entry is gone, and they with it). `flushes` is odd meanwhile, so userspace, which adds
+/// the pending counts to the entries it reads, reads again. The add is atomic: a full barrier.
+#[inline(always)]
+pub fn move_pending(m: *mut RefusalMemo, entry: Option<*mut SourceState>, extra: u32) {
+    // SAFETY: this CPU's memo, written by this program run only.
+    unsafe {
         let flushes = &raw mut (*m).flushes;
         let f = core::ptr::read_volatile(flushes);
         core::ptr::write_volatile(flushes, f.wrapping_add(1));
-        // The memo's key is in map memory: no copy on the stack.
-        if let Some(e) = WSG_SOURCES.get_ptr_mut(&(*m).source) {
-            add_refusals(e, pending);
+        let pending = &raw mut (*m).pending;
+        if let Some(e) = entry {
+            add_refusals(e, core::ptr::read_volatile(pending).wrapping_add(extra));
         }
-        core::ptr::write_volatile(&raw mut (*m).pending, 0);
+        core::ptr::write_volatile(pending, 0);
         core::ptr::write_volatile(flushes, f.wrapping_add(2));
     }
-    true
 }
 
 /// The flow filter of a source's entry, read with a full barrier after the slot count it is

@@ -511,19 +511,12 @@ fn remember_refusal(source: &SourceKey, max: u32, s: *mut SourceState) {
     let epoch = maps::epoch();
     // SAFETY: this CPU's memo, written by this program run only.
     unsafe {
+        // Each way, an atomic add: a full barrier between the epoch's read and the slot count's.
         if (*m).source.same(source) {
-            // Its pending count goes in with this refusal (`flushes` odd meanwhile, as in
-            // `settle_memo`).
-            let flushes = &raw mut (*m).flushes;
-            let f = core::ptr::read_volatile(flushes);
-            core::ptr::write_volatile(flushes, f.wrapping_add(1));
-            let pending = core::ptr::read_volatile(&raw const (*m).pending);
-            maps::add_refusals(s, 1 + pending);
-            core::ptr::write_volatile(&raw mut (*m).pending, 0);
-            core::ptr::write_volatile(flushes, f.wrapping_add(2));
+            // Its pending count goes in with this refusal.
+            maps::move_pending(m, Some(s), 1);
         } else {
             maps::settle_memo(m);
-            // An atomic add: a full barrier between the epoch's read and the slot count's.
             maps::note_refusal(s);
         }
         if maps::slots_taken(s) < max {
