@@ -169,7 +169,7 @@ mod tests {
     #[test]
     fn dividing_by_a_million_in_digits_is_exact() {
         let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let mut check = |n: u64| assert_eq!(div_1e6(n), n / 1_000_000, "{n}");
+        let check = |n: u64| assert_eq!(div_1e6(n), n / 1_000_000, "{n}");
         for n in [
             0,
             1,

@@ -3,6 +3,13 @@
 
 use std::io;
 
+/// The CPU the calling thread runs on now (one it is allowed to run on).
+pub fn current() -> io::Result<usize> {
+    // SAFETY: a plain query.
+    let cpu = unsafe { libc::sched_getcpu() };
+    usize::try_from(cpu).map_err(|_| io::Error::last_os_error())
+}
+
 /// Runs `f` with the calling thread pinned to `cpu`, then gives the thread its CPUs back.
 pub fn on_cpu<T>(cpu: usize, f: impl FnOnce() -> T) -> io::Result<T> {
     // SAFETY: cpu_set_t is plain data; the calls get valid pointers and its size.
@@ -30,10 +37,9 @@ mod tests {
 
     #[test]
     fn the_work_runs_on_the_cpu_and_the_thread_gets_its_cpus_back() {
-        let before = unsafe { libc::sched_getcpu() };
-        assert!(before >= 0);
-        let ran_on = on_cpu(0, || unsafe { libc::sched_getcpu() }).unwrap();
-        assert_eq!(ran_on, 0);
+        let cpu = current().unwrap();
+        let ran_on = on_cpu(cpu, || current().unwrap()).unwrap();
+        assert_eq!(ran_on, cpu);
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         assert_eq!(
             unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) },
