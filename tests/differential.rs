@@ -1395,6 +1395,8 @@ struct Run {
     history: VecDeque<Noted>,
     frames_since_check: u64,
     last_checked_frame: u64,
+    /// Each CPU's `RefusalMemo::flushes` at the last counter check (none before the first).
+    memo_flushes: Option<Vec<u32>>,
     stats: RunStats,
     /// Whether the last frame's flow lookups were skipped by the flow filter (per the model,
     /// which checked that no tracked flow was this one).
@@ -1425,8 +1427,6 @@ struct RunStats {
     /// refusals it had made, or having moved some into an entry (the sources' counts, compared
     /// at the checkpoints, include them).
     memo_checks: u64,
-    /// Each CPU's `RefusalMemo::flushes` at the last counter check.
-    memo_flushes: Vec<u32>,
     /// The decision counters at the end.
     totals: [u64; Counter::COUNT as usize],
     /// SYN-ACKs with a cookie compared.
@@ -1459,6 +1459,7 @@ impl Run {
             history: VecDeque::new(),
             frames_since_check: 0,
             last_checked_frame: 0,
+            memo_flushes: None,
             stats: RunStats::default(),
             last_skipped: false,
             cookie_acks: Vec::new(),
@@ -1605,10 +1606,10 @@ impl Run {
             .refusal_memos()
             .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
         let flushes: Vec<u32> = memos.iter().map(|m| m.flushes).collect();
-        let at_work = memos.iter().any(|m| m.pending != 0)
-            || (flushes != self.stats.memo_flushes && !self.stats.memo_flushes.is_empty());
+        let moved = self.memo_flushes.as_ref().is_some_and(|f| *f != flushes);
+        let at_work = moved || memos.iter().any(|m| m.pending != 0);
         self.stats.memo_checks += u64::from(at_work);
-        self.stats.memo_flushes = flushes;
+        self.memo_flushes = Some(flushes);
         let span = (self.last_checked_frame, self.frames);
         self.frames_since_check = 0;
         self.last_checked_frame = self.frames;

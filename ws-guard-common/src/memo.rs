@@ -40,14 +40,15 @@ pub enum Recall {
 }
 
 /// What `memo` says about an attempt of `source` to a port whose `max_connections` is `max`,
-/// with the epoch now at `epoch` and the settings `global` (monitor mode never uses it: a
-/// refusal there is counted and passed, and the full judgement does that).
+/// with the settings `global` and the epoch `epoch` reads (monitor mode never uses it: a
+/// refusal there is counted and passed, and the full judgement does that). The epoch, a map
+/// read, is read last: only for the memo's own source.
 #[inline(always)]
 pub fn recall(
     memo: &RefusalMemo,
     source: &SourceKey,
     max: u32,
-    epoch: u32,
+    epoch: impl FnOnce() -> u32,
     global: &GlobalConfig,
     flow_index: usize,
 ) -> Recall {
@@ -55,11 +56,11 @@ pub fn recall(
     // `memo.max != 0` also rules out a memo never written (all zeros).
     if memo.max == 0
         || memo.max != max
-        || memo.epoch != epoch
+        || !memo.source.same(source)
         || flags & FLAG_CHECK_FLOWS != 0
         || (flags & (FLAG_ALLOW | FLAG_DENY) != 0
             && prefix_of(source.family, global) < address_bits(source.family))
-        || !memo.source.same(source)
+        || memo.epoch != epoch()
     {
         return Recall::Unknown;
     }
@@ -110,16 +111,16 @@ mod tests {
     #[test]
     fn a_valid_memo_refuses_and_asks_for_the_flow_where_the_filter_counts_one() {
         assert_eq!(
-            recall(&memo(), &key(1), 3, 7, &settings(0, 32), 4),
+            recall(&memo(), &key(1), 3, || 7, &settings(0, 32), 4),
             Recall::Refuse
         );
         assert_eq!(
-            recall(&memo(), &key(1), 3, 7, &settings(0, 32), 5),
+            recall(&memo(), &key(1), 3, || 7, &settings(0, 32), 5),
             Recall::RefuseUnlessTracked
         );
         // The lists and bans were judged when it was made; a change to them moves the epoch.
         assert_eq!(
-            recall(&memo(), &key(1), 3, 7, &settings(FLAG_BANS, 32), 4),
+            recall(&memo(), &key(1), 3, || 7, &settings(FLAG_BANS, 32), 4),
             Recall::Refuse
         );
     }
@@ -127,50 +128,62 @@ mod tests {
     #[test]
     fn anything_else_is_unknown() {
         assert_eq!(
-            recall(&memo(), &key(2), 3, 7, &settings(0, 32), 4),
+            recall(&memo(), &key(2), 3, || 7, &settings(0, 32), 4),
+            Recall::Unknown
+        );
+        // Another source's attempt does not read the epoch (a map read in the kernel).
+        assert_eq!(
+            recall(&memo(), &key(2), 3, || unreachable!(), &settings(0, 32), 4),
             Recall::Unknown
         );
         let mut other_port = key(1);
         other_port.port = 9001;
         assert_eq!(
-            recall(&memo(), &other_port, 3, 7, &settings(0, 32), 4),
+            recall(&memo(), &other_port, 3, || 7, &settings(0, 32), 4),
             Recall::Unknown
         );
         // A slot given back, a ban, a change by the operator.
         assert_eq!(
-            recall(&memo(), &key(1), 3, 8, &settings(0, 32), 4),
+            recall(&memo(), &key(1), 3, || 8, &settings(0, 32), 4),
             Recall::Unknown
         );
         // A raised (or lowered) limit.
         assert_eq!(
-            recall(&memo(), &key(1), 4, 7, &settings(0, 32), 4),
+            recall(&memo(), &key(1), 4, || 7, &settings(0, 32), 4),
             Recall::Unknown
         );
         // Flows may be charged to other keys: every attempt looks its flow up.
         assert_eq!(
-            recall(&memo(), &key(1), 3, 7, &settings(FLAG_CHECK_FLOWS, 32), 4),
+            recall(
+                &memo(),
+                &key(1),
+                3,
+                || 7,
+                &settings(FLAG_CHECK_FLOWS, 32),
+                4
+            ),
             Recall::Unknown
         );
         // A key of several addresses while the lists may tell them apart (a whole address is
         // judged by the lists as its key is).
         for list in [FLAG_ALLOW, FLAG_DENY] {
             assert_eq!(
-                recall(&memo(), &key(1), 3, 7, &settings(list, 24), 4),
+                recall(&memo(), &key(1), 3, || 7, &settings(list, 24), 4),
                 Recall::Unknown
             );
             assert_eq!(
-                recall(&memo(), &key(1), 3, 7, &settings(list, 32), 4),
+                recall(&memo(), &key(1), 3, || 7, &settings(list, 32), 4),
                 Recall::Refuse
             );
         }
         assert_eq!(
-            recall(&memo(), &key(1), 3, 7, &settings(FLAG_BANS, 24), 4),
+            recall(&memo(), &key(1), 3, || 7, &settings(FLAG_BANS, 24), 4),
             Recall::Refuse
         );
         // Never written.
         let zero = RefusalMemo::default();
         assert_eq!(
-            recall(&zero, &SourceKey::default(), 0, 0, &settings(0, 32), 0),
+            recall(&zero, &SourceKey::default(), 0, || 0, &settings(0, 32), 0),
             Recall::Unknown
         );
     }

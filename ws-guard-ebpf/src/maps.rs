@@ -259,33 +259,40 @@ const FILTER_TRIES: u32 = 4;
 /// Counts a flow at `index` of the filter: before the flow is inserted into `WSG_FLOWS`.
 #[inline(always)]
 pub fn filter_add(c: *mut SourceState, index: usize) {
-    // SAFETY: `c` points to a live map value; the filter is an aligned u64.
-    let p = unsafe { &raw mut (*c).filter };
-    for _ in 0..FILTER_TRIES {
-        let old = unsafe { core::ptr::read_volatile(p) };
-        let new = filter_added(old, index);
-        if new == old || unsafe { cas(p, old, new) } {
-            return;
-        }
+    if !update_filter(c, |f| filter_added(f, index)) {
+        // Never under-count: the bucket saturates (and stays so).
+        // SAFETY: `c` points to a live map value; the filter is an aligned u64.
+        unsafe {
+            atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(
+                &raw mut (*c).filter,
+                filter_saturated(0, index),
+            )
+        };
     }
-    // Never under-count: the bucket saturates (and stays so).
-    unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(p, filter_saturated(0, index)) };
 }
 
 /// Uncounts a flow at `index` of the filter (a saturated or zero count stays): after the flow
-/// was removed from `WSG_FLOWS` (or its insert failed).
+/// was removed from `WSG_FLOWS` (or its insert failed). Under contention it may be left
+/// over-counted: safe, it only costs lookups.
 #[inline(always)]
 pub fn filter_sub(c: *mut SourceState, index: usize) {
+    update_filter(c, |f| filter_removed(f, index));
+}
+
+/// Applies `change` to the filter word by compare-and-swap, [`FILTER_TRIES`] times at most;
+/// false if every try lost to another writer.
+#[inline(always)]
+fn update_filter(c: *mut SourceState, change: impl Fn(u64) -> u64) -> bool {
     // SAFETY: `c` points to a live map value; the filter is an aligned u64.
     let p = unsafe { &raw mut (*c).filter };
     for _ in 0..FILTER_TRIES {
         let old = unsafe { core::ptr::read_volatile(p) };
-        let new = filter_removed(old, index);
+        let new = change(old);
         if new == old || unsafe { cas(p, old, new) } {
-            return;
+            return true;
         }
     }
-    // Left over-counted: safe, it only costs lookups.
+    false
 }
 
 /// Compare-and-swap of a shared word; true if `new` was stored.

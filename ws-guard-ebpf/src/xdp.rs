@@ -178,7 +178,7 @@ fn recalled(
         unsafe { &*m },
         source,
         port.max_connections,
-        maps::epoch(),
+        maps::epoch,
         global,
         index,
     );
