@@ -845,12 +845,10 @@ impl Gen {
 
     /// A burst of new attempts from one recent source (the next client ports, plain SYNs), as
     /// a flood from one address sends them: a source at its limit is then refused from the
-    /// CPU's refusal memo. Consecutive ports go round the flow filter's buckets evenly, and a
-    /// burst of the same frame again repeats its tuples, so where nothing limits the source
-    /// (monitor mode, no limit) its flows do not pile up in one bucket (the model does not
-    /// follow a saturated one). The first is returned, the others queued.
+    /// CPU's refusal memo. The first is returned, the others queued.
     fn burst(&mut self, base: Spec) -> Event {
         let n = self.rng.range(4, 12) as u64;
+        let mut admitted = Vec::new();
         for k in 0..n {
             let mut spec = base.clone();
             if let L4::Tcp { sport, flags, .. } = &mut spec.l4 {
@@ -860,10 +858,18 @@ impl Gen {
             if k == 0 {
                 // Its retransmissions come later, among the other frames.
                 self.remember(&spec);
+            } else if let Some(f) = spec.flow() {
+                admitted.push(f);
             }
             let (f, _) = spec.build(&mut self.rng);
             self.queue
                 .push_back(Event::Frame(f, Desc::of(&spec, format!("burst {k}/{n}"))));
+        }
+        // What the burst admitted is released right after (as half-open attempts that never
+        // became sockets), so bursts do not pile flows up in a source's filter buckets until one
+        // saturates: the model does not follow a saturated bucket.
+        for f in admitted {
+            self.queue.push_back(Event::Expire(f));
         }
         self.frames += n - 1;
         self.queue.pop_front().expect("a burst of at least four")

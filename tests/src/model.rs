@@ -354,7 +354,11 @@ impl Model {
         let mut filter = 0u64;
         for (i, c) in counts.iter().enumerate() {
             // A count of 15 saturates in the kernel and stays so; this model does not follow
-            // that (its runs never charge 15 flows of one source to one bucket).
+            // that. The 20,000-frame runs never get near it; a million-frame run can, rarely
+            // (a source key of ~100 flows), and then stops here, or, when the bucket touched 15
+            // only between two checkpoints (an admission that was released again, or the
+            // filter add of a retransmitted SYN at 14, which the kernel undoes but a saturated
+            // count keeps), on a source whose bucket the kernel holds at 15.
             assert!(
                 *c < 15,
                 "the model does not follow saturated filter buckets"
