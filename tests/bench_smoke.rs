@@ -327,6 +327,69 @@ fn sink_passes_clients_and_drops_flood_replies() {
 }
 
 #[test]
+fn reflector_answers_every_frame_and_the_sink_drops_the_flood_replies() {
+    if !ws_guard_tests::privileged(
+        "reflector_answers_every_frame_and_the_sink_drops_the_flood_replies",
+    ) {
+        return;
+    }
+    let tx = RawProgram::load_xdp("wsgb_tx_test", &bpf::tx_program()).expect("loading");
+    let sink = RawProgram::load_xdp("wsgb_sink_test", &bpf::sink_program()).expect("loading");
+    let srv4 = Ipv4Addr::new(198, 18, 0, 1);
+    let srv6 = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+    let syn = || Tcp::with_flags(40000, layer2::PORT, 1, 0x02);
+    for (what, frame, swapped) in [
+        (
+            "SYN of the 65k flood",
+            FrameBuilder::ipv4(Ipv4Addr::new(198, 19, 77, 9), srv4)
+                .tcp(syn())
+                .build(),
+            Some(
+                FrameBuilder::ipv4(srv4, Ipv4Addr::new(198, 19, 77, 9))
+                    .tcp(syn())
+                    .build(),
+            ),
+        ),
+        (
+            "SYN of the 1M flood",
+            FrameBuilder::ipv6(Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 3, 7), srv6)
+                .tcp(syn())
+                .build(),
+            None,
+        ),
+    ] {
+        let mut out = vec![0u8; frame.len()];
+        let r = bpf::test_run(
+            tx.fd(),
+            TestRun {
+                data_in: &frame,
+                data_out: Some(&mut out),
+                repeat: 1,
+                live: None,
+            },
+        )
+        .expect("running the reflector");
+        assert_eq!(r.retval, XDP_TX, "{what}");
+        // IPv4: the addresses swapped (the checksum is the same); IPv6 reflected as it came.
+        assert_eq!(out, swapped.unwrap_or_else(|| frame.clone()), "{what}");
+        let r = bpf::test_run(
+            sink.fd(),
+            TestRun {
+                data_in: &out,
+                data_out: None,
+                repeat: 1,
+                live: None,
+            },
+        )
+        .expect("running the sink");
+        assert_eq!(
+            r.retval, XDP_DROP,
+            "{what}: the reflected frame reaches the sink's drop"
+        );
+    }
+}
+
+#[test]
 fn layer2_smoke_floods_every_filter() {
     if !ws_guard_tests::privileged("layer2_smoke_floods_every_filter") {
         return;
@@ -355,7 +418,7 @@ fn layer2_smoke_floods_every_filter() {
         );
         let xdp = matches!(
             m.filter_id,
-            "xdp_pass" | "xdp_drop" | "ws_guard" | "ws_guard_drop" | "ws_guard_cookies"
+            "xdp_pass" | "xdp_drop" | "xdp_tx" | "ws_guard" | "ws_guard_drop" | "ws_guard_cookies"
         );
         assert_eq!(m.program_ns.is_some(), xdp, "{m:?}");
         if let Some(ns) = m.program_ns {

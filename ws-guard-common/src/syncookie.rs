@@ -183,11 +183,12 @@ pub fn negotiate(syn: &SynOptions, s: &CookieSettings) -> Negotiated {
     }
 }
 
-/// The TSval of a cookie SYN-ACK sent at `now_ns` (CLOCK_MONOTONIC, the kernel's TCP clock): the
-/// millisecond clock with its low 6 bits replaced by the options, never ahead of the clock.
+/// The TSval of a cookie SYN-ACK sent at `now_ns` (CLOCK_MONOTONIC, the kernel's TCP clock, or
+/// its coarse reading, which lags it): the millisecond clock with its low 6 bits replaced by the
+/// options, never ahead of the clock, so the kernel's later TSvals never go back (PAWS).
 #[inline(always)]
 pub fn cookie_tsval(now_ns: u64, n: &Negotiated) -> u32 {
-    let now = (now_ns / 1_000_000) as u32;
+    let now = crate::rate::div_1e6(now_ns) as u32;
     let mut options = if n.wscale != NO_WSCALE {
         n.wscale as u32
     } else {

@@ -234,6 +234,30 @@ pub fn drop_program() -> Vec<Insn> {
     a.0
 }
 
+/// `XDP_TX` of everything, an IPv4 frame's addresses swapped first: the least a receiver that
+/// answers every frame (as SYN-cookie mode answers every forged SYN) costs this bed. The reply
+/// goes back through the veth pair to the generator's sink, which drops it: an IPv4 reply is
+/// addressed to the flood's source (not 198.18.0.0/16), and the sink drops every IPv6 frame.
+pub fn tx_program() -> Vec<Insn> {
+    let mut a = Asm::default();
+    // r2 = data, r3 = data_end; r4 = data + 34 (Ethernet + an IPv4 header without options).
+    a.ldx_w(2, 1, 0).ldx_w(3, 1, 4);
+    a.mov(4, 2).alu_imm(ADD, 4, 34);
+    let short = a.0.len();
+    a.jgt(4, 3, 0);
+    // The EtherType, loaded little-endian: 0x0008 is IPv4.
+    a.ldx_h(5, 2, 12);
+    let not_v4 = a.0.len();
+    a.jne_imm(5, 0x0008, 0);
+    a.ldx_w(5, 2, 26).ldx_w(6, 2, 30);
+    a.stx_w(2, 26, 6).stx_w(2, 30, 5);
+    let tx_at = a.0.len();
+    a.mov_imm(0, XDP_TX as i32).exit();
+    a.0[short].off = (tx_at - short - 1) as i16;
+    a.0[not_v4].off = (tx_at - not_v4 - 1) as i16;
+    a.0
+}
+
 /// The generator side's sink: XDP_DROP of the flood's replies (everything), except ARP and
 /// IPv4 to 198.18.0.0/16 (the generator's own address and the legitimate clients'), which it
 /// passes to the stack, so real clients can connect from the generator's side during a flood.

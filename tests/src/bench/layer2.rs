@@ -173,6 +173,9 @@ pub enum Filter {
     Pass,
     /// XDP_DROP of everything: the ceiling.
     Drop,
+    /// XDP_TX of everything (IPv4 addresses swapped): the ceiling of a receiver that answers
+    /// every frame, as SYN-cookie mode answers every forged SYN (see [`bpf::tx_program`]).
+    Tx,
     /// ws-guard with the iptables recipe's policy (3 connections, reject; 9/100 s, drop).
     WsGuard,
     /// The same with `connection_action = "drop"`: what answering every refused SYN with an
@@ -192,10 +195,11 @@ pub enum Filter {
 }
 
 impl Filter {
-    pub const ALL: [Filter; 9] = [
+    pub const ALL: [Filter; 10] = [
         Filter::None,
         Filter::Pass,
         Filter::Drop,
+        Filter::Tx,
         Filter::WsGuard,
         Filter::WsGuardDrop,
         Filter::WsGuardCookies,
@@ -220,6 +224,7 @@ impl Filter {
             Filter::None => "no filter (SYN cookies)",
             Filter::Pass => "empty XDP_PASS (floor)",
             Filter::Drop => "XDP_DROP all (ceiling)",
+            Filter::Tx => "XDP_TX all (reply ceiling)",
             Filter::WsGuard => "ws-guard",
             Filter::WsGuardDrop => "ws-guard, drop instead of reject",
             Filter::WsGuardCookies => "ws-guard, SYN cookies on",
@@ -234,6 +239,7 @@ impl Filter {
             Filter::None => "none",
             Filter::Pass => "xdp_pass",
             Filter::Drop => "xdp_drop",
+            Filter::Tx => "xdp_tx",
             Filter::WsGuard => "ws_guard",
             Filter::WsGuardDrop => "ws_guard_drop",
             Filter::WsGuardCookies => "ws_guard_cookies",
@@ -524,6 +530,17 @@ impl Report {
                     d.processed_mpps,
                     met(r >= 0.60)
                 ));
+                if let Some(t) = self.find(scenario, Filter::Tx) {
+                    out.push(format!(
+                        "{} flood, SYN cookies on: ws-guard = {} of the XDP_TX reply ceiling \
+                         ({:.3} Mpps = {} of XDP_DROP: what answering every frame costs this \
+                         bed before any program work)",
+                        scenario.name(),
+                        pct(w.processed_mpps / t.processed_mpps),
+                        t.processed_mpps,
+                        pct(t.processed_mpps / d.processed_mpps),
+                    ));
+                }
                 if let Some((before, after)) = &w.map_entries {
                     let grown: Vec<String> = before
                         .iter()
@@ -672,7 +689,7 @@ impl Report {
                 note: String::new(),
                 color: match m.filter_id {
                     "ws_guard" | "ws_guard_drop" => report::OK,
-                    "xdp_drop" | "xdp_pass" => report::FLOOR,
+                    "xdp_drop" | "xdp_pass" | "xdp_tx" => report::FLOOR,
                     "none" => report::NEUTRAL,
                     _ => report::OTHER,
                 },
@@ -1346,14 +1363,15 @@ fn setup_filter(
     bed: &Bed,
     scenario: Scenario,
     filter: Filter,
-    pass_prog: &RawProgram,
-    drop_prog: &RawProgram,
+    raw: &RawPrograms,
 ) -> anyhow::Result<Receiver> {
     let p = PORT.to_string();
     Ok(match filter {
         Filter::None => Receiver::Plain,
-        Filter::Pass => Receiver::Raw(in_ns(&bed.srv_ns, || pass_prog.attach(ifindex(SRV_IF)?))?),
-        Filter::Drop => Receiver::Raw(in_ns(&bed.srv_ns, || drop_prog.attach(ifindex(SRV_IF)?))?),
+        Filter::Pass | Filter::Drop | Filter::Tx => {
+            let prog = raw.of(filter).context("a raw receiver")?;
+            Receiver::Raw(in_ns(&bed.srv_ns, || prog.attach(ifindex(SRV_IF)?))?)
+        }
         Filter::WsGuard | Filter::WsGuardDrop | Filter::WsGuardCookies => {
             if filter == Filter::WsGuardCookies {
                 daemon_cookie_sysctls(bed)?;
@@ -1699,6 +1717,24 @@ fn flood(
     Ok(t0.elapsed())
 }
 
+/// The receivers that are one raw program each.
+struct RawPrograms {
+    pass: RawProgram,
+    drop: RawProgram,
+    tx: RawProgram,
+}
+
+impl RawPrograms {
+    fn of(&self, filter: Filter) -> Option<&RawProgram> {
+        match filter {
+            Filter::Pass => Some(&self.pass),
+            Filter::Drop => Some(&self.drop),
+            Filter::Tx => Some(&self.tx),
+            _ => None,
+        }
+    }
+}
+
 /// Frames that take about `d` at `rate` frames per second (at least 2^12).
 fn frames_for(rate: f64, d: Duration) -> u64 {
     ((rate * d.as_secs_f64()) as u64).clamp(1 << 12, 1 << 34)
@@ -1706,8 +1742,11 @@ fn frames_for(rate: f64, d: Duration) -> u64 {
 
 /// Runs every (scenario, filter) of `opts`.
 pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> {
-    let pass_prog = RawProgram::load_xdp("wsgb_pass", &bpf::pass_program())?;
-    let drop_prog = RawProgram::load_xdp("wsgb_drop", &bpf::drop_program())?;
+    let raw = RawPrograms {
+        pass: RawProgram::load_xdp("wsgb_pass", &bpf::pass_program())?,
+        drop: RawProgram::load_xdp("wsgb_drop", &bpf::drop_program())?,
+        tx: RawProgram::load_xdp("wsgb_tx", &bpf::tx_program())?,
+    };
     let sink = RawProgram::load_xdp("wsgb_sink", &bpf::sink_program())?;
     let mut out = Vec::new();
     let mut n = 0;
@@ -1727,7 +1766,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
             // A listener for the admitted SYNs (SYN cookies on: the namespace's default).
             let listener = in_ns(&bed.srv_ns, || listen(opts.clients.backlog))
                 .context("listening on [::]:9000 in the server namespace")?;
-            let mut receiver = setup_filter(&bed, scenario, filter, &pass_prog, &drop_prog)?;
+            let mut receiver = setup_filter(&bed, scenario, filter, &raw)?;
             let guard_fd = match &mut receiver {
                 Receiver::Guard(g) => Some(
                     g.xdp_program()?
@@ -1737,11 +1776,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
                 ),
                 _ => None,
             };
-            let raw_fd = match filter {
-                Filter::Pass => Some(pass_prog.fd()),
-                Filter::Drop => Some(drop_prog.fd()),
-                _ => None,
-            };
+            let raw_fd = raw.of(filter).map(RawProgram::fd);
             let counters = |r: &Receiver| -> anyhow::Result<Option<Counters>> {
                 match r {
                     Receiver::Guard(g) => Ok(Some(g.counters()?)),
