@@ -1433,6 +1433,9 @@ struct RunStats {
     /// refusals it had made, or having moved some into an entry (the sources' counts, compared
     /// at the checkpoints, include them).
     memo_checks: u64,
+    /// Flow-filter buckets the kernel saturated that the model took in at a checkpoint (see
+    /// `Model::learn_saturation`).
+    saturated_buckets: u64,
     /// The decision counters at the end.
     totals: [u64; Counter::COUNT as usize],
     /// SYN-ACKs with a cookie compared.
@@ -1715,13 +1718,16 @@ impl Run {
             .unwrap_or_else(|e| self.fail(&format!("{e:#}")));
         self.compare_flows("WSG_FLOWS (established)", owned, &self.model.owned);
         // Slots, flow filters and rate windows: the model derives each source's filter from
-        // its flows.
+        // its flows, and takes in the buckets it cannot know saturated or not.
         let conns: HashMap<SourceKey, SourceState> = self
             .guard
             .source_states()
             .unwrap_or_else(|e| self.fail(&format!("{e:#}")))
             .into_iter()
             .collect();
+        for (k, v) in &conns {
+            self.stats.saturated_buckets += self.model.learn_saturation(k, v.filter) as u64;
+        }
         let model = self.model.source_states();
         if conns != model {
             let mut diff = String::new();
@@ -2135,7 +2141,7 @@ fn run_with(
          {} rate windows and {} accounting requests compared, {} list/ban changes, {} ban events \
          compared, {} checkpoints, largest clock skew {} ns, {} bans found at their deadline, \
          {} SYNs skipped the flow lookups, {} flow checks settled, {} counter checks found a \
-         refusal memo at work",
+         refusal memo at work, {} flow-filter buckets saturated",
         r.frames,
         took.as_secs_f64(),
         took.as_secs_f64() * 1e6 / r.frames.max(1) as f64,
@@ -2150,6 +2156,7 @@ fn run_with(
         r.stats.skipped_lookups,
         r.stats.flow_checks_settled,
         r.stats.memo_checks,
+        r.stats.saturated_buckets,
     );
     let counters: Vec<String> = Counter::ALL
         .iter()
@@ -2670,4 +2677,89 @@ fn flow_filter() {
         false,
     );
     step(&mut r, &b, XDP_PASS, Counter::Admitted, false);
+}
+
+/// A saturated flow-filter bucket (directed): a source with 14 flows in one bucket (no limit
+/// on the port) has the filter add of a retransmitted SYN saturate the count, which then stays
+/// at 15 while its flows leave; the model takes that in (it cannot know it) and keeps it. Once
+/// every slot is free the entry holds nothing, so the sweep's idle removal takes it (before,
+/// a saturated bucket kept its entry for good), and the next attempt of the source starts a
+/// fresh filter. Kernel and model agree on every frame and every map after each step.
+#[test]
+fn saturated_filter_bucket() {
+    if !ws_guard_tests::privileged("saturated_filter_bucket") {
+        return;
+    }
+    let mut r = Run::new("saturated_filter_bucket", 0, &LoadOptions::default(), 1);
+    r.event(Event::SetGlobal(GlobalConfig::default()));
+    r.event(Event::SetPort(
+        9000,
+        PortConfig {
+            enabled: 1,
+            ..PortConfig::default()
+        },
+    ));
+    let spec = |sport: u16| ipv4_syn_spec([198, 18, 0, 9], sport, 9000);
+    let index = |s: &Spec| flow_filter_index(&s.flow().unwrap());
+    let b0 = index(&spec(40_000));
+    let same: Vec<Spec> = (40_000..60_000)
+        .map(spec)
+        .filter(|s| index(s) == b0)
+        .take(14)
+        .collect();
+    assert_eq!(same.len(), 14);
+    let key = flow_source(&same[0].flow().unwrap(), &r.model.global);
+    let kernel_state = |r: &Run| {
+        r.guard
+            .source_states()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, s)| s)
+    };
+    let frame = |r: &mut Run, s: &Spec, want: u32| {
+        let (v, _) = r.frame(
+            &s.build(&mut Rng::new(5)).0,
+            Desc::of(s, "saturation".into()),
+        );
+        assert_eq!(v, want);
+    };
+    for s in &same {
+        frame(&mut r, s, XDP_PASS);
+    }
+    r.check_maps();
+    let s = kernel_state(&r).expect("entry");
+    assert_eq!((s.slots, s.filter_count(b0)), (14, 14), "{s:?}");
+    // A retransmission at 14: its filter add saturates the bucket, the failed insert's take-back
+    // cannot undo that.
+    let retransmits = r.model.totals[Counter::SynRetransmits as usize];
+    frame(&mut r, &same[3], XDP_PASS);
+    assert_eq!(
+        r.model.totals[Counter::SynRetransmits as usize],
+        retransmits + 1
+    );
+    r.check_maps();
+    assert_eq!(
+        r.stats.saturated_buckets, 1,
+        "the model learnt the saturation"
+    );
+    let s = kernel_state(&r).expect("entry");
+    assert_eq!((s.slots, s.filter_count(b0)), (14, 15), "{s:?}");
+    // The flows leave; the count stays saturated, every other bucket exact.
+    for s in &same {
+        r.event(Event::Expire(s.flow().unwrap()));
+    }
+    r.check_maps();
+    let s = kernel_state(&r).expect("entry");
+    assert_eq!((s.slots, s.filter), (0, 0xf << (4 * b0)), "{s:?}");
+    assert!(s.holds_nothing(), "{s:?}");
+    // Idle: removed, in the kernel as in the model.
+    r.event(Event::RemoveIdle(key));
+    r.check_maps();
+    assert!(kernel_state(&r).is_none(), "the idle entry was removed");
+    // The source comes back: a fresh entry, its filter exact again.
+    frame(&mut r, &same[0], XDP_PASS);
+    r.check_maps();
+    let s = kernel_state(&r).expect("entry");
+    assert_eq!((s.slots, s.filter), (1, 1 << (4 * b0)), "{s:?}");
 }

@@ -24,15 +24,16 @@
 //! unless the deadline falls inside it), and checked against the rate stamp when the attempt
 //! gets one.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use ws_guard_common::{
-    filter::{flow_filter_index, must_check_flows, prefixes_changed},
+    filter::{filter_count, flow_filter_index, must_check_flows, prefixes_changed, unsaturated},
     key::{flow_source, source_key},
     maps::{
         ACTION_DROP, ACTION_REJECT, AF_INET, AF_INET6, BAN_MANUAL, BAN_RATE, BanEvent, BanValue,
-        Counter, EVENT_BAN_ENDED, EVENT_BAN_STARTED, FLAG_BANS, FLAG_CHECK_FLOWS, FlowKey,
-        GATE_FLAGS, GlobalConfig, PortConfig, RATE_SLOTS, RateState, SourceKey, SourceState,
+        Counter, EVENT_BAN_ENDED, EVENT_BAN_STARTED, FLAG_BANS, FLAG_CHECK_FLOWS,
+        FLOW_FILTER_SLOTS, FlowKey, GATE_FLAGS, GlobalConfig, PortConfig, RATE_SLOTS, RateState,
+        SourceKey, SourceState,
     },
     parse::{self, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, TcpSegment},
     policy::{self, CIDR_DATA_LEN, CidrKey, ListVerdict, ban_active, ban_until, list_verdict},
@@ -46,6 +47,10 @@ pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 
 const COUNT: usize = Counter::COUNT as usize;
+
+/// A filter count from which the kernel's next add saturates the bucket (see
+/// `ws_guard_common::filter::filter_added`).
+const SATURABLE: u32 = 14;
 
 /// Where a counter is added: the bucket of a protected port and family, or the unattributed one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -215,6 +220,15 @@ pub struct Model {
     /// `WSG_SOURCES`: the slots of each entry, zero ones included. The flow filters are derived
     /// from the tracked flows ([`Model::source_states`]).
     pub conns: HashMap<SourceKey, u32>,
+    /// Tracked flows (`pending` and `owned`) per source key and filter bucket, kept with them.
+    flow_counts: HashMap<(SourceKey, usize), u32>,
+    /// Filter buckets whose count reached [`SATURABLE`] since their key's entry was made: from
+    /// there the kernel's next filter add, even one it takes back at once (a retransmitted SYN
+    /// whose insert fails), saturates the count, so whether it did is not the model's to know.
+    saturable: HashSet<(SourceKey, usize)>,
+    /// Saturable buckets the kernel was seen holding at 15 ([`Model::learn_saturation`]): they
+    /// stay so as long as their key's entry does.
+    saturated: HashSet<(SourceKey, usize)>,
     /// `SourceState::refused` of the `WSG_SOURCES` entries that have refusals.
     pub refusals: HashMap<SourceKey, u32>,
     /// The rate windows of `WSG_SOURCES` entries.
@@ -252,6 +266,9 @@ impl Model {
             pending: HashMap::new(),
             owned: HashMap::new(),
             conns: HashMap::new(),
+            flow_counts: HashMap::new(),
+            saturable: HashSet::new(),
+            saturated: HashSet::new(),
             refusals: HashMap::new(),
             rate: HashMap::new(),
             totals: [0; COUNT],
@@ -297,6 +314,7 @@ impl Model {
         if self.conns.len() + new_keys.len() > self.capacity.sources {
             return;
         }
+        let mut moved = Vec::new();
         for map in [&mut self.pending, &mut self.owned] {
             for (f, t) in map.iter_mut() {
                 let new = new_key(f, t);
@@ -307,8 +325,13 @@ impl Model {
                 if let Some(n) = self.conns.get_mut(&t.source) {
                     *n = n.saturating_sub(1);
                 }
+                moved.push((*f, t.source, new));
                 t.source = new;
             }
+        }
+        for (f, old, new) in moved {
+            self.count_flow(new, &f);
+            self.uncount_flow(old, &f);
         }
     }
 
@@ -343,29 +366,57 @@ impl Model {
     }
 
     /// The flow filter the kernel must hold for `key`: its tracked flows (half-open and
-    /// established entries, each counted) per filter bucket, four bits each.
+    /// established entries, each counted) per filter bucket, four bits each; 15 where the count
+    /// reached it or the kernel was seen holding a saturable bucket saturated.
     pub fn expected_filter(&self, key: &SourceKey) -> u64 {
-        let mut counts = [0u32; ws_guard_common::maps::FLOW_FILTER_SLOTS];
-        for (f, t) in self.pending.iter().chain(self.owned.iter()) {
-            if t.source == *key {
-                counts[flow_filter_index(f)] += 1;
-            }
-        }
         let mut filter = 0u64;
-        for (i, c) in counts.iter().enumerate() {
-            // A count of 15 saturates in the kernel and stays so; this model does not follow
-            // that. The 20,000-frame runs never get near it; a million-frame run can, rarely
-            // (a source key of ~100 flows), and then stops here, or, when the bucket touched 15
-            // only between two checkpoints (an admission that was released again, or the
-            // filter add of a retransmitted SYN at 14, which the kernel undoes but a saturated
-            // count keeps), on a source whose bucket the kernel holds at 15.
-            assert!(
-                *c < 15,
-                "the model does not follow saturated filter buckets"
-            );
-            filter |= u64::from(*c) << (4 * i);
+        for i in 0..FLOW_FILTER_SLOTS {
+            let c = if self.saturated.contains(&(*key, i)) {
+                15
+            } else {
+                self.flow_counts.get(&(*key, i)).map_or(0, |c| (*c).min(15))
+            };
+            filter |= u64::from(c) << (4 * i);
         }
         filter
+    }
+
+    /// Takes in what the model cannot know: `kernel`, the filter the kernel holds for `key`,
+    /// has a saturable bucket (see [`Model::saturable`]) at 15. Anything else that differs
+    /// stays a difference for the comparison to report. Returns how many buckets it learnt.
+    pub fn learn_saturation(&mut self, key: &SourceKey, kernel: u64) -> usize {
+        let mut learnt = 0;
+        for i in 0..FLOW_FILTER_SLOTS {
+            let b = (*key, i);
+            if filter_count(kernel, i) == 15
+                && self.saturable.contains(&b)
+                && self.saturated.insert(b)
+            {
+                learnt += 1;
+            }
+        }
+        learnt
+    }
+
+    /// A flow now tracked under `key` (see [`Model::saturable`]).
+    fn count_flow(&mut self, key: SourceKey, flow: &FlowKey) {
+        let b = (key, flow_filter_index(flow));
+        let c = self.flow_counts.entry(b).or_default();
+        *c += 1;
+        if *c >= SATURABLE {
+            self.saturable.insert(b);
+        }
+    }
+
+    /// A flow no longer tracked under `key`.
+    fn uncount_flow(&mut self, key: SourceKey, flow: &FlowKey) {
+        let b = (key, flow_filter_index(flow));
+        if let Some(c) = self.flow_counts.get_mut(&b) {
+            *c -= 1;
+            if *c == 0 {
+                self.flow_counts.remove(&b);
+            }
+        }
     }
 
     /// `WSG_SOURCES` as the kernel must hold it: each entry's slots, refusals and rate window,
@@ -1009,6 +1060,7 @@ impl Model {
             self.untracked(port, bucket, tracked_as, would_block, counted)
         } else {
             self.pending.insert(*flow, Tracked { source, since });
+            self.count_flow(source, flow);
             self.count(counted, bucket, tracked_as);
             None
         }
@@ -1083,6 +1135,7 @@ impl Model {
         let Some(t) = map.remove(flow) else {
             return false;
         };
+        self.uncount_flow(t.source, flow);
         self.release(&t.source);
         let b = self.bucket_of_flow(flow);
         self.count(&mut Vec::new(), b, Counter::Expired);
@@ -1116,19 +1169,23 @@ impl Model {
                 since: Since::Within(during.0, during.1),
             },
         );
+        self.count_flow(source, flow);
         self.take_slot(&k);
         self.count(&mut Vec::new(), b, Counter::Adopted);
         true
     }
 
     /// `Guard::remove_idle_source` with no minimum age: removes an entry that holds nothing
-    /// (no slot, no tracked flow in its filter), its rate window with it.
+    /// (`SourceState::holds_nothing`: no slot, no flow counted but in saturated buckets), its
+    /// rate window and what the model knew of its saturated buckets with it.
     pub fn remove_idle_source(&mut self, key: &SourceKey) {
-        let idle = self.conns.get(key) == Some(&0) && self.expected_filter(key) == 0;
+        let idle = self.conns.get(key) == Some(&0) && unsaturated(self.expected_filter(key)) == 0;
         if idle {
             self.conns.remove(key);
             self.refusals.remove(key);
             self.rate.remove(key);
+            self.saturable.retain(|(k, _)| k != key);
+            self.saturated.retain(|(k, _)| k != key);
         }
     }
 

@@ -85,6 +85,18 @@ pub fn filter_saturated(filter: u64, i: usize) -> u64 {
     filter | (0xfu64 << (4 * (i % FLOW_FILTER_SLOTS)))
 }
 
+/// The filter word with its saturated buckets (count 15) cleared: the counts that still say
+/// how many flows a bucket holds at least. A saturated count says nothing, so an entry whose
+/// slots are all free holds no flow whatever its saturated buckets say (see
+/// [`SourceState::holds_nothing`]).
+#[inline(always)]
+pub fn unsaturated(filter: u64) -> u64 {
+    const LOW: u64 = 0x1111_1111_1111_1111;
+    // Bit 0 of each nibble: set where all four of its bits are.
+    let full = filter & (filter >> 1) & (filter >> 2) & (filter >> 3) & LOW;
+    filter & !(full * 0xf)
+}
+
 /// Whether every tracked flow is charged to the source key the prefixes of `global` give it:
 /// then each flow is counted in the filter the XDP program reads for its SYNs, and
 /// [`FLAG_CHECK_FLOWS`] may be cleared. The port is the one the flow was charged to: a
@@ -275,6 +287,43 @@ mod tests {
         assert_eq!(filter_count(filter_saturated(0, 9), 9), 15);
         assert_eq!(filter_count(filter_saturated(0, 9), 8), 0);
         assert_eq!(filter_count(f, 16 + 3), 3);
+    }
+
+    #[test]
+    fn unsaturated_clears_exactly_the_saturated_buckets() {
+        let bytewise = |f: u64| {
+            (0..FLOW_FILTER_SLOTS).fold(0u64, |acc, i| match filter_count(f, i) {
+                15 => acc,
+                c => acc | (u64::from(c) << (4 * i)),
+            })
+        };
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Saturate a few buckets of a random word, so every mix of counts shows up.
+            let f = filter_saturated(filter_saturated(x, (x >> 60) as usize), (x >> 3) as usize);
+            assert_eq!(unsaturated(f), bytewise(f), "{f:#x}");
+            assert_eq!(unsaturated(x), bytewise(x), "{x:#x}");
+        }
+        assert_eq!(unsaturated(u64::MAX), 0);
+        assert_eq!(unsaturated(0xeeee_eeee_eeee_eeee), 0xeeee_eeee_eeee_eeee);
+    }
+
+    #[test]
+    fn an_entry_with_free_slots_and_only_saturated_counts_holds_nothing() {
+        let mut s = SourceState {
+            filter: filter_saturated(filter_saturated(0, 2), 11),
+            ..SourceState::default()
+        };
+        assert!(s.holds_nothing());
+        // A count below 15 still says a flow may be on its way in (its slot not yet taken).
+        s.filter = filter_added(s.filter, 5);
+        assert!(!s.holds_nothing());
+        s.filter = filter_removed(s.filter, 5);
+        s.slots = 1;
+        assert!(!s.holds_nothing());
     }
 
     #[test]

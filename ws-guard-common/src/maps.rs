@@ -121,10 +121,15 @@ impl SourceState {
         }
     }
 
-    /// Whether the entry holds no connection: no slot taken, no flow counted in its filter.
-    /// (Its rate window may still matter: see [`RateState::newest_age_ms`].)
+    /// Whether the entry holds no connection: no slot taken, no flow counted in its filter
+    /// but in saturated buckets. A tracked flow holds a slot, so with no slot taken a
+    /// saturated count (which stays 15 whatever leaves) counts nothing; the other counts still
+    /// show an admission between its filter add and its slot. Without this an entry whose
+    /// bucket once saturated (a source that had ~15 flows in one bucket) would never be idle,
+    /// and never removed. (Its rate window may still matter: see
+    /// [`RateState::newest_age_ms`].)
     pub fn holds_nothing(&self) -> bool {
-        self.slots == 0 && self.filter == 0
+        self.slots == 0 && crate::filter::unsaturated(self.filter) == 0
     }
 
     /// The filter's count of bucket `i`.

@@ -504,6 +504,19 @@ impl Report {
                     pct(want),
                     met(r >= want)
                 ));
+                // A reject answers every refused SYN: its bound is the reply ceiling.
+                if let (Filter::WsGuard, Some(t)) =
+                    (filter, self.find(Scenario::OneSource, Filter::Tx))
+                {
+                    out.push(format!(
+                        "One-source flood, ws-guard with {action}: {} of the XDP_TX reply \
+                         ceiling ({:.3} Mpps = {} of XDP_DROP: what answering every frame costs \
+                         this bed before any program work)",
+                        pct(w.processed_mpps / t.processed_mpps),
+                        t.processed_mpps,
+                        pct(t.processed_mpps / d.processed_mpps),
+                    ));
+                }
             }
             if let Some(i) = iptables {
                 let r = w.processed_mpps / i.processed_mpps;
