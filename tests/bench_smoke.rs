@@ -390,6 +390,70 @@ fn reflector_answers_every_frame_and_the_sink_drops_the_flood_replies() {
 }
 
 #[test]
+fn parse_ceiling_drops_tcp_to_the_port_and_passes_the_rest() {
+    if !ws_guard_tests::privileged("parse_ceiling_drops_tcp_to_the_port_and_passes_the_rest") {
+        return;
+    }
+    let prog = RawProgram::load_xdp("wsgb_parse_test", &bpf::parse_drop_program(layer2::PORT))
+        .expect("loading");
+    let srv4 = Ipv4Addr::new(198, 18, 0, 1);
+    let src4 = Ipv4Addr::new(198, 19, 0, 1);
+    let srv6 = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+    let src6 = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 3, 7);
+    let syn = |dport| Tcp::with_flags(40000, dport, 1, 0x02);
+    for (what, frame, want) in [
+        (
+            "IPv4 SYN to the port",
+            FrameBuilder::ipv4(src4, srv4)
+                .tcp(syn(layer2::PORT))
+                .build(),
+            XDP_DROP,
+        ),
+        (
+            "IPv6 SYN to the port",
+            FrameBuilder::ipv6(src6, srv6)
+                .tcp(syn(layer2::PORT))
+                .build(),
+            XDP_DROP,
+        ),
+        (
+            "IPv4 SYN to another port",
+            FrameBuilder::ipv4(src4, srv4).tcp(syn(22)).build(),
+            XDP_PASS,
+        ),
+        (
+            "IPv6 SYN to another port",
+            FrameBuilder::ipv6(src6, srv6).tcp(syn(9001)).build(),
+            XDP_PASS,
+        ),
+        (
+            "UDP to the port",
+            FrameBuilder::ipv4(src4, srv4)
+                .udp(40000, layer2::PORT, b"x")
+                .build(),
+            XDP_PASS,
+        ),
+        (
+            "ARP request",
+            FrameBuilder::arp_request(srv4, Ipv4Addr::new(198, 18, 0, 2)).build(),
+            XDP_PASS,
+        ),
+    ] {
+        let r = bpf::test_run(
+            prog.fd(),
+            TestRun {
+                data_in: &frame,
+                data_out: None,
+                repeat: 1,
+                live: None,
+            },
+        )
+        .expect("running the parse ceiling");
+        assert_eq!(r.retval, want, "{what}");
+    }
+}
+
+#[test]
 fn layer2_smoke_floods_every_filter() {
     if !ws_guard_tests::privileged("layer2_smoke_floods_every_filter") {
         return;
@@ -418,7 +482,13 @@ fn layer2_smoke_floods_every_filter() {
         );
         let xdp = matches!(
             m.filter_id,
-            "xdp_pass" | "xdp_drop" | "xdp_tx" | "ws_guard" | "ws_guard_drop" | "ws_guard_cookies"
+            "xdp_pass"
+                | "xdp_drop"
+                | "xdp_tx"
+                | "xdp_parse_drop"
+                | "ws_guard"
+                | "ws_guard_drop"
+                | "ws_guard_cookies"
         );
         assert_eq!(m.program_ns.is_some(), xdp, "{m:?}");
         if let Some(ns) = m.program_ns {

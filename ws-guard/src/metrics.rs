@@ -721,6 +721,12 @@ pub async fn serve<G: AsRef<Guard> + Send + 'static>(
     endpoint: Arc<Endpoint<G>>,
 ) {
     let slots = Slots::new(MAX_CONNECTIONS, slots::http_header_complete);
+    if let Err(e) = slots::defer_accept(&listener, HEADER_TIMEOUT) {
+        warn!(
+            "metrics endpoint: cannot defer accepting connections until their request ({e}); \
+             a scrape whose client is slow to write may be closed while others flood the endpoint"
+        );
+    }
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -737,6 +743,7 @@ pub async fn serve<G: AsRef<Guard> + Send + 'static>(
         };
         let endpoint = endpoint.clone();
         let busy = admitted.busy.clone();
+        let stream = slots::Watched::new(stream, busy.clone(), slots::HTTP_HEADER_END);
         let handle = tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let endpoint = endpoint.clone();

@@ -8,14 +8,30 @@
 //! that is neither answering a request nor has a whole request waiting in its socket: a client
 //! that sends its request at once (Prometheus, the CLI) always has one waiting or being
 //! answered, so it is never the one closed, however fast others reconnect.
+//!
+//! Two gaps would let such a client be closed all the same, and both are shut: a connection
+//! accepted before its request arrived (the client was slow to write after connecting) is as
+//! closable as an idle one, so the metrics endpoint's listener defers accepting a connection
+//! until its first bytes are in ([`defer_accept`]); and a request read out of its socket but not
+//! yet marked busy is in neither place, so [`Watched`] marks the connection busy before it reads
+//! the bytes that complete a request, and [`Slots::admit`] looks at the socket before the mark.
 
 use std::{
     collections::BTreeMap,
-    os::fd::RawFd,
+    io,
+    os::fd::{AsRawFd, RawFd},
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, Interest, ReadBuf},
+    net::{TcpListener, TcpStream},
 };
 
 /// The slots of one endpoint.
@@ -47,7 +63,7 @@ pub struct Busy(Arc<AtomicBool>);
 impl Busy {
     /// Marks the connection busy until the returned guard is dropped.
     pub fn start(&self) -> impl Drop + use<> {
-        self.0.store(true, Ordering::Relaxed);
+        self.0.store(true, Ordering::SeqCst);
         BusyGuard(self.0.clone())
     }
 }
@@ -56,7 +72,7 @@ struct BusyGuard(Arc<AtomicBool>);
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Relaxed);
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 
@@ -85,10 +101,12 @@ impl Slots {
         open.conns
             .retain(|_, e| e.abort.as_ref().is_none_or(|h| !h.is_finished()));
         if open.conns.len() >= self.max {
+            // The socket first, then the mark: a request the reader takes out of the socket
+            // was marked before (see [`Watched`]), so it is seen in one or the other.
             let victim = open
                 .conns
                 .iter()
-                .find(|(_, e)| !e.busy.load(Ordering::Relaxed) && !self.waiting(e.fd))
+                .find(|(_, e)| !self.waiting(e.fd) && !e.busy.load(Ordering::SeqCst))
                 .map(|(id, _)| *id);
             match victim.and_then(|id| open.conns.remove(&id)) {
                 Some(e) => {
@@ -158,9 +176,167 @@ impl Slots {
     }
 }
 
+/// What ends an HTTP request's header.
+pub const HTTP_HEADER_END: &[u8] = b"\r\n\r\n";
+
 /// An HTTP request's header is complete.
 pub fn http_header_complete(b: &[u8]) -> bool {
-    b.windows(4).any(|w| w == b"\r\n\r\n")
+    b.windows(HTTP_HEADER_END.len())
+        .any(|w| w == HTTP_HEADER_END)
+}
+
+/// Has the kernel queue a TCP connection for accepting only once its first bytes arrived (or
+/// after `wait`): a client that connects and then takes its time to send its request never
+/// holds a slot without a request in it, however long it is kept from writing.
+pub fn defer_accept(listener: &TcpListener, wait: Duration) -> io::Result<()> {
+    let secs = libc::c_int::try_from(wait.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket and an int option of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const secs).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// After `bytes`, with `matched` bytes of `end` seen just before them: how many are seen at
+/// their end, and whether `end` was completed among them (matching starts again after it).
+/// Exact for terminators whose first byte does not recur in them (`\r\n\r\n`, `\n`).
+fn scan(end: &[u8], mut matched: usize, bytes: &[u8]) -> (usize, bool) {
+    let mut completed = false;
+    for &b in bytes {
+        matched = if b == end[matched] {
+            matched + 1
+        } else {
+            usize::from(b == end[0])
+        };
+        if matched == end.len() {
+            completed = true;
+            matched = 0;
+        }
+    }
+    (matched, completed)
+}
+
+/// Bytes looked at, and then read, at most per read.
+const PEEK: usize = 4096;
+
+/// A TCP connection's stream that marks its slot busy before it reads the bytes that complete a
+/// request (`end` ends one): each read peeks first and takes no more than it peeked. So a
+/// whole request is always either waiting in the socket or marked, which [`Slots::admit`]
+/// checks in that order.
+pub struct Watched {
+    inner: TcpStream,
+    busy: Busy,
+    end: &'static [u8],
+    matched: usize,
+}
+
+impl Watched {
+    pub fn new(inner: TcpStream, busy: Busy, end: &'static [u8]) -> Self {
+        Self {
+            inner,
+            busy,
+            end,
+            matched: 0,
+        }
+    }
+}
+
+/// `recv(MSG_PEEK)` without waiting.
+fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: a valid buffer of that length.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let fd = this.inner.as_raw_fd();
+        let mut peeked = [0u8; PEEK];
+        let want = buf.remaining().min(PEEK);
+        loop {
+            ready!(this.inner.poll_read_ready(cx))?;
+            // A WouldBlock clears the readiness, so the next round waits.
+            let n = match this
+                .inner
+                .try_io(Interest::READABLE, || peek(fd, &mut peeked[..want]))
+            {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            if n == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if scan(this.end, this.matched, &peeked[..n]).1 {
+                this.busy.0.store(true, Ordering::SeqCst);
+            }
+            // The bytes just peeked, and no more: any after them are looked at first too.
+            let dst = &mut buf.initialize_unfilled_to(n)[..n];
+            let got = match this.inner.try_read(dst) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            this.matched = scan(this.end, this.matched, &dst[..got]).0;
+            buf.advance(got);
+            return Poll::Ready(Ok(()));
+        }
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// A control request (one line) is complete.
@@ -205,6 +381,84 @@ mod tests {
         assert!(!tb.is_finished());
         tb.abort();
         tc.abort();
+    }
+
+    #[test]
+    fn scanning_finds_the_header_end_across_any_split() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            // Short runs of the bytes that matter, so ends and near-ends are common.
+            let len = (next() % 24) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| b"\r\nx"[(next() % 3) as usize]).collect();
+            let whole = scan(HTTP_HEADER_END, 0, &bytes).1;
+            assert_eq!(whole, http_header_complete(&bytes), "{bytes:?}");
+            // Fed in two parts, the state carries the match over.
+            let cut = if len == 0 {
+                0
+            } else {
+                (next() as usize) % (len + 1)
+            };
+            let (m, first) = scan(HTTP_HEADER_END, 0, &bytes[..cut]);
+            let (_, second) = scan(HTTP_HEADER_END, m, &bytes[cut..]);
+            assert_eq!(first || second, whole, "{bytes:?} cut at {cut}");
+        }
+    }
+
+    /// A request is marked busy before the read that takes its last bytes, and the reads give
+    /// back exactly the bytes sent.
+    #[tokio::test]
+    async fn a_watched_stream_marks_a_whole_request_before_reading_it() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let busy = Busy(Arc::new(AtomicBool::new(false)));
+        let mut watched = Watched::new(server, busy.clone(), HTTP_HEADER_END);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        let (head, tail) = (b"GET / HTTP/1.1\r\nHost: x\r", b"\n\r\n");
+        client.write_all(head).await.unwrap();
+        while got.len() < head.len() {
+            let n = watched.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(!busy.0.load(Ordering::SeqCst), "no whole request yet");
+        client.write_all(tail).await.unwrap();
+        while got.len() < head.len() + tail.len() {
+            let n = watched.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(busy.0.load(Ordering::SeqCst), "marked with its last bytes");
+        drop(client);
+        assert_eq!(watched.read(&mut buf).await.unwrap(), 0, "end of stream");
+    }
+
+    #[tokio::test]
+    async fn the_listener_defers_accepting_until_the_first_bytes() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        defer_accept(&listener, Duration::from_secs(5)).unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
+        assert!(early.is_err(), "accepted before any byte arrived");
+        client.write_all(b"GET").await.unwrap();
+        let (server, _) = tokio::time::timeout(Duration::from_secs(2), listener.accept())
+            .await
+            .expect("accepted once the bytes arrived")
+            .unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(peek(server.as_raw_fd(), &mut buf).unwrap(), 3);
     }
 
     #[test]

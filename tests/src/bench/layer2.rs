@@ -176,6 +176,10 @@ pub enum Filter {
     /// XDP_TX of everything (IPv4 addresses swapped): the ceiling of a receiver that answers
     /// every frame, as SYN-cookie mode answers every forged SYN (see [`bpf::tx_program`]).
     Tx,
+    /// XDP_DROP of TCP to the port after reading the frame that far: the ceiling of a
+    /// receiver that reads what it drops, as every limiter does (see
+    /// [`bpf::parse_drop_program`]).
+    ParseDrop,
     /// ws-guard with the iptables recipe's policy (3 connections, reject; 9/100 s, drop).
     WsGuard,
     /// The same with `connection_action = "drop"`: what answering every refused SYN with an
@@ -195,10 +199,11 @@ pub enum Filter {
 }
 
 impl Filter {
-    pub const ALL: [Filter; 10] = [
+    pub const ALL: [Filter; 11] = [
         Filter::None,
         Filter::Pass,
         Filter::Drop,
+        Filter::ParseDrop,
         Filter::Tx,
         Filter::WsGuard,
         Filter::WsGuardDrop,
@@ -225,6 +230,7 @@ impl Filter {
             Filter::Pass => "empty XDP_PASS (floor)",
             Filter::Drop => "XDP_DROP all (ceiling)",
             Filter::Tx => "XDP_TX all (reply ceiling)",
+            Filter::ParseDrop => "parse to the port, XDP_DROP (parse ceiling)",
             Filter::WsGuard => "ws-guard",
             Filter::WsGuardDrop => "ws-guard, drop instead of reject",
             Filter::WsGuardCookies => "ws-guard, SYN cookies on",
@@ -240,6 +246,7 @@ impl Filter {
             Filter::Pass => "xdp_pass",
             Filter::Drop => "xdp_drop",
             Filter::Tx => "xdp_tx",
+            Filter::ParseDrop => "xdp_parse_drop",
             Filter::WsGuard => "ws_guard",
             Filter::WsGuardDrop => "ws_guard_drop",
             Filter::WsGuardCookies => "ws_guard_cookies",
@@ -504,6 +511,19 @@ impl Report {
                     pct(want),
                     met(r >= want)
                 ));
+                // A drop reads the frame first: its bound is the parse ceiling.
+                if let (Filter::WsGuardDrop, Some(pc)) =
+                    (filter, self.find(Scenario::OneSource, Filter::ParseDrop))
+                {
+                    out.push(format!(
+                        "One-source flood, ws-guard with {action}: {} of the parse ceiling \
+                         ({:.3} Mpps = {} of XDP_DROP: what reading each frame as far as its \
+                         port costs this bed)",
+                        pct(w.processed_mpps / pc.processed_mpps),
+                        pc.processed_mpps,
+                        pct(pc.processed_mpps / d.processed_mpps),
+                    ));
+                }
                 // A reject answers every refused SYN: its bound is the reply ceiling.
                 if let (Filter::WsGuard, Some(t)) =
                     (filter, self.find(Scenario::OneSource, Filter::Tx))
@@ -702,7 +722,7 @@ impl Report {
                 note: String::new(),
                 color: match m.filter_id {
                     "ws_guard" | "ws_guard_drop" => report::OK,
-                    "xdp_drop" | "xdp_pass" | "xdp_tx" => report::FLOOR,
+                    "xdp_drop" | "xdp_pass" | "xdp_tx" | "xdp_parse_drop" => report::FLOOR,
                     "none" => report::NEUTRAL,
                     _ => report::OTHER,
                 },
@@ -1381,7 +1401,7 @@ fn setup_filter(
     let p = PORT.to_string();
     Ok(match filter {
         Filter::None => Receiver::Plain,
-        Filter::Pass | Filter::Drop | Filter::Tx => {
+        Filter::Pass | Filter::Drop | Filter::Tx | Filter::ParseDrop => {
             let prog = raw.of(filter).context("a raw receiver")?;
             Receiver::Raw(in_ns(&bed.srv_ns, || prog.attach(ifindex(SRV_IF)?))?)
         }
@@ -1735,6 +1755,7 @@ struct RawPrograms {
     pass: RawProgram,
     drop: RawProgram,
     tx: RawProgram,
+    parse_drop: RawProgram,
 }
 
 impl RawPrograms {
@@ -1743,6 +1764,7 @@ impl RawPrograms {
             Filter::Pass => Some(&self.pass),
             Filter::Drop => Some(&self.drop),
             Filter::Tx => Some(&self.tx),
+            Filter::ParseDrop => Some(&self.parse_drop),
             _ => None,
         }
     }
@@ -1759,6 +1781,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> anyhow::Result<Report> 
         pass: RawProgram::load_xdp("wsgb_pass", &bpf::pass_program())?,
         drop: RawProgram::load_xdp("wsgb_drop", &bpf::drop_program())?,
         tx: RawProgram::load_xdp("wsgb_tx", &bpf::tx_program())?,
+        parse_drop: RawProgram::load_xdp("wsgb_parse", &bpf::parse_drop_program(PORT))?,
     };
     let sink = RawProgram::load_xdp("wsgb_sink", &bpf::sink_program())?;
     let mut out = Vec::new();
