@@ -259,6 +259,21 @@ fn flood_generator_writes_valid_varied_syns() {
     }
 }
 
+/// `prog`'s verdict on `frame`, run once.
+fn run_once(prog: &RawProgram, frame: &[u8]) -> u32 {
+    bpf::test_run(
+        prog.fd(),
+        TestRun {
+            data_in: frame,
+            data_out: None,
+            repeat: 1,
+            live: None,
+        },
+    )
+    .expect("running a raw program")
+    .retval
+}
+
 /// The generator side's sink drops the flood's replies and passes what the legitimate clients
 /// need (their replies, ARP).
 #[test]
@@ -312,17 +327,7 @@ fn sink_passes_clients_and_drops_flood_replies() {
             XDP_DROP,
         ),
     ] {
-        let r = bpf::test_run(
-            prog.fd(),
-            TestRun {
-                data_in: &frame,
-                data_out: None,
-                repeat: 1,
-                live: None,
-            },
-        )
-        .expect("running the sink");
-        assert_eq!(r.retval, want, "{what}");
+        assert_eq!(run_once(&prog, &frame), want, "{what}");
     }
 }
 
@@ -372,18 +377,9 @@ fn reflector_answers_every_frame_and_the_sink_drops_the_flood_replies() {
         assert_eq!(r.retval, XDP_TX, "{what}");
         // IPv4: the addresses swapped (the checksum is the same); IPv6 reflected as it came.
         assert_eq!(out, swapped.unwrap_or_else(|| frame.clone()), "{what}");
-        let r = bpf::test_run(
-            sink.fd(),
-            TestRun {
-                data_in: &out,
-                data_out: None,
-                repeat: 1,
-                live: None,
-            },
-        )
-        .expect("running the sink");
         assert_eq!(
-            r.retval, XDP_DROP,
+            run_once(&sink, &out),
+            XDP_DROP,
             "{what}: the reflected frame reaches the sink's drop"
         );
     }
@@ -439,17 +435,7 @@ fn parse_ceiling_drops_tcp_to_the_port_and_passes_the_rest() {
             XDP_PASS,
         ),
     ] {
-        let r = bpf::test_run(
-            prog.fd(),
-            TestRun {
-                data_in: &frame,
-                data_out: None,
-                repeat: 1,
-                live: None,
-            },
-        )
-        .expect("running the parse ceiling");
-        assert_eq!(r.retval, want, "{what}");
+        assert_eq!(run_once(&prog, &frame), want, "{what}");
     }
 }
 

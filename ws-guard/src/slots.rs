@@ -161,18 +161,9 @@ impl Slots {
     /// Whether socket `fd` holds a whole request not yet read. Peeks, so the reader still
     /// reads it.
     fn waiting(&self, fd: RawFd) -> bool {
-        let mut buf = [0u8; 4096];
-        // SAFETY: a valid buffer of that length; MSG_PEEK leaves the data in the socket. A
-        // descriptor closed meanwhile fails (or peeks another socket, which reads nothing).
-        let n = unsafe {
-            libc::recv(
-                fd,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        n > 0 && (self.complete)(&buf[..n as usize])
+        let mut buf = [0u8; PEEK];
+        // A descriptor closed meanwhile fails (or peeks another socket, which reads nothing).
+        peek(fd, &mut buf).is_ok_and(|n| n > 0 && (self.complete)(&buf[..n]))
     }
 }
 

@@ -186,6 +186,18 @@ impl Asm {
         self.0.push(insn(LDX | MEM | B, dst, src, off, 0));
         self
     }
+    /// `r2 = data, r3 = data_end`, then [`Asm::bounds`]`(len)`.
+    fn frame(&mut self, len: i32) -> usize {
+        self.ldx_w(2, 1, 0).ldx_w(3, 1, 4);
+        self.bounds(len)
+    }
+    /// `if r2 + len > r3 goto ?` (r4 as scratch): returns the jump's index, to patch.
+    fn bounds(&mut self, len: i32) -> usize {
+        self.mov(4, 2).alu_imm(ADD, 4, len);
+        let j = self.0.len();
+        self.jgt(4, 3, 0);
+        j
+    }
     /// `if dst == imm goto +off`.
     fn jeq_imm(&mut self, dst: u8, imm: i32, off: i16) -> &mut Self {
         self.0.push(insn(JMP | JEQ | K, dst, 0, off, imm));
@@ -244,11 +256,8 @@ pub fn drop_program() -> Vec<Insn> {
 /// addressed to the flood's source (not 198.18.0.0/16), and the sink drops every IPv6 frame.
 pub fn tx_program() -> Vec<Insn> {
     let mut a = Asm::default();
-    // r2 = data, r3 = data_end; r4 = data + 34 (Ethernet + an IPv4 header without options).
-    a.ldx_w(2, 1, 0).ldx_w(3, 1, 4);
-    a.mov(4, 2).alu_imm(ADD, 4, 34);
-    let short = a.0.len();
-    a.jgt(4, 3, 0);
+    // Ethernet + an IPv4 header without options.
+    let short = a.frame(34);
     // The EtherType, loaded little-endian: 0x0008 is IPv4.
     a.ldx_h(5, 2, 12);
     let not_v4 = a.0.len();
@@ -271,11 +280,8 @@ pub fn parse_drop_program(port: u16) -> Vec<Insn> {
     let port_le = i32::from(u16::from_le_bytes(port.to_be_bytes()));
     let mut a = Asm::default();
     let mut to_pass = Vec::new();
-    a.ldx_w(2, 1, 0).ldx_w(3, 1, 4);
     // IPv4: Ethernet (14) + IPv4 (20) + the TCP ports (4).
-    a.mov(4, 2).alu_imm(ADD, 4, 38);
-    to_pass.push(a.0.len());
-    a.jgt(4, 3, 0);
+    to_pass.push(a.frame(38));
     a.ldx_h(5, 2, 12);
     let v6 = a.0.len();
     a.jeq_imm(5, 0xdd86, 0);
@@ -290,9 +296,7 @@ pub fn parse_drop_program(port: u16) -> Vec<Insn> {
     a.mov_imm(0, XDP_DROP as i32).exit();
     // IPv6: Ethernet (14) + IPv6 (40) + the TCP ports (4).
     let v6_at = a.0.len();
-    a.mov(4, 2).alu_imm(ADD, 4, 58);
-    to_pass.push(a.0.len());
-    a.jgt(4, 3, 0);
+    to_pass.push(a.bounds(58));
     a.ldx_b(5, 2, 20);
     to_pass.push(a.0.len());
     a.jne_imm(5, 6, 0);
@@ -316,11 +320,8 @@ pub fn parse_drop_program(port: u16) -> Vec<Insn> {
 /// instructions.
 pub fn sink_program() -> Vec<Insn> {
     let mut a = Asm::default();
-    // r2 = data, r3 = data_end; r4 = data + 34 (Ethernet + an IPv4 header without options).
-    a.ldx_w(2, 1, 0).ldx_w(3, 1, 4);
-    a.mov(4, 2).alu_imm(ADD, 4, 34);
-    let short = a.0.len();
-    a.jgt(4, 3, 0);
+    // Ethernet + an IPv4 header without options.
+    let short = a.frame(34);
     // The EtherType, loaded little-endian: 0x0008 is IPv4, 0x0608 ARP.
     a.ldx_h(5, 2, 12);
     let arp = a.0.len();
