@@ -720,7 +720,7 @@ pub async fn serve<G: AsRef<Guard> + Send + 'static>(
     listener: TcpListener,
     endpoint: Arc<Endpoint<G>>,
 ) {
-    let slots = Slots::new(MAX_CONNECTIONS, slots::http_header_complete);
+    let slots = Slots::new(MAX_CONNECTIONS, slots::HTTP_HEADER_END);
     if let Err(e) = slots::defer_accept(&listener, HEADER_TIMEOUT) {
         warn!(
             "metrics endpoint: cannot defer accepting connections until their request ({e}); \
@@ -743,7 +743,7 @@ pub async fn serve<G: AsRef<Guard> + Send + 'static>(
         };
         let endpoint = endpoint.clone();
         let busy = admitted.busy.clone();
-        let stream = slots::Watched::new(stream, busy.clone(), slots::HTTP_HEADER_END);
+        let stream = admitted.watch(stream);
         let handle = tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let endpoint = endpoint.clone();

@@ -12,9 +12,11 @@
 //! Two gaps would let such a client be closed all the same, and both are shut: a connection
 //! accepted before its request arrived (the client was slow to write after connecting) is as
 //! closable as an idle one, so the metrics endpoint's listener defers accepting a connection
-//! until its first bytes are in ([`defer_accept`]); and a request read out of its socket but not
-//! yet marked busy is in neither place, so [`Watched`] marks the connection busy before it reads
-//! the bytes that complete a request, and [`Slots::admit`] looks at the socket before the mark.
+//! until its first bytes are in ([`defer_accept`]; a Unix socket, the control socket's, has no
+//! such option); and a request read out of its socket but not yet marked busy is in neither
+//! place, so both endpoints read through [`Watched`], which marks the connection busy before it
+//! reads the bytes that complete a request, and [`Slots::admit`] looks at the socket before the
+//! mark.
 
 use std::{
     collections::BTreeMap,
@@ -31,14 +33,14 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, Interest, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, UnixStream},
 };
 
 /// The slots of one endpoint.
 pub struct Slots {
     max: usize,
-    /// Whether bytes at the head of a socket hold a whole request.
-    complete: fn(&[u8]) -> bool,
+    /// What ends a request ([`HTTP_HEADER_END`], [`LINE_END`]).
+    end: &'static [u8],
     open: Mutex<Open>,
 }
 
@@ -80,15 +82,27 @@ impl Drop for BusyGuard {
 pub struct Admitted {
     id: u64,
     pub busy: Busy,
+    end: &'static [u8],
+}
+
+impl Admitted {
+    /// The connection's stream, to read its requests through (see [`Watched`]).
+    pub fn watch<S: Socket>(&self, stream: S) -> Watched<S> {
+        Watched {
+            inner: stream,
+            busy: self.busy.clone(),
+            end: self.end,
+            matched: 0,
+        }
+    }
 }
 
 impl Slots {
-    /// `max` connections at once; `complete` says whether a socket's first bytes hold a whole
-    /// request.
-    pub fn new(max: usize, complete: fn(&[u8]) -> bool) -> Self {
+    /// `max` connections at once; `end` ends a request.
+    pub fn new(max: usize, end: &'static [u8]) -> Self {
         Self {
             max,
-            complete,
+            end,
             open: Mutex::new(Open::default()),
         }
     }
@@ -133,6 +147,7 @@ impl Slots {
         Some(Admitted {
             id,
             busy: Busy(busy),
+            end: self.end,
         })
     }
 
@@ -163,18 +178,14 @@ impl Slots {
     fn waiting(&self, fd: RawFd) -> bool {
         let mut buf = [0u8; PEEK];
         // A descriptor closed meanwhile fails (or peeks another socket, which reads nothing).
-        peek(fd, &mut buf).is_ok_and(|n| n > 0 && (self.complete)(&buf[..n]))
+        peek(fd, &mut buf).is_ok_and(|n| scan(self.end, 0, &buf[..n]).1)
     }
 }
 
 /// What ends an HTTP request's header.
 pub const HTTP_HEADER_END: &[u8] = b"\r\n\r\n";
-
-/// An HTTP request's header is complete.
-pub fn http_header_complete(b: &[u8]) -> bool {
-    b.windows(HTTP_HEADER_END.len())
-        .any(|w| w == HTTP_HEADER_END)
-}
+/// What ends a control request (one line).
+pub const LINE_END: &[u8] = b"\n";
 
 /// Has the kernel queue a TCP connection for accepting only once its first bytes arrived (or
 /// after `wait`): a client that connects and then takes its time to send its request never
@@ -220,27 +231,53 @@ fn scan(end: &[u8], mut matched: usize, bytes: &[u8]) -> (usize, bool) {
 /// Bytes looked at, and then read, at most per read.
 const PEEK: usize = 4096;
 
-/// A TCP connection's stream that marks its slot busy before it reads the bytes that complete a
-/// request (`end` ends one): each read peeks first and takes no more than it peeked. So a
-/// whole request is always either waiting in the socket or marked, which [`Slots::admit`]
-/// checks in that order.
-pub struct Watched {
-    inner: TcpStream,
+/// A connection's stream that marks its slot busy before it reads the bytes that complete a
+/// request: each read peeks first and takes no more than it peeked. So a whole request is
+/// always either waiting in the socket or marked, which [`Slots::admit`] checks in that order.
+/// Made by [`Admitted::watch`].
+pub struct Watched<S> {
+    inner: S,
     busy: Busy,
     end: &'static [u8],
     matched: usize,
 }
 
-impl Watched {
-    pub fn new(inner: TcpStream, busy: Busy, end: &'static [u8]) -> Self {
-        Self {
-            inner,
-            busy,
-            end,
-            matched: 0,
-        }
+impl<S> Watched<S> {
+    /// The stream itself (for what is not reading, e.g. the peer's credentials).
+    pub fn get_ref(&self) -> &S {
+        &self.inner
     }
 }
+
+/// A socket [`Watched`] can wait on, peek and read without waiting: tokio's TCP and Unix
+/// streams.
+pub trait Socket: AsyncRead + AsyncWrite + AsRawFd + Unpin {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+macro_rules! socket {
+    ($t:ty) => {
+        impl Socket for $t {
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_read_ready(self, cx)
+            }
+            fn try_io<R>(
+                &self,
+                interest: Interest,
+                f: impl FnOnce() -> io::Result<R>,
+            ) -> io::Result<R> {
+                <$t>::try_io(self, interest, f)
+            }
+            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+                <$t>::try_read(self, buf)
+            }
+        }
+    };
+}
+socket!(TcpStream);
+socket!(UnixStream);
 
 /// `recv(MSG_PEEK)` without waiting.
 fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
@@ -256,7 +293,7 @@ fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
-impl AsyncRead for Watched {
+impl<S: Socket> AsyncRead for Watched<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -300,7 +337,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: Socket> AsyncWrite for Watched<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -330,11 +367,6 @@ impl AsyncWrite for Watched {
     }
 }
 
-/// A control request (one line) is complete.
-pub fn line_complete(b: &[u8]) -> bool {
-    b.contains(&b'\n')
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsRawFd as _;
@@ -344,7 +376,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_connection_replaces_the_oldest_idle_one_never_a_waiting_one() {
         use std::io::Write as _;
-        let slots = Slots::new(2, line_complete);
+        let slots = Slots::new(2, LINE_END);
         let pair = || std::os::unix::net::UnixStream::pair().unwrap();
         let (a_srv, _a_cli) = pair();
         let (b_srv, mut b_cli) = pair();
@@ -388,7 +420,8 @@ mod tests {
             let len = (next() % 24) as usize;
             let bytes: Vec<u8> = (0..len).map(|_| b"\r\nx"[(next() % 3) as usize]).collect();
             let whole = scan(HTTP_HEADER_END, 0, &bytes).1;
-            assert_eq!(whole, http_header_complete(&bytes), "{bytes:?}");
+            let reference = bytes.windows(4).any(|w| w == b"\r\n\r\n");
+            assert_eq!(whole, reference, "{bytes:?}");
             // Fed in two parts, the state carries the match over.
             let cut = if len == 0 {
                 0
@@ -411,8 +444,10 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let busy = Busy(Arc::new(AtomicBool::new(false)));
-        let mut watched = Watched::new(server, busy.clone(), HTTP_HEADER_END);
+        let slots = Slots::new(1, HTTP_HEADER_END);
+        let admitted = slots.admit(server.as_raw_fd()).unwrap();
+        let busy = admitted.busy.clone();
+        let mut watched = admitted.watch(server);
         let mut got = Vec::new();
         let mut buf = [0u8; 64];
         let (head, tail) = (b"GET / HTTP/1.1\r\nHost: x\r", b"\n\r\n");
@@ -454,9 +489,13 @@ mod tests {
 
     #[test]
     fn completeness() {
-        assert!(http_header_complete(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
-        assert!(!http_header_complete(b"GET / HTTP/1.1\r\nHost: x\r\n"));
-        assert!(line_complete(b"{\"command\":\"status\"}\n"));
-        assert!(!line_complete(b"{\"command\""));
+        let complete = |end, b| scan(end, 0, b).1;
+        assert!(complete(
+            HTTP_HEADER_END,
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        ));
+        assert!(!complete(HTTP_HEADER_END, b"GET / HTTP/1.1\r\nHost: x\r\n"));
+        assert!(complete(LINE_END, b"{\"command\":\"status\"}\n"));
+        assert!(!complete(LINE_END, b"{\"command\""));
     }
 }

@@ -23,14 +23,14 @@ use std::{
 use anyhow::{Context as _, bail};
 use log::{debug, info, warn};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
 };
 
 use super::protocol::{MAX_LINE, Request, Response, parse_request};
 use crate::{
     daemon::Shared,
-    slots::{self, Busy, Slots},
+    slots::{self, Busy, Slots, Watched},
 };
 
 /// Connections held at once (see [`crate::slots`]).
@@ -124,7 +124,7 @@ pub async fn serve_with(
     max_clients: usize,
     read_timeout: Duration,
 ) {
-    let slots = Slots::new(max_clients, slots::line_complete);
+    let slots = Slots::new(max_clients, slots::LINE_END);
     loop {
         let stream = match socket.listener.accept().await {
             Ok((s, _)) => s,
@@ -140,6 +140,7 @@ pub async fn serve_with(
         };
         let handler = handler.clone();
         let busy = admitted.busy.clone();
+        let stream = admitted.watch(stream);
         let task = tokio::spawn(async move {
             if let Err(e) = client(stream, &*handler, &busy, read_timeout).await {
                 debug!("control socket: {e:#}");
@@ -149,7 +150,11 @@ pub async fn serve_with(
     }
 }
 
-async fn send(stream: &mut UnixStream, r: &Response, timeout: Duration) -> anyhow::Result<()> {
+async fn send(
+    stream: &mut (impl AsyncWrite + Unpin),
+    r: &Response,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     tokio::time::timeout(timeout, stream.write_all(r.to_line().as_bytes()))
         .await
         .context("client not reading its response")?
@@ -157,12 +162,12 @@ async fn send(stream: &mut UnixStream, r: &Response, timeout: Duration) -> anyho
 }
 
 async fn client(
-    mut stream: UnixStream,
+    mut stream: Watched<UnixStream>,
     handler: &(dyn Fn(Request) -> Response + Send + Sync),
     busy: &Busy,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let uid = stream.peer_cred().map(|c| c.uid());
+    let uid = stream.get_ref().peer_cred().map(|c| c.uid());
     if uid.as_ref().ok() != Some(&0) {
         let who = match uid {
             Ok(u) => format!("uid {u}"),
@@ -179,7 +184,7 @@ async fn client(
         .await;
         return Ok(());
     }
-    let (read, mut write) = stream.split();
+    let (read, mut write) = tokio::io::split(stream);
     let mut read = BufReader::new(read);
     let mut line = Vec::new();
     loop {
