@@ -11,7 +11,7 @@ use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
 use ws_guard_tests::{
     bench::{
         Machine,
-        bpf::{self, GenMode, RawProgram, TestRun, XDP_DROP, XDP_PASS, XDP_TX},
+        bpf::{self, GenMode, RawProgram, SourceCounts, TestRun, XDP_DROP, XDP_PASS, XDP_TX},
         layer1, layer2, report,
     },
     frames::{FrameBuilder, Tcp},
@@ -439,6 +439,56 @@ fn parse_ceiling_drops_tcp_to_the_port_and_passes_the_rest() {
     }
 }
 
+/// The minimal limiter passes an address's first `MINIMAL_LIMIT` attempts to the port and drops
+/// the rest, counting each address (IPv4 and IPv6) apart; other traffic passes uncounted.
+#[test]
+fn minimal_limiter_counts_each_source_and_drops_past_its_limit() {
+    if !ws_guard_tests::privileged("minimal_limiter_counts_each_source_and_drops_past_its_limit") {
+        return;
+    }
+    let counts = SourceCounts::new(64).expect("creating the map");
+    let prog = RawProgram::load_xdp(
+        "wsgb_lru_test",
+        &bpf::minimal_limiter_program(layer2::PORT, &counts),
+    )
+    .expect("loading");
+    let srv4 = Ipv4Addr::new(198, 18, 0, 1);
+    let srv6 = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+    let syn = |dport| Tcp::with_flags(40000, dport, 1, 0x02);
+    let v4 = |last| {
+        FrameBuilder::ipv4(Ipv4Addr::new(198, 19, 0, last), srv4)
+            .tcp(syn(layer2::PORT))
+            .build()
+    };
+    // Two IPv6 sources that differ only in their last byte: the whole address is the key.
+    let v6 = |last| {
+        FrameBuilder::ipv6(Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 3, last), srv6)
+            .tcp(syn(layer2::PORT))
+            .build()
+    };
+    let limit = bpf::MINIMAL_LIMIT as usize;
+    for (what, frame) in [("IPv4", v4(1)), ("IPv6", v6(7))] {
+        for n in 1..=limit + 2 {
+            let want = if n <= limit { XDP_PASS } else { XDP_DROP };
+            assert_eq!(run_once(&prog, &frame), want, "{what} attempt {n}");
+        }
+    }
+    for (what, frame) in [("IPv4", v4(2)), ("IPv6", v6(8))] {
+        assert_eq!(run_once(&prog, &frame), XDP_PASS, "another {what} source");
+    }
+    let other = FrameBuilder::ipv4(Ipv4Addr::new(198, 19, 0, 1), srv4)
+        .tcp(syn(22))
+        .build();
+    let udp = FrameBuilder::ipv4(Ipv4Addr::new(198, 19, 0, 1), srv4)
+        .udp(40000, layer2::PORT, b"x")
+        .build();
+    for (what, frame) in [("TCP to another port", other), ("UDP to the port", udp)] {
+        for _ in 0..limit + 2 {
+            assert_eq!(run_once(&prog, &frame), XDP_PASS, "{what}");
+        }
+    }
+}
+
 #[test]
 fn layer2_smoke_floods_every_filter() {
     if !ws_guard_tests::privileged("layer2_smoke_floods_every_filter") {
@@ -472,6 +522,7 @@ fn layer2_smoke_floods_every_filter() {
                 | "xdp_drop"
                 | "xdp_tx"
                 | "xdp_parse_drop"
+                | "xdp_lru_limit"
                 | "ws_guard"
                 | "ws_guard_drop"
                 | "ws_guard_cookies"

@@ -38,7 +38,11 @@ const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 const HELPER_GET_PRANDOM_U32: i32 = 7;
 /// `bpf_tail_call`.
 const HELPER_TAIL_CALL: i32 = 12;
+/// `bpf_map_lookup_elem`, `bpf_map_update_elem`.
+const HELPER_MAP_LOOKUP: i32 = 1;
+const HELPER_MAP_UPDATE: i32 = 2;
 const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 /// `src_reg` of a 64-bit immediate load that names a map by file descriptor.
 const BPF_PSEUDO_MAP_FD: u8 = 1;
 
@@ -66,6 +70,7 @@ const IMM: u8 = 0x00;
 const H: u8 = 0x08;
 const B: u8 = 0x10;
 const MEM: u8 = 0x60;
+const ATOMIC: u8 = 0xc0;
 const K: u8 = 0x00;
 const X: u8 = 0x08;
 const ADD: u8 = 0x00;
@@ -76,6 +81,7 @@ const RSH: u8 = 0x70;
 const MOV: u8 = 0xb0;
 const END: u8 = 0xd0;
 const TO_BE: u8 = 0x08;
+const JA: u8 = 0x00;
 const JEQ: u8 = 0x10;
 const JGT: u8 = 0x20;
 const JNE: u8 = 0x50;
@@ -186,6 +192,30 @@ impl Asm {
         self.0.push(insn(LDX | MEM | B, dst, src, off, 0));
         self
     }
+    fn ldx_dw(&mut self, dst: u8, src: u8, off: i16) -> &mut Self {
+        self.0.push(insn(LDX | MEM | DW, dst, src, off, 0));
+        self
+    }
+    /// `lock *(u64 *)(dst + off) += src`.
+    fn atomic_add_dw(&mut self, dst: u8, off: i16, src: u8) -> &mut Self {
+        self.0
+            .push(insn(STX | ATOMIC | DW, dst, src, off, ADD as i32));
+        self
+    }
+    /// `goto ?`: returns the jump's index, to patch.
+    fn ja(&mut self) -> usize {
+        self.0.push(insn(JMP | JA, 0, 0, 0, 0));
+        self.0.len() - 1
+    }
+    /// `if dst > imm goto +off` (unsigned).
+    fn jgt_imm(&mut self, dst: u8, imm: i32, off: i16) -> &mut Self {
+        self.0.push(insn(JMP | JGT | K, dst, 0, off, imm));
+        self
+    }
+    /// Sets the offset of the jump at `at` so it lands on the next instruction emitted.
+    fn land(&mut self, at: usize) {
+        self.0[at].off = (self.0.len() - at - 1) as i16;
+    }
     /// `r2 = data, r3 = data_end`, then [`Asm::bounds`]`(len)`.
     fn frame(&mut self, len: i32) -> usize {
         self.ldx_w(2, 1, 0).ldx_w(3, 1, 4);
@@ -271,14 +301,19 @@ pub fn tx_program() -> Vec<Insn> {
     a.0
 }
 
-/// XDP_DROP of TCP to `port` after reading the frame as far as the port (Ethernet type, IPv4
-/// or IPv6 without options or extension headers, the protocol, the destination port), XDP_PASS
-/// of anything else: the least a receiver that tells a flood's SYNs from other traffic costs
-/// this bed. Unlike [`drop_program`] it touches the frame's bytes, as any limiter must.
-pub fn parse_drop_program(port: u16) -> Vec<Insn> {
+/// Emits the read of a frame as far as its TCP destination port (Ethernet type, IPv4 or IPv6
+/// without options or extension headers, the protocol, the port): `on_v4` follows the checks of
+/// an IPv4 frame to `port` (it must jump or exit: the IPv6 checks come next), `on_v6` those of
+/// an IPv6 one (it may fall through). Returns the jumps of every other frame, to patch to a
+/// pass.
+fn to_the_port(
+    a: &mut Asm,
+    port: u16,
+    on_v4: impl FnOnce(&mut Asm),
+    on_v6: impl FnOnce(&mut Asm),
+) -> Vec<usize> {
     // The port as a little-endian load of its two bytes in network order reads it.
     let port_le = i32::from(u16::from_le_bytes(port.to_be_bytes()));
-    let mut a = Asm::default();
     let mut to_pass = Vec::new();
     // IPv4: Ethernet (14) + IPv4 (20) + the TCP ports (4).
     to_pass.push(a.frame(38));
@@ -293,9 +328,9 @@ pub fn parse_drop_program(port: u16) -> Vec<Insn> {
     a.ldx_h(5, 2, 36);
     to_pass.push(a.0.len());
     a.jne_imm(5, port_le, 0);
-    a.mov_imm(0, XDP_DROP as i32).exit();
+    on_v4(a);
     // IPv6: Ethernet (14) + IPv6 (40) + the TCP ports (4).
-    let v6_at = a.0.len();
+    a.land(v6);
     to_pass.push(a.bounds(58));
     a.ldx_b(5, 2, 20);
     to_pass.push(a.0.len());
@@ -303,13 +338,81 @@ pub fn parse_drop_program(port: u16) -> Vec<Insn> {
     a.ldx_h(5, 2, 56);
     to_pass.push(a.0.len());
     a.jne_imm(5, port_le, 0);
-    a.mov_imm(0, XDP_DROP as i32).exit();
-    let pass_at = a.0.len();
-    a.mov_imm(0, XDP_PASS as i32).exit();
-    a.0[v6].off = (v6_at - v6 - 1) as i16;
+    on_v6(a);
+    to_pass
+}
+
+/// XDP_DROP of TCP to `port` after reading the frame as far as the port ([`to_the_port`]),
+/// XDP_PASS of anything else: the least a receiver that tells a flood's SYNs from other traffic
+/// costs this bed. Unlike [`drop_program`] it touches the frame's bytes, as any limiter must.
+pub fn parse_drop_program(port: u16) -> Vec<Insn> {
+    let mut a = Asm::default();
+    let drop = |a: &mut Asm| {
+        a.mov_imm(0, XDP_DROP as i32).exit();
+    };
+    let to_pass = to_the_port(&mut a, port, drop, drop);
     for j in to_pass {
-        a.0[j].off = (pass_at - j - 1) as i16;
+        a.land(j);
     }
+    a.mov_imm(0, XDP_PASS as i32).exit();
+    a.0
+}
+
+/// Attempts [`minimal_limiter_program`] lets through from one address before it drops.
+pub const MINIMAL_LIMIT: i32 = 3;
+
+/// The least a per-source limiter does, as the issue that set the flood targets measured it
+/// ("one LRU lookup and a counter, nothing else"): read the frame as far as the port
+/// ([`to_the_port`]), look the source address up in `sources` (an LRU hash of
+/// [`SourceCounts`]: 16-byte key, IPv4 in the first four bytes, 8-byte count), add one to its
+/// count with an atomic add (CPUs share the entry) or insert it at one, and drop TCP to `port`
+/// from an address counted more than [`MINIMAL_LIMIT`] times. No time window, no connection
+/// accounting, no retransmission check, no refusal counters, no verdict but drop or pass: a
+/// lower bound on the work of any limiter that keeps a count per source in a shared map.
+pub fn minimal_limiter_program(port: u16, sources: &SourceCounts) -> Vec<Insn> {
+    let map = sources.fd.as_raw_fd();
+    let mut a = Asm::default();
+    let mut v4_done = 0;
+    // The key at r10 - 16: the IPv4 source (a zero-extended load) then zeros, or the IPv6
+    // source.
+    let mut to_pass = to_the_port(
+        &mut a,
+        port,
+        |a| {
+            a.ldx_w(5, 2, 26).stx_dw(10, -16, 5);
+            a.mov_imm(5, 0).stx_dw(10, -8, 5);
+            v4_done = a.ja();
+        },
+        |a| {
+            a.ldx_dw(5, 2, 22).stx_dw(10, -16, 5);
+            a.ldx_dw(5, 2, 30).stx_dw(10, -8, 5);
+        },
+    );
+    a.land(v4_done);
+    a.ld_map_fd(1, map).mov(2, 10).alu_imm(ADD, 2, -16);
+    a.call(HELPER_MAP_LOOKUP);
+    let absent = a.0.len();
+    a.jeq_imm(0, 0, 0);
+    a.mov_imm(1, 1).atomic_add_dw(0, 0, 1).ldx_dw(1, 0, 0);
+    let over = a.0.len();
+    a.jgt_imm(1, MINIMAL_LIMIT, 0);
+    to_pass.push(a.ja());
+    a.land(absent);
+    a.mov_imm(1, 1).stx_dw(10, -24, 1);
+    a.ld_map_fd(1, map)
+        .mov(2, 10)
+        .alu_imm(ADD, 2, -16)
+        .mov(3, 10)
+        .alu_imm(ADD, 3, -24)
+        .mov_imm(4, 0);
+    a.call(HELPER_MAP_UPDATE);
+    to_pass.push(a.ja());
+    a.land(over);
+    a.mov_imm(0, XDP_DROP as i32).exit();
+    for j in to_pass {
+        a.land(j);
+    }
+    a.mov_imm(0, XDP_PASS as i32).exit();
     a.0
 }
 
@@ -511,33 +614,9 @@ pub struct ProgArray {
 
 impl ProgArray {
     pub fn new() -> anyhow::Result<Self> {
-        #[repr(C)]
-        #[derive(Default)]
-        struct Attr {
-            map_type: u32,
-            key_size: u32,
-            value_size: u32,
-            max_entries: u32,
-            map_flags: u32,
-            inner_map_fd: u32,
-            numa_node: u32,
-            map_name: [u8; 16],
-            // Named so the struct has no padding: every byte the kernel reads is zeroed.
-            map_ifindex: u32,
-            _rest: [u64; 8],
-        }
-        let mut attr = Attr {
-            map_type: BPF_MAP_TYPE_PROG_ARRAY,
-            key_size: 4,
-            value_size: 4,
-            max_entries: 1,
-            ..Default::default()
-        };
-        attr.map_name[..10].copy_from_slice(b"wsgb_tails");
-        let fd = sys_bpf(BPF_MAP_CREATE, &mut attr).context("creating a program array")?;
-        // SAFETY: a new file descriptor that nothing else owns.
         Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+            fd: create_map(BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 1, "wsgb_tails")
+                .context("creating a program array")?,
         })
     }
 
@@ -564,6 +643,57 @@ impl ProgArray {
         sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("setting the tail-call target")?;
         Ok(())
     }
+}
+
+/// The map of [`minimal_limiter_program`]: an LRU hash, source address to count.
+pub struct SourceCounts {
+    fd: OwnedFd,
+}
+
+impl SourceCounts {
+    pub fn new(capacity: u32) -> anyhow::Result<Self> {
+        Ok(Self {
+            fd: create_map(BPF_MAP_TYPE_LRU_HASH, 16, 8, capacity, "wsgb_counts")
+                .context("creating the minimal limiter's LRU map")?,
+        })
+    }
+}
+
+/// BPF_MAP_CREATE of a map without flags.
+fn create_map(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    name: &str,
+) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Attr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+        // Named so the struct has no padding: every byte the kernel reads is zeroed.
+        map_ifindex: u32,
+        _rest: [u64; 8],
+    }
+    let mut attr = Attr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        ..Default::default()
+    };
+    let n = name.len().min(15);
+    attr.map_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let fd = sys_bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// A loaded program of the benchmark's own.
