@@ -294,10 +294,9 @@ pub fn tx_program() -> Vec<Insn> {
     a.jne_imm(5, 0x0008, 0);
     a.ldx_w(5, 2, 26).ldx_w(6, 2, 30);
     a.stx_w(2, 26, 6).stx_w(2, 30, 5);
-    let tx_at = a.0.len();
+    a.land(short);
+    a.land(not_v4);
     a.mov_imm(0, XDP_TX as i32).exit();
-    a.0[short].off = (tx_at - short - 1) as i16;
-    a.0[not_v4].off = (tx_at - not_v4 - 1) as i16;
     a.0
 }
 
@@ -435,15 +434,13 @@ pub fn sink_program() -> Vec<Insn> {
     a.ldx_h(5, 2, 30);
     let ours = a.0.len();
     a.jeq_imm(5, 0x12c6, 0);
-    let drop_at = a.0.len();
+    a.land(not_v4);
     a.mov_imm(0, XDP_DROP as i32).exit();
-    let pass_at = a.0.len();
-    a.mov_imm(0, XDP_PASS as i32).exit();
     // A frame too short for the checks is an ARP frame or a runt: pass it (ARP is 42 bytes).
-    a.0[short].off = (pass_at - short - 1) as i16;
-    a.0[arp].off = (pass_at - arp - 1) as i16;
-    a.0[not_v4].off = (drop_at - not_v4 - 1) as i16;
-    a.0[ours].off = (pass_at - ours - 1) as i16;
+    for j in [short, arp, ours] {
+        a.land(j);
+    }
+    a.mov_imm(0, XDP_PASS as i32).exit();
     a.0
 }
 
@@ -558,9 +555,8 @@ pub fn generator_program(mode: GenMode, template: &[u8]) -> Vec<Insn> {
         }
     }
     a.mov_imm(0, XDP_TX as i32).exit();
-    let drop_at = a.0.len();
+    a.land(jgt_at);
     a.mov_imm(0, XDP_DROP as i32).exit();
-    a.0[jgt_at].off = (drop_at - jgt_at - 1) as i16;
     a.0
 }
 
@@ -601,9 +597,8 @@ pub fn tail_prelude_program(family: Family, prog_array: &ProgArray) -> Vec<Insn>
         .ld_map_fd(2, prog_array.fd.as_raw_fd())
         .mov_imm(3, 0);
     a.call(HELPER_TAIL_CALL);
-    let abort_at = a.0.len();
+    a.land(jgt_at);
     a.mov_imm(0, XDP_ABORTED as i32).exit();
-    a.0[jgt_at].off = (abort_at - jgt_at - 1) as i16;
     a.0
 }
 
